@@ -1,0 +1,377 @@
+"""`StaticZImageDenoiser`: diffusers' Z-Image transformer, re-expressed for fixed shapes.
+
+diffusers' `ZImageTransformer2DModel.forward` takes Python lists, pads each caption and image on the
+fly, builds complex RoPE with `view_as_complex`, and concatenates per item. None of that exports or
+compiles into a fixed-shape engine. This module computes the same function (basic, non-omni mode)
+from plain tensors and shares the diffusers module's weights (no copy):
+
+    latents     [B, 16, h, w]   the latent image (any float dtype)
+    timestep    [B]             diffusers' model timestep, (1000 - t) / 1000, in [0, 1]
+    cap_feats   [B, C, F]       text-encoder features, each item's L real rows first, then anything
+    cap_lens    [B]  int64      L per item, 1 <= L <= C
+    ->          [B, 16, h, w]   float32 model output (the pipeline negates it for the Euler step)
+
+How the diffusers layout is reproduced (see `transformer_z_image.py`):
+- a caption of L tokens is padded to P = ceil(L / 32) * 32 rows with the learned `cap_pad_token`;
+  caption row i sits at RoPE position (1 + i, 0, 0);
+- the image is patchified 2x2, padded to a multiple of 32 tokens with `x_pad_token` (pad rows at
+  position (0, 0, 0)); real image tokens sit at (P + 1, row, col), so image RoPE depends on P;
+- the joint sequence is [image tokens, caption rows]; caption rows at or past P (engine capacity
+  beyond this item's padded caption) are masked out as attention keys, as diffusers masks batch padding.
+
+FP16 safety: Z-Image's attention and feed-forward outputs can exceed fp16's 65504. Both are followed
+by an RMSNorm, and RMSNorm(s*y; eps*s^2) == RMSNorm(y; eps) for any s > 0. With s = 2^-k the scaling
+is exact in binary floating point (bar subnormals), so `downscale_log2` shrinks those outputs by a
+per-block power of two and the next norm undoes it. `calibrate_downscale` picks k from measured
+activation magnitudes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .shapes import PATCH_SIZE, SEQ_MULTI_OF
+
+# Measured fp16 activations are kept below this (65504 / 16): headroom for inputs the calibration
+# did not see.
+FP16_SAFE_MAGNITUDE = 4096.0
+
+
+def rms_norm(norm: nn.Module, x: torch.Tensor, eps_scale: float = 1.0) -> torch.Tensor:
+    """diffusers' `RMSNorm.forward` (fp32 statistics, output in the weight's half dtype)."""
+    variance = x.float().pow(2).mean(-1, keepdim=True)
+    out = x * torch.rsqrt(variance + norm.eps * eps_scale)
+    weight = norm.weight
+    if weight is None:
+        return out.to(x.dtype)
+    if weight.dtype in (torch.float16, torch.bfloat16):
+        out = out.to(weight.dtype)
+    return out * weight
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) by the angle whose cos/sin are given, in fp32.
+
+    x: [B, S, H, D]; cos, sin: [B, S, 1, D/2]. Real-valued equivalent of diffusers' complex product.
+    """
+    xf = x.float().unflatten(-1, (-1, 2))
+    x_even, x_odd = xf[..., 0], xf[..., 1]
+    out = torch.stack((x_even * cos - x_odd * sin, x_even * sin + x_odd * cos), dim=-1)
+    return out.flatten(-2).to(x.dtype)
+
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """q, k, v: [B, H, S, D]; mask: bool [B, 1, 1, S] (True = attend) or None."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+class StaticBlock(nn.Module):
+    """One `ZImageTransformerBlock`, same weights, tensor-only forward with optional fp16 downscaling."""
+
+    def __init__(self, block: nn.Module, attn_log2: int = 0, ffn_log2: int = 0):
+        super().__init__()
+        self.block = block
+        self.set_downscale(attn_log2, ffn_log2)
+        self.attention_fn = sdpa_attention
+
+    def set_downscale(self, attn_log2: int, ffn_log2: int) -> None:
+        self.attn_log2, self.ffn_log2 = int(attn_log2), int(ffn_log2)
+        self.attn_scale = 2.0 ** -self.attn_log2
+        self.ffn_scale = 2.0 ** -self.ffn_log2
+
+    def attention(self, x, cos, sin, mask):
+        attn = self.block.attention
+        q = attn.to_q(x).unflatten(-1, (attn.heads, -1))
+        k = attn.to_k(x).unflatten(-1, (attn.heads, -1))
+        v = attn.to_v(x).unflatten(-1, (attn.heads, -1))
+        if attn.norm_q is not None:
+            q = rms_norm(attn.norm_q, q)
+        if attn.norm_k is not None:
+            k = rms_norm(attn.norm_k, k)
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
+        out = self.attention_fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)
+        out = out.transpose(1, 2).flatten(2).to(x.dtype)
+        if self.attn_log2:
+            out = out * self.attn_scale  # exact power-of-two shrink; attention_norm2 undoes it
+        return attn.to_out[0](out)
+
+    def feed_forward(self, x):
+        ff = self.block.feed_forward
+        gate = F.silu(ff.w1(x))
+        up = ff.w3(x * self.ffn_scale) if self.ffn_log2 else ff.w3(x)
+        return ff.w2(gate * up)
+
+    def forward(self, x, cos, sin, mask=None, adaln=None):
+        b = self.block
+        attn_eps, ffn_eps = self.attn_scale**2, self.ffn_scale**2
+        if b.modulation:
+            mod = b.adaLN_modulation(adaln).unsqueeze(1)
+            scale_msa, gate_msa, scale_mlp, gate_mlp = mod.chunk(4, dim=2)
+            gate_msa, gate_mlp = gate_msa.tanh(), gate_mlp.tanh()
+            scale_msa, scale_mlp = 1.0 + scale_msa, 1.0 + scale_mlp
+            attn_out = self.attention(rms_norm(b.attention_norm1, x) * scale_msa, cos, sin, mask)
+            x = x + gate_msa * rms_norm(b.attention_norm2, attn_out, attn_eps)
+            ffn_out = self.feed_forward(rms_norm(b.ffn_norm1, x) * scale_mlp)
+            x = x + gate_mlp * rms_norm(b.ffn_norm2, ffn_out, ffn_eps)
+        else:
+            attn_out = self.attention(rms_norm(b.attention_norm1, x), cos, sin, mask)
+            x = x + rms_norm(b.attention_norm2, attn_out, attn_eps)
+            x = x + rms_norm(b.ffn_norm2, self.feed_forward(rms_norm(b.ffn_norm1, x)), ffn_eps)
+        return x
+
+
+@dataclass(frozen=True)
+class DenoiserInputs:
+    """Names and layout shared by the export, the engines and the runtime."""
+
+    INPUT_NAMES = ("latents", "timestep", "cap_feats", "cap_lens")
+    OUTPUT_NAMES = ("noise_pred",)
+
+
+class StaticZImageDenoiser(nn.Module):
+    """Fixed-shape, tensor-in/tensor-out form of diffusers' `ZImageTransformer2DModel` (basic mode).
+
+    Weights are the transformer's own modules, registered here under shorter names.
+    `mask_caption_keys=False` skips the caption key mask: valid only when every item's padded caption
+    length equals the caption capacity C (the GPU runtime calls it that way so attention runs on the
+    fastest fused kernels, which take no mask).
+    """
+
+    def __init__(self, transformer: nn.Module, downscale_log2: dict[str, tuple[int, int]] | None = None):
+        super().__init__()
+        cfg = transformer.config
+        if PATCH_SIZE not in tuple(cfg.all_patch_size) or 1 not in tuple(cfg.all_f_patch_size):
+            raise ValueError(
+                f"StaticZImageDenoiser needs patch size {PATCH_SIZE} and frame patch 1; the transformer has "
+                f"all_patch_size={cfg.all_patch_size}, all_f_patch_size={cfg.all_f_patch_size}"
+            )
+        self.config = cfg
+        self.in_channels = cfg.in_channels
+        self.dim = cfg.dim
+        self.t_scale = float(cfg.t_scale)
+        key = f"{PATCH_SIZE}-1"
+        self.t_embedder = transformer.t_embedder
+        self.x_embedder = transformer.all_x_embedder[key]
+        self.final_layer = transformer.all_final_layer[key]
+        self.cap_embedder = transformer.cap_embedder
+        self.x_pad_token = transformer.x_pad_token
+        self.cap_pad_token = transformer.cap_pad_token
+        self.noise_refiner = nn.ModuleList(StaticBlock(b) for b in transformer.noise_refiner)
+        self.context_refiner = nn.ModuleList(StaticBlock(b) for b in transformer.context_refiner)
+        self.layers = nn.ModuleList(StaticBlock(b) for b in transformer.layers)
+        self.mask_caption_keys = True
+        self.set_downscale(downscale_log2 or {})
+
+        # Timestep frequencies as diffusers computes them (fp32).
+        device = self.x_pad_token.device
+        half = self.t_embedder.frequency_embedding_size // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(0, half, dtype=torch.float32) / half)
+        self.register_buffer("t_freqs", freqs.to(device), persistent=False)
+        # RoPE tables per axis, built exactly as diffusers' RopeEmbedder (fp64 angles -> fp32 -> polar).
+        self.axes_lens = list(cfg.axes_lens)
+        for axis, (dim, length) in enumerate(zip(cfg.axes_dims, cfg.axes_lens)):
+            inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+            angles = torch.outer(torch.arange(length, dtype=torch.float64), inv).float()
+            table = torch.polar(torch.ones_like(angles), angles)
+            self.register_buffer(f"rope_cos_{axis}", table.real.contiguous().to(device), persistent=False)
+            self.register_buffer(f"rope_sin_{axis}", table.imag.contiguous().to(device), persistent=False)
+
+    # -- configuration -------------------------------------------------------------------------
+    def named_blocks(self):
+        for group in ("noise_refiner", "context_refiner", "layers"):
+            for i, block in enumerate(getattr(self, group)):
+                yield f"{group}.{i}", block
+
+    def set_downscale(self, downscale_log2: dict[str, tuple[int, int]]) -> None:
+        names = dict(self.named_blocks())
+        unknown = sorted(set(downscale_log2) - set(names))
+        if unknown:
+            raise ValueError(f"downscale_log2 names unknown blocks {unknown}; blocks are {list(names)}")
+        for name, block in names.items():
+            block.set_downscale(*downscale_log2.get(name, (0, 0)))
+
+    def downscale(self) -> dict[str, tuple[int, int]]:
+        return {n: (b.attn_log2, b.ffn_log2) for n, b in self.named_blocks() if b.attn_log2 or b.ffn_log2}
+
+    def set_attention_fn(self, fn) -> None:
+        for _, block in self.named_blocks():
+            block.attention_fn = fn
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.x_embedder.weight.dtype
+
+    @property
+    def max_caption_capacity(self) -> int:
+        # Caption row i sits at position 1 + i and the image at P + 1: both must stay in the table.
+        return self.axes_lens[0] - 2
+
+    # -- the maths -----------------------------------------------------------------------------
+    def timestep_embedding(self, timestep: torch.Tensor) -> torch.Tensor:
+        args = (timestep.float() * self.t_scale)[:, None] * self.t_freqs[None]
+        t_freq = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        mlp = self.t_embedder.mlp
+        return mlp(t_freq.to(mlp[0].weight.dtype)).to(self.dtype)
+
+    def rope(self, axis: int, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return getattr(self, f"rope_cos_{axis}")[index], getattr(self, f"rope_sin_{axis}")[index]
+
+    def image_rope(self, padded_cap: torch.Tensor, ht: int, wt: int, n_pad: int):
+        """cos/sin [B, N_img + n_pad, 1, D/2] for image tokens at (P + 1, row, col), pads at (0, 0, 0)."""
+        batch = padded_cap.shape[0]
+        n_img = ht * wt
+        device = padded_cap.device
+        token = torch.arange(n_img, device=device)
+        rows = token // wt  # (repeat_interleave and % by a symbolic size mis-export to ONNX)
+        cols = token - rows * wt
+        out = []
+        for table_index in (0, 1):  # 0: cos, 1: sin
+            t0 = self.rope(0, padded_cap + 1)[table_index]  # [B, d0/2]
+            t1 = self.rope(1, rows)[table_index]  # [N, d1/2]
+            t2 = self.rope(2, cols)[table_index]
+            real = torch.cat(
+                [t0[:, None, :].expand(batch, n_img, -1), t1[None].expand(batch, -1, -1), t2[None].expand(batch, -1, -1)],
+                dim=-1,
+            )
+            zero_pos = torch.cat([self.rope(a, torch.zeros(1, dtype=torch.long, device=device))[table_index] for a in (0, 1, 2)], dim=-1)
+            pads = zero_pos[None].expand(batch, n_pad, -1)
+            out.append(torch.cat([real, pads], dim=1)[:, :, None, :])
+        return out[0], out[1]
+
+    def caption_rope(self, capacity: int, batch: int, device):
+        idx = torch.arange(capacity, device=device)
+        zeros = torch.zeros_like(idx)
+        out = []
+        for table_index in (0, 1):
+            t = torch.cat([self.rope(0, idx + 1)[table_index], self.rope(1, zeros)[table_index], self.rope(2, zeros)[table_index]], dim=-1)
+            out.append(t[None, :, None, :].expand(batch, -1, -1, -1))
+        return out[0], out[1]
+
+    def forward(self, latents, timestep, cap_feats, cap_lens):
+        batch, channels, height, width = latents.shape
+        capacity = cap_feats.shape[1]
+        ht, wt = height // PATCH_SIZE, width // PATCH_SIZE
+        n_img = ht * wt
+        n_pad = (-n_img) % SEQ_MULTI_OF
+        dtype = self.dtype
+        device = latents.device
+
+        adaln = self.timestep_embedding(timestep)
+
+        # Image tokens: patchify "c (h ph) (w pw) -> (h w) (ph pw c)", embed, pad with x_pad_token.
+        x = latents.to(dtype).reshape(batch, channels, ht, PATCH_SIZE, wt, PATCH_SIZE)
+        x = x.permute(0, 2, 4, 3, 5, 1).reshape(batch, n_img, PATCH_SIZE * PATCH_SIZE * channels)
+        x = self.x_embedder(x)
+        x = torch.cat([x, self.x_pad_token.to(dtype)[None].expand(batch, n_pad, -1)], dim=1)
+
+        # Caption rows: embed; rows past each item's real length become cap_pad_token.
+        cap_lens = cap_lens.to(torch.long)
+        padded_cap = (cap_lens.clamp(min=1) + SEQ_MULTI_OF - 1) // SEQ_MULTI_OF * SEQ_MULTI_OF
+        row = torch.arange(capacity, device=device)[None, :]
+        cap = self.cap_embedder(cap_feats.to(dtype))
+        cap = torch.where((row < cap_lens[:, None])[..., None], cap, self.cap_pad_token.to(dtype))
+
+        img_cos, img_sin = self.image_rope(padded_cap, ht, wt, n_pad)
+        cap_cos, cap_sin = self.caption_rope(capacity, batch, device)
+        cap_mask = unified_mask = None
+        if self.mask_caption_keys:
+            cap_keys = row < padded_cap[:, None]  # [B, C]
+            cap_mask = cap_keys[:, None, None, :]
+            img_keys = torch.ones(batch, n_img + n_pad, dtype=torch.bool, device=device)
+            unified_mask = torch.cat([img_keys, cap_keys], dim=1)[:, None, None, :]
+
+        for block in self.noise_refiner:
+            x = block(x, img_cos, img_sin, None, adaln)
+        for block in self.context_refiner:
+            cap = block(cap, cap_cos, cap_sin, cap_mask)
+
+        hidden = torch.cat([x, cap], dim=1)
+        cos, sin = torch.cat([img_cos, cap_cos], dim=1), torch.cat([img_sin, cap_sin], dim=1)
+        for block in self.layers:
+            hidden = block(hidden, cos, sin, unified_mask, adaln)
+
+        out = self.final_layer(hidden[:, :n_img], c=adaln)
+        # Unpatchify "(h w) (ph pw c) -> c (h ph) (w pw)".
+        out = out.reshape(batch, ht, wt, PATCH_SIZE, PATCH_SIZE, channels).permute(0, 5, 1, 3, 2, 4)
+        return out.reshape(batch, channels, height, width).float()
+
+
+# -- fp16 calibration -------------------------------------------------------------------------------
+@torch.no_grad()
+def measure_block_outputs(denoiser: StaticZImageDenoiser, *inputs) -> dict[str, tuple[float, float]]:
+    """Largest |value| of each block's attention output and feed-forward product/output, one forward."""
+    peaks: dict[str, list[float]] = {}
+    hooks = []
+
+    def tracker(name, slot):
+        def hook(_module, _inp, out):
+            peaks.setdefault(name, [0.0, 0.0])
+            peaks[name][slot] = max(peaks[name][slot], float(out.detach().abs().float().max()))
+
+        return hook
+
+    def input_tracker(name, slot):
+        def hook(_module, inp):
+            peaks.setdefault(name, [0.0, 0.0])
+            peaks[name][slot] = max(peaks[name][slot], float(inp[0].detach().abs().float().max()))
+
+        return hook
+
+    for name, block in denoiser.named_blocks():
+        hooks.append(block.block.attention.to_out[0].register_forward_hook(tracker(name, 0)))
+        ff = block.block.feed_forward
+        # The feed-forward can overflow in the up projection, the gated product (w2's input) or w2's output.
+        hooks.append(ff.w3.register_forward_hook(tracker(name, 1)))
+        hooks.append(ff.w2.register_forward_pre_hook(input_tracker(name, 1)))
+        hooks.append(ff.w2.register_forward_hook(tracker(name, 1)))
+    saved = denoiser.downscale()
+    denoiser.set_downscale({})
+    try:
+        denoiser(*inputs)
+    finally:
+        denoiser.set_downscale(saved)
+        for h in hooks:
+            h.remove()
+    return {k: (v[0], v[1]) for k, v in peaks.items()}
+
+
+def downscale_from_peaks(peaks: dict[str, tuple[float, float]], limit: float = FP16_SAFE_MAGNITUDE):
+    """Smallest power-of-two shrink per block that brings each measured peak under `limit`."""
+
+    def log2_needed(peak: float) -> int:
+        if not math.isfinite(peak):
+            raise ValueError("calibration saw a non-finite activation: calibrate in fp32 or bf16, not fp16")
+        return max(0, math.ceil(math.log2(peak / limit))) if peak > limit else 0
+
+    result = {}
+    for name, (attn_peak, ffn_peak) in peaks.items():
+        k = (log2_needed(attn_peak), log2_needed(ffn_peak))
+        if any(k):
+            result[name] = k
+    return result
+
+
+def calibration_inputs(denoiser: StaticZImageDenoiser, *, latent_hw=(32, 32), caption_len=64, seed=0):
+    """Deterministic inputs for calibration: unit-normal latents and caption features at a small size."""
+    gen = torch.Generator().manual_seed(seed)
+    device = denoiser.x_embedder.weight.device
+    cap_dim = denoiser.cap_embedder[1].in_features
+    latents = torch.randn(3, denoiser.in_channels, *latent_hw, generator=gen)
+    cap = torch.randn(3, caption_len, cap_dim, generator=gen)
+    timestep = torch.tensor([0.0, 0.5, 1.0])
+    lens = torch.tensor([caption_len, caption_len // 2, 1])
+    return tuple(t.to(device) for t in (latents, timestep, cap, lens))
+
+
+def calibrate_downscale(denoiser: StaticZImageDenoiser, inputs=None, limit: float = FP16_SAFE_MAGNITUDE):
+    """Measure (in the model's current, wide dtype) and return per-block log2 downscale for fp16."""
+    if denoiser.dtype == torch.float16:
+        raise ValueError("calibrate the fp16 downscale on an fp32 or bf16 model: fp16 may already overflow")
+    inputs = inputs if inputs is not None else calibration_inputs(denoiser)
+    return downscale_from_peaks(measure_block_outputs(denoiser, *inputs), limit)
