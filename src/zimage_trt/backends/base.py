@@ -1,0 +1,52 @@
+"""The one interface every denoiser engine offers the runtime, and the eager-torch reference engine."""
+
+from __future__ import annotations
+
+import torch
+
+from ..denoiser import StaticZImageDenoiser
+from ..shapes import padded_caption_length
+
+
+class DenoiserEngine:
+    """Runs the static denoiser maths for one call: tensors in, float32 model output out.
+
+    Subclasses set `kind`, `device`, `dtype` and implement `run`. `caption_layout` tells the runtime
+    how wide a caption buffer to give for a batch of caption lengths, and whether the engine needs the
+    caption key mask (a fixed-capacity engine always does; a shape-flexible one only when the
+    batch's padded lengths differ).
+    """
+
+    kind = "abstract"
+    supports_cuda_graph = False
+
+    def __init__(self, device: torch.device, dtype: torch.dtype):
+        self.device = torch.device(device)
+        self.dtype = dtype
+
+    def caption_layout(self, caption_lengths: list[int], resolution_key: str, batch: int) -> tuple[int, bool]:
+        padded = [padded_caption_length(n) for n in caption_lengths]
+        capacity = max(padded)
+        return capacity, any(p != capacity for p in padded)
+
+    def run(self, latents, timestep, cap_feats, cap_lens, masked: bool) -> torch.Tensor:
+        raise NotImplementedError  # subclasses implement
+
+    def describe(self) -> str:
+        return f"{self.kind} ({self.dtype}, {self.device})"
+
+
+class TorchDenoiserEngine(DenoiserEngine):
+    """Eager PyTorch: the reference engine (CPU tests, the demo, `allow_fallback=True`)."""
+
+    kind = "eager"
+
+    def __init__(self, denoiser: StaticZImageDenoiser):
+        super().__init__(denoiser.x_embedder.weight.device, denoiser.dtype)
+        self.denoiser = denoiser.eval()
+        self.supports_cuda_graph = self.device.type == "cuda"
+
+    @torch.no_grad()
+    def run(self, latents, timestep, cap_feats, cap_lens, masked: bool) -> torch.Tensor:
+        self.denoiser.mask_caption_keys = masked
+        return self.denoiser(latents, timestep, cap_feats, cap_lens)

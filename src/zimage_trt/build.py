@@ -1,0 +1,225 @@
+"""Weights -> (fp16 calibration) -> export -> engines -> manifest. Used by `build/build_engines.py`,
+`zimage-trt build` and `zimage_trt.build_engines` alike.
+
+Nothing half-built is ever visible: each engine file is written under a name that carries its own
+checksum, then the manifest is atomically replaced, and only then are files of the previous build
+that nothing names any more removed. An interrupted build leaves the previous engine and manifest
+as they were.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .denoiser import StaticZImageDenoiser, calibrate_downscale
+from .export import export_denoiser, precision_dtype
+from .files import check_writable_dir, sha256_file
+from .manifest import MANIFEST_SUFFIX, EngineShape, Manifest, ManifestError, record_file
+from .shapes import Resolution, check_caption_capacity
+
+log = logging.getLogger(__name__)
+BACKEND_NAMES = ("auto", "torch-compiled", "tensorrt", "tensorrt-rtx")
+DEFAULT_CAPTION_CAPACITY = 512  # diffusers' max_sequence_length
+
+
+@dataclass
+class BuildResult:
+    manifest_path: Path
+    manifest: Manifest
+    seconds: float
+    details: dict = field(default_factory=dict)
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """'auto' -> TensorRT where it can run, else the PyTorch-native format; errors list what exists."""
+    from .backends.tensorrt import available_flavors
+
+    if backend not in BACKEND_NAMES:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKEND_NAMES}")
+    flavors = available_flavors()
+    if backend == "auto":
+        if device.type == "cuda" and flavors.get("tensorrt", (False,))[0]:
+            return "tensorrt"
+        return "torch-compiled"
+    if backend in flavors and not flavors[backend][0]:
+        status = "; ".join(f"{name}: {'available' if ok else why}" for name, (ok, why) in flavors.items())
+        raise RuntimeError(f"backend {backend!r} is not installed or cannot load ({status}; torch-compiled: available)")
+    return backend
+
+
+def _model_record(transformer, fingerprint: str) -> dict:
+    import hashlib
+    import json
+
+    config = json.dumps(dict(transformer.config), sort_keys=True, default=str)
+    return {
+        "class": type(transformer).__name__,
+        "config_sha256": hashlib.sha256(config.encode()).hexdigest(),
+        "weights_fingerprint": fingerprint,
+    }
+
+
+def build_engines(model, resolutions, out_dir="engines", *, backend: str = "auto", precision: str = "fp16",
+                  batch: int = 1, caption_capacity: int = DEFAULT_CAPTION_CAPACITY, device=None,
+                  compute_capabilities=None, name: str | None = None, fp16_downscale_log2=None,
+                  keep_onnx: bool = True, progress: bool = True) -> BuildResult:
+    """Build one denoiser engine holding every requested resolution (weights stored once).
+
+    model: a diffusers-format folder, a hub id (at a user's site) or an in-memory
+    `ZImageTransformer2DModel` (copied, never modified). resolutions: '1024x1024' strings or pairs.
+    """
+    from .weights import load_transformer, weights_fingerprint
+
+    started = time.perf_counter()
+    shapes_res = sorted({Resolution.parse(r) for r in ([resolutions] if isinstance(resolutions, str) else resolutions)})
+    if not shapes_res:
+        raise ValueError("give at least one resolution to build, e.g. '1024x1024'")
+    check_caption_capacity(caption_capacity)
+    if isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= 64:
+        raise ValueError(f"batch must be an int in 1..64, got {batch!r}")
+    target_dtype = precision_dtype(precision)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    backend = resolve_backend(backend, device)
+    out_dir = check_writable_dir(out_dir)
+    name = name or f"denoiser-{backend}-{precision}"
+    shapes = [EngineShape(r.key, batch, caption_capacity) for r in shapes_res]
+    bar = tqdm(total=4, desc=f"build {name}", disable=not progress)
+
+    # 1. Weights, in a wide dtype for calibration (bf16 on GPU: a 6B model in fp32 is 24 GB).
+    wide = torch.float32 if device.type == "cpu" else torch.bfloat16
+    if isinstance(model, torch.nn.Module):
+        transformer = torch.nn.Module.to(copy.deepcopy(model), device=device, dtype=wide)
+    else:
+        transformer = load_transformer(model, torch_dtype=wide, device=device)
+    transformer.eval().requires_grad_(False)
+    # Fingerprint of the weights as the user holds them (stored dtype), so the runtime can recompute it.
+    fingerprint = weights_fingerprint(model)
+    denoiser = StaticZImageDenoiser(transformer)
+    if denoiser.max_caption_capacity < caption_capacity:
+        raise ValueError(f"caption capacity {caption_capacity} exceeds this model's RoPE table ({denoiser.max_caption_capacity})")
+    bar.update()
+
+    # 2. fp16 overflow protection, measured on this model's own weights.
+    downscale = {}
+    if precision == "fp16":
+        downscale = fp16_downscale_log2 if fp16_downscale_log2 is not None else calibrate_downscale(denoiser)
+        denoiser.set_downscale(downscale)
+    torch.nn.Module.to(transformer, target_dtype)  # (diffusers' own .to() warns needlessly)
+    bar.update()
+
+    # 3-4. The engine itself.
+    details: dict = {}
+    with torch.no_grad():
+        if backend == "torch-compiled":
+            engine_files, backend_version, ccs = _build_torch_compiled(denoiser, shapes, out_dir, name, device, transformer)
+        else:
+            engine_files, backend_version, ccs, details = _build_tensorrt(
+                denoiser, shapes, out_dir, name, backend, compute_capabilities, keep_onnx, progress)
+    bar.update()
+
+    manifest = Manifest(
+        name=name, component="denoiser", backend=backend, backend_version=backend_version, precision=precision,
+        shapes=shapes, files=[record_file(p) for p in engine_files], compute_capabilities=ccs,
+        torch_version=torch.__version__, model=_model_record(transformer, fingerprint),
+        fp16_downscale_log2={k: list(v) for k, v in downscale.items()}, onnx_sha256=details.get("onnx_sha256"),
+        build_seconds=round(time.perf_counter() - started, 3),
+    )
+    previous = _previous_files(out_dir, name)
+    path = manifest.write(out_dir)
+    _remove_unreferenced(out_dir, previous, {f.name for f in manifest.files})
+    bar.update()
+    bar.close()
+    return BuildResult(path, manifest, time.perf_counter() - started, details)
+
+
+def _content_named(out_dir: Path, name: str, suffix: str, write) -> Path:
+    """Write via `write(tmp_path)`, then rename to NAME.<sha12><suffix>: earlier files stay untouched,
+    and a failure or interrupt removes the temporary file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".partial", dir=out_dir)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        final = out_dir / f"{name}.{sha256_file(tmp)[:12]}{suffix}"
+        os.replace(tmp, final)
+        return final
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _build_torch_compiled(denoiser, shapes, out_dir, name, device, transformer):
+    from .backends import torch_compiled
+
+    torch._dynamo.reset()  # artefacts must hold exactly this engine's graphs
+    engine = torch_compiled.CompiledDenoiserEngine(denoiser)
+    cap_dim = denoiser.cap_embedder[1].in_features
+    with tqdm(total=len(shapes), desc="compile shapes", leave=False) as bar:
+        torch_compiled.warm_up(engine, shapes, cap_dim, progress=bar)
+    data = torch_compiled.save_artifacts()
+    path = _content_named(out_dir, name, torch_compiled.ARTIFACT_SUFFIX, lambda p: p.write_bytes(data))
+    ccs = []
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        ccs = [f"{major}.{minor}"]
+    return [path], torch.__version__, ccs
+
+
+def _build_tensorrt(denoiser, shapes, out_dir, name, flavor, compute_capabilities, keep_onnx, progress):
+    from .backends import tensorrt as trt_backend
+    from .shapes import Resolution
+
+    onnx_dir = out_dir / "onnx"
+    onnx_dir.mkdir(exist_ok=True)
+    onnx_path = onnx_dir / f"{name}.onnx"
+    max_side = max(max(Resolution.parse(s.resolution).latent_hw) for s in shapes)
+    export_info = export_denoiser(denoiser, onnx_path, max_batch=max(16, shapes[0].batch),
+                                  max_capacity=max(512, shapes[0].caption_capacity),
+                                  max_latent_side=max(256, max_side), verify=denoiser.dtype == torch.float32)
+    cap_dim = denoiser.cap_embedder[1].in_features
+    profiles = []
+    for shape in shapes:
+        res = Resolution.parse(shape.resolution)
+        profiles.append({
+            "latents": res.latent_shape(shape.batch),
+            "timestep": (shape.batch,),
+            "cap_feats": (shape.batch, shape.caption_capacity, cap_dim),
+            "cap_lens": (shape.batch,),
+        })
+    suffix = ".plan"
+    info = {}
+
+    def write(tmp):
+        info.update(trt_backend.build_tensorrt_engine(
+            onnx_path, tmp, profiles, flavor=flavor, compute_capabilities=compute_capabilities,
+            timing_cache_path=out_dir / f"{flavor}.timing.cache", progress=progress))
+
+    path = _content_named(out_dir, name, suffix, write)
+    if not keep_onnx:
+        for f in onnx_dir.glob(onnx_path.name + "*"):
+            f.unlink()
+    details = {"onnx": export_info, "engine": info, "onnx_sha256": export_info["sha256"]}
+    return [path], str(info.get("version", "")), list(info.get("compute_capabilities", [])), details
+
+
+def _previous_files(out_dir: Path, name: str) -> set[str]:
+    path = out_dir / f"{name}{MANIFEST_SUFFIX}"
+    if not path.exists():
+        return set()
+    try:
+        return {f.name for f in Manifest.read(path).files}
+    except ManifestError:
+        return set()
+
+
+def _remove_unreferenced(out_dir: Path, previous: set[str], current: set[str]) -> None:
+    for stale in previous - current:
+        (out_dir / stale).unlink(missing_ok=True)

@@ -1,0 +1,126 @@
+"""Engine selection: read the manifests in `engine_dir`, pick the one that fits this GPU, precision,
+model and shape, verify its files, and open it. What was built and what this machine needs are named
+in every refusal; `allow_fallback=True` runs eager torch with a warning instead."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .backends.base import DenoiserEngine, TorchDenoiserEngine
+from .denoiser import StaticZImageDenoiser
+from .manifest import Manifest, ManifestError, find_manifests
+
+log = logging.getLogger(__name__)
+
+
+class EngineNotFound(RuntimeError):
+    """No usable engine for this request; the message lists what was built and what is needed."""
+
+
+@dataclass
+class Need:
+    resolution: str
+    batch: int
+    precision: str
+    compute_capability: str | None
+    weights_fingerprint: str | None
+
+
+def current_compute_capability(device: torch.device) -> str | None:
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"{major}.{minor}"
+
+
+def reasons_unfit(manifest: Manifest, need: Need, runnable_backends: set[str]) -> list[str]:
+    reasons = []
+    if manifest.component != "denoiser":
+        reasons.append("not a denoiser")
+    if manifest.backend not in runnable_backends:
+        reasons.append(f"backend {manifest.backend} cannot run here (runnable: {sorted(runnable_backends) or 'none'})")
+    if manifest.precision != need.precision:
+        reasons.append(f"precision {manifest.precision}, need {need.precision}")
+    built_for = manifest.compute_capabilities  # GPU compute capabilities; [] = built on a CPU
+    fits = need.compute_capability in built_for if need.compute_capability else not built_for
+    if not fits:
+        reasons.append(f"built for {', '.join(built_for) or 'CPU'}, this machine is {need.compute_capability or 'CPU'}")
+    if manifest.backend == "torch-compiled" and manifest.torch_version != torch.__version__:
+        reasons.append(f"built with torch {manifest.torch_version}, this is torch {torch.__version__}")
+    if need.weights_fingerprint and manifest.model.get("weights_fingerprint") not in (None, need.weights_fingerprint):
+        reasons.append("built from other weights (weights fingerprint differs)")
+    if not any(s.resolution == need.resolution and s.batch >= need.batch for s in manifest.shapes):
+        built = ", ".join(f"{s.resolution} batch {s.batch}" for s in manifest.shapes)
+        reasons.append(f"no shape {need.resolution} batch {need.batch} (built: {built})")
+    return reasons
+
+
+def runnable_backends(device: torch.device) -> set[str]:
+    from .backends import tensorrt as trt_backend
+
+    runnable = {"torch-compiled"}  # on CPU too: CPU builds exist for tests and CI
+    if device.type == "cuda":
+        for flavor, (ok, _why) in trt_backend.available_flavors().items():
+            if ok:
+                runnable.add(flavor)
+    return runnable
+
+
+def open_denoiser(transformer, engine_dir, device, dtype: torch.dtype, resolution: str, batch: int,
+                  *, precision: str | None = None, weights_fingerprint: str | None = None,
+                  allow_fallback: bool = False, downscale_log2=None) -> DenoiserEngine:
+    """The engine to run `transformer` at `resolution` x `batch` on `device`.
+
+    With no engine_dir the eager static denoiser is the engine (CPU tests, the demo).
+    """
+    device = torch.device(device)
+    precision = precision or {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
+    if engine_dir is None:
+        return TorchDenoiserEngine(StaticZImageDenoiser(transformer, downscale_log2))
+    need = Need(resolution, batch, precision, current_compute_capability(device), weights_fingerprint)
+    runnable = runnable_backends(device)
+    report = []
+    candidates = []
+    for path in find_manifests(engine_dir):
+        try:
+            manifest = Manifest.read(path)
+        except ManifestError as exc:
+            report.append(f"  {path.name}: unreadable ({exc})")
+            continue
+        reasons = reasons_unfit(manifest, need, runnable)
+        if reasons:
+            report.append(f"  {path.name}: " + "; ".join(reasons))
+        else:
+            candidates.append(manifest)
+    # Prefer TensorRT, then TensorRT-RTX, then the PyTorch-native format.
+    order = {"tensorrt": 0, "tensorrt-rtx": 1, "torch-compiled": 2}
+    for manifest in sorted(candidates, key=lambda m: order[m.backend]):
+        manifest.verify_files(engine_dir)  # checksum before anything is loaded
+        return _open(manifest, Path(engine_dir), transformer, device)
+    message = (
+        f"no engine in {engine_dir} fits: need a {precision} denoiser for {resolution}, batch {batch}, "
+        f"GPU compute capability {need.compute_capability}, backends runnable here {sorted(runnable)}.\n"
+        + ("\n".join(report) if report else "  (no manifests found)")
+        + f"\nBuild one with: zimage-trt build --model MODEL --resolution {resolution} --precision {precision} --out {engine_dir}"
+    )
+    if not allow_fallback:
+        raise EngineNotFound(message)
+    warnings.warn(message + "\nallow_fallback=True: running eager PyTorch instead (slower).", stacklevel=2)
+    return TorchDenoiserEngine(StaticZImageDenoiser(transformer, downscale_log2))
+
+
+def _open(manifest: Manifest, folder: Path, transformer, device) -> DenoiserEngine:
+    downscale = {k: tuple(v) for k, v in manifest.fp16_downscale_log2.items()}
+    if manifest.backend == "torch-compiled":
+        from .backends import torch_compiled
+
+        torch_compiled.load_artifacts(manifest.file_path(folder, manifest.files[0]).read_bytes())
+        return torch_compiled.CompiledDenoiserEngine(StaticZImageDenoiser(transformer, downscale))
+    from .backends import tensorrt as trt_backend
+
+    return trt_backend.TensorRTDenoiserEngine(manifest.file_path(folder, manifest.files[0]), manifest, device)

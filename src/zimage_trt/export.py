@@ -1,0 +1,192 @@
+"""Denoiser and VAE decoder -> ONNX, in the precision the engine will run (fp32 / fp16 / bf16).
+
+TensorRT 10+ and TensorRT-RTX build *strongly typed* networks: the ONNX's own dtypes decide the
+engine's precision, so the export itself is fp16 or bf16, with fp32 kept where the reference computes
+in fp32 (timestep embedding, RoPE, RMSNorm statistics). One ONNX has symbolic batch, latent height and
+width and caption capacity, so one engine can hold one fixed-shape profile per resolution while
+storing the weights once. Past 2 GB the weights go to an external-data file beside the .onnx.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .denoiser import DenoiserInputs, StaticZImageDenoiser
+from .files import sha256_file
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+OPSET = 20
+# onnxruntime (CPU) against torch, relative to the output's peak |value|. fp16 differs by rounding
+# order across ~40 chained matrix products: the tiny test model lands near 1e-3.
+ORT_TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 5e-2}
+
+
+def precision_dtype(precision: str) -> torch.dtype:
+    try:
+        return DTYPES[precision]
+    except KeyError:
+        raise ValueError(f"precision {precision!r} is not one of {sorted(DTYPES)}") from None
+
+
+def _quiet():
+    stack = contextlib.ExitStack()
+    stack.enter_context(warnings.catch_warnings())
+    warnings.simplefilter("ignore")
+    return stack
+
+
+def example_inputs(denoiser: StaticZImageDenoiser, latent_hw=(32, 32), capacity=64, batch=1):
+    device = denoiser.x_embedder.weight.device
+    cap_dim = denoiser.cap_embedder[1].in_features
+    return (
+        torch.randn(batch, denoiser.in_channels, *latent_hw, device=device),
+        torch.full((batch,), 0.5, device=device),
+        torch.randn(batch, capacity, cap_dim, device=device, dtype=denoiser.dtype),
+        torch.full((batch,), max(1, capacity - 7), dtype=torch.long, device=device),
+    )
+
+
+def export_denoiser(denoiser: StaticZImageDenoiser, onnx_path: str | Path, *, max_batch=16, max_capacity=512,
+                    max_latent_side=256, verify: bool = True) -> dict:
+    """Export with symbolic batch, latent size (even) and caption capacity (multiple of 32).
+
+    Writes `onnx_path` (plus `onnx_path.data` when weights go external) atomically: into a temporary
+    folder first, moved into place only once the export and the checker succeeded.
+    """
+    from torch.export import Dim
+
+    onnx_path = Path(onnx_path)
+    denoiser.eval()
+    denoiser.mask_caption_keys = True  # engines take fixed-capacity captions and mask per item
+    batch = Dim("batch", min=1, max=max_batch)
+    half_h = Dim("latent_h_half", min=8, max=max_latent_side // 2)
+    half_w = Dim("latent_w_half", min=8, max=max_latent_side // 2)
+    cap_blocks = Dim("caption_blocks", min=1, max=max_capacity // 32)
+    dynamic = {
+        "latents": {0: batch, 2: 2 * half_h, 3: 2 * half_w},
+        "timestep": {0: batch},
+        "cap_feats": {0: batch, 1: 32 * cap_blocks},
+        "cap_lens": {0: batch},
+    }
+    inputs = example_inputs(denoiser)
+    n_params = sum(p.numel() * p.element_size() for p in denoiser.parameters())
+    external = n_params > 1.8e9  # protobuf's 2 GB limit, with room for the graph
+    start = time.perf_counter()
+    tmp_dir = Path(tempfile.mkdtemp(prefix=".export-", dir=onnx_path.parent if onnx_path.parent.exists() else None))
+    try:
+        tmp_path = tmp_dir / onnx_path.name
+        with _quiet(), torch.no_grad():
+            torch.onnx.export(
+                denoiser,
+                inputs,
+                str(tmp_path),
+                input_names=list(DenoiserInputs.INPUT_NAMES),
+                output_names=list(DenoiserInputs.OUTPUT_NAMES),
+                dynamic_shapes=dynamic,
+                dynamo=True,
+                opset_version=OPSET,
+                external_data=external,
+                verbose=False,
+            )
+        import onnx
+
+        onnx.checker.check_model(str(tmp_path), full_check=False)
+        onnx_path.parent.mkdir(parents=True, exist_ok=True)
+        produced = sorted(tmp_dir.iterdir())
+        for item in produced:  # data file first, graph last: a half-moved export has no .onnx
+            if item.name != onnx_path.name:
+                shutil.move(str(item), onnx_path.parent / item.name)
+        shutil.move(str(tmp_path), onnx_path)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    info = {
+        "path": str(onnx_path),
+        "seconds": time.perf_counter() - start,
+        "external_data": external,
+        "bytes": sum(p.stat().st_size for p in onnx_path.parent.glob(onnx_path.name + "*")),
+        "sha256": sha256_file(onnx_path),
+    }
+    if verify:
+        info["ort_max_rel_error"] = check_with_onnxruntime(denoiser, onnx_path)
+    return info
+
+
+def onnxruntime_outputs(onnx_path: str | Path, inputs: tuple[torch.Tensor, ...], names=DenoiserInputs.INPUT_NAMES):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+    feed = {name: t.detach().cpu().numpy() for name, t in zip(names, inputs)}
+    return session.run(None, feed)
+
+
+def check_with_onnxruntime(denoiser: StaticZImageDenoiser, onnx_path: str | Path, cases=None) -> float:
+    """Max relative error of onnxruntime against torch over a few shapes; raises past the tolerance."""
+    precision = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[denoiser.dtype]
+    cases = cases or [((32, 32), 64, 1), ((34, 40), 96, 2)]
+    worst = 0.0
+    for latent_hw, capacity, batch in cases:
+        inputs = example_inputs(denoiser, latent_hw, capacity, batch)
+        with torch.no_grad():
+            denoiser.mask_caption_keys = True
+            expected = denoiser(*inputs).float().cpu().numpy()
+        got = onnxruntime_outputs(onnx_path, inputs)[0].astype(np.float32)
+        scale = float(np.abs(expected).max()) or 1.0
+        worst = max(worst, float(np.abs(got - expected).max()) / scale)
+    if not worst <= ORT_TOLERANCE[precision]:
+        raise RuntimeError(
+            f"onnxruntime output of {onnx_path} differs from torch by {worst:.2e} (relative), over the "
+            f"{precision} tolerance {ORT_TOLERANCE[precision]:.0e}"
+        )
+    return worst
+
+
+class VaeDecoderGraph(torch.nn.Module):
+    """latents (the denoiser's space) -> image in [-1, 1], with the pipeline's scale and shift folded in."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+        self.scaling = float(vae.config.scaling_factor)
+        self.shift = float(vae.config.shift_factor or 0.0)
+
+    def forward(self, latents):
+        latents = latents.to(self.vae.dtype) / self.scaling + self.shift
+        return self.vae.decode(latents, return_dict=False)[0].float()
+
+
+def export_vae_decoder(vae, onnx_path: str | Path, *, max_latent_side=256, verify: bool = True) -> dict:
+    from torch.export import Dim
+
+    onnx_path = Path(onnx_path)
+    graph = VaeDecoderGraph(vae).eval()
+    h, w = Dim("latent_h", min=16, max=max_latent_side), Dim("latent_w", min=16, max=max_latent_side)
+    batch = Dim("batch", min=1, max=16)
+    example = torch.randn(1, vae.config.latent_channels, 32, 32, device=vae.device)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix=".export-", dir=onnx_path.parent) as tmp_dir:
+        tmp_path = Path(tmp_dir) / onnx_path.name
+        with _quiet(), torch.no_grad():
+            torch.onnx.export(graph, (example,), str(tmp_path), input_names=["latents"], output_names=["image"],
+                              dynamic_shapes={"latents": {0: batch, 2: h, 3: w}}, dynamo=True, opset_version=OPSET)
+        import onnx
+
+        onnx.checker.check_model(str(tmp_path))
+        shutil.move(str(tmp_path), onnx_path)
+    info = {"path": str(onnx_path), "seconds": time.perf_counter() - start, "sha256": sha256_file(onnx_path)}
+    if verify:
+        example = torch.randn(1, vae.config.latent_channels, 32, 48, device=vae.device)
+        with torch.no_grad():
+            expected = graph(example).cpu().numpy()
+        got = onnxruntime_outputs(onnx_path, (example,), names=("latents",))[0]
+        info["ort_max_rel_error"] = float(np.abs(got - expected).max() / (np.abs(expected).max() or 1.0))
+    return info

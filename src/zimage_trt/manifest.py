@@ -1,0 +1,184 @@
+"""The JSON record written beside every engine, and its validation.
+
+Engines and manifests are files a user may have downloaded, so a manifest is checked field by field
+before anything it names is read: known keys and types only, file names that cannot leave the engine
+folder, and a sha256 for every file it names, checked before the file is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .files import atomic_write_text, sha256_file
+from .shapes import Resolution, check_caption_capacity
+
+FORMAT_VERSION = 1
+MANIFEST_SUFFIX = ".manifest.json"
+BACKENDS = ("tensorrt", "tensorrt-rtx", "torch-compiled")
+PRECISIONS = ("fp32", "fp16", "bf16")
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class ManifestError(ValueError):
+    """A manifest is malformed, names a file outside its folder, or does not match its files."""
+
+
+@dataclass
+class EngineShape:
+    resolution: str  # "HxW"
+    batch: int
+    caption_capacity: int
+
+    def key(self) -> tuple[str, int, int]:
+        return (self.resolution, self.batch, self.caption_capacity)
+
+
+@dataclass
+class FileRecord:
+    name: str
+    sha256: str
+    bytes: int
+
+
+@dataclass
+class Manifest:
+    name: str  # engine name: the manifest file is NAME.manifest.json
+    component: str  # "denoiser" or "vae_decoder"
+    backend: str
+    backend_version: str
+    precision: str
+    shapes: list[EngineShape]
+    files: list[FileRecord]
+    compute_capabilities: list[str]
+    torch_version: str
+    model: dict  # class, config sha256, weights fingerprint
+    fp16_downscale_log2: dict = field(default_factory=dict)
+    onnx_sha256: str | None = None
+    build_seconds: float = 0.0
+    created: str = ""
+    format_version: int = FORMAT_VERSION
+
+    # -- (de)serialisation ---------------------------------------------------------------------
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    def write(self, folder: str | Path) -> Path:
+        self.created = self.created or time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        validate(json.loads(self.to_json()))
+        path = Path(folder) / f"{self.name}{MANIFEST_SUFFIX}"
+        atomic_write_text(path, self.to_json())
+        return path
+
+    @classmethod
+    def read(cls, path: str | Path) -> "Manifest":
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ManifestError(f"{path}: not a readable JSON manifest ({exc})") from exc
+        try:
+            validate(raw)
+        except ManifestError as exc:
+            raise ManifestError(f"{path}: {exc}") from None
+        raw = dict(raw)
+        raw["shapes"] = [EngineShape(**s) for s in raw["shapes"]]
+        raw["files"] = [FileRecord(**f) for f in raw["files"]]
+        return cls(**raw)
+
+    # -- checks --------------------------------------------------------------------------------
+    def file_path(self, folder: str | Path, record: FileRecord) -> Path:
+        return Path(folder) / record.name
+
+    def verify_files(self, folder: str | Path) -> None:
+        """Every named file exists with the recorded size and sha256; the error says how to fix it."""
+        for record in self.files:
+            path = self.file_path(folder, record)
+            rebuild = f"rebuild it with `zimage-trt build` (or delete {self.name}{MANIFEST_SUFFIX})"
+            if not path.is_file():
+                raise ManifestError(f"engine file {path} named by manifest {self.name} is missing; {rebuild}")
+            size = path.stat().st_size
+            if size != record.bytes:
+                raise ManifestError(
+                    f"engine file {path} is {size} bytes but its manifest says {record.bytes}: truncated or "
+                    f"replaced; {rebuild}"
+                )
+            if sha256_file(path) != record.sha256:
+                raise ManifestError(f"engine file {path} does not match its manifest's sha256: corrupt or swapped; {rebuild}")
+
+    def shape_keys(self) -> list[tuple[str, int, int]]:
+        return [s.key() for s in self.shapes]
+
+
+def validate(raw) -> None:
+    """Schema check of a parsed manifest; raises ManifestError naming the first bad field."""
+    if not isinstance(raw, dict):
+        raise ManifestError("manifest must be a JSON object")
+    required = {
+        "name": str, "component": str, "backend": str, "backend_version": str, "precision": str,
+        "shapes": list, "files": list, "compute_capabilities": list, "torch_version": str, "model": dict,
+    }
+    optional = {
+        "fp16_downscale_log2": dict, "onnx_sha256": (str, type(None)), "build_seconds": (int, float),
+        "created": str, "format_version": int,
+    }
+    unknown = sorted(set(raw) - set(required) - set(optional))
+    if unknown:
+        raise ManifestError(f"unknown manifest keys {unknown}")
+    for key, kind in {**required, **optional}.items():
+        if key in required and key not in raw:
+            raise ManifestError(f"manifest lacks {key!r}")
+        if key in raw and not isinstance(raw[key], kind):
+            raise ManifestError(f"manifest field {key!r} has the wrong type {type(raw[key]).__name__}")
+    if raw.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:
+        raise ManifestError(f"manifest format {raw['format_version']} is not {FORMAT_VERSION}; rebuild the engine")
+    if not _SAFE_NAME.match(raw["name"]):
+        raise ManifestError(f"engine name {raw['name']!r} is not a plain file name")
+    if raw["component"] not in ("denoiser", "vae_decoder"):
+        raise ManifestError(f"component {raw['component']!r} is not 'denoiser' or 'vae_decoder'")
+    if raw["backend"] not in BACKENDS:
+        raise ManifestError(f"backend {raw['backend']!r} is not one of {BACKENDS}")
+    if raw["precision"] not in PRECISIONS:
+        raise ManifestError(f"precision {raw['precision']!r} is not one of {PRECISIONS}")
+    if not raw["files"]:
+        raise ManifestError("manifest names no files")
+    for record in raw["files"]:
+        if not isinstance(record, dict) or set(record) != {"name", "sha256", "bytes"}:
+            raise ManifestError(f"file record {record!r} must have exactly name, sha256, bytes")
+        # Names are bare file names: no folders, no '..', nothing absolute, so nothing outside engine_dir.
+        if not isinstance(record["name"], str) or not _SAFE_NAME.match(record["name"]):
+            raise ManifestError(f"file name {record['name']!r} is not a plain file name inside the engine folder")
+        if not isinstance(record["sha256"], str) or not _HEX64.match(record["sha256"]):
+            raise ManifestError(f"file {record['name']!r} has no valid sha256")
+        if not isinstance(record["bytes"], int) or record["bytes"] < 0:
+            raise ManifestError(f"file {record['name']!r} has an invalid size")
+    for shape in raw["shapes"]:
+        if not isinstance(shape, dict) or set(shape) != {"resolution", "batch", "caption_capacity"}:
+            raise ManifestError(f"shape {shape!r} must have exactly resolution, batch, caption_capacity")
+        try:
+            Resolution.parse(shape["resolution"])
+            check_caption_capacity(shape["caption_capacity"])
+        except (TypeError, ValueError) as exc:
+            raise ManifestError(f"shape {shape!r}: {exc}") from None
+        if not isinstance(shape["batch"], int) or not 1 <= shape["batch"] <= 64:
+            raise ManifestError(f"shape {shape!r}: batch must be an int in 1..64")
+    for cc in raw["compute_capabilities"]:
+        if not isinstance(cc, str) or not re.fullmatch(r"\d{1,2}\.\d", cc):
+            raise ManifestError(f"compute capability {cc!r} is not like '9.0'")
+    for block, pair in raw.get("fp16_downscale_log2", {}).items():
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(k, int) and 0 <= k <= 30 for k in pair)):
+            raise ManifestError(f"fp16_downscale_log2[{block!r}] must be two ints in 0..30")
+
+
+def find_manifests(folder: str | Path) -> list[Path]:
+    folder = Path(folder)
+    return sorted(folder.glob(f"*{MANIFEST_SUFFIX}")) if folder.is_dir() else []
+
+
+def record_file(path: str | Path) -> FileRecord:
+    path = Path(path)
+    return FileRecord(name=path.name, sha256=sha256_file(path), bytes=path.stat().st_size)
