@@ -9,11 +9,12 @@ mean, std, p50, p95 and the coefficient of variation.
 
 from __future__ import annotations
 
-import statistics
 import time
 
 import torch
 from torch import nn
+
+from .telemetry import summarize  # noqa: F401  (re-exported for the bench scripts)
 
 # Z-Image-Turbo's text encoder is Qwen3-4B; its VAE is the 16-channel Flux VAE.
 QWEN3_4B = dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
@@ -121,17 +122,6 @@ def wall_time_ms(fn, *, warmup: int = 2, iters: int = 20) -> list[float]:
         torch.cuda.synchronize()
         times.append((time.perf_counter() - start) * 1e3)
     return times
-
-
-def summarize(times: list[float]) -> dict:
-    ordered = sorted(times)
-    mean = statistics.fmean(times)
-    std = statistics.pstdev(times) if len(times) > 1 else 0.0
-    return {
-        "n": len(times), "mean": mean, "std": std, "p50": statistics.median(times),
-        "p95": ordered[min(len(ordered) - 1, int(round(0.95 * (len(ordered) - 1))))],
-        "cv": std / mean if mean else 0.0,
-    }
 
 
 def format_row(name: str, stats: dict, baseline: float | None = None) -> str:

@@ -121,6 +121,6 @@ def _open(manifest: Manifest, folder: Path, transformer, device) -> DenoiserEngi
 
         torch_compiled.load_artifacts(manifest.file_path(folder, manifest.files[0]).read_bytes())
         return torch_compiled.CompiledDenoiserEngine(StaticZImageDenoiser(transformer, downscale))
-    from .backends import tensorrt as trt_backend
+    from .backends.tensorrt_denoiser import TensorRTDenoiserEngine
 
-    return trt_backend.TensorRTDenoiserEngine(manifest.file_path(folder, manifest.files[0]), manifest, device)
+    return TensorRTDenoiserEngine(manifest.file_path(folder, manifest.files[0]), manifest, device)

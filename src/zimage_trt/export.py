@@ -55,7 +55,7 @@ def example_inputs(denoiser: StaticZImageDenoiser, latent_hw=(32, 32), capacity=
 
 
 def export_denoiser(denoiser: StaticZImageDenoiser, onnx_path: str | Path, *, max_batch=16, max_capacity=512,
-                    max_latent_side=256, verify: bool = True) -> dict:
+                    max_latent_side=256, verify: bool = True, external_data: bool | None = None) -> dict:
     """Export with symbolic batch, latent size (even) and caption capacity (multiple of 32).
 
     Writes `onnx_path` (plus `onnx_path.data` when weights go external) atomically: into a temporary
@@ -78,35 +78,12 @@ def export_denoiser(denoiser: StaticZImageDenoiser, onnx_path: str | Path, *, ma
     }
     inputs = example_inputs(denoiser)
     n_params = sum(p.numel() * p.element_size() for p in denoiser.parameters())
-    external = n_params > 1.8e9  # protobuf's 2 GB limit, with room for the graph
+    # protobuf caps a file at 2 GB: past ~1.8 GB of weights they go to NAME.onnx.data.
+    external = n_params > 1.8e9 if external_data is None else external_data
     start = time.perf_counter()
-    tmp_dir = Path(tempfile.mkdtemp(prefix=".export-", dir=onnx_path.parent if onnx_path.parent.exists() else None))
-    try:
-        tmp_path = tmp_dir / onnx_path.name
-        with _quiet(), torch.no_grad():
-            torch.onnx.export(
-                denoiser,
-                inputs,
-                str(tmp_path),
-                input_names=list(DenoiserInputs.INPUT_NAMES),
-                output_names=list(DenoiserInputs.OUTPUT_NAMES),
-                dynamic_shapes=dynamic,
-                dynamo=True,
-                opset_version=OPSET,
-                external_data=external,
-                verbose=False,
-            )
-        import onnx
-
-        onnx.checker.check_model(str(tmp_path), full_check=False)
-        onnx_path.parent.mkdir(parents=True, exist_ok=True)
-        produced = sorted(tmp_dir.iterdir())
-        for item in produced:  # data file first, graph last: a half-moved export has no .onnx
-            if item.name != onnx_path.name:
-                shutil.move(str(item), onnx_path.parent / item.name)
-        shutil.move(str(tmp_path), onnx_path)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+    _export_atomically(denoiser, inputs, onnx_path, input_names=list(DenoiserInputs.INPUT_NAMES),
+                       output_names=list(DenoiserInputs.OUTPUT_NAMES), dynamic_shapes=dynamic,
+                       external_data=external)
     info = {
         "path": str(onnx_path),
         "seconds": time.perf_counter() - start,
@@ -117,6 +94,26 @@ def export_denoiser(denoiser: StaticZImageDenoiser, onnx_path: str | Path, *, ma
     if verify:
         info["ort_max_rel_error"] = check_with_onnxruntime(denoiser, onnx_path)
     return info
+
+
+def _export_atomically(module, inputs, onnx_path: Path, **kwargs) -> None:
+    """torch.onnx.export into a temporary folder, onnx.checker, then move the .onnx (and its external
+    data) into place: data first, graph last, so a failure never leaves a loadable half."""
+    import onnx
+
+    onnx_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=".export-", dir=onnx_path.parent))
+    try:
+        tmp_path = tmp_dir / onnx_path.name
+        with _quiet(), torch.no_grad():
+            torch.onnx.export(module, inputs, str(tmp_path), dynamo=True, opset_version=OPSET, verbose=False, **kwargs)
+        onnx.checker.check_model(str(tmp_path))
+        for item in sorted(tmp_dir.iterdir()):
+            if item.name != onnx_path.name:
+                shutil.move(str(item), onnx_path.parent / item.name)
+        shutil.move(str(tmp_path), onnx_path)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
 def onnxruntime_outputs(onnx_path: str | Path, inputs: tuple[torch.Tensor, ...], names=DenoiserInputs.INPUT_NAMES):
@@ -165,23 +162,17 @@ class VaeDecoderGraph(torch.nn.Module):
 
 
 def export_vae_decoder(vae, onnx_path: str | Path, *, max_latent_side=256, verify: bool = True) -> dict:
+    """Batch 1 (diffusers' decoder guards on batch <= 2 when traced, so images decode one by one);
+    symbolic latent height and width."""
     from torch.export import Dim
 
     onnx_path = Path(onnx_path)
     graph = VaeDecoderGraph(vae).eval()
     h, w = Dim("latent_h", min=16, max=max_latent_side), Dim("latent_w", min=16, max=max_latent_side)
-    batch = Dim("batch", min=1, max=16)
     example = torch.randn(1, vae.config.latent_channels, 32, 32, device=vae.device)
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix=".export-", dir=onnx_path.parent) as tmp_dir:
-        tmp_path = Path(tmp_dir) / onnx_path.name
-        with _quiet(), torch.no_grad():
-            torch.onnx.export(graph, (example,), str(tmp_path), input_names=["latents"], output_names=["image"],
-                              dynamic_shapes={"latents": {0: batch, 2: h, 3: w}}, dynamo=True, opset_version=OPSET)
-        import onnx
-
-        onnx.checker.check_model(str(tmp_path))
-        shutil.move(str(tmp_path), onnx_path)
+    _export_atomically(graph, (example,), onnx_path, input_names=["latents"], output_names=["image"],
+                       dynamic_shapes={"latents": {2: h, 3: w}})
     info = {"path": str(onnx_path), "seconds": time.perf_counter() - start, "sha256": sha256_file(onnx_path)}
     if verify:
         example = torch.randn(1, vae.config.latent_channels, 32, 48, device=vae.device)

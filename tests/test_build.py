@@ -1,0 +1,147 @@
+"""The build step: engines + manifest from weights, atomic on failure, clear errors on bad input."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from zimage_trt import build_engines
+from zimage_trt.build import resolve_backend
+from zimage_trt.manifest import Manifest
+from zimage_trt.tiny import make_tiny_components, save_tiny_pipeline
+
+tensorrt_rtx = pytest.importorskip("tensorrt_rtx", reason="CI installs tensorrt-rtx-cu13; it must be present")
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    return save_tiny_pipeline(tmp_path_factory.mktemp("model") / "tiny", seed=11)
+
+
+def test_tensorrt_rtx_engine_with_two_resolutions_in_one_file(tiny_folder, tmp_path):
+    result = build_engines(tiny_folder, ["256x256", "256x384"], tmp_path, backend="tensorrt-rtx",
+                           precision="fp16", caption_capacity=64, progress=False)
+    m = result.manifest
+    assert m.backend == "tensorrt-rtx" and m.precision == "fp16"
+    assert [s.resolution for s in m.shapes] == ["256x256", "256x384"]
+    assert len(m.files) == 1, "one engine file holds every resolution (weights stored once)"
+    engine = tmp_path / m.files[0].name
+    assert engine.stat().st_size > 100_000
+    assert engine.read_bytes()[:4] == b"vtrt"  # a serialized TensorRT-RTX engine
+    assert m.compute_capabilities and m.onnx_sha256 and m.model["weights_fingerprint"]
+    Manifest.read(result.manifest_path).verify_files(tmp_path)
+    info = result.details["engine"]
+    assert len(info["profiles"]) == 2
+    assert info["strongly_typed"]
+
+
+def test_rebuild_replaces_engine_and_removes_the_old_file(tiny_folder, tmp_path):
+    first = build_engines(tiny_folder, "256x256", tmp_path, backend="tensorrt-rtx", caption_capacity=32,
+                          progress=False)
+    second = build_engines(tiny_folder, "256x384", tmp_path, backend="tensorrt-rtx", caption_capacity=32,
+                           progress=False)
+    assert first.manifest.files[0].name != second.manifest.files[0].name
+    assert not (tmp_path / first.manifest.files[0].name).exists()
+    assert Manifest.read(second.manifest_path).shapes[0].resolution == "256x384"
+
+
+def test_torch_compiled_engine_runs_in_a_fresh_process(tmp_path):
+    """The PyTorch-native format, built on the CPU, loads its persisted artefacts in a new process and
+    computes what the eager static denoiser computes."""
+    transformer = make_tiny_components(seed=4)["transformer"]
+    folder = tmp_path / "model"
+    transformer.save_pretrained(folder / "transformer")
+    result = build_engines(folder, "256x256", tmp_path / "engines", backend="torch-compiled", precision="fp32",
+                           caption_capacity=64, progress=False)
+    assert result.manifest.compute_capabilities == []  # built on a CPU
+    script = textwrap.dedent(f"""
+        import torch
+        from zimage_trt import open_denoiser, StaticZImageDenoiser
+        from zimage_trt.weights import load_transformer
+        tr = load_transformer({str(folder)!r})
+        engine = open_denoiser(tr, {str(tmp_path / 'engines')!r}, 'cpu', torch.float32, '256x256', 1)
+        assert engine.kind == 'torch-compiled', engine.kind
+        g = torch.Generator().manual_seed(0)
+        x, t = torch.randn(1, 16, 32, 32, generator=g), torch.tensor([0.3])
+        c, n = torch.randn(1, 64, 32, generator=g), torch.tensor([50])
+        with torch.no_grad():
+            got = engine.run(x, t, c, n, masked=True)
+            want = StaticZImageDenoiser(tr)(x, t, c, n)
+        print('MAXDIFF', float((got - want).abs().max() / want.abs().max()))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    diff = float(out.stdout.split("MAXDIFF")[1])
+    assert diff <= 1e-5
+
+
+@pytest.mark.parametrize("resolution, message", [
+    ("1000x1024", "not a multiple of 16"),
+    ("4096x1024", "outside the supported range 256..2048"),
+    ("128x128", "outside the supported range"),
+    ("big", "cannot read resolution"),
+])
+def test_bad_resolutions(tiny_folder, tmp_path, resolution, message):
+    with pytest.raises(ValueError, match=message):
+        build_engines(tiny_folder, resolution, tmp_path, progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unknown_and_uninstalled_backends():
+    with pytest.raises(ValueError, match="choose one of"):
+        resolve_backend("onnxruntime", torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="tensorrt-rtx: available"):
+        resolve_backend("tensorrt", torch.device("cpu"))  # full TensorRT is not installable here
+
+
+def test_missing_weight_file_is_named(tiny_folder, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_folder, broken)
+    weights = next((broken / "transformer").glob("*.safetensors"))
+    weights.unlink()
+    with pytest.raises(Exception, match="safetensors|transformer"):
+        build_engines(broken, "256x256", tmp_path / "out", backend="tensorrt-rtx", progress=False)
+
+
+def test_interrupted_build_keeps_previous_engine(tiny_folder, tmp_path, monkeypatch):
+    good = build_engines(tiny_folder, "256x256", tmp_path, backend="tensorrt-rtx", caption_capacity=32,
+                         progress=False)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+
+    from zimage_trt.backends import tensorrt as trt_backend
+
+    def interrupted(*args, **kwargs):
+        with open(args[1], "wb") as f:  # half an engine written, then Ctrl-C
+            f.write(b"vtrt-partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trt_backend, "build_tensorrt_engine", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build_engines(tiny_folder, "256x384", tmp_path, backend="tensorrt-rtx", caption_capacity=32, progress=False)
+    after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    assert after == before, "an interrupted build must leave the previous engine and manifest as they were"
+    Manifest.read(good.manifest_path).verify_files(tmp_path)
+
+
+def test_read_only_engine_dir(tiny_folder, tmp_path, monkeypatch):
+    # CI runs as root, which ignores permission bits: make the write probe fail as a read-only mount would.
+    from zimage_trt import files
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(files.tempfile, "mkstemp", read_only)
+    with pytest.raises(PermissionError, match="cannot write engines"):
+        build_engines(tiny_folder, "256x256", tmp_path / "sub", progress=False)
+
+
+def test_engine_dir_that_is_a_file(tiny_folder, tmp_path):
+    target = tmp_path / "file"
+    target.write_text("x")
+    with pytest.raises(PermissionError, match="cannot write engines"):
+        build_engines(tiny_folder, "256x256", target, progress=False)
+    assert target.read_text() == "x"

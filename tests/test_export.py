@@ -1,0 +1,73 @@
+"""ONNX export of the denoiser and the VAE decoder, checked with onnx.checker and onnxruntime (CPU)."""
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from zimage_trt.denoiser import StaticZImageDenoiser
+from zimage_trt.export import (ORT_TOLERANCE, check_with_onnxruntime, example_inputs, export_denoiser,
+                               export_vae_decoder, onnxruntime_outputs)
+from zimage_trt.tiny import make_tiny_components
+
+
+@pytest.fixture(scope="module")
+def components():
+    return make_tiny_components(seed=5)
+
+
+def test_fp32_export_matches_torch_across_shapes(components, tmp_path):
+    den = StaticZImageDenoiser(components["transformer"])
+    info = export_denoiser(den, tmp_path / "d.onnx")
+    assert info["ort_max_rel_error"] <= ORT_TOLERANCE["fp32"] == 1e-4
+    model = onnx.load(str(tmp_path / "d.onnx"), load_external_data=False)
+    assert [i.name for i in model.graph.input] == ["latents", "timestep", "cap_feats", "cap_lens"]
+    # One graph for every resolution, batch and caption capacity: the dims are symbolic.
+    dims = [d.dim_param or d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    assert isinstance(dims[0], str) and isinstance(dims[2], str) and dims[1] == 16
+    # A third shape that the export never saw: batch 3, 272x400 pixels (17x25 tokens, padded), 160 rows.
+    assert check_with_onnxruntime(den, tmp_path / "d.onnx", cases=[((34, 50), 160, 3)]) <= 1e-4
+
+
+def test_fp16_export_is_fp16_and_close(components, tmp_path):
+    import copy
+
+    half = copy.deepcopy(components["transformer"]).half()
+    den = StaticZImageDenoiser(half)
+    info = export_denoiser(den, tmp_path / "h.onnx", verify=False)
+    model = onnx.load(info["path"])
+    weight_types = {t.data_type for t in model.graph.initializer if t.name.endswith("weight") and len(t.dims) == 2}
+    assert weight_types == {onnx.TensorProto.FLOAT16}, weight_types  # strongly typed: the ONNX decides
+    # fp16 tolerance (stated in export.ORT_TOLERANCE): onnxruntime's fp16 kernels against torch's.
+    assert check_with_onnxruntime(den, info["path"]) <= ORT_TOLERANCE["fp16"]
+
+
+def test_bf16_export_is_valid(components, tmp_path):
+    import copy
+
+    den = StaticZImageDenoiser(copy.deepcopy(components["transformer"]).to(torch.bfloat16))
+    info = export_denoiser(den, tmp_path / "b.onnx", verify=False)
+    model = onnx.load(info["path"])
+    weight_types = {t.data_type for t in model.graph.initializer if t.name.endswith("weight") and len(t.dims) == 2}
+    assert weight_types == {onnx.TensorProto.BFLOAT16}
+
+
+def test_external_data(components, tmp_path):
+    den = StaticZImageDenoiser(components["transformer"])
+    info = export_denoiser(den, tmp_path / "x.onnx", external_data=True, verify=False)
+    assert info["external_data"]
+    assert list(tmp_path.glob("x.onnx.data")) or list(tmp_path.glob("*.data"))
+    assert check_with_onnxruntime(den, tmp_path / "x.onnx") <= 1e-4
+    assert not list(tmp_path.glob(".export-*")), "temporary export folder left behind"
+
+
+def test_vae_decoder_export(components, tmp_path):
+    info = export_vae_decoder(components["vae"], tmp_path / "vae.onnx")
+    assert info["ort_max_rel_error"] <= 1e-4
+
+
+def test_failed_export_leaves_nothing(components, tmp_path):
+    den = StaticZImageDenoiser(components["transformer"])
+    with pytest.raises(Exception):
+        export_denoiser(den, tmp_path / "bad.onnx", max_latent_side=8, verify=False)  # impossible range
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,122 @@
+"""Manifests are untrusted input: schema, file names, checksums; engine selection explains refusals."""
+
+import json
+import warnings
+
+import pytest
+import torch
+
+from zimage_trt.engines import EngineNotFound, Need, open_denoiser, reasons_unfit
+from zimage_trt.manifest import EngineShape, Manifest, ManifestError, record_file
+from zimage_trt.tiny import make_tiny_components
+
+
+def make_manifest(folder, payload=b"engine-bytes" * 100, **overrides):
+    engine = folder / "denoiser.abc.plan"
+    engine.write_bytes(payload)
+    fields = dict(
+        name="denoiser", component="denoiser", backend="torch-compiled", backend_version=torch.__version__,
+        precision="fp32", shapes=[EngineShape("256x256", 1, 64)], files=[record_file(engine)],
+        compute_capabilities=[], torch_version=torch.__version__, model={"weights_fingerprint": "f" * 64},
+    )
+    fields.update(overrides)
+    manifest = Manifest(**fields)
+    return manifest, manifest.write(folder), engine
+
+
+def test_round_trip(tmp_path):
+    manifest, path, _ = make_manifest(tmp_path)
+    again = Manifest.read(path)
+    assert again.shapes == manifest.shapes and again.files == manifest.files
+    again.verify_files(tmp_path)
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda m: m["files"][0].update(name="../../etc/passwd"), "not a plain file name"),
+    (lambda m: m["files"][0].update(name="/abs/engine.plan"), "not a plain file name"),
+    (lambda m: m["files"][0].update(sha256="zz"), "no valid sha256"),
+    (lambda m: m.update(backend="pickle"), "backend"),
+    (lambda m: m.update(precision="int4"), "precision"),
+    (lambda m: m.update(extra=1), "unknown manifest keys"),
+    (lambda m: m.pop("shapes"), "lacks 'shapes'"),
+    (lambda m: m["shapes"][0].update(resolution="1000x1000"), "multiple of 16"),
+    (lambda m: m["shapes"][0].update(caption_capacity=50), "multiple of 32"),
+    (lambda m: m.update(compute_capabilities=["sm90"]), "compute capability"),
+    (lambda m: m.update(fp16_downscale_log2={"layers.0": [99, 0]}), "two ints"),
+])
+def test_schema_rejects(tmp_path, mutate, message):
+    _, path, _ = make_manifest(tmp_path)
+    raw = json.loads(path.read_text())
+    mutate(raw)
+    path.write_text(json.dumps(raw))
+    with pytest.raises(ManifestError, match=message):
+        Manifest.read(path)
+
+
+def test_not_json(tmp_path):
+    path = tmp_path / "x.manifest.json"
+    path.write_bytes(b"\x80\x04pickle")
+    with pytest.raises(ManifestError, match="not a readable JSON manifest"):
+        Manifest.read(path)
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("truncate", "truncated or replaced"),
+    ("bitflip", "corrupt or swapped"),
+    ("swap", "corrupt or swapped"),
+    ("delete", "is missing"),
+])
+def test_damaged_engine_files_are_caught_before_loading(tmp_path, damage, message):
+    manifest, _, engine = make_manifest(tmp_path)
+    data = engine.read_bytes()
+    if damage == "truncate":
+        engine.write_bytes(data[:-10])
+    elif damage == "bitflip":
+        engine.write_bytes(data[:5] + bytes([data[5] ^ 1]) + data[6:])
+    elif damage == "swap":
+        engine.write_bytes(b"another-engine" * 85 + b"xx")  # same size, other content
+        assert engine.stat().st_size == len(data)
+    else:
+        engine.unlink()
+    with pytest.raises(ManifestError, match=message) as err:
+        manifest.verify_files(tmp_path)
+    assert engine.name in str(err.value) and "zimage-trt build" in str(err.value)
+
+
+def test_reasons_for_refusing_an_engine():
+    manifest = Manifest(
+        name="d", component="denoiser", backend="tensorrt-rtx", backend_version="1.7", precision="fp16",
+        shapes=[EngineShape("1024x1024", 1, 512)], files=[], compute_capabilities=["8.9"],
+        torch_version="x", model={"weights_fingerprint": "a" * 64},
+    )
+    reasons = reasons_unfit(manifest, Need("768x1344", 1, "bf16", "9.0", "b" * 64), {"torch-compiled"})
+    text = "; ".join(reasons)
+    for expected in ("cannot run here", "precision fp16, need bf16", "this machine is 9.0",
+                     "other weights", "no shape 768x1344 batch 1 (built: 1024x1024 batch 1)"):
+        assert expected in text, text
+
+
+def test_open_denoiser_lists_what_was_built(tmp_path):
+    transformer = make_tiny_components(seed=0)["transformer"]
+    make_manifest(tmp_path, shapes=[EngineShape("512x512", 1, 64)])
+    with pytest.raises(EngineNotFound) as err:
+        open_denoiser(transformer, tmp_path, "cpu", torch.float32, "256x256", 1)
+    assert "512x512" in str(err.value) and "zimage-trt build" in str(err.value)
+    with pytest.warns(UserWarning, match="allow_fallback"):
+        engine = open_denoiser(transformer, tmp_path, "cpu", torch.float32, "256x256", 1, allow_fallback=True)
+    assert engine.kind == "eager"
+
+
+def test_corrupt_engine_refused_by_open_denoiser(tmp_path):
+    transformer = make_tiny_components(seed=0)["transformer"]
+    _, _, engine = make_manifest(tmp_path)
+    engine.write_bytes(engine.read_bytes()[:-1] + b"!")
+    with pytest.raises(ManifestError, match="corrupt or swapped"):
+        open_denoiser(transformer, tmp_path, "cpu", torch.float32, "256x256", 1)
+
+
+def test_no_engine_dir_means_eager():
+    transformer = make_tiny_components(seed=0)["transformer"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert open_denoiser(transformer, None, "cpu", torch.float32, "256x256", 1).kind == "eager"

@@ -1,0 +1,296 @@
+"""ZImageTRTPipeline against diffusers' ZImagePipeline on a tiny random model (CPU, offline).
+
+Parity is the contract: the same seed must give the same images within 1/255 per pixel.
+"""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is local: never reach for the hub
+
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+try:
+    import zimage_trt  # noqa: F401
+except ImportError:  # running from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from zimage_trt.pipeline import (
+    NonFiniteOutputError,
+    PromptTruncatedWarning,
+    ZImageTRTPipeline,
+    ZImageTRTPipelineOutput,
+)
+from zimage_trt.tiny import make_tiny_components, save_tiny_pipeline
+
+STEPS = 3
+PIXEL_TOLERANCE = 1.0 / 255.0
+LONG_PROMPT = "a very detailed prompt about a lighthouse on a cliff at dusk, " * 6  # > 64 tokens
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_cpu_thread():
+    # Tiny tensors: OpenMP fan-out only adds overhead, and on a busy 2-core runner it costs 100x.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory):
+    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "pipe", seed=0)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_path):
+    from diffusers import ZImagePipeline
+
+    pipe = ZImagePipeline.from_pretrained(tiny_path)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_path):
+    pipe = ZImageTRTPipeline.from_pretrained(tiny_path, device="cpu", torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    yield pipe
+    pipe.close()
+
+
+def seeded(seed=0):
+    return torch.Generator("cpu").manual_seed(seed)
+
+
+def run_reference(reference, **kwargs):
+    # diffusers rewrites a prompt list in place (chat template), so hand it copies.
+    kwargs = {k: list(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+    kwargs.setdefault("num_inference_steps", STEPS)
+    kwargs.setdefault("guidance_scale", 0.0)  # diffusers' default is 5.0
+    kwargs.setdefault("generator", seeded())
+    return reference(output_type="np", **kwargs).images
+
+
+def run_ours(pipe, **kwargs):
+    kwargs.setdefault("num_inference_steps", STEPS)
+    kwargs.setdefault("generator", seeded())
+    return pipe(output_type="np", **kwargs)
+
+
+def assert_same_images(ours, theirs):
+    assert ours.shape == theirs.shape
+    assert np.isfinite(ours).all()
+    worst = float(np.abs(ours - theirs).max())
+    assert worst <= PIXEL_TOLERANCE, f"max pixel difference {worst * 255:.3f}/255"
+
+
+PARITY_CASES = {
+    "empty_prompt": dict(prompt="", height=256, width=256),
+    "short_prompt": dict(prompt="a red fox in the snow", height=256, width=256),
+    "long_prompt_truncated": dict(prompt=LONG_PROMPT, height=256, width=256, max_sequence_length=64),
+    "256x384": dict(prompt="a red fox in the snow", height=256, width=384),
+    "two_prompts_two_images_each": dict(
+        prompt=["a red fox", "a lighthouse on a cliff at dusk, oil painting"],
+        height=256,
+        width=256,
+        num_images_per_prompt=2,
+    ),
+    "cfg_normalization_truncation": dict(
+        prompt="a red fox in the snow",
+        negative_prompt="blurry, low quality",
+        guidance_scale=3.0,
+        cfg_normalization=1.0,
+        cfg_truncation=0.1,  # steps 2.. have normalised time > 0.1, so CFG runs on the first step only
+        height=256,
+        width=256,
+    ),
+    "cfg_default_negative": dict(prompt="a red fox", guidance_scale=2.0, height=256, width=256),
+}
+
+
+@pytest.mark.parametrize("case", list(PARITY_CASES), ids=list(PARITY_CASES))
+def test_parity_with_diffusers(pipe, reference, case):
+    kwargs = PARITY_CASES[case]
+    theirs = run_reference(reference, **kwargs)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = run_ours(pipe, **kwargs)
+    assert_same_images(out.images, theirs)
+    truncation_warnings = [w for w in caught if issubclass(w.category, PromptTruncatedWarning)]
+    assert bool(truncation_warnings) == (case == "long_prompt_truncated")
+
+
+def test_truncation_warning_names_dropped_tokens(pipe):
+    tokens = len(pipe.tokenizer(pipe._chat_text(LONG_PROMPT)).input_ids)
+    with pytest.warns(PromptTruncatedWarning, match=rf"{tokens} tokens.*last {tokens - 64} tokens were dropped"):
+        run_ours(pipe, prompt=LONG_PROMPT, height=256, width=256, max_sequence_length=64, num_inference_steps=1)
+
+
+def test_text_encoding_is_bitwise_diffusers(pipe, reference):
+    prompts = ["", "a red fox", LONG_PROMPT]
+    theirs = reference._encode_prompt(list(prompts), device="cpu", max_sequence_length=512)
+    for mine, ref in zip(pipe.encode_prompt(prompts, 512), theirs):
+        assert torch.equal(mine, ref)
+
+
+def test_text_encoding_on_real_tokens_matches_diffusers(tiny_path, reference):
+    """pad_prompts_to_max_length=False runs the encoder on the real tokens (+1 pad), not on 512."""
+    short = ZImageTRTPipeline.from_pretrained(
+        tiny_path, device="cpu", torch_dtype=torch.float32, pad_prompts_to_max_length=False
+    )
+    prompts = ["", "a red fox", LONG_PROMPT]
+    theirs = reference._encode_prompt(list(prompts), device="cpu", max_sequence_length=512)
+    for mine, ref in zip(short.encode_prompt(prompts, 512), theirs):
+        assert mine.shape == ref.shape
+        # Same maths; only the matmul blocking differs with the sequence length (fp32 rounding).
+        torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-5)
+    assert short._padded_length([19, 40], 512) == 41  # one pad token keeps the attention mask in play
+
+
+def test_given_latents_and_generator_list_match_diffusers(pipe, reference):
+    latents = torch.randn(2, 16, 32, 32, generator=seeded(7))
+    kwargs = dict(prompt=["a red fox", "a blue bird"], height=256, width=256)
+    assert_same_images(run_ours(pipe, latents=latents, **kwargs).images, run_reference(reference, latents=latents, **kwargs))
+    generators = [seeded(1), seeded(2)]
+    theirs = run_reference(reference, generator=[seeded(1), seeded(2)], **kwargs)
+    assert_same_images(run_ours(pipe, generator=generators, **kwargs).images, theirs)
+
+
+def test_prompt_embeds_give_the_same_image_as_the_prompt(pipe):
+    embeds = pipe.encode_prompt(["a red fox"])
+    by_text = run_ours(pipe, prompt="a red fox", height=256, width=256).images
+    by_embeds = run_ours(pipe, prompt_embeds=embeds, height=256, width=256).images
+    np.testing.assert_array_equal(by_text, by_embeds)
+
+
+def test_callback_matches_diffusers_and_can_replace_latents(pipe, reference):
+    seen = []
+
+    def damp_first_step(p, i, t, kwargs):
+        seen.append((i, float(t), kwargs["latents"].clone()))
+        return {"latents": kwargs["latents"] * 0.5} if i == 0 else {}
+
+    kwargs = dict(prompt="a red fox", height=256, width=256, callback_on_step_end=damp_first_step)
+    ours = run_ours(pipe, **kwargs).images
+    ours_seen = list(seen)
+    seen.clear()
+    theirs = run_reference(reference, **kwargs)
+    assert_same_images(ours, theirs)
+    assert [i for i, _, _ in ours_seen] == list(range(STEPS))
+    for (i, t, latents), (_, t_ref, latents_ref) in zip(ours_seen, seen):
+        assert t == pytest.approx(t_ref)
+        torch.testing.assert_close(latents, latents_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_output_types_and_timings(pipe):
+    kwargs = dict(prompt="a red fox", height=256, width=384, generator=seeded(3), num_inference_steps=2)
+    pil = pipe(output_type="pil", **kwargs)
+    assert isinstance(pil, ZImageTRTPipelineOutput)
+    assert pil.images[0].size == (384, 256)
+    np_images = pipe(**{**kwargs, "generator": seeded(3)}, output_type="np").images
+    pt_images = pipe(**{**kwargs, "generator": seeded(3)}, output_type="pt").images
+    latents = pipe(**{**kwargs, "generator": seeded(3)}, output_type="latent").images
+    assert np_images.shape == (1, 256, 384, 3) and np_images.dtype == np.float32
+    assert tuple(pt_images.shape) == (1, 3, 256, 384)
+    np.testing.assert_allclose(pt_images.permute(0, 2, 3, 1).numpy(), np_images)
+    np.testing.assert_array_equal(np.asarray(pil.images[0]), np.round(np_images[0] * 255).astype(np.uint8))
+    assert tuple(latents.shape) == (1, 16, 32, 48) and latents.dtype == torch.float32
+
+    timings = pil.timings
+    assert len(timings.step_ms) == 2 and all(ms > 0 for ms in timings.step_ms)
+    for stage in ("text_encode_ms", "denoise_ms", "vae_decode_ms"):
+        assert 0 < getattr(timings, stage) <= timings.total_ms
+    assert timings.num_images == 1
+
+
+def test_stats_summarise_history(pipe):
+    pipe.telemetry.clear()
+    for seed in range(3):
+        pipe("a red fox", height=256, width=256, num_inference_steps=2, generator=seeded(seed), output_type="latent")
+    stats = pipe.stats()
+    assert stats["calls"] == 3 and stats["images"] == 3
+    for key in ("total_ms", "text_encode_ms", "denoise_ms", "vae_decode_ms", "step_ms", "per_image_ms"):
+        summary = stats[key]
+        assert set(summary) == {"count", "mean", "std", "p50", "p95", "cv"}
+    assert stats["step_ms"]["count"] == 6
+    assert stats["total_ms"]["p50"] <= stats["total_ms"]["p95"]
+    assert "gpu" not in stats  # no GPU here: NVML readings are left out, not faked
+
+
+def test_non_finite_latents_raise_instead_of_black_image(pipe):
+    def poison(p, i, t, kwargs):
+        return {"latents": torch.full_like(kwargs["latents"], float("nan"))} if i == STEPS - 1 else {}
+
+    with pytest.raises(NonFiniteOutputError, match="NaN/inf latents"):
+        run_ours(pipe, prompt="a red fox", height=256, width=256, callback_on_step_end=poison)
+
+
+def test_engines_and_loops_are_reused_across_calls(pipe):
+    run_ours(pipe, prompt="a", height=256, width=256, num_inference_steps=1)
+    loops = dict(pipe._loops)
+    run_ours(pipe, prompt="b", height=256, width=256, num_inference_steps=1)
+    assert pipe._loops == loops
+
+
+def test_from_components_matches_from_pretrained(pipe):
+    other = ZImageTRTPipeline.from_components(**make_tiny_components(seed=0), device="cpu")
+    other.set_progress_bar_config(disable=True)
+    kwargs = dict(prompt="a red fox", height=256, width=256)
+    np.testing.assert_allclose(run_ours(other, **kwargs).images, run_ours(pipe, **kwargs).images, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cuda_matches_diffusers(tiny_path, dtype):
+    from diffusers import ZImagePipeline
+
+    def diffusers_on_cuda(dtype):
+        pipe = ZImagePipeline.from_pretrained(tiny_path, torch_dtype=dtype).to("cuda")
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    reference, reference_fp32 = diffusers_on_cuda(dtype), diffusers_on_cuda(torch.float32)
+    pipe = ZImageTRTPipeline.from_pretrained(tiny_path, device="cuda", torch_dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    worst, noise = {}, {}
+    for case, kwargs in PARITY_CASES.items():
+        theirs = run_reference(reference, **kwargs)
+        ours = run_ours(pipe, **kwargs)
+        worst[case] = float(np.abs(ours.images - theirs).max())
+        # diffusers' own distance from fp32: the rounding noise this precision brings anyway.
+        noise[case] = float(np.abs(run_reference(reference_fp32, **kwargs) - theirs).max())
+        assert len(ours.timings.step_ms) == STEPS
+    for case in PARITY_CASES:
+        tolerance = max(PIXEL_TOLERANCE, 2 * noise[case])
+        assert worst[case] <= tolerance, f"{case}: {worst[case] * 255:.2f}/255 (diffusers' own {dtype} noise {noise[case] * 255:.2f}/255)"
+
+
+def test_summarize_statistics():
+    from zimage_trt.telemetry import summarize
+
+    stats = summarize([10.0, 20.0, 30.0, 40.0])
+    assert stats["count"] == 4
+    assert stats["mean"] == pytest.approx(25.0)
+    assert stats["std"] == pytest.approx(np.std([10, 20, 30, 40]))
+    assert stats["p50"] == pytest.approx(25.0)
+    assert stats["p95"] == pytest.approx(np.percentile([10, 20, 30, 40], 95))
+    assert stats["cv"] == pytest.approx(stats["std"] / 25.0)
+    assert summarize([])["count"] == 0
+
+
+def test_telemetry_history_is_bounded_and_gpu_sampler_is_optional():
+    from zimage_trt.telemetry import GpuSampler, Telemetry, Timings
+
+    telemetry = Telemetry("cpu", history=3)
+    for ms in range(5):
+        telemetry.record(Timings(total_ms=float(ms)))
+    assert [t.total_ms for t in telemetry.history] == [2.0, 3.0, 4.0]
+    sampler = GpuSampler("cpu")
+    assert not sampler.available and sampler.sample() == {}
