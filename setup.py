@@ -10,7 +10,7 @@ setup(
     install_requires=[
         "torch>=2.9",
         "diffusers>=0.42,<0.43",
-        "transformers>=4.57",
+        "transformers>=5.0",  # the tokenizer format saved by tests (TokenizersBackend) is transformers 5
         "safetensors>=0.4",
         "onnx>=1.17",
         "onnxruntime>=1.20",

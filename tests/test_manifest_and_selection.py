@@ -74,7 +74,7 @@ def test_damaged_engine_files_are_caught_before_loading(tmp_path, damage, messag
     elif damage == "bitflip":
         engine.write_bytes(data[:5] + bytes([data[5] ^ 1]) + data[6:])
     elif damage == "swap":
-        engine.write_bytes(b"another-engine" * 85 + b"xx")  # same size, other content
+        engine.write_bytes((b"another-engine" * 100)[: len(data)])  # same size, other content
         assert engine.stat().st_size == len(data)
     else:
         engine.unlink()

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from .denoiser import StaticZImageDenoiser, calibrate_downscale
 from .export import export_denoiser, precision_dtype
 from .files import check_writable_dir, sha256_file
-from .manifest import MANIFEST_SUFFIX, EngineShape, Manifest, ManifestError, record_file
+from .manifest import MANIFEST_SUFFIX, PRECISIONS, EngineShape, Manifest, ManifestError, record_file
 from .shapes import Resolution, check_caption_capacity
 
 log = logging.getLogger(__name__)
@@ -84,9 +84,17 @@ def build_engines(model, resolutions, out_dir="engines", *, backend: str = "auto
     if not shapes_res:
         raise ValueError("give at least one resolution to build, e.g. '1024x1024'")
     check_caption_capacity(caption_capacity)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} is not one of {PRECISIONS}")
+    if precision == "fp8" and backend not in ("torch-compiled", "auto"):
+        raise ValueError(
+            "precision fp8 is built for the torch-compiled backend only; TensorRT's FP8 path needs a "
+            "ModelOpt-quantised ONNX, which this build step does not make yet"
+        )
     if isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= 64:
         raise ValueError(f"batch must be an int in 1..64, got {batch!r}")
-    target_dtype = precision_dtype(precision)
+    # FP8 engines quantise the block projections and keep everything else in bf16.
+    target_dtype = torch.bfloat16 if precision == "fp8" else precision_dtype(precision)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     backend = resolve_backend(backend, device)
     out_dir = check_writable_dir(out_dir)
@@ -114,6 +122,8 @@ def build_engines(model, resolutions, out_dir="engines", *, backend: str = "auto
         downscale = fp16_downscale_log2 if fp16_downscale_log2 is not None else calibrate_downscale(denoiser)
         denoiser.set_downscale(downscale)
     torch.nn.Module.to(transformer, target_dtype)  # (diffusers' own .to() warns needlessly)
+    if precision == "fp8":
+        denoiser.quantize_fp8()
     bar.update()
 
     # 3-4. The engine itself.

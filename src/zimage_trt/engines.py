@@ -81,7 +81,7 @@ def open_denoiser(transformer, engine_dir, device, dtype: torch.dtype, resolutio
     device = torch.device(device)
     precision = precision or {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
     if engine_dir is None:
-        return TorchDenoiserEngine(StaticZImageDenoiser(transformer, downscale_log2))
+        return TorchDenoiserEngine(_static(transformer, downscale_log2, precision))
     need = Need(resolution, batch, precision, current_compute_capability(device), weights_fingerprint)
     runnable = runnable_backends(device)
     report = []
@@ -111,7 +111,14 @@ def open_denoiser(transformer, engine_dir, device, dtype: torch.dtype, resolutio
     if not allow_fallback:
         raise EngineNotFound(message)
     warnings.warn(message + "\nallow_fallback=True: running eager PyTorch instead (slower).", stacklevel=2)
-    return TorchDenoiserEngine(StaticZImageDenoiser(transformer, downscale_log2))
+    return TorchDenoiserEngine(_static(transformer, downscale_log2, precision))
+
+
+def _static(transformer, downscale_log2, precision: str) -> StaticZImageDenoiser:
+    denoiser = StaticZImageDenoiser(transformer, downscale_log2)
+    if precision == "fp8":
+        denoiser.quantize_fp8()
+    return denoiser
 
 
 def _open(manifest: Manifest, folder: Path, transformer, device) -> DenoiserEngine:
@@ -120,7 +127,8 @@ def _open(manifest: Manifest, folder: Path, transformer, device) -> DenoiserEngi
         from .backends import torch_compiled
 
         torch_compiled.load_artifacts(manifest.file_path(folder, manifest.files[0]).read_bytes())
-        return torch_compiled.CompiledDenoiserEngine(StaticZImageDenoiser(transformer, downscale))
+        # FP8 weights are quantised again from the model's own (deterministic): the engine stores none.
+        return torch_compiled.CompiledDenoiserEngine(_static(transformer, downscale, manifest.precision))
     from .backends.tensorrt_denoiser import TensorRTDenoiserEngine
 
     return TensorRTDenoiserEngine(manifest.file_path(folder, manifest.files[0]), manifest, device)

@@ -19,7 +19,7 @@ from .shapes import Resolution, check_caption_capacity
 FORMAT_VERSION = 1
 MANIFEST_SUFFIX = ".manifest.json"
 BACKENDS = ("tensorrt", "tensorrt-rtx", "torch-compiled")
-PRECISIONS = ("fp32", "fp16", "bf16")
+PRECISIONS = ("fp32", "fp16", "bf16", "fp8")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 

@@ -16,6 +16,8 @@ The numbers match diffusers' pipeline (same seed -> same image, up to the engine
 
 Non-finite final latents (e.g. fp16 overflow) raise `NonFiniteOutputError` instead of becoming a
 black image.
+Running out of device memory raises `GenerationOOMError` (with advice: smaller size, fewer images)
+after releasing that request's buffers; the pipeline serves the next request as before.
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ import math
 import numbers
 import threading
 import time
+import traceback
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -45,6 +49,14 @@ CALLBACK_TENSOR_INPUTS = ("latents",)
 
 class NonFiniteOutputError(RuntimeError):
     """The generated latents or decoded pixels hold NaN or inf (typically fp16 overflow)."""
+
+
+class GenerationOOMError(RuntimeError):
+    """The device ran out of memory during a generation (`__cause__` is the original error).
+
+    The request's buffers, captured graphs and intermediates were released; the pipeline stays usable.
+    Retry with a smaller size or fewer images per call.
+    """
 
 
 class PromptTruncatedWarning(UserWarning):
@@ -88,7 +100,10 @@ def _check_real(name: str, value, minimum: float | None = None) -> float:
 
 def _check_prompts(name: str, prompt) -> list[str]:
     if isinstance(prompt, str):
-        return [prompt]
+        return [_check_text(name, prompt)]
+    if isinstance(prompt, (bytes, bytearray)):
+        raise TypeError(f"{name} must be a str or a list of str, got {type(prompt).__name__}; decode it first, "
+                        f"e.g. {name}.decode('utf-8')")
     if not isinstance(prompt, (list, tuple)):
         raise TypeError(f"{name} must be a str or a list of str, got {type(prompt).__name__}")
     if not prompt:
@@ -96,7 +111,20 @@ def _check_prompts(name: str, prompt) -> list[str]:
     for i, item in enumerate(prompt):
         if not isinstance(item, str):
             raise TypeError(f"{name}[{i}] must be a str, got {type(item).__name__} {item!r}")
+        _check_text(f"{name}[{i}]", item)
     return list(prompt)
+
+
+def _check_text(name: str, text: str) -> str:
+    """A str the tokenizer can take: lone surrogates (e.g. from bytes decoded with 'surrogateescape') are not text."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"{name} is not valid Unicode: {exc.reason} {text[exc.start:exc.end]!r} at character {exc.start}; "
+            f"decode the original bytes with errors='replace' or remove the character"
+        ) from None
+    return text
 
 
 def _check_negative_prompts(negative_prompt, count: int) -> list[str] | None:
@@ -182,6 +210,10 @@ def _check_output_type(output_type) -> str:
 def _check_callback(callback, tensor_inputs) -> list[str]:
     if callback is not None and not callable(callback):
         raise TypeError(f"callback_on_step_end must be callable, got {type(callback).__name__}")
+    if isinstance(tensor_inputs, str):
+        raise TypeError(
+            f"callback_on_step_end_tensor_inputs must be a list of names such as ['latents'], got str {tensor_inputs!r}"
+        )
     names = list(tensor_inputs or [])
     unknown = [name for name in names if name not in CALLBACK_TENSOR_INPUTS]
     if unknown:
@@ -200,7 +232,10 @@ def _check_cfg_normalization(value) -> float:
 def _check_sigmas(sigmas) -> list[float] | None:
     if sigmas is None:
         return None
-    values = [float(s) for s in sigmas] if isinstance(sigmas, (list, tuple, torch.Tensor)) else None
+    try:
+        values = [float(s) for s in sigmas] if isinstance(sigmas, (list, tuple, torch.Tensor)) else None
+    except (TypeError, ValueError, RuntimeError):  # non-numbers, or a tensor that is not 1-D
+        values = None
     if not values or not all(math.isfinite(s) and 0 < s <= 1 for s in values):
         raise ValueError(f"sigmas must be a non-empty list of numbers in (0, 1], got {sigmas!r}")
     return values
@@ -286,6 +321,7 @@ class ZImageTRTPipeline:
         telemetry_history: int = 1000,
         stream_priority: int = 0,
         compile_vae: bool | None = None,
+        precision: str | None = None,
     ):
         from diffusers.image_processor import VaeImageProcessor
 
@@ -295,6 +331,9 @@ class ZImageTRTPipeline:
         self.allow_fallback = bool(allow_fallback)
         self.use_cuda_graph = use_cuda_graph
         self.stream_priority = int(stream_priority)
+        # The engine precision to look for; None = the pipeline dtype's (fp16/bf16/fp32). "fp8" runs
+        # FP8 projections with bf16 elsewhere (build with --precision fp8).
+        self.precision = precision
         # True (default): pad every prompt to max_sequence_length as diffusers does: bitwise its features.
         # False: run the encoder on the real tokens plus one pad token: far less work for a CPU text
         # encoder, equal features up to rounding (see `_padded_length`).
@@ -502,6 +541,7 @@ class ZImageTRTPipeline:
                 resolution.key,
                 model_batch,
                 allow_fallback=self.allow_fallback,
+                precision=self.precision,
             )
             # One engine may serve several shapes (optimisation profiles); keep one loop per engine.
             loop = next((known for known in self._loops.values() if known.engine is engine), None)
@@ -565,7 +605,13 @@ class ZImageTRTPipeline:
             _check_latents(latents, self.latent_shape(request.images, request.resolution))
         with self._lock, self._on_device():
             timings = Timings(num_images=request.images)
-            images = self._generate(request, generator, latents, callback_on_step_end, timings)
+            try:
+                images = self._generate(request, generator, latents, callback_on_step_end, timings)
+            except Exception as error:
+                if not _is_out_of_memory(error):
+                    raise
+                self._release_after_oom(request, error)
+                raise GenerationOOMError(_oom_message(request, self.device, error)) from error
             timings.total_ms = (time.perf_counter() - started) * 1000.0
         self.telemetry.record(timings)
         return ZImageTRTPipelineOutput(images=images, timings=timings)
@@ -596,6 +642,26 @@ class ZImageTRTPipeline:
         _check_finite_latents(final, self.dtype)
         with self._stage(timings, "vae_decode_ms"):
             return self.decode_latents(final, request.output_type)
+
+    def _release_after_oom(self, request: "_Request", error: BaseException) -> None:
+        """Leave nothing half-made after an out-of-memory error, and give the memory back.
+
+        - the failed call's intermediates: the error's traceback keeps every frame it passed through,
+          and their tensors, alive for as long as the caller (or a Future) holds the error: clear them;
+        - the loop's buffers and graph for this shape: a step or a graph capture may have stopped half
+          way; drop them (other shapes' are untouched) so that the next call of this shape makes fresh ones;
+        - the allocator's cache: return the freed blocks to the device.
+        """
+        seen = set()
+        while error is not None and id(error) not in seen:
+            seen.add(id(error))
+            traceback.clear_frames(error.__traceback__)
+            error = error.__cause__ or error.__context__
+        shape = self.latent_shape(request.images, request.resolution)
+        for loop in {id(loop): loop for loop in self._loops.values()}.values():
+            loop.discard_slots(shape)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def _text_embeddings(self, request: "_Request"):
         """Prompt (and, with CFG, negative) embeddings, one per image."""
@@ -691,8 +757,21 @@ class ZImageTRTPipeline:
                 # The loop's latents are a reused buffer; a callback that keeps them must see this step's values.
                 current = latents.clone()
                 kwargs = {name: current for name in tensor_inputs}
-                outputs = callback(self, index, timestep, kwargs) or {}
+                outputs = callback(self, index, timestep, kwargs)
+                outputs = {} if outputs is None else outputs
+                if not isinstance(outputs, Mapping):
+                    raise TypeError(
+                        f"callback_on_step_end must return a dict (or None), got {type(outputs).__name__} at step {index}"
+                    )
                 replaced = outputs.get("latents", current if "latents" in tensor_inputs else None)
+                if replaced is not None and replaced is not current and (
+                    not isinstance(replaced, torch.Tensor) or replaced.shape != current.shape
+                ):
+                    got = f"shape {tuple(replaced.shape)}" if isinstance(replaced, torch.Tensor) else type(replaced).__name__
+                    raise ValueError(
+                        f"callback_on_step_end returned latents of {got} at step {index}; "
+                        f"expected a tensor of shape {tuple(current.shape)}"
+                    )
             if timing_steps:
                 now = time.perf_counter()
                 timings.step_ms.append((now - last[0]) * 1000.0)
@@ -767,6 +846,39 @@ def _warn_if_truncated(lengths: list[int], max_sequence_length: int, side: str) 
                 PromptTruncatedWarning,
                 stacklevel=2,
             )
+
+
+def _is_out_of_memory(error: BaseException | None) -> bool:
+    """torch's OOM error, anywhere in the chain (a failed graph capture may raise another error on top)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, torch.OutOfMemoryError):
+            return True
+        if isinstance(error, RuntimeError) and any(
+            text in str(error) for text in ("CUDA out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "cudaErrorMemoryAllocation")
+        ):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _oom_message(request: "_Request", device: torch.device, error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    detail = (lines[0] if lines else type(error).__name__)[:300]
+    size = f"{request.resolution.height}x{request.resolution.width}"
+    advice = []
+    if request.images > 1:
+        advice.append(f"fewer images per call (this one made {request.images}: lower num_images_per_prompt "
+                      f"or pass fewer prompts)")
+    advice.append(f"a smaller size than {size}")
+    if request.cfg:
+        advice.append("guidance_scale=0 (CFG doubles the denoiser batch)")
+    advice.append("or free the memory other processes hold on the device")
+    return (
+        f"out of memory (OOM) on {device} while generating {request.images} image(s) at {size}: {detail}. "
+        f"Retry with {'; '.join(advice)}. The request's buffers were released; the pipeline remains usable."
+    )
 
 
 def _check_finite_latents(latents: torch.Tensor, dtype: torch.dtype) -> None:

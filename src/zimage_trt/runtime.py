@@ -71,6 +71,17 @@ class DenoiseLoop:
             self._slots[key] = slot
         return slot
 
+    def discard_slots(self, latent_shape=None) -> int:
+        """Drop the buffers and captured graphs for `latent_shape` (every shape when None); returns how many.
+
+        For after a failure (e.g. out of memory) that may have stopped a step or a graph capture half
+        way: the next call of that shape allocates and captures afresh. Other shapes are untouched.
+        """
+        keys = [key for key in self._slots if latent_shape is None or key[0] == tuple(latent_shape)]
+        for key in keys:
+            del self._slots[key]
+        return len(keys)
+
     def buffer_pointers(self) -> list[tuple[int, ...]]:
         """Device addresses of every persistent buffer (tests check they stay put across calls)."""
         return [

@@ -1,0 +1,88 @@
+"""FP8 (e4m3 projections, bf16 elsewhere) against bf16, end to end, on one GPU.
+
+Full-size architecture, random weights, 1024x1024, 8 steps. Reports the fp8 pipeline's per-image and
+per-step time, peak memory, and its deviation from the bf16 pipeline on the same weights and seed
+(relative L2 of the final latents, PSNR of the images). On random weights the deviation says little
+about image quality: real checkpoints have structure (outlier channels) that random ones lack.
+
+    python bench/fp8_speed.py --out /tmp/eng8 --json fp8.json
+"""
+
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+
+from zimage_trt import ZImageTRTPipeline, build_engines
+from zimage_trt.bench import PROMPT_160, environment
+
+from pipeline_speed import components, per_image_ms, row  # noqa: E402  (run from bench/ or with it on sys.path)
+from zimage_trt.telemetry import summarize
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="engines/bench-fp8")
+    ap.add_argument("--images", type=int, default=20)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--tiny", action="store_true")
+    args = ap.parse_args()
+    device = "cpu" if args.tiny else "cuda"
+    side = 256 if args.tiny else 1024
+    size = {"height": side, "width": side}
+    results = {"env": environment()}
+    print(results["env"], flush=True)
+    parts = components(args.tiny, device, torch.bfloat16)
+    if args.tiny:
+        for key in ("transformer", "vae", "text_encoder"):
+            torch.nn.Module.to(parts[key], torch.bfloat16)
+
+    # bf16 reference first: the fp8 engine converts the transformer's projections in place.
+    reference = ZImageTRTPipeline.from_components(**parts, engine_dir=None, device=device, torch_dtype=torch.bfloat16,
+                                                  compile_vae=False)
+    reference.set_progress_bar_config(disable=True)
+    seed = 1234
+    ref_latents = reference(PROMPT_160, generator=torch.Generator(device).manual_seed(seed), output_type="latent", **size).images
+    ref_image = reference.decode_latents(ref_latents, "np")[0]
+    del reference
+
+    start = time.perf_counter()
+    build_engines(parts["transformer"], [f"{side}x{side}"], args.out, backend="torch-compiled", precision="fp8",
+                  caption_capacity=512 if not args.tiny else 64, progress=False)
+    results["build_s"] = time.perf_counter() - start
+    print(f"fp8 engine build: {results['build_s']:.1f}s", flush=True)
+
+    pipe = ZImageTRTPipeline.from_components(**parts, engine_dir=args.out, device=device, torch_dtype=torch.bfloat16,
+                                             precision="fp8")
+    pipe.set_progress_bar_config(disable=True)
+    if device == "cuda":
+        torch.cuda.empty_cache()  # (benchmark only: measure fp8's own peak, not the bf16 reference's)
+        torch.cuda.reset_peak_memory_stats()
+    lat = pipe(PROMPT_160, generator=torch.Generator(device).manual_seed(seed), output_type="latent", **size).images
+    results["rel_l2_latents_vs_bf16"] = float((lat.float() - ref_latents.float()).norm() / ref_latents.float().norm())
+    image = pipe.decode_latents(lat, "np")[0]
+    mse = float(np.mean((image - ref_image) ** 2))
+    results["psnr_vs_bf16_db"] = 10 * np.log10(1 / mse) if mse > 0 else float("inf")
+    print(f"fp8 vs bf16, same weights and seed: latents rel L2 {results['rel_l2_latents_vs_bf16']:.3e}, "
+          f"image PSNR {results['psnr_vs_bf16_db']:.1f} dB", flush=True)
+    per_image_ms(pipe, 1, **size)
+    pipe.telemetry.clear()
+    times, _ = per_image_ms(pipe, args.images, **size)
+    results["per_image_ms"] = summarize(times)
+    stats = pipe.stats()
+    results["step_ms"] = stats["step_ms"]
+    results["stages"] = {k: stats[k]["mean"] for k in ("text_encode_ms", "denoise_ms", "vae_decode_ms")}
+    if device == "cuda":
+        results["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    print(row("ours fp8 (e4m3 projections, bf16 rest)", results["per_image_ms"]), flush=True)
+    print(f"  step mean {stats['step_ms']['mean']:.2f} ms (cv {100 * stats['step_ms']['cv']:.2f}%), stages "
+          f"{results['stages']}, peak GPU {results.get('peak_gpu_gib', 0):.1f} GiB", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2, default=float)
+
+
+if __name__ == "__main__":
+    main()

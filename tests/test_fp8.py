@@ -1,0 +1,52 @@
+"""FP8 (e4m3 projections with per-row scales, bf16 elsewhere): maths on the CPU; speed is on the device."""
+
+import copy
+
+import pytest
+import torch
+
+from zimage_trt import build_engines
+from zimage_trt.denoiser import Fp8Linear, StaticZImageDenoiser
+from zimage_trt.tiny import make_tiny_components
+
+
+def test_fp8_linear_close_to_the_float_product():
+    gen = torch.Generator().manual_seed(0)
+    linear = torch.nn.Linear(64, 48, bias=True)
+    with torch.no_grad():
+        linear.weight.normal_(0, 0.05, generator=gen)
+        linear.bias.normal_(0, 0.1, generator=gen)
+    x = torch.randn(5, 7, 64, generator=gen) * 3
+    expected = linear(x)
+    got = Fp8Linear(linear)(x.bfloat16()).float()
+    assert got.shape == expected.shape
+    assert ((got - expected).norm() / expected.norm()).item() < 0.05  # e4m3 keeps 3 mantissa bits
+    assert Fp8Linear(linear).weight_fp8.dtype == torch.float8_e4m3fn
+
+
+def test_fp8_denoiser_tracks_fp32():
+    tr = make_tiny_components(seed=6)["transformer"]
+    gen = torch.Generator().manual_seed(1)
+    x, t = torch.randn(1, 16, 32, 32, generator=gen), torch.tensor([0.5])
+    cap, lens = torch.randn(1, 64, 32, generator=gen), torch.tensor([40])
+    with torch.no_grad():
+        reference = StaticZImageDenoiser(tr)(x, t, cap, lens)
+        quantised = copy.deepcopy(tr)
+        torch.nn.Module.to(quantised, torch.bfloat16)
+        den = StaticZImageDenoiser(quantised)
+        den.quantize_fp8()
+        got = den(x, t, cap.bfloat16(), lens)
+    assert torch.isfinite(got).all()
+    assert ((got - reference).norm() / reference.norm()).item() < 0.1
+    fp8_layers = [m for m in quantised.modules() if isinstance(m, Fp8Linear)]
+    assert len(fp8_layers) == 7 * (len(tr.layers) + len(tr.noise_refiner) + len(tr.context_refiner))
+
+
+def test_fp8_needs_bf16_and_torch_compiled(tmp_path):
+    tr = make_tiny_components(seed=0)["transformer"]
+    with pytest.raises(ValueError, match="bfloat16"):
+        StaticZImageDenoiser(tr).quantize_fp8()
+    with pytest.raises(ValueError, match="torch-compiled backend only"):
+        build_engines(tr, "256x256", tmp_path, backend="tensorrt-rtx", precision="fp8", progress=False)
+    with pytest.raises(ValueError, match="precision 'int4'"):
+        build_engines(tr, "256x256", tmp_path, precision="int4", progress=False)
