@@ -17,6 +17,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import contextlib
+import re
 import sys
 import threading
 import time
@@ -437,3 +438,17 @@ def test_unusual_but_valid_text_is_accepted(pipe):
     """Not bad input: NUL, emoji, combining marks, right-to-left and CJK text all tokenize."""
     out = pipe(**{**GOOD, "prompt": ["a\x00fox", "🦊 in ❄️", "e\u0301te\u0301", "ثعلب أحمر", "雪の中の赤い狐"]})
     assert tuple(out.images.shape) == (5, 16, 32, 32) and torch.isfinite(out.images).all()
+
+
+# --------------------------------------------------------------------------------------------------
+# The GPU script's flow, on the CPU (guards bench/reliability_gpu.py against bit rot)
+# --------------------------------------------------------------------------------------------------
+def test_gpu_reliability_script_passes_in_tiny_mode():
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "reliability_gpu.py"
+    env = {**os.environ, "PYTHONPATH": str(script.parents[1] / "src")}
+    done = subprocess.run([sys.executable, str(script), "--tiny"], capture_output=True, text=True, timeout=180, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "RELIABILITY: PASS" in done.stdout
+    assert re.search(r"CUDA out of memory mid-request \(simulated\)\s+GenerationOOMError\s+yes", done.stdout)

@@ -856,7 +856,8 @@ def _is_out_of_memory(error: BaseException | None) -> bool:
         if isinstance(error, torch.OutOfMemoryError):
             return True
         if isinstance(error, RuntimeError) and any(
-            text in str(error) for text in ("CUDA out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "cudaErrorMemoryAllocation")
+            text in str(error)
+            for text in ("CUDA out of memory", "CUDA error: out of memory", "_STATUS_ALLOC_FAILED", "cudaErrorMemoryAllocation")
         ):
             return True
         error = error.__cause__ or error.__context__

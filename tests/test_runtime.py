@@ -1,0 +1,124 @@
+"""The runtime loop's invariants: same maths as diffusers' scheduler loop, persistent buffers, no
+cache clearing, no host sync inside the loop, flat memory after warm-up (the last three on a GPU)."""
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+
+from zimage_trt.backends.base import TorchDenoiserEngine
+from zimage_trt.denoiser import StaticZImageDenoiser
+from zimage_trt.runtime import DenoiseLoop
+from zimage_trt.tiny import ZIMAGE_TURBO_SCHEDULER_CONFIG, make_tiny_components
+
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def setup(device="cpu", steps=4, seed=0):
+    transformer = make_tiny_components(seed=seed)["transformer"].to(device)
+    scheduler = FlowMatchEulerDiscreteScheduler(**ZIMAGE_TURBO_SCHEDULER_CONFIG)
+    scheduler.set_timesteps(sigmas=torch.linspace(1.0, 1 / steps, steps).tolist(), device=device)
+    gen = torch.Generator(device).manual_seed(seed)
+    latents = torch.randn(2, 16, 32, 32, generator=gen, device=device)
+    embeds = [torch.randn(n, 32, generator=gen, device=device) for n in (20, 45)]
+    return transformer, scheduler, latents, embeds
+
+
+def diffusers_loop(transformer, scheduler, latents, embeds):
+    """The denoising loop exactly as ZImagePipeline runs it (guidance 0)."""
+    scheduler = copy.deepcopy(scheduler)
+    scheduler.set_begin_index(0)
+    x = latents.clone()
+    for t in scheduler.timesteps:
+        timestep = (1000 - t.expand(x.shape[0])) / 1000
+        with torch.no_grad():
+            out = transformer(list(x.unsqueeze(2).unbind(0)), timestep, embeds, return_dict=False)[0]
+        noise_pred = -torch.stack([o.float() for o in out]).squeeze(2)
+        x = scheduler.step(noise_pred, t, x, return_dict=False)[0]
+    return x
+
+
+def test_loop_matches_the_diffusers_scheduler_loop():
+    transformer, scheduler, latents, embeds = setup()
+    expected = diffusers_loop(transformer, scheduler, latents, embeds)
+    loop = DenoiseLoop(TorchDenoiserEngine(StaticZImageDenoiser(transformer)), "cpu")
+    got = loop(latents, embeds, None, scheduler.timesteps, scheduler.sigmas, progress=False)
+    assert (got - expected).abs().max().item() <= 1e-5 * expected.abs().max().item()
+
+
+def test_buffers_are_allocated_once_per_shape():
+    transformer, scheduler, latents, embeds = setup()
+    loop = DenoiseLoop(TorchDenoiserEngine(StaticZImageDenoiser(transformer)), "cpu")
+    first = loop(latents, embeds, None, scheduler.timesteps, scheduler.sigmas, progress=False)
+    pointers = loop.buffer_pointers()
+    second = loop(latents, embeds, None, scheduler.timesteps, scheduler.sigmas, progress=False)
+    assert loop.buffer_pointers() == pointers and len(pointers) == 1
+    assert torch.equal(first, second), "same inputs, same result: nothing leaks between calls"
+    loop(latents[:1], embeds[:1], None, scheduler.timesteps, scheduler.sigmas, progress=False)
+    assert len(loop.buffer_pointers()) == 2 and loop.buffer_pointers()[0] == pointers[0]
+
+
+def test_no_cache_clearing_in_the_call_path():
+    """empty_cache() appears only in the out-of-memory recovery, never in a normal call."""
+    import ast
+
+    src = Path(__file__).resolve().parents[1] / "src" / "zimage_trt"
+    offenders = []
+    for path in src.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        for func in ast.walk(tree):
+            if not isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            calls = [n for n in ast.walk(func) if isinstance(n, ast.Attribute) and n.attr == "empty_cache"]
+            if calls and func.name != "_release_after_oom":
+                offenders.append(f"{path.name}:{func.name}")
+    assert offenders == [], f"torch.cuda.empty_cache() in the call path: {offenders}"
+
+
+@gpu
+@needs_cuda
+def test_cuda_graph_loop_equals_plain_loop_and_replays():
+    transformer, scheduler, latents, embeds = setup("cuda")
+    engine = TorchDenoiserEngine(StaticZImageDenoiser(transformer))
+    plain = DenoiseLoop(engine, "cuda", use_cuda_graph=False)(latents, embeds, None, scheduler.timesteps,
+                                                              scheduler.sigmas, progress=False)
+    graphed = DenoiseLoop(engine, "cuda", use_cuda_graph=True)
+    out = graphed(latents, embeds, None, scheduler.timesteps, scheduler.sigmas, progress=False)
+    assert graphed.use_cuda_graph and next(iter(graphed._slots.values())).graph is not None
+    assert (out - plain).abs().max().item() <= 1e-4 * plain.abs().max().item()
+    assert len(graphed.last_step_times_ms) == len(scheduler.timesteps)
+
+
+@gpu
+@needs_cuda
+def test_no_host_sync_inside_the_loop_and_flat_memory():
+    transformer, scheduler, latents, embeds = setup("cuda")
+    loop = DenoiseLoop(TorchDenoiserEngine(StaticZImageDenoiser(transformer)), "cuda")
+    timesteps, sigmas = scheduler.timesteps, scheduler.sigmas
+    for _ in range(2):  # warm-up: graphs captured, buffers allocated
+        loop(latents, embeds, None, timesteps, sigmas, progress=False)
+    torch.cuda.synchronize()
+    reserved = torch.cuda.memory_reserved()
+    pointers = loop.buffer_pointers()
+    calls = []
+    original = loop._run_step
+
+    def checked_step(slot):
+        # Inside the loop every step must be asynchronous: any implicit device->host sync raises here.
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            original(slot)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        calls.append(1)
+
+    loop._run_step = checked_step
+    for _ in range(3):
+        loop(latents, embeds, None, timesteps, sigmas, progress=False)
+    torch.cuda.synchronize()
+    assert len(calls) == 3 * len(timesteps)
+    assert torch.cuda.memory_reserved() == reserved, "GPU memory grew after warm-up"
+    assert loop.buffer_pointers() == pointers
