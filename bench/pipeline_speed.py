@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from zimage_trt import ZImageTRTPipeline, build_engines
-from zimage_trt.bench import PROMPT_160, environment, full_size_text_encoder, full_size_transformer, full_size_vae
+from zimage_trt.bench import PROMPT_160, environment, full_size_transformer
 from zimage_trt.telemetry import summarize
 
 NEIGHBOUR = """
@@ -35,20 +35,16 @@ print('NEIGHBOUR_MATMULS', n)
 
 
 def components(tiny: bool, device, dtype):
-    from diffusers import FlowMatchEulerDiscreteScheduler
+    """Full-size random components (the benchmark), or the tiny model (a CPU smoke test of this script)."""
+    from zimage_trt.bench import full_size_components
+    from zimage_trt.tiny import make_tiny_components
 
-    from zimage_trt.tiny import ZIMAGE_TURBO_SCHEDULER_CONFIG, make_tiny_components, make_tiny_tokenizer
-
-    if tiny:
-        parts = make_tiny_components(seed=0)
-        return {k: (v.to(device) if hasattr(v, "to") and k != "tokenizer" and k != "scheduler" else v) for k, v in parts.items()}
-    return {
-        "transformer": full_size_transformer(device, dtype),
-        "vae": full_size_vae(device, dtype),
-        "text_encoder": full_size_text_encoder(device, dtype),
-        "tokenizer": make_tiny_tokenizer(),
-        "scheduler": FlowMatchEulerDiscreteScheduler(**ZIMAGE_TURBO_SCHEDULER_CONFIG),
-    }
+    if not tiny:
+        return full_size_components(device, dtype)
+    parts = make_tiny_components(seed=0)
+    for key in ("transformer", "vae", "text_encoder"):
+        parts[key] = parts[key].to(device)
+    return parts
 
 
 def per_image_ms(pipe, n, **call):
@@ -90,7 +86,7 @@ def main():
 
     parts = components(args.tiny, device, dtype)
     start = time.perf_counter()
-    built = build_engines(parts["transformer"], [main_res, *extra], args.out, backend="torch-compiled",
+    build_engines(parts["transformer"], [main_res, *extra], args.out, backend="torch-compiled",
                           precision=args.precision, caption_capacity=512 if not args.tiny else 64, progress=False)
     results["build_s"] = time.perf_counter() - start
     print(f"engine build ({main_res} + {extra}): {results['build_s']:.1f}s", flush=True)

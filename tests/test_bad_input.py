@@ -1,39 +1,23 @@
 """Every bad argument fails at once with an error naming the argument, the value and the rule."""
 
-import os
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-try:
-    import zimage_trt  # noqa: F401
-except ImportError:  # running from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from zimage_trt.pipeline import PromptTruncatedWarning, ZImageTRTPipeline
-from zimage_trt.tiny import TINY_TEXT_HIDDEN, make_tiny_components
+from zimage_trt.pipeline import PromptTruncatedWarning
+from zimage_trt.tiny import TINY_TEXT_HIDDEN
 
 FEATURES = TINY_TEXT_HIDDEN  # the tiny text encoder's hidden size = the transformer's cap_feat_dim
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_cpu_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 @pytest.fixture(scope="module")
-def pipe():
-    pipe = ZImageTRTPipeline.from_components(**make_tiny_components(seed=0), device="cpu")
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+def pipe(tiny_cpu_pipe):
+    return tiny_cpu_pipe
 
 
 def embeds(*lengths, features=FEATURES):

@@ -1,13 +1,11 @@
 """ONNX export of the denoiser and the VAE decoder, checked with onnx.checker and onnxruntime (CPU)."""
 
-import numpy as np
 import onnx
 import pytest
 import torch
 
 from zimage_trt.denoiser import StaticZImageDenoiser
-from zimage_trt.export import (ORT_TOLERANCE, check_with_onnxruntime, example_inputs, export_denoiser,
-                               export_vae_decoder, onnxruntime_outputs)
+from zimage_trt.export import ORT_TOLERANCE, check_with_onnxruntime, export_denoiser, export_vae_decoder
 from zimage_trt.tiny import make_tiny_components
 
 

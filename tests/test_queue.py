@@ -1,45 +1,26 @@
 """GenerationQueue: one GPU worker behind a bounded, thread-safe FIFO (CPU, tiny model)."""
 
-import os
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-import sys
 import threading
 from concurrent.futures import CancelledError
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-try:
-    import zimage_trt  # noqa: F401
-except ImportError:  # running from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from zimage_trt.pipeline import ZImageTRTPipeline
 from zimage_trt.queue import GenerationQueue, QueueClosedError, QueueFullError
 from zimage_trt.telemetry import Timings
-from zimage_trt.tiny import make_tiny_components
 
 WAIT_S = 60  # generous: a loaded CI runner is slow, a hang is still caught
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_cpu_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 @pytest.fixture(scope="module")
-def pipe():
-    pipe = ZImageTRTPipeline.from_components(**make_tiny_components(seed=0), device="cpu")
-    pipe.set_progress_bar_config(disable=True)
-    yield pipe
-    pipe.close()
+def pipe(tiny_cpu_pipe):
+    return tiny_cpu_pipe
 
 
 def request(seed: int, **extra) -> dict:

@@ -1,18 +1,12 @@
 """zimage_trt.backends.tensorrt: real TensorRT-RTX engine builds on the CPU, errors, cancellation, runtime on GPU."""
 
 import signal
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
-
-try:
-    import zimage_trt  # noqa: F401
-except ImportError:  # running from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from zimage_trt.backends import tensorrt as be
 

@@ -10,7 +10,6 @@ as they were.
 from __future__ import annotations
 
 import copy
-import logging
 import os
 import tempfile
 import time
@@ -26,7 +25,6 @@ from .files import check_writable_dir, sha256_file
 from .manifest import MANIFEST_SUFFIX, PRECISIONS, EngineShape, Manifest, ManifestError, record_file
 from .shapes import Resolution, check_caption_capacity
 
-log = logging.getLogger(__name__)
 BACKEND_NAMES = ("auto", "torch-compiled", "tensorrt", "tensorrt-rtx")
 DEFAULT_CAPTION_CAPACITY = 512  # diffusers' max_sequence_length
 

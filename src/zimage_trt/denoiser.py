@@ -29,8 +29,6 @@ activation magnitudes.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -166,12 +164,9 @@ def quantize_block_fp8(block: nn.Module) -> None:
         attn.to_out[0] = Fp8Linear(attn.to_out[0])
 
 
-@dataclass(frozen=True)
-class DenoiserInputs:
-    """Names and layout shared by the export, the engines and the runtime."""
-
-    INPUT_NAMES = ("latents", "timestep", "cap_feats", "cap_lens")
-    OUTPUT_NAMES = ("noise_pred",)
+# Tensor names shared by the ONNX export, the engines and the runtime.
+INPUT_NAMES = ("latents", "timestep", "cap_feats", "cap_lens")
+OUTPUT_NAMES = ("noise_pred",)
 
 
 class StaticZImageDenoiser(nn.Module):

@@ -4,7 +4,6 @@ in every refusal; `allow_fallback=True` runs eager torch with a warning instead.
 
 from __future__ import annotations
 
-import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,6 @@ from .backends.base import DenoiserEngine, TorchDenoiserEngine
 from .denoiser import StaticZImageDenoiser
 from .manifest import Manifest, ManifestError, find_manifests
 
-log = logging.getLogger(__name__)
 
 
 class EngineNotFound(RuntimeError):

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .denoiser import DenoiserInputs, StaticZImageDenoiser
+from .denoiser import INPUT_NAMES, OUTPUT_NAMES, StaticZImageDenoiser
 from .files import sha256_file
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -81,8 +81,8 @@ def export_denoiser(denoiser: StaticZImageDenoiser, onnx_path: str | Path, *, ma
     # protobuf caps a file at 2 GB: past ~1.8 GB of weights they go to NAME.onnx.data.
     external = n_params > 1.8e9 if external_data is None else external_data
     start = time.perf_counter()
-    _export_atomically(denoiser, inputs, onnx_path, input_names=list(DenoiserInputs.INPUT_NAMES),
-                       output_names=list(DenoiserInputs.OUTPUT_NAMES), dynamic_shapes=dynamic,
+    _export_atomically(denoiser, inputs, onnx_path, input_names=list(INPUT_NAMES),
+                       output_names=list(OUTPUT_NAMES), dynamic_shapes=dynamic,
                        external_data=external)
     info = {
         "path": str(onnx_path),
@@ -116,7 +116,7 @@ def _export_atomically(module, inputs, onnx_path: Path, **kwargs) -> None:
         shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
-def onnxruntime_outputs(onnx_path: str | Path, inputs: tuple[torch.Tensor, ...], names=DenoiserInputs.INPUT_NAMES):
+def onnxruntime_outputs(onnx_path: str | Path, inputs: tuple[torch.Tensor, ...], names=INPUT_NAMES):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()

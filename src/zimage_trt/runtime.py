@@ -8,7 +8,7 @@ fp32 exactly as `FlowMatchEulerDiscreteScheduler.step` does, so that it can live
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -24,15 +24,13 @@ class StepSlot:
     latents: torch.Tensor  # [B, 16, h, w] fp32, updated in place each step
     timestep: torch.Tensor  # [B_model] fp32 model timestep (1000 - t) / 1000
     dt: torch.Tensor  # [] fp32 sigma_next - sigma
-    guidance: torch.Tensor  # [] fp32, 0 disables CFG inside the graph only by shape (see key)
+    guidance: torch.Tensor  # [] fp32 guidance scale (used only when cfg)
     cap_feats: torch.Tensor  # [B_model, C, F] engine dtype
     cap_lens: torch.Tensor  # [B_model] int64
     cfg: bool
     normalization: float
     masked: bool
     graph: torch.cuda.CUDAGraph | None = None
-    replays: int = 0
-    data_ptrs: tuple = field(default_factory=tuple)
 
 
 class DenoiseLoop:
@@ -123,7 +121,6 @@ class DenoiseLoop:
             slot.latents.copy_(snapshot)  # capture ran the step once; undo it, replay does it for real
             slot.graph = graph
         slot.graph.replay()
-        slot.replays += 1
 
     # -- the loop ----------------------------------------------------------------------------
     @torch.no_grad()
