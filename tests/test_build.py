@@ -145,3 +145,62 @@ def test_engine_dir_that_is_a_file(tiny_folder, tmp_path):
     with pytest.raises(PermissionError, match="cannot write engines"):
         build_engines(tiny_folder, "256x256", target, progress=False)
     assert target.read_text() == "x"
+
+
+def test_sigkilled_build_leaves_previous_engine_and_next_build_cleans_up(tiny_folder, tmp_path):
+    good = build_engines(tiny_folder, "256x256", tmp_path, backend="tensorrt-rtx", caption_capacity=32,
+                         progress=False)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file() and not p.name.endswith(".lock")}
+    killed = textwrap.dedent(f"""
+        import os, signal
+        from zimage_trt import build_engines
+        from zimage_trt.backends import tensorrt as trt_backend
+        def dies_half_way(onnx, engine_path, *args, **kwargs):
+            with open(engine_path, "wb") as f:
+                f.write(b"vtrt-half-an-engine")
+                f.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        trt_backend.build_tensorrt_engine = dies_half_way
+        build_engines({str(tiny_folder)!r}, "256x384", {str(tmp_path)!r}, backend="tensorrt-rtx",
+                      caption_capacity=32, progress=False)
+    """)
+    out = subprocess.run([sys.executable, "-c", killed], capture_output=True, text=True, timeout=600)
+    assert out.returncode == -9, out.stderr[-2000:]
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.endswith(".partial")]
+    assert leftovers, "the kill should have happened mid-write"
+    after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file() and p.name in before}
+    assert after == before, "SIGKILL must leave the previous engine and manifest untouched"
+    Manifest.read(good.manifest_path).verify_files(tmp_path)
+    build_engines(tiny_folder, "256x384", tmp_path, backend="tensorrt-rtx", caption_capacity=32, progress=False)
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")], "stale temporary files removed"
+
+
+def test_disk_full_leaves_nothing_half_written(tiny_folder, tmp_path, monkeypatch):
+    import errno
+
+    good = build_engines(tiny_folder, "256x256", tmp_path, backend="tensorrt-rtx", caption_capacity=32,
+                         progress=False)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    from zimage_trt.backends import tensorrt as trt_backend
+
+    def disk_full(onnx, engine_path, *args, **kwargs):
+        with open(engine_path, "wb") as f:
+            f.write(b"vtrt-some-bytes")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(trt_backend, "build_tensorrt_engine", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        build_engines(tiny_folder, "256x384", tmp_path, backend="tensorrt-rtx", caption_capacity=32, progress=False)
+    after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    assert after == before
+    Manifest.read(good.manifest_path).verify_files(tmp_path)
+
+
+def test_concurrent_builds_of_one_engine_are_refused(tiny_folder, tmp_path):
+    import fcntl
+
+    tmp_path.mkdir(exist_ok=True)
+    with open(tmp_path / ".denoiser-tensorrt-rtx-fp16.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another build holds it
+        with pytest.raises(RuntimeError, match="another build"):
+            build_engines(tiny_folder, "256x256", tmp_path, backend="tensorrt-rtx", progress=False)

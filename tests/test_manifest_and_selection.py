@@ -120,3 +120,9 @@ def test_no_engine_dir_means_eager():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert open_denoiser(transformer, None, "cpu", torch.float32, "256x256", 1).kind == "eager"
+
+
+def test_missing_engine_dir_is_named(tmp_path):
+    transformer = make_tiny_components(seed=0)["transformer"]
+    with pytest.raises(EngineNotFound, match="does not exist"):
+        open_denoiser(transformer, tmp_path / "nowhere", "cpu", torch.float32, "256x256", 1)

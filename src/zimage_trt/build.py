@@ -9,8 +9,11 @@ as they were.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import fcntl
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -75,8 +78,6 @@ def build_engines(model, resolutions, out_dir="engines", *, backend: str = "auto
     model: a diffusers-format folder, a hub id (at a user's site) or an in-memory
     `ZImageTransformer2DModel` (copied, never modified). resolutions: '1024x1024' strings or pairs.
     """
-    from .weights import load_transformer, weights_fingerprint
-
     started = time.perf_counter()
     shapes_res = sorted({Resolution.parse(r) for r in ([resolutions] if isinstance(resolutions, str) else resolutions)})
     if not shapes_res:
@@ -96,9 +97,41 @@ def build_engines(model, resolutions, out_dir="engines", *, backend: str = "auto
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     backend = resolve_backend(backend, device)
     out_dir = check_writable_dir(out_dir)
-    name = name or f"denoiser-{backend}-{precision}"
-    shapes = [EngineShape(r.key, batch, caption_capacity) for r in shapes_res]
-    bar = tqdm(total=4, desc=f"build {name}", disable=not progress)
+    plan = BuildPlan(
+        model=model, out_dir=out_dir, name=name or f"denoiser-{backend}-{precision}", backend=backend,
+        precision=precision, target_dtype=target_dtype, device=device,
+        shapes=[EngineShape(r.key, batch, caption_capacity) for r in shapes_res],
+        compute_capabilities=compute_capabilities, fp16_downscale_log2=fp16_downscale_log2,
+        keep_onnx=keep_onnx, progress=progress,
+    )
+    with _exclusive_build(plan.out_dir, plan.name):
+        return _build_locked(plan, started)
+
+
+@dataclass
+class BuildPlan:
+    """What build_engines was asked for, checked."""
+
+    model: object
+    out_dir: Path
+    name: str
+    backend: str
+    precision: str
+    target_dtype: torch.dtype
+    device: torch.device
+    shapes: list
+    compute_capabilities: list | None
+    fp16_downscale_log2: dict | None
+    keep_onnx: bool
+    progress: bool
+
+
+def _build_locked(plan: BuildPlan, started: float) -> BuildResult:
+    from .weights import load_transformer, weights_fingerprint
+
+    model, out_dir, name, backend, precision = plan.model, plan.out_dir, plan.name, plan.backend, plan.precision
+    shapes, device = plan.shapes, plan.device
+    bar = tqdm(total=4, desc=f"build {name}", disable=not plan.progress)
 
     # 1. Weights, in a wide dtype for calibration (bf16 on GPU: a 6B model in fp32 is 24 GB).
     wide = torch.float32 if device.type == "cpu" else torch.bfloat16
@@ -110,16 +143,18 @@ def build_engines(model, resolutions, out_dir="engines", *, backend: str = "auto
     # Fingerprint of the weights as the user holds them (stored dtype), so the runtime can recompute it.
     fingerprint = weights_fingerprint(model)
     denoiser = StaticZImageDenoiser(transformer)
-    if denoiser.max_caption_capacity < caption_capacity:
-        raise ValueError(f"caption capacity {caption_capacity} exceeds this model's RoPE table ({denoiser.max_caption_capacity})")
+    if denoiser.max_caption_capacity < shapes[0].caption_capacity:
+        raise ValueError(f"caption capacity {shapes[0].caption_capacity} exceeds this model's RoPE table "
+                         f"({denoiser.max_caption_capacity})")
     bar.update()
 
     # 2. fp16 overflow protection, measured on this model's own weights.
     downscale = {}
     if precision == "fp16":
-        downscale = fp16_downscale_log2 if fp16_downscale_log2 is not None else calibrate_downscale(denoiser)
+        given = plan.fp16_downscale_log2
+        downscale = given if given is not None else calibrate_downscale(denoiser)
         denoiser.set_downscale(downscale)
-    torch.nn.Module.to(transformer, target_dtype)  # (diffusers' own .to() warns needlessly)
+    torch.nn.Module.to(transformer, plan.target_dtype)  # (diffusers' own .to() warns needlessly)
     if precision == "fp8":
         denoiser.quantize_fp8()
     bar.update()
@@ -131,7 +166,7 @@ def build_engines(model, resolutions, out_dir="engines", *, backend: str = "auto
             engine_files, backend_version, ccs = _build_torch_compiled(denoiser, shapes, out_dir, name, device, transformer)
         else:
             engine_files, backend_version, ccs, details = _build_tensorrt(
-                denoiser, shapes, out_dir, name, backend, compute_capabilities, keep_onnx, progress)
+                denoiser, shapes, out_dir, name, backend, plan.compute_capabilities, plan.keep_onnx, plan.progress)
     bar.update()
 
     manifest = Manifest(
@@ -147,6 +182,27 @@ def build_engines(model, resolutions, out_dir="engines", *, backend: str = "auto
     bar.update()
     bar.close()
     return BuildResult(path, manifest, time.perf_counter() - started, details)
+
+
+@contextlib.contextmanager
+def _exclusive_build(out_dir: Path, name: str):
+    """One build of a given engine name per folder at a time (an OS lock, released even on SIGKILL).
+
+    Holding it, any temporary file of this name is a leftover of a killed build: remove it.
+    """
+    fd = os.open(out_dir / f".{name}.lock", os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(f"another build of {name!r} is running in {out_dir}; wait for it or use another --name") from None
+        for stale in [*out_dir.glob(f".{name}.*.partial"), *out_dir.glob(f"..{name}.*.partial")]:
+            stale.unlink(missing_ok=True)
+        for stale in (out_dir / "onnx").glob(f".{name}.onnx.export-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _content_named(out_dir: Path, name: str, suffix: str, write) -> Path:

@@ -127,7 +127,7 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     try:
         return args.func(args)
-    except (ValueError, TypeError, RuntimeError, PermissionError, FileNotFoundError) as exc:
+    except (ValueError, TypeError, RuntimeError, OSError) as exc:
         print(f"zimage-trt {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

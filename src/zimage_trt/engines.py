@@ -80,6 +80,11 @@ def open_denoiser(transformer, engine_dir, device, dtype: torch.dtype, resolutio
     precision = precision or {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
     if engine_dir is None:
         return TorchDenoiserEngine(_static(transformer, downscale_log2, precision))
+    if not Path(engine_dir).is_dir():
+        raise EngineNotFound(
+            f"engine_dir {str(engine_dir)!r} does not exist or is not a folder; build engines into it with: "
+            f"zimage-trt build --model MODEL --resolution {resolution} --precision {precision} --out {engine_dir}"
+        )
     need = Need(resolution, batch, precision, current_compute_capability(device), weights_fingerprint)
     runnable = runnable_backends(device)
     report = []

@@ -102,7 +102,7 @@ def _export_atomically(module, inputs, onnx_path: Path, **kwargs) -> None:
     import onnx
 
     onnx_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=".export-", dir=onnx_path.parent))
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{onnx_path.name}.export-", dir=onnx_path.parent))
     try:
         tmp_path = tmp_dir / onnx_path.name
         with _quiet(), torch.no_grad():
