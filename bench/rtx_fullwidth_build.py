@@ -214,32 +214,36 @@ def print_table(records: list[dict]) -> None:
 
 
 def print_extrapolation(records: list[dict]) -> None:
-    """Per main layer increments between the shallowest and deepest runs with the same profiles."""
+    """Least-squares line over main-layer count per quantity (runs with the same profiles), its slope
+    (the per-layer increment), the worst residual, and the value at the full depth."""
     keys = ["params", "export_seconds", "onnx_bytes", "build_seconds", "engine_bytes", "export_peak_rss", "build_peak_rss"]
     groups: dict[tuple, list[dict]] = {}
     for r in records:
         groups.setdefault(tuple(r["resolutions"]), []).append(r)
     for resolutions, group in groups.items():
-        layers = sorted({r["layers"] for r in group})
-        if len(layers) < 2:
+        if len({r["layers"] for r in group}) < 2:
             continue
-        lo = next(r for r in group if r["layers"] == layers[0])
-        hi = next(r for r in group if r["layers"] == layers[-1])
-        span = hi["layers"] - lo["layers"]
-        print(f"\nper main layer ({'+'.join(resolutions)}, from {lo['layers']} and {hi['layers']} layers) "
-              f"and extrapolation to {FULL_LAYERS} layers + 2 + 2 refiners:")
+        print(f"\nper main layer ({'+'.join(resolutions)}; layers {sorted(r['layers'] for r in group)}) and "
+              f"extrapolation to {FULL_LAYERS} layers + 2 noise + 2 context refiners:")
         for key in keys:
-            if lo.get(key) is None or hi.get(key) is None:
+            points = [(r["layers"], r[key]) for r in group if r.get(key) is not None]
+            if len({x for x, _ in points}) < 2:
                 continue
-            step = (hi[key] - lo[key]) / span
-            full = hi[key] + (FULL_LAYERS - hi["layers"]) * step
+            n = len(points)
+            mx = sum(x for x, _ in points) / n
+            my = sum(y for _, y in points) / n
+            step = sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points)
+            base = my - step * mx
+            resid = max(abs(y - (base + step * x)) for x, y in points)
+            full = base + step * FULL_LAYERS
             if key.endswith("seconds"):
-                print(f"  {key:<16} {step:12.2f} s/layer   -> {full:10.1f} s")
+                print(f"  {key:<16} {step:12.2f} s/layer   (worst residual {resid:6.1f} s)   -> {full:10.1f} s")
             elif key == "params":
-                print(f"  {key:<16} {step / 1e6:12.2f} M/layer   -> {full / 1e9:10.3f} B "
-                      f"(exact per-layer count {hi['params_per_main_layer'] / 1e6:.2f} M)")
+                print(f"  {key:<16} {step / 1e6:12.2f} M/layer   (exact per-layer count "
+                      f"{group[0]['params_per_main_layer'] / 1e6:.2f} M) -> {full / 1e9:10.3f} B")
             else:
-                print(f"  {key:<16} {step / 2**20:12.1f} MiB/layer -> {full / 2**30:10.2f} GiB")
+                print(f"  {key:<16} {step / 2**20:12.1f} MiB/layer (worst residual {resid / 2**20:6.1f} MiB) "
+                      f"-> {full / 2**30:10.2f} GiB")
 
 
 def main():
