@@ -52,8 +52,10 @@ def run_generate(args) -> int:
 
     from .pipeline import ZImageTRTPipeline
 
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp8": torch.bfloat16}
     pipe = ZImageTRTPipeline.from_pretrained(args.model, engine_dir=args.engines, device=args.device,
-                                             allow_fallback=args.allow_fallback)
+                                             torch_dtype=dtype[args.precision] if args.precision else None,
+                                             precision=args.precision, allow_fallback=args.allow_fallback)
     generator = torch.Generator(pipe.device).manual_seed(args.seed)
     out = pipe(args.prompt, height=args.height, width=args.width, num_inference_steps=args.steps,
                guidance_scale=args.guidance, negative_prompt=args.negative_prompt, generator=generator)
@@ -106,6 +108,8 @@ def main(argv=None) -> int:
     g.add_argument("--guidance", type=float, default=0.0)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default=None)
+    g.add_argument("--precision", default=None, choices=("fp16", "bf16", "fp32", "fp8"),
+                   help="engine precision to use (default: bf16 on CUDA, fp32 on CPU)")
     g.add_argument("--allow-fallback", action="store_true", help="run eager PyTorch if no engine fits (slower)")
     g.add_argument("--output", default="out/image.png")
     g.set_defaults(func=run_generate)

@@ -81,10 +81,10 @@ def open_denoiser(transformer, engine_dir, device, dtype: torch.dtype, resolutio
     if engine_dir is None:
         return TorchDenoiserEngine(_static(transformer, downscale_log2, precision))
     if not Path(engine_dir).is_dir():
-        raise EngineNotFound(
+        return _no_engine(
             f"engine_dir {str(engine_dir)!r} does not exist or is not a folder; build engines into it with: "
-            f"zimage-trt build --model MODEL --resolution {resolution} --precision {precision} --out {engine_dir}"
-        )
+            f"zimage-trt build --model MODEL --resolution {resolution} --precision {precision} --out {engine_dir}",
+            allow_fallback, transformer, downscale_log2, precision)
     need = Need(resolution, batch, precision, current_compute_capability(device), weights_fingerprint)
     runnable = runnable_backends(device)
     report = []
@@ -111,9 +111,13 @@ def open_denoiser(transformer, engine_dir, device, dtype: torch.dtype, resolutio
         + ("\n".join(report) if report else "  (no manifests found)")
         + f"\nBuild one with: zimage-trt build --model MODEL --resolution {resolution} --precision {precision} --out {engine_dir}"
     )
+    return _no_engine(message, allow_fallback, transformer, downscale_log2, precision)
+
+
+def _no_engine(message, allow_fallback, transformer, downscale_log2, precision) -> DenoiserEngine:
     if not allow_fallback:
         raise EngineNotFound(message)
-    warnings.warn(message + "\nallow_fallback=True: running eager PyTorch instead (slower).", stacklevel=2)
+    warnings.warn(message + "\nallow_fallback=True: running eager PyTorch instead (slower).", stacklevel=3)
     return TorchDenoiserEngine(_static(transformer, downscale_log2, precision))
 
 
