@@ -42,11 +42,24 @@ def test_fp8_denoiser_tracks_fp32():
     assert len(fp8_layers) == 7 * (len(tr.layers) + len(tr.noise_refiner) + len(tr.context_refiner))
 
 
-def test_fp8_needs_bf16_and_torch_compiled(tmp_path):
+def test_fp8_needs_bf16_and_fp8_hardware(tmp_path):
     tr = make_tiny_components(seed=0)["transformer"]
     with pytest.raises(ValueError, match="bfloat16"):
         StaticZImageDenoiser(tr).quantize_fp8()
-    with pytest.raises(ValueError, match="torch-compiled backend only"):
-        build_engines(tr, "256x256", tmp_path, backend="tensorrt-rtx", precision="fp8", progress=False)
+    with pytest.raises(ValueError, match="compute capability 8.9 or newer"):
+        build_engines(tr, "256x256", tmp_path, backend="tensorrt-rtx", precision="fp8",
+                      compute_capabilities=["8.6"], progress=False)
     with pytest.raises(ValueError, match="precision 'int4'"):
         build_engines(tr, "256x256", tmp_path, precision="int4", progress=False)
+
+
+def test_fp8_tensorrt_rtx_engine_through_the_build_step(tmp_path):
+    """TensorRT's FP8 path: fp16 export + our Q/DQ on the projections -> a real TensorRT-RTX engine."""
+    pytest.importorskip("tensorrt_rtx", reason="CI installs tensorrt-rtx-cu13")
+    tr = make_tiny_components(seed=0)["transformer"]
+    result = build_engines(tr, ["256x256", "256x384"], tmp_path, backend="tensorrt-rtx", precision="fp8",
+                           caption_capacity=64, progress=False)
+    m = result.manifest
+    assert m.precision == "fp8" and m.compute_capabilities == ["8.9", "12.0", "12.1"]  # FP8 hardware only
+    assert result.details["onnx"]["fp8"]["weights_fp8"] > 0
+    m.verify_files(tmp_path)

@@ -85,17 +85,17 @@ def build_engines(model, resolutions, out_dir="engines", *, backend: str = "auto
     check_caption_capacity(caption_capacity)
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r} is not one of {PRECISIONS}")
-    if precision == "fp8" and backend not in ("torch-compiled", "auto"):
-        raise ValueError(
-            "precision fp8 is built for the torch-compiled backend only; TensorRT's FP8 path needs a "
-            "ModelOpt-quantised ONNX, which this build step does not make yet"
-        )
     if isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= 64:
         raise ValueError(f"batch must be an int in 1..64, got {batch!r}")
-    # FP8 engines quantise the block projections and keep everything else in bf16.
-    target_dtype = torch.bfloat16 if precision == "fp8" else precision_dtype(precision)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     backend = resolve_backend(backend, device)
+    # FP8 engines quantise the block projections and keep the rest 16-bit: bf16 in the torch-compiled
+    # format (torch._scaled_mm's row-wise path outputs bf16), fp16 + Q/DQ nodes in TensorRT's ONNX.
+    if precision == "fp8":
+        target_dtype = torch.bfloat16 if backend == "torch-compiled" else torch.float16
+        compute_capabilities = _fp8_targets(backend, compute_capabilities)
+    else:
+        target_dtype = precision_dtype(precision)
     out_dir = check_writable_dir(out_dir)
     plan = BuildPlan(
         model=model, out_dir=out_dir, name=name or f"denoiser-{backend}-{precision}", backend=backend,
@@ -150,12 +150,12 @@ def _build_locked(plan: BuildPlan, started: float) -> BuildResult:
 
     # 2. fp16 overflow protection, measured on this model's own weights.
     downscale = {}
-    if precision == "fp16":
+    if plan.target_dtype == torch.float16:
         given = plan.fp16_downscale_log2
         downscale = given if given is not None else calibrate_downscale(denoiser)
         denoiser.set_downscale(downscale)
     torch.nn.Module.to(transformer, plan.target_dtype)  # (diffusers' own .to() warns needlessly)
-    if precision == "fp8":
+    if precision == "fp8" and backend == "torch-compiled":
         denoiser.quantize_fp8()
     bar.update()
 
@@ -166,7 +166,8 @@ def _build_locked(plan: BuildPlan, started: float) -> BuildResult:
             engine_files, backend_version, ccs = _build_torch_compiled(denoiser, shapes, out_dir, name, device, transformer)
         else:
             engine_files, backend_version, ccs, details = _build_tensorrt(
-                denoiser, shapes, out_dir, name, backend, plan.compute_capabilities, plan.keep_onnx, plan.progress)
+                denoiser, shapes, out_dir, name, backend, plan.compute_capabilities, plan.keep_onnx, plan.progress,
+                fp8=precision == "fp8")
     bar.update()
 
     manifest = Manifest(
@@ -237,17 +238,49 @@ def _build_torch_compiled(denoiser, shapes, out_dir, name, device, transformer):
     return [path], torch.__version__, ccs
 
 
-def _build_tensorrt(denoiser, shapes, out_dir, name, flavor, compute_capabilities, keep_onnx, progress):
+def _fp8_targets(backend: str, requested) -> list[str] | None:
+    """FP8 tensor cores start at compute capability 8.9 (Ada); refuse older targets up front."""
+    if backend == "torch-compiled":
+        return requested
+    from .backends.tensorrt import parse_compute_capability, rtx_supported_compute_capabilities
+
+    def key(cc):
+        return tuple(int(v) for v in cc.split("."))
+
+    if requested is None:
+        if backend == "tensorrt":
+            return None  # full TensorRT builds for the GPU it runs on
+        return [cc for cc in rtx_supported_compute_capabilities() if key(cc) >= (8, 9)]
+    chosen = [parse_compute_capability(cc) for cc in requested]
+    too_old = [cc for cc in chosen if key(cc) < (8, 9)]
+    if too_old:
+        raise ValueError(f"FP8 engines need compute capability 8.9 or newer (Ada, Hopper, Blackwell); "
+                         f"{too_old} cannot run them: build fp16/bf16 for those GPUs")
+    return chosen
+
+
+def _build_tensorrt(denoiser, shapes, out_dir, name, flavor, compute_capabilities, keep_onnx, progress, fp8=False):
     from .backends import tensorrt as trt_backend
     from .shapes import Resolution
 
     onnx_dir = out_dir / "onnx"
     onnx_dir.mkdir(exist_ok=True)
     onnx_path = onnx_dir / f"{name}.onnx"
+    # FP8: export 16-bit first, then write the Q/DQ graph as NAME.onnx.
+    export_path = onnx_dir / f"{name}.fp16.onnx" if fp8 else onnx_path
     max_side = max(max(Resolution.parse(s.resolution).latent_hw) for s in shapes)
-    export_info = export_denoiser(denoiser, onnx_path, max_batch=max(16, shapes[0].batch),
+    export_info = export_denoiser(denoiser, export_path, max_batch=max(16, shapes[0].batch),
                                   max_capacity=max(512, shapes[0].caption_capacity),
                                   max_latent_side=max(256, max_side), verify=denoiser.dtype == torch.float32)
+    if fp8:
+        # Q/DQ on the block projections, activation scales calibrated with onnxruntime on small inputs.
+        from .denoiser import INPUT_NAMES, calibration_inputs
+        from .fp8_onnx import quantize_onnx_fp8
+
+        latents, timestep, cap, lens = calibration_inputs(denoiser, caption_len=32)
+        feed = dict(zip(INPUT_NAMES, (latents, timestep, cap.to(denoiser.dtype), lens)))
+        export_info["fp8"] = quantize_onnx_fp8(export_path, onnx_path, [{k: v.cpu().numpy() for k, v in feed.items()}])
+        export_info["sha256"] = sha256_file(onnx_path)
     cap_dim = denoiser.cap_embedder[1].in_features
     profiles = []
     for shape in shapes:
