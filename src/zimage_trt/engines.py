@@ -71,10 +71,12 @@ def runnable_backends(device: torch.device) -> set[str]:
 
 def open_denoiser(transformer, engine_dir, device, dtype: torch.dtype, resolution: str, batch: int,
                   *, precision: str | None = None, weights_fingerprint: str | None = None,
-                  allow_fallback: bool = False, downscale_log2=None) -> DenoiserEngine:
+                  allow_fallback: bool = False, downscale_log2=None, cache: dict | None = None) -> DenoiserEngine:
     """The engine to run `transformer` at `resolution` x `batch` on `device`.
 
-    With no engine_dir the eager static denoiser is the engine (CPU tests, the demo).
+    With no engine_dir the eager static denoiser is the engine (CPU tests, the demo). `cache` (a dict the
+    caller keeps) maps engine files already opened to their engines, so an engine holding several
+    resolutions is loaded once: its weights are on the GPU once.
     """
     device = torch.device(device)
     precision = precision or {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
@@ -103,8 +105,14 @@ def open_denoiser(transformer, engine_dir, device, dtype: torch.dtype, resolutio
     # Prefer TensorRT, then TensorRT-RTX, then the PyTorch-native format.
     order = {"tensorrt": 0, "tensorrt-rtx": 1, "torch-compiled": 2}
     for manifest in sorted(candidates, key=lambda m: order[m.backend]):
+        key = (str(Path(engine_dir).resolve()), manifest.name, manifest.files[0].sha256)
+        if cache is not None and key in cache:
+            return cache[key]
         manifest.verify_files(engine_dir)  # checksum before anything is loaded
-        return _open(manifest, Path(engine_dir), transformer, device)
+        engine = _open(manifest, Path(engine_dir), transformer, device)
+        if cache is not None:
+            cache[key] = engine
+        return engine
     message = (
         f"no engine in {engine_dir} fits: need a {precision} denoiser for {resolution}, batch {batch}, "
         f"GPU compute capability {need.compute_capability}, backends runnable here {sorted(runnable)}.\n"

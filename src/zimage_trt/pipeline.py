@@ -361,6 +361,7 @@ class ZImageTRTPipeline:
         self.telemetry = Telemetry(self.device, history=telemetry_history)
         self.show_progress = True
         self._loops: dict[tuple, Any] = {}
+        self._engines: dict[tuple, Any] = {}  # engine files opened once, whatever the number of shapes
         self._lock = threading.RLock()
         self._queue = None
         self._queue_lock = threading.Lock()
@@ -542,6 +543,7 @@ class ZImageTRTPipeline:
                 model_batch,
                 allow_fallback=self.allow_fallback,
                 precision=self.precision,
+                cache=self._engines,
             )
             # One engine may serve several shapes (optimisation profiles); keep one loop per engine.
             loop = next((known for known in self._loops.values() if known.engine is engine), None)
