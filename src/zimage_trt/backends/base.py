@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import torch
 
 from ..denoiser import StaticZImageDenoiser
 from ..shapes import padded_caption_length
 
 
-class DenoiserEngine:
+class DenoiserEngine(ABC):
     """Runs the static denoiser maths for one call: tensors in, float32 model output out.
 
     Subclasses set `kind`, `device`, `dtype` and implement `run`. `caption_layout` tells the runtime
@@ -29,8 +31,9 @@ class DenoiserEngine:
         capacity = max(padded)
         return capacity, any(p != capacity for p in padded)
 
+    @abstractmethod
     def run(self, latents, timestep, cap_feats, cap_lens, masked: bool) -> torch.Tensor:
-        raise NotImplementedError  # subclasses implement
+        """Model output [B, 16, h, w] float32 for one call, enqueued on the current stream."""
 
     def describe(self) -> str:
         return f"{self.kind} ({self.dtype}, {self.device})"
