@@ -111,14 +111,14 @@ class DenoiseLoop:
             self._step(slot)
             return
         if slot.graph is None:
-            # Warm up on our stream (first call compiles/allocates), then capture one step.
+            # Warm up on our stream (the first run compiles and allocates), undo its update, then capture
+            # one step: capture records kernels without running them, so replay does this step for real.
             snapshot = slot.latents.clone()
             self._step(slot)
             slot.latents.copy_(snapshot)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._graph_pool, stream=self.stream, capture_error_mode="thread_local"):
                 self._step(slot)
-            slot.latents.copy_(snapshot)  # capture ran the step once; undo it, replay does it for real
             slot.graph = graph
         slot.graph.replay()
 
