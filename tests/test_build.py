@@ -204,3 +204,22 @@ def test_concurrent_builds_of_one_engine_are_refused(tiny_folder, tmp_path):
         fcntl.flock(lock, fcntl.LOCK_EX)  # another build holds it
         with pytest.raises(RuntimeError, match="another build"):
             build_engines(tiny_folder, "256x256", tmp_path, backend="tensorrt-rtx", progress=False)
+
+
+def test_pipeline_refuses_an_engine_built_from_other_weights(tmp_path):
+    """An engine is matched to the weights it was built from (fingerprint of the safetensors files)."""
+    from zimage_trt.engines import EngineNotFound
+    from zimage_trt.pipeline import ZImageTRTPipeline
+
+    built_from = save_tiny_pipeline(tmp_path / "a", seed=1)
+    other = save_tiny_pipeline(tmp_path / "b", seed=2)
+    build_engines(built_from, "256x256", tmp_path / "engines", backend="torch-compiled", precision="fp32",
+                  caption_capacity=64, progress=False)
+    pipe = ZImageTRTPipeline.from_pretrained(other, engine_dir=tmp_path / "engines", device="cpu")
+    with pytest.raises(EngineNotFound, match="other weights"):
+        pipe("a fox", height=256, width=256, num_inference_steps=1)
+    same = ZImageTRTPipeline.from_pretrained(built_from, engine_dir=tmp_path / "engines", device="cpu")
+    same.set_progress_bar_config(disable=True)
+    latents = same("a fox", height=256, width=256, num_inference_steps=1, output_type="latent").images
+    assert torch.isfinite(latents).all()
+    assert {loop.engine.kind for loop in same._loops.values()} == {"torch-compiled"}

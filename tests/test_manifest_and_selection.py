@@ -87,11 +87,11 @@ def test_reasons_for_refusing_an_engine():
     manifest = Manifest(
         name="d", component="denoiser", backend="tensorrt-rtx", backend_version="1.7", precision="fp16",
         shapes=[EngineShape("1024x1024", 1, 512)], files=[], compute_capabilities=["8.9"],
-        torch_version="x", model={"weights_fingerprint": "a" * 64},
+        torch_version="x", model={"weights_fingerprint": "a" * 64, "config_sha256": "c" * 64},
     )
-    reasons = reasons_unfit(manifest, Need("768x1344", 1, "bf16", "9.0", "b" * 64), {"torch-compiled"})
+    reasons = reasons_unfit(manifest, Need("768x1344", 1, "bf16", "9.0", "b" * 64, "d" * 64), {"torch-compiled"})
     text = "; ".join(reasons)
-    for expected in ("cannot run here", "precision fp16, need bf16", "this machine is 9.0",
+    for expected in ("cannot run here", "precision fp16, need bf16", "this machine is 9.0", "another model",
                      "other weights", "no shape 768x1344 batch 1 (built: 1024x1024 batch 1)"):
         assert expected in text, text
 

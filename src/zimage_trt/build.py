@@ -58,13 +58,11 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 
 def _model_record(transformer, fingerprint: str) -> dict:
-    import hashlib
-    import json
+    from .weights import config_fingerprint
 
-    config = json.dumps(dict(transformer.config), sort_keys=True, default=str)
     return {
         "class": type(transformer).__name__,
-        "config_sha256": hashlib.sha256(config.encode()).hexdigest(),
+        "config_sha256": config_fingerprint(transformer),
         "weights_fingerprint": fingerprint,
     }
 

@@ -27,6 +27,7 @@ class Need:
     precision: str
     compute_capability: str | None
     weights_fingerprint: str | None
+    config_sha256: str | None = None
 
 
 def current_compute_capability(device: torch.device) -> str | None:
@@ -50,6 +51,8 @@ def reasons_unfit(manifest: Manifest, need: Need, runnable_backends: set[str]) -
         reasons.append(f"built for {', '.join(built_for) or 'CPU'}, this machine is {need.compute_capability or 'CPU'}")
     if manifest.backend == "torch-compiled" and manifest.torch_version != torch.__version__:
         reasons.append(f"built with torch {manifest.torch_version}, this is torch {torch.__version__}")
+    if need.config_sha256 and manifest.model.get("config_sha256") not in (None, need.config_sha256):
+        reasons.append("built for another model architecture (transformer config differs)")
     if need.weights_fingerprint and manifest.model.get("weights_fingerprint") not in (None, need.weights_fingerprint):
         reasons.append("built from other weights (weights fingerprint differs)")
     if not any(s.resolution == need.resolution and s.batch >= need.batch for s in manifest.shapes):
@@ -87,7 +90,10 @@ def open_denoiser(transformer, engine_dir, device, dtype: torch.dtype, resolutio
             f"engine_dir {str(engine_dir)!r} does not exist or is not a folder; build engines into it with: "
             f"zimage-trt build --model MODEL --resolution {resolution} --precision {precision} --out {engine_dir}",
             allow_fallback, transformer, downscale_log2, precision)
-    need = Need(resolution, batch, precision, current_compute_capability(device), weights_fingerprint)
+    from .weights import config_fingerprint
+
+    need = Need(resolution, batch, precision, current_compute_capability(device), weights_fingerprint,
+                config_fingerprint(transformer))
     runnable = runnable_backends(device)
     report = []
     candidates = []

@@ -322,6 +322,7 @@ class ZImageTRTPipeline:
         stream_priority: int = 0,
         compile_vae: bool | None = None,
         precision: str | None = None,
+        weights_fingerprint: str | None = None,
     ):
         from diffusers.image_processor import VaeImageProcessor
 
@@ -334,6 +335,7 @@ class ZImageTRTPipeline:
         # The engine precision to look for; None = the pipeline dtype's (fp16/bf16/fp32). "fp8" runs
         # FP8 projections with bf16 elsewhere (build with --precision fp8).
         self.precision = precision
+        self.weights_fingerprint = weights_fingerprint  # checked against engine manifests when known
         # True (default): pad every prompt to max_sequence_length as diffusers does: bitwise its features.
         # False: run the encoder on the real tokens plus one pad token: far less work for a CPU text
         # encoder, equal features up to rounding (see `_padded_length`).
@@ -383,7 +385,7 @@ class ZImageTRTPipeline:
         `device` defaults to "cuda" when available; `torch_dtype` to bf16 on CUDA and fp32 on CPU.
         `text_encoder_device` puts the text encoder elsewhere (e.g. "cpu" to save GPU memory).
         """
-        from .weights import load_pipeline_parts, load_transformer
+        from .weights import load_pipeline_parts, load_transformer, weights_fingerprint
 
         device = _resolve_device(device)
         dtype = torch_dtype or _default_dtype(device)
@@ -392,6 +394,10 @@ class ZImageTRTPipeline:
         _move(parts["vae"], device, dtype)
         _move(parts["text_encoder"], torch.device(text_encoder_device or device), dtype)
         transformer = load_transformer(model, torch_dtype=dtype, device=device)
+        if engine_dir is not None:
+            # Same digest as the build's when it built from these files (stored dtype, sampled bytes):
+            # an engine with other weights baked in is refused instead of silently used.
+            options.setdefault("weights_fingerprint", weights_fingerprint(model))
         return cls(
             transformer=transformer,
             engine_dir=engine_dir,
@@ -544,6 +550,7 @@ class ZImageTRTPipeline:
                 allow_fallback=self.allow_fallback,
                 precision=self.precision,
                 cache=self._engines,
+                weights_fingerprint=self.weights_fingerprint,
             )
             # One engine may serve several shapes (optimisation profiles); keep one loop per engine.
             loop = next((known for known in self._loops.values() if known.engine is engine), None)

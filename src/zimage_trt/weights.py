@@ -412,3 +412,10 @@ def weights_fingerprint(model_or_folder, *, full: bool = False, revision: str | 
     folder = _transformer_dir(_resolve_root(model_or_folder, TRANSFORMER_HUB_PATTERNS, revision))
     _read_transformer_config(folder)
     return _hash_tensors(_iter_folder_tensors(_weight_map(folder)), full)
+
+
+def config_fingerprint(model) -> str:
+    """sha256 of a model's architecture config (diffusers' private `_...` keys, such as the folder it was
+    loaded from, left out), so an engine can tell it was built for another architecture."""
+    config = {k: v for k, v in dict(model.config).items() if not k.startswith("_")}
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
