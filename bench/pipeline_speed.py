@@ -72,6 +72,7 @@ def main():
     ap.add_argument("--precision", default="fp16")
     ap.add_argument("--extra-resolutions", default="512x512,768x1344")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--batch", type=int, default=4, help="also measure images/s at this batch (1: skip)")
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--skip-peers", action="store_true")
     args = ap.parse_args()
@@ -87,7 +88,8 @@ def main():
     parts = components(args.tiny, device, dtype)
     start = time.perf_counter()
     build_engines(parts["transformer"], [main_res, *extra], args.out, backend="torch-compiled",
-                          precision=args.precision, caption_capacity=512 if not args.tiny else 64, progress=False)
+                  precision=args.precision, caption_capacity=512 if not args.tiny else 64, batch=max(1, args.batch),
+                  progress=False)
     results["build_s"] = time.perf_counter() - start
     print(f"engine build ({main_res} + {extra}): {results['build_s']:.1f}s", flush=True)
 
@@ -127,6 +129,14 @@ print('COLD_START_S', time.perf_counter() - t0)
     print("  stages (mean ms): text {:.1f}  denoise {:.1f} (step {:.2f})  vae {:.1f}  peak GPU {:.1f} GiB".format(
         stats["text_encode_ms"]["mean"], stats["denoise_ms"]["mean"], stats["step_ms"]["mean"],
         stats["vae_decode_ms"]["mean"], results["ours"].get("peak_gpu_gib", 0.0)), flush=True)
+
+    if args.batch > 1:
+        # Throughput: one call making `batch` images (torch-compiled engines take any batch).
+        per_image_ms(pipe, 1, num_images_per_prompt=args.batch, **size)
+        calls = summarize(per_image_ms(pipe, 5, num_images_per_prompt=args.batch, **size)[0])
+        results[f"ours_batch{args.batch}"] = {"per_call_ms": calls, "images_per_s": args.batch * 1000 / calls["mean"]}
+        print(row(f"ours {args.precision} batch {args.batch} (ms per call)", calls) +
+              f"  -> {args.batch * 1000 / calls['mean']:.2f} images/s", flush=True)
 
     for res in extra:
         h, w = (int(v) for v in res.split("x"))

@@ -139,3 +139,14 @@ def test_an_engine_is_opened_once_for_all_its_shapes(tmp_path, monkeypatch):
     first = open_denoiser(transformer, tmp_path, "cpu", torch.float32, "256x256", 1, cache=cache)
     second = open_denoiser(transformer, tmp_path, "cpu", torch.float32, "256x384", 1, cache=cache)
     assert first is second and opened == ["denoiser"]
+
+
+def test_batch_rules_per_backend():
+    shapes = [EngineShape("512x512", 4, 64)]
+    common = dict(name="d", component="denoiser", backend_version="x", precision="fp16", shapes=shapes, files=[],
+                  compute_capabilities=["9.0"], torch_version=torch.__version__, model={})
+    need_one = Need("512x512", 1, "fp16", "9.0", None)
+    compiled = Manifest(backend="torch-compiled", **common)
+    trt = Manifest(backend="tensorrt", **common)
+    assert reasons_unfit(compiled, need_one, {"torch-compiled"}) == []  # any batch up to 4
+    assert any("no shape 512x512 batch 1" in r for r in reasons_unfit(trt, need_one, {"tensorrt"}))  # exact profiles

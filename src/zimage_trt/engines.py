@@ -55,7 +55,10 @@ def reasons_unfit(manifest: Manifest, need: Need, runnable_backends: set[str]) -
         reasons.append("built for another model architecture (transformer config differs)")
     if need.weights_fingerprint and manifest.model.get("weights_fingerprint") not in (None, need.weights_fingerprint):
         reasons.append("built from other weights (weights fingerprint differs)")
-    if not any(s.resolution == need.resolution and s.batch >= need.batch for s in manifest.shapes):
+    # A compiled torch engine serves any batch up to the one it was built for; TensorRT profiles are exact.
+    flexible = manifest.backend == "torch-compiled"
+    if not any(s.resolution == need.resolution and (s.batch >= need.batch if flexible else s.batch == need.batch)
+               for s in manifest.shapes):
         built = ", ".join(f"{s.resolution} batch {s.batch}" for s in manifest.shapes)
         reasons.append(f"no shape {need.resolution} batch {need.batch} (built: {built})")
     return reasons

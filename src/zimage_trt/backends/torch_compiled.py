@@ -64,21 +64,25 @@ class CompiledDenoiserEngine(DenoiserEngine):
 
 
 def warm_up(engine: DenoiserEngine, shapes, cap_dim: int, progress=None) -> None:
-    """Run each (resolution, batch, caption capacity) once so every graph is compiled now."""
+    """Run each (resolution, batch, caption capacity) once so every graph is compiled now.
+
+    A shape's batch is the largest it serves: batch 1 is compiled too, the common case.
+    """
     from ..shapes import Resolution
 
     for shape in shapes:
         res = Resolution.parse(shape.resolution)
-        latents = torch.randn(res.latent_shape(shape.batch), device=engine.device)
-        timestep = torch.full((shape.batch,), 0.5, device=engine.device)
-        feats = torch.randn(shape.batch, shape.caption_capacity, cap_dim, device=engine.device, dtype=engine.dtype)
-        lens = torch.full((shape.batch,), shape.caption_capacity, dtype=torch.long, device=engine.device)
-        # The layouts the runtime uses: captions exactly as long as the buffer (no key mask) at two
-        # lengths, so the sequence length becomes symbolic, and a masked batch of unequal captions.
-        engine.run(latents, timestep, feats, lens, masked=False)
-        if shape.caption_capacity > 32:
-            engine.run(latents, timestep, feats[:, :-32], lens - 32, masked=False)
-        engine.run(latents, timestep, feats, lens - 1, masked=True)
+        for batch in sorted({1, shape.batch}):
+            latents = torch.randn(res.latent_shape(batch), device=engine.device)
+            timestep = torch.full((batch,), 0.5, device=engine.device)
+            feats = torch.randn(batch, shape.caption_capacity, cap_dim, device=engine.device, dtype=engine.dtype)
+            lens = torch.full((batch,), shape.caption_capacity, dtype=torch.long, device=engine.device)
+            # The layouts the runtime uses: captions exactly as long as the buffer (no key mask) at two
+            # lengths, so the sequence length becomes symbolic, and a masked batch of unequal captions.
+            engine.run(latents, timestep, feats, lens, masked=False)
+            if shape.caption_capacity > 32:
+                engine.run(latents, timestep, feats[:, :-32], lens - 32, masked=False)
+            engine.run(latents, timestep, feats, lens - 1, masked=True)
         if progress is not None:
             progress.update()
     if engine.device.type == "cuda":
