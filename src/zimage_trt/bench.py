@@ -111,19 +111,6 @@ def cuda_time_ms(fn, *, warmup: int = 3, iters: int = 10) -> list[float]:
     return times
 
 
-def wall_time_ms(fn, *, warmup: int = 2, iters: int = 20) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
-    return times
-
-
 def format_row(name: str, stats: dict, baseline: float | None = None) -> str:
     ratio = f"{baseline / stats['mean']:6.2f}x" if baseline else "      "
     return (f"{name:<44} mean {stats['mean']:8.2f}  std {stats['std']:6.2f}  p50 {stats['p50']:8.2f}  "

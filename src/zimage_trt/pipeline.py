@@ -389,24 +389,16 @@ class ZImageTRTPipeline:
 
         device = _resolve_device(device)
         dtype = torch_dtype or _default_dtype(device)
-        # Load on the CPU and move each part once: the text encoder may live elsewhere than the VAE.
+        # Load on the CPU; from_components moves each part once (the text encoder may live elsewhere).
         parts = load_pipeline_parts(model, torch_dtype=dtype, device="cpu")
-        _move(parts["vae"], device, dtype)
-        _move(parts["text_encoder"], torch.device(text_encoder_device or device), dtype)
         transformer = load_transformer(model, torch_dtype=dtype, device=device)
         if engine_dir is not None:
             # Same digest as the build's when it built from these files (stored dtype, sampled bytes):
             # an engine with other weights baked in is refused instead of silently used.
             options.setdefault("weights_fingerprint", weights_fingerprint(model))
-        return cls(
-            transformer=transformer,
-            engine_dir=engine_dir,
-            device=device,
-            torch_dtype=dtype,
-            allow_fallback=allow_fallback,
-            text_encoder_device=text_encoder_device,
-            **parts,
-            **options,
+        return cls.from_components(
+            transformer, **parts, engine_dir=engine_dir, device=device, torch_dtype=dtype,
+            allow_fallback=allow_fallback, text_encoder_device=text_encoder_device, **options,
         )
 
     @classmethod
