@@ -336,6 +336,8 @@ def test_build_time_of_tiny_engine(tiny, tmp_path):
 @gpu
 @needs_cuda
 def test_engine_runs_and_matches_torch(tiny, tmp_path):
+    if not any(ok for ok, _ in FLAVORS.values()):
+        pytest.skip(f"no TensorRT flavour importable here: {FLAVORS}")
     flavor, trt = be.import_backend("auto")
     major, minor = torch.cuda.get_device_capability()
     if flavor == "tensorrt-rtx" and f"{major}.{minor}" not in be.rtx_supported_compute_capabilities(trt):
