@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import fcntl
+import gc
 import os
 import shutil
 import tempfile
@@ -70,11 +71,14 @@ def _model_record(transformer, fingerprint: str) -> dict:
 def build_engines(model, resolutions, out_dir="engines", *, backend: str = "auto", precision: str = "fp16",
                   batch: int = 1, caption_capacity: int = DEFAULT_CAPTION_CAPACITY, device=None,
                   compute_capabilities=None, name: str | None = None, fp16_downscale_log2=None,
-                  keep_onnx: bool = True, progress: bool = True) -> BuildResult:
+                  keep_onnx: bool = True, progress: bool = True, vae=None) -> BuildResult:
     """Build one denoiser engine holding every requested resolution (weights stored once).
 
     model: a diffusers-format folder, a hub id (at a user's site) or an in-memory
     `ZImageTransformer2DModel` (copied, never modified). resolutions: '1024x1024' strings or pairs.
+    vae (torch-compiled engines): an `AutoencoderKL` whose compiled decoder kernels are stored with the
+    engine, so the pipeline's first image skips compiling them (~20 s at full size). None: the
+    `vae/` of a local model folder, on CUDA builds; False: never. The VAE is copied, never modified.
     """
     started = time.perf_counter()
     shapes_res = sorted({Resolution.parse(r) for r in ([resolutions] if isinstance(resolutions, str) else resolutions)})
@@ -100,7 +104,7 @@ def build_engines(model, resolutions, out_dir="engines", *, backend: str = "auto
         precision=precision, target_dtype=target_dtype, device=device,
         shapes=[EngineShape(r.key, batch, caption_capacity) for r in shapes_res],
         compute_capabilities=compute_capabilities, fp16_downscale_log2=fp16_downscale_log2,
-        keep_onnx=keep_onnx, progress=progress,
+        keep_onnx=keep_onnx, progress=progress, vae=vae,
     )
     with _exclusive_build(plan.out_dir, plan.name):
         return _build_locked(plan, started)
@@ -122,6 +126,7 @@ class BuildPlan:
     fp16_downscale_log2: dict | None
     keep_onnx: bool
     progress: bool
+    vae: object = None
 
 
 def _build_locked(plan: BuildPlan, started: float) -> BuildResult:
@@ -161,7 +166,10 @@ def _build_locked(plan: BuildPlan, started: float) -> BuildResult:
     details: dict = {}
     with torch.no_grad():
         if backend == "torch-compiled":
-            engine_files, backend_version, ccs = _build_torch_compiled(denoiser, shapes, out_dir, name, device, transformer)
+            vae = _vae_for_build(plan)
+            engine_files, backend_version, ccs = _build_torch_compiled(denoiser, shapes, out_dir, name, device, vae,
+                                                                       plan.progress)
+            details["vae_decoder_compiled"] = vae is not None
         else:
             engine_files, backend_version, ccs, details = _build_tensorrt(
                 denoiser, shapes, out_dir, name, backend, plan.compute_capabilities, plan.keep_onnx, plan.progress,
@@ -180,6 +188,14 @@ def _build_locked(plan: BuildPlan, started: float) -> BuildResult:
     _remove_unreferenced(out_dir, previous, {f.name for f in manifest.files})
     bar.update()
     bar.close()
+    # The build's copy of the weights (11.5 GiB at full size) must not outlive the build. It sits in
+    # reference cycles (modules <-> compiled code), so dropping the names is not enough: by now it is in
+    # Python's oldest GC generation, which may go uncollected for a long time (seen on the H100: a
+    # process that built then generated held the weights twice). Drop dynamo's caches and collect.
+    del denoiser, transformer
+    if backend == "torch-compiled":
+        torch._dynamo.reset()
+    gc.collect()
     return BuildResult(path, manifest, time.perf_counter() - started, details)
 
 
@@ -219,14 +235,39 @@ def _content_named(out_dir: Path, name: str, suffix: str, write) -> Path:
         raise
 
 
-def _build_torch_compiled(denoiser, shapes, out_dir, name, device, transformer):
+def _vae_for_build(plan: BuildPlan):
+    """A private copy of the VAE, in the dtype the pipeline runs this engine with, or None."""
+    source = plan.vae
+    if source is False:
+        return None
+    if source is None:
+        folder = Path(plan.model) if isinstance(plan.model, (str, os.PathLike)) else None
+        if plan.device.type != "cuda" or folder is None or not (folder / "vae" / "config.json").is_file():
+            return None
+        from .weights import WeightsError, load_vae
+
+        try:
+            source = load_vae(folder)
+        except Exception as e:
+            raise WeightsError(f"{folder / 'vae'}: cannot load the VAE whose decoder the build compiles ({e}); "
+                               "fix the folder or pass vae=False to build without it") from e
+    dtype = torch.bfloat16 if plan.precision == "fp8" else plan.target_dtype
+    vae = torch.nn.Module.to(copy.deepcopy(source), device=plan.device, dtype=dtype)
+    return vae.eval().requires_grad_(False)
+
+
+def _build_torch_compiled(denoiser, shapes, out_dir, name, device, vae, progress):
     from .backends import torch_compiled
 
     torch._dynamo.reset()  # artefacts must hold exactly this engine's graphs
     engine = torch_compiled.CompiledDenoiserEngine(denoiser)
     cap_dim = denoiser.cap_embedder[1].in_features
-    with tqdm(total=len(shapes), desc="compile shapes", leave=False) as bar:
+    with tqdm(total=len(shapes) * (2 if vae is not None else 1), desc="compile shapes", leave=False,
+              disable=not progress) as bar:
         torch_compiled.warm_up(engine, shapes, cap_dim, progress=bar)
+        if vae is not None:
+            torch_compiled.compile_vae_decoder(vae)
+            torch_compiled.warm_up_vae_decoder(vae, shapes, progress=bar)
     data = torch_compiled.save_artifacts()
     path = _content_named(out_dir, name, torch_compiled.ARTIFACT_SUFFIX, lambda p: p.write_bytes(data))
     ccs = []

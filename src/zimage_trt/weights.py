@@ -275,6 +275,13 @@ def load_transformer(
 # --------------------------------------------------------------------------- other parts
 
 
+def load_vae(root: Path, torch_dtype: torch.dtype = torch.float32):
+    """The pipeline folder's `vae/` (safetensors only), on the CPU in eval mode."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.from_pretrained(root, subfolder="vae", torch_dtype=torch_dtype, use_safetensors=True).eval()
+
+
 def load_pipeline_parts(
     source,
     torch_dtype: torch.dtype = torch.float32,
@@ -290,7 +297,7 @@ def load_pipeline_parts(
     for Z-Image), ``tokenizer`` (``AutoTokenizer``) and ``scheduler``
     (``FlowMatchEulerDiscreteScheduler``). Models are in eval mode on ``device``.
     """
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+    from diffusers import FlowMatchEulerDiscreteScheduler
     from transformers import AutoModel, AutoTokenizer
 
     root = _resolve_root(source, PARTS_HUB_PATTERNS, revision)
@@ -328,10 +335,7 @@ def load_pipeline_parts(
         except Exception as e:  # surface which part failed, keep the library's reason
             raise WeightsError(f"{root / part}: failed to load the {part}: {e}") from e
 
-    vae = load(
-        "vae",
-        lambda: AutoencoderKL.from_pretrained(root, subfolder="vae", torch_dtype=torch_dtype, use_safetensors=True),
-    )
+    vae = load("vae", lambda: load_vae(root, torch_dtype))
     text_encoder = load(
         "text_encoder",
         lambda: AutoModel.from_pretrained(root / "text_encoder", dtype=torch_dtype, use_safetensors=True),

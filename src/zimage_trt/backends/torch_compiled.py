@@ -89,6 +89,32 @@ def warm_up(engine: DenoiserEngine, shapes, cap_dim: int, progress=None) -> None
         torch.cuda.synchronize(engine.device)
 
 
+def compile_vae_decoder(vae) -> None:
+    """How the pipeline compiles the VAE decoder on CUDA (91 -> 39 ms at 1024x1024 on the H100): one
+    static graph per resolution. The build does the same on a copy, so that the engine's persisted
+    artefacts hold these kernels too and a fresh process skips their ~20 s of compilation.
+
+    Sets eval mode and requires_grad=False first: whether parameters require grad is part of the
+    compiled graph's cache key, so the build's copy and the pipeline's VAE must agree (inference only).
+    """
+    vae.eval().requires_grad_(False)
+    vae.decoder.compile(fullgraph=False, dynamic=False)
+
+
+@torch.no_grad()
+def warm_up_vae_decoder(vae, shapes, progress=None) -> None:
+    """Decode once at each (resolution, batch) so the compiled decoder's kernels exist now."""
+    from ..shapes import Resolution
+
+    for shape in shapes:
+        res = Resolution.parse(shape.resolution)
+        for batch in sorted({1, shape.batch}):
+            latents = torch.randn(res.latent_shape(batch), device=vae.device, dtype=vae.dtype)
+            vae.decode(latents, return_dict=False)
+        if progress is not None:
+            progress.update()
+
+
 def save_artifacts() -> bytes:
     """The compile caches of everything compiled so far in this process."""
     result = torch.compiler.save_cache_artifacts()
