@@ -1,6 +1,6 @@
 """Where a denoiser step's time goes: CUDA kernel totals for our compiled engine.
 
-    python bench/profile_step.py [--variants base]
+    python bench/profile_step.py [--variants base] [--precision fp16|bf16|fp8]
 
 (A 'fused' variant with one GEMM for q|k|v and one for w1|w3 measured 104.1 ms against 103.8 ms on
 the H100 on 2026-11-25: cuBLAS already runs these shapes near peak, so it was dropped.)
@@ -17,6 +17,7 @@ from zimage_trt.denoiser import StaticZImageDenoiser
 
 
 def graphed(fn):
+    """`fn` captured in a CUDA graph after one warm-up run on a side stream; `.output` is its static result."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -24,7 +25,7 @@ def graphed(fn):
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        fn()
+        graph.output = fn()
     return graph
 
 
@@ -32,18 +33,22 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--variants", default="base")
     ap.add_argument("--caption", type=int, default=160)
+    ap.add_argument("--precision", default="fp16", choices=["fp16", "bf16", "fp8"])
     args = ap.parse_args()
     torch._dynamo.config.cache_size_limit = 64
-    model = full_size_transformer("cuda", torch.float16)
+    dtype = torch.float16 if args.precision == "fp16" else torch.bfloat16
+    model = full_size_transformer("cuda", dtype)
     x = torch.randn(1, 16, 128, 128, device="cuda")
     t = torch.tensor([0.5], device="cuda")
     padded = -(-args.caption // 32) * 32
-    cap = torch.randn(1, padded, 2560, device="cuda", dtype=torch.float16)
+    cap = torch.randn(1, padded, 2560, device="cuda", dtype=dtype)
     lens = torch.tensor([args.caption], device="cuda")
     reference = None
     for variant in args.variants.split(","):
         torch._dynamo.reset()
         den = StaticZImageDenoiser(model)
+        if args.precision == "fp8":
+            den.quantize_fp8()
         engine = CompiledDenoiserEngine(den)
         run = lambda: engine.run(x, t, cap, lens, masked=False)  # noqa: E731
         with torch.no_grad():
