@@ -36,6 +36,7 @@ from typing import Any, Callable
 import torch
 
 from .shapes import LATENT_CHANNELS, Resolution, check_side
+from .text_encoder import TextEncoderRunner, quantize_text_encoder_fp8
 from .telemetry import Telemetry, Timings
 
 DEFAULT_SIDE = 1024
@@ -323,6 +324,7 @@ class ZImageTRTPipeline:
         compile_vae: bool | None = None,
         precision: str | None = None,
         weights_fingerprint: str | None = None,
+        text_encoder_fp8: bool | None = None,
     ):
         from diffusers.image_processor import VaeImageProcessor
 
@@ -351,15 +353,27 @@ class ZImageTRTPipeline:
             torch.device(text_encoder_device) if text_encoder_device is not None else _module_device(text_encoder)
         )
         self.tokenizer = tokenizer
+        # FP8 text encoder (None: when the denoiser is FP8): its linear layers in e4m3, in place.
+        if text_encoder_fp8 is not None and not isinstance(text_encoder_fp8, bool):
+            raise TypeError(f"text_encoder_fp8 must be True, False or None (follow the denoiser), got {text_encoder_fp8!r}")
+        if text_encoder_fp8 is None:
+            text_encoder_fp8 = precision == "fp8" and text_encoder is not None and self.text_encoder_device.type == "cuda"
+        if text_encoder_fp8:
+            _check_fp8_device(self.text_encoder_device)
+            quantize_text_encoder_fp8(text_encoder)
+        self.text_encoder_fp8 = bool(text_encoder_fp8)
+        self._text_runner = TextEncoderRunner(text_encoder, self.text_encoder_device, use_cuda_graph)
         self.scheduler = scheduler
         vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.image_processor = VaeImageProcessor(vae_scale_factor=vae_scale_factor * 2)
-        # The VAE decoder is 91 ms eager and 40 ms compiled at 1024x1024 on an H100 (DEVICE.md): compile
-        # it on CUDA. dynamic=False: one graph per resolution, compiled at its first image.
+        # The VAE decoder is 91 ms eager and 39 ms compiled at 1024x1024 on an H100: compile it on CUDA,
+        # one graph per resolution at its first image (from the engine's artefacts when the build had a VAE).
         if compile_vae is None:
             compile_vae = self.device.type == "cuda"
         if compile_vae:
-            vae.decoder.compile(fullgraph=False, dynamic=False)
+            from .backends.torch_compiled import compile_vae_decoder
+
+            compile_vae_decoder(vae)
         self.telemetry = Telemetry(self.device, history=telemetry_history)
         self.show_progress = True
         self._loops: dict[tuple, Any] = {}
@@ -391,7 +405,9 @@ class ZImageTRTPipeline:
         dtype = torch_dtype or _default_dtype(device)
         # Load on the CPU; from_components moves each part once (the text encoder may live elsewhere).
         parts = load_pipeline_parts(model, torch_dtype=dtype, device="cpu")
-        transformer = load_transformer(model, torch_dtype=dtype, device=device)
+        # FP8: on the CPU too, so that from_components converts it block by block on its way to the GPU.
+        fp8 = options.get("precision") == "fp8"
+        transformer = load_transformer(model, torch_dtype=dtype, device="cpu" if fp8 else device)
         if engine_dir is not None:
             # Same digest as the build's when it built from these files (stored dtype, sampled bytes):
             # an engine with other weights baked in is refused instead of silently used.
@@ -419,9 +435,18 @@ class ZImageTRTPipeline:
         """Wrap already-loaded components (e.g. a diffusers pipeline's); they are moved, not copied."""
         device = _resolve_device(device)
         dtype = torch_dtype or _default_dtype(device)
+        te_device = torch.device(text_encoder_device or device)
+        if options.get("precision") == "fp8" and device.type == "cuda":
+            # Convert to FP8 on the way to the GPU, one block at a time: the 16-bit model (19 GiB with its
+            # text encoder) never sits whole on the card, so the FP8 pipeline loads on a 16 GB one.
+            from .denoiser import quantize_block_fp8
+
+            _place_converting(transformer, _transformer_blocks(transformer), device, quantize_block_fp8)
+            if options.get("text_encoder_fp8") in (None, True) and te_device.type == "cuda" and text_encoder is not None:
+                _place_converting(text_encoder, getattr(text_encoder, "layers", []), te_device, quantize_text_encoder_fp8)
         _move(transformer, device, dtype)
         _move(vae, device, dtype)
-        _move(text_encoder, torch.device(text_encoder_device or device), dtype)
+        _move(text_encoder, te_device, dtype)
         return cls(
             transformer=transformer,
             vae=vae,
@@ -458,7 +483,7 @@ class ZImageTRTPipeline:
         )
         input_ids = tokens.input_ids.to(self.text_encoder_device)
         mask = tokens.attention_mask.to(self.text_encoder_device).bool()
-        hidden = self.text_encoder(input_ids=input_ids, attention_mask=mask, output_hidden_states=True).hidden_states[-2]
+        hidden = self._text_runner.hidden_states(input_ids, mask)  # (a CUDA graph's output: copied below)
         if not torch.isfinite(hidden[mask]).all():
             raise NonFiniteOutputError(
                 f"the text encoder produced NaN/inf features ({hidden.dtype}); run it in bfloat16 or float32"
@@ -564,6 +589,8 @@ class ZImageTRTPipeline:
                 f"the VAE decoder produced NaN/inf pixels ({self.vae.dtype}); the latents were finite, so the "
                 f"decoder overflowed: run the VAE in bfloat16 or float32"
             )
+        if output_type == "pil" and image.is_cuda and image.shape[1] == 3:
+            return _to_pil_on_gpu(self.image_processor.postprocess(image, output_type="pt"))
         return self.image_processor.postprocess(image, output_type=output_type)
 
     # -- the call --------------------------------------------------------------------------------
@@ -891,6 +918,35 @@ def _check_finite_latents(latents: torch.Tensor, dtype: torch.dtype) -> None:
     raise NonFiniteOutputError(f"denoising produced NaN/inf latents for image(s) {bad}{hint}; no image was decoded")
 
 
+def _transformer_blocks(transformer) -> list:
+    return [block for group in ("noise_refiner", "context_refiner", "layers") for block in getattr(transformer, group, [])]
+
+
+def _place_converting(module, blocks, device: torch.device, convert) -> None:
+    """Move each of `blocks` (submodules of `module`) to `device` in bf16 and `convert` it there at once,
+    so that only one block's 16-bit weights are on the GPU at a time; the rest moves afterwards."""
+    _check_fp8_device(device)
+    for block in blocks:
+        _move(block, device, torch.bfloat16)  # (FP8-aware: a block converted earlier keeps its FP8 layers)
+        convert(block)  # (skips layers converted earlier)
+
+
+def _check_fp8_device(device: torch.device) -> None:
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise ValueError(f"text_encoder_fp8 needs FP8 tensor cores (compute capability 8.9 or newer); "
+                         f"{torch.cuda.get_device_name(device)} is {major}.{minor}: pass text_encoder_fp8=False")
+
+
+def _to_pil_on_gpu(image: torch.Tensor) -> list:
+    """diffusers' numpy_to_pil (x * 255, round half to even, uint8) done on the GPU in float32: bitwise
+    the same images, and a quarter of the bytes cross to the host (7 vs 14 ms at 1024x1024, H100)."""
+    from PIL import Image
+
+    pixels = image.float().mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(item) for item in pixels]
+
+
 def _module_device(module) -> torch.device:
     if module is None:
         return torch.device("cpu")
@@ -901,10 +957,29 @@ def _module_device(module) -> torch.device:
 
 
 def _move(module, device: torch.device, dtype: torch.dtype) -> None:
-    """`module.to(device, dtype)` only when needed (diffusers warns about every cast, even a no-op one)."""
+    """`module.to(device, dtype)` only when needed (diffusers warns about every cast, even a no-op one).
+
+    FP8 layers (of a module an FP8 pipeline already converted) keep their dtypes: e4m3 weights and
+    float32 scales that `module.to(dtype)` would turn into 16-bit numbers the layers then misread.
+    """
+    from .denoiser import Fp8Linear
+
     if module is None:
         return
     tensors = [*module.parameters(), *module.buffers()]
-    floating = [t for t in tensors if t.is_floating_point()]
-    if any(not _same_device(t.device, device) for t in tensors) or any(t.dtype != dtype for t in floating):
-        module.to(device=device, dtype=dtype)
+    if any(not _same_device(t.device, device) for t in tensors):
+        module.to(device=device)
+    fp8_layers = [m for m in module.modules() if isinstance(m, Fp8Linear)]
+    if not fp8_layers:
+        if any(t.is_floating_point() and t.dtype != dtype for t in tensors):
+            module.to(dtype=dtype)
+        return
+    for sub in module.modules():
+        if isinstance(sub, Fp8Linear):
+            continue
+        for name, param in sub.named_parameters(recurse=False):
+            if param.is_floating_point() and param.dtype != dtype:
+                param.data = param.data.to(dtype)
+        for name, buffer in sub.named_buffers(recurse=False):
+            if buffer.is_floating_point() and buffer.dtype != dtype:
+                sub._buffers[name] = buffer.to(dtype)
