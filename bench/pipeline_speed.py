@@ -12,8 +12,11 @@ compile_repeated_blocks + compiled VAE decoder), with ratios.
 
 import argparse
 import json
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -89,27 +92,49 @@ def main():
     start = time.perf_counter()
     build_engines(parts["transformer"], [main_res, *extra], args.out, backend="torch-compiled",
                   precision=args.precision, caption_capacity=512 if not args.tiny else 64, batch=max(1, args.batch),
-                  progress=False)
+                  progress=False, vae=parts["vae"] if device == "cuda" else False)
     results["build_s"] = time.perf_counter() - start
     print(f"engine build ({main_res} + {extra}): {results['build_s']:.1f}s", flush=True)
 
-    # Cold start: a fresh process, weights made in memory (not counted), then engine files -> first image.
+    # Cold start: a fresh process with empty compiler caches (only the engine files help it), weights
+    # made in memory (not counted), then engine files -> first image. The same process then measures
+    # peak GPU memory of steady generation, with no build in it: allocated by tensors, and reserved
+    # (what the process holds from the GPU, CUDA graph pools included: what must fit the card).
+    caches = tempfile.mkdtemp(prefix="zimage-cold-")
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": f"{caches}/inductor", "TRITON_CACHE_DIR": f"{caches}/triton"}
     cold = subprocess.run([sys.executable, "-c", f"""
-import time, torch, sys
+import json, time, torch, sys
 sys.argv = ['x'] + {['--tiny'] if args.tiny else []!r}
 sys.path.insert(0, 'bench')
 from pipeline_speed import components, PROMPT_160
 from zimage_trt import ZImageTRTPipeline
-parts = components({args.tiny}, {device!r}, torch.{ {'fp16': 'float16', 'bf16': 'bfloat16', 'fp32': 'float32'}[args.precision]})
+dtype = torch.{ {'fp16': 'float16', 'bf16': 'bfloat16', 'fp32': 'float32'}[args.precision]}
+parts = components({args.tiny}, {device!r}, dtype)
+if torch.cuda.is_available():
+    torch.cuda.reset_peak_memory_stats()
 t0 = time.perf_counter()
-pipe = ZImageTRTPipeline.from_components(**parts, engine_dir={args.out!r}, device={device!r}, torch_dtype=parts['transformer'].dtype)
+pipe = ZImageTRTPipeline.from_components(**parts, engine_dir={args.out!r}, device={device!r}, torch_dtype=dtype)
 pipe.set_progress_bar_config(disable=True)
-pipe(PROMPT_160, height={side}, width={side}, generator=torch.Generator({device!r}).manual_seed(0))
-print('COLD_START_S', time.perf_counter() - t0)
-"""], capture_output=True, text=True)
+t1 = time.perf_counter()
+first = pipe(PROMPT_160, height={side}, width={side}, generator=torch.Generator({device!r}).manual_seed(0))
+t2 = time.perf_counter()
+t = first.timings
+print('COLD_START_S', t2 - t0)
+print('COLD_SPLIT', json.dumps(dict(pipeline_s=t1 - t0, text_s=t.text_encode_ms / 1e3, denoise_s=t.denoise_ms / 1e3, vae_s=t.vae_decode_ms / 1e3)))
+for i in range(5):
+    pipe(PROMPT_160, height={side}, width={side}, generator=torch.Generator({device!r}).manual_seed(i))
+if torch.cuda.is_available():
+    print('PEAK_GIB', json.dumps(dict(allocated=torch.cuda.max_memory_allocated() / 2**30, reserved=torch.cuda.max_memory_reserved() / 2**30)))
+"""], capture_output=True, text=True, env=env)
+    shutil.rmtree(caches, ignore_errors=True)
     if "COLD_START_S" in cold.stdout:
-        results["cold_start_s"] = float(cold.stdout.split("COLD_START_S")[1])
-        print(f"cold start, engine files -> first image (fresh process): {results['cold_start_s']:.1f}s", flush=True)
+        results["cold_start_s"] = float(cold.stdout.split("COLD_START_S")[1].split()[0])
+        results["cold_start_split_s"] = json.loads(cold.stdout.split("COLD_SPLIT")[1].splitlines()[0])
+        print(f"cold start, engine files -> first image (fresh process, empty compiler caches): "
+              f"{results['cold_start_s']:.1f}s  {results['cold_start_split_s']}", flush=True)
+        if "PEAK_GIB" in cold.stdout:
+            results["fresh_process_peak_gib"] = json.loads(cold.stdout.split("PEAK_GIB")[1].splitlines()[0])
+            print(f"peak GPU memory, fresh process, 6 images: {results['fresh_process_peak_gib']}", flush=True)
     else:
         print("cold start run failed:", cold.stderr[-2000:], flush=True)
 
@@ -125,6 +150,7 @@ print('COLD_START_S', time.perf_counter() - t0)
     results["ours"] = {"per_image_ms": ours, "stages": {k: stats[k] for k in ("text_encode_ms", "denoise_ms", "vae_decode_ms", "step_ms")}}
     if device == "cuda":
         results["ours"]["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        results["ours"]["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
     print(row(f"ours {args.precision} {main_res}", ours), flush=True)
     print("  stages (mean ms): text {:.1f}  denoise {:.1f} (step {:.2f})  vae {:.1f}  peak GPU {:.1f} GiB".format(
         stats["text_encode_ms"]["mean"], stats["denoise_ms"]["mean"], stats["step_ms"]["mean"],

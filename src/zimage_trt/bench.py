@@ -47,11 +47,14 @@ def random_init_(module: nn.Module, seed: int = 0) -> nn.Module:
 
 
 def _materialise(cls_factory, device, dtype, seed):
+    # Cast on the meta device, then allocate: the weights are made in their final dtype, with no fp32
+    # copy passing through the GPU (which left the allocator's cache fragmented and the measured
+    # reserved memory ~6 GiB above what loading from disk gives).
     with torch.device("meta"):
-        module = cls_factory()
+        module = nn.Module.to(cls_factory(), dtype)
     module = module.to_empty(device=device)
     random_init_(module, seed)
-    return nn.Module.to(module, dtype).eval().requires_grad_(False)
+    return module.eval().requires_grad_(False)
 
 
 def full_size_transformer(device="cuda", dtype=torch.bfloat16, seed=0):
