@@ -471,6 +471,10 @@ class ZImageTRTPipeline:
         """One [L_i, F] tensor per prompt: the encoder's second-to-last hidden states of the real tokens."""
         if self.text_encoder is None or self.tokenizer is None:
             raise ValueError("this pipeline has no text encoder/tokenizer; pass prompt_embeds instead of prompt")
+        with self._lock:  # the text encoder's graph output is shared: one encoding at a time
+            return self._encode_prompt(prompts, max_sequence_length)
+
+    def _encode_prompt(self, prompts: list[str], max_sequence_length: int) -> list[torch.Tensor]:
         texts = [self._chat_text(p) for p in prompts]
         lengths = self._token_counts(texts)
         _warn_if_truncated(lengths, max_sequence_length, getattr(self.tokenizer, "truncation_side", "right"))
@@ -507,8 +511,10 @@ class ZImageTRTPipeline:
         differently. Measured with a full-size random Qwen3-4B in bf16 on an H100: with no pad token at
         all, transformers drops the mask and SDPA's `is_causal` kernel differs by up to 1.4 (features of
         magnitude ~45), hence the one pad token kept; with it, 160- and 300-token prompts were bitwise
-        equal to padding to 512, a 38-token prompt still differed by up to 1.25. And the encoder took
-        45-55 ms whatever the length (launch-bound), so the GPU default is diffusers' full padding.
+        equal to padding to 512, a 38-token prompt still differed by up to 1.25. And eagerly the encoder
+        took 45-55 ms whatever the length (launch-bound); replayed from a CUDA graph it takes 15 ms at
+        512 tokens, and one graph serves every prompt when all are padded alike: so the GPU default is
+        diffusers' full padding.
         On a CPU (fp32) the short form differs by ~1e-6 and saves most of the work.
         Left padding would shift the real tokens' positions, so it always keeps the full padding.
         """
