@@ -236,24 +236,25 @@ def _content_named(out_dir: Path, name: str, suffix: str, write) -> Path:
 
 
 def _vae_for_build(plan: BuildPlan):
-    """A private copy of the VAE, in the dtype the pipeline runs this engine with, or None."""
+    """A VAE of the build's own, in the dtype the pipeline runs this engine with, or None.
+    (`compile_vae_decoder` puts it in eval mode without gradients, as the pipeline's.)"""
     source = plan.vae
     if source is False:
         return None
-    if source is None:
-        folder = Path(plan.model) if isinstance(plan.model, (str, os.PathLike)) else None
-        if plan.device.type != "cuda" or folder is None or not (folder / "vae" / "config.json").is_file():
-            return None
-        from .weights import WeightsError, load_vae
-
-        try:
-            source = load_vae(folder)
-        except Exception as e:
-            raise WeightsError(f"{folder / 'vae'}: cannot load the VAE whose decoder the build compiles ({e}); "
-                               "fix the folder or pass vae=False to build without it") from e
     dtype = torch.bfloat16 if plan.precision == "fp8" else plan.target_dtype
-    vae = torch.nn.Module.to(copy.deepcopy(source), device=plan.device, dtype=dtype)
-    return vae.eval().requires_grad_(False)
+    if source is not None:  # the caller's module: compile a copy, never theirs
+        return torch.nn.Module.to(copy.deepcopy(source), device=plan.device, dtype=dtype)
+    folder = Path(plan.model) if isinstance(plan.model, (str, os.PathLike)) else None
+    if plan.device.type != "cuda" or folder is None or not (folder / "vae" / "config.json").is_file():
+        return None
+    from .weights import WeightsError, load_vae
+
+    try:
+        vae = load_vae(folder, dtype)  # loaded for the build alone: no copy needed
+    except Exception as e:
+        raise WeightsError(f"{folder / 'vae'}: cannot load the VAE whose decoder the build compiles ({e}); "
+                           "fix the folder or pass vae=False to build without it") from e
+    return vae.to(plan.device)
 
 
 def _build_torch_compiled(denoiser, shapes, out_dir, name, device, vae, progress):

@@ -353,13 +353,10 @@ class ZImageTRTPipeline:
             torch.device(text_encoder_device) if text_encoder_device is not None else _module_device(text_encoder)
         )
         self.tokenizer = tokenizer
-        # FP8 text encoder (None: when the denoiser is FP8): its linear layers in e4m3, in place.
-        if text_encoder_fp8 is not None and not isinstance(text_encoder_fp8, bool):
-            raise TypeError(f"text_encoder_fp8 must be True, False or None (follow the denoiser), got {text_encoder_fp8!r}")
-        if text_encoder_fp8 is None:
-            text_encoder_fp8 = precision == "fp8" and text_encoder is not None and self.text_encoder_device.type == "cuda"
+        # FP8 text encoder: its linear layers in e4m3, in place (from_components may have done it already).
+        text_encoder_fp8 = _wants_fp8_text_encoder(text_encoder_fp8, precision, text_encoder, self.text_encoder_device)
         if text_encoder_fp8:
-            _check_fp8_device(self.text_encoder_device)
+            _check_fp8_device(self.text_encoder_device, "text_encoder_fp8")
             quantize_text_encoder_fp8(text_encoder)
         self.text_encoder_fp8 = bool(text_encoder_fp8)
         self._text_runner = TextEncoderRunner(text_encoder, self.text_encoder_device, use_cuda_graph)
@@ -442,7 +439,7 @@ class ZImageTRTPipeline:
             from .denoiser import quantize_block_fp8
 
             _place_converting(transformer, _transformer_blocks(transformer), device, quantize_block_fp8)
-            if options.get("text_encoder_fp8") in (None, True) and te_device.type == "cuda" and text_encoder is not None:
+            if _wants_fp8_text_encoder(options.get("text_encoder_fp8"), "fp8", text_encoder, te_device):
                 _place_converting(text_encoder, getattr(text_encoder, "layers", []), te_device, quantize_text_encoder_fp8)
         _move(transformer, device, dtype)
         _move(vae, device, dtype)
@@ -924,6 +921,15 @@ def _check_finite_latents(latents: torch.Tensor, dtype: torch.dtype) -> None:
     raise NonFiniteOutputError(f"denoising produced NaN/inf latents for image(s) {bad}{hint}; no image was decoded")
 
 
+def _wants_fp8_text_encoder(flag, precision: str | None, text_encoder, device: torch.device) -> bool:
+    """`text_encoder_fp8` checked; None follows the denoiser: FP8 when precision is "fp8" on a GPU."""
+    if flag is not None and not isinstance(flag, bool):
+        raise TypeError(f"text_encoder_fp8 must be True, False or None (follow the denoiser), got {flag!r}")
+    if flag is None:
+        return precision == "fp8" and text_encoder is not None and device.type == "cuda"
+    return flag
+
+
 def _transformer_blocks(transformer) -> list:
     return [block for group in ("noise_refiner", "context_refiner", "layers") for block in getattr(transformer, group, [])]
 
@@ -931,17 +937,17 @@ def _transformer_blocks(transformer) -> list:
 def _place_converting(module, blocks, device: torch.device, convert) -> None:
     """Move each of `blocks` (submodules of `module`) to `device` in bf16 and `convert` it there at once,
     so that only one block's 16-bit weights are on the GPU at a time; the rest moves afterwards."""
-    _check_fp8_device(device)
+    _check_fp8_device(device, "precision='fp8'")
     for block in blocks:
         _move(block, device, torch.bfloat16)  # (FP8-aware: a block converted earlier keeps its FP8 layers)
         convert(block)  # (skips layers converted earlier)
 
 
-def _check_fp8_device(device: torch.device) -> None:
+def _check_fp8_device(device: torch.device, option: str) -> None:
     if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
         major, minor = torch.cuda.get_device_capability(device)
-        raise ValueError(f"text_encoder_fp8 needs FP8 tensor cores (compute capability 8.9 or newer); "
-                         f"{torch.cuda.get_device_name(device)} is {major}.{minor}: pass text_encoder_fp8=False")
+        raise ValueError(f"{option} needs FP8 tensor cores (compute capability 8.9 or newer); "
+                         f"{torch.cuda.get_device_name(device)} is {major}.{minor}")
 
 
 def _to_pil_on_gpu(image: torch.Tensor) -> list:
@@ -972,20 +978,24 @@ def _move(module, device: torch.device, dtype: torch.dtype) -> None:
 
     if module is None:
         return
-    tensors = [*module.parameters(), *module.buffers()]
-    if any(not _same_device(t.device, device) for t in tensors):
-        module.to(device=device)
     fp8_layers = [m for m in module.modules() if isinstance(m, Fp8Linear)]
+    kept = {id(t) for m in fp8_layers for t in [*m.parameters(), *m.buffers()]}
+    tensors = [*module.parameters(), *module.buffers()]
+    moves = any(not _same_device(t.device, device) for t in tensors)
+    casts = any(t.is_floating_point() and t.dtype != dtype and id(t) not in kept for t in tensors)
     if not fp8_layers:
-        if any(t.is_floating_point() and t.dtype != dtype for t in tensors):
-            module.to(dtype=dtype)
+        if moves or casts:
+            module.to(device=device, dtype=dtype)  # one call: no wide copy lands on the device before the cast
         return
-    for sub in module.modules():
-        if isinstance(sub, Fp8Linear):
-            continue
-        for name, param in sub.named_parameters(recurse=False):
-            if param.is_floating_point() and param.dtype != dtype:
-                param.data = param.data.to(dtype)
-        for name, buffer in sub.named_buffers(recurse=False):
-            if buffer.is_floating_point() and buffer.dtype != dtype:
-                sub._buffers[name] = buffer.to(dtype)
+    if moves:
+        module.to(device=device)
+    if casts:
+        for sub in module.modules():
+            if isinstance(sub, Fp8Linear):
+                continue
+            for param in sub.parameters(recurse=False):
+                if param.is_floating_point() and param.dtype != dtype:
+                    param.data = param.data.to(dtype)
+            for name, buffer in sub.named_buffers(recurse=False):
+                if buffer.is_floating_point() and buffer.dtype != dtype:
+                    sub._buffers[name] = buffer.to(dtype)
