@@ -9,8 +9,63 @@ import pytest
 import torch
 
 
+# CI must not go green on tests that did not run: without CUDA only gpu-marked tests may skip, unless
+# ZIMAGE_ALLOW_SKIPS=1 (e.g. a machine without tensorrt-rtx). On a CUDA machine any skip is allowed.
+ALLOW_SKIPS = "ZIMAGE_ALLOW_SKIPS"
+_unexpected_skips = []  # (node id, reason), filled during the session
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU; skipped when torch.cuda.is_available() is False")
+    config.addinivalue_line(
+        "markers", "slow: builds engines, compiles, spawns processes or runs large loads; -m 'not slow' leaves them out"
+    )
+    _unexpected_skips.clear()
+
+
+def pytest_collection_modifyitems(config, items):
+    # A gpu-marked test skips on a machine without CUDA even if it lacks its own skipif.
+    if not torch.cuda.is_available():
+        for item in items:
+            if item.get_closest_marker("gpu"):
+                item.add_marker(pytest.mark.skip(reason="gpu test: torch.cuda.is_available() is False"))
+
+
+def _skip_reason(report) -> str:
+    return report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    skip_allowed = torch.cuda.is_available() or item.get_closest_marker("gpu") is not None
+    if report.skipped and not hasattr(report, "wasxfail") and not skip_allowed:
+        _unexpected_skips.append((item.nodeid, _skip_reason(report)))
+    return report
+
+
+def pytest_collectreport(report):
+    # A whole module skipped while it is imported (module-level pytest.importorskip) has no gpu marker.
+    if report.skipped and not torch.cuda.is_available():
+        _unexpected_skips.append((report.nodeid, _skip_reason(report)))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _unexpected_skips and os.environ.get(ALLOW_SKIPS) != "1" and session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if not _unexpected_skips:
+        return
+    allowed = os.environ.get(ALLOW_SKIPS) == "1"
+    terminalreporter.section("unexpected skips", sep="=", red=not allowed, yellow=allowed, bold=True)
+    terminalreporter.line(
+        f"{len(_unexpected_skips)} test(s) without the gpu marker skipped on a machine without CUDA; "
+        + (f"allowed by {ALLOW_SKIPS}=1." if allowed else f"the session FAILS (set {ALLOW_SKIPS}=1 to allow them):")
+    )
+    for nodeid, reason in _unexpected_skips:
+        terminalreporter.line(f"SKIPPED {nodeid}: {reason}")
 
 
 @pytest.fixture(scope="module")

@@ -33,11 +33,29 @@ def test_missing_model_folder(tmp_path, capsys):
 
 
 def test_generate_with_fallback_writes_an_image(tmp_path, capsys):
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from zimage_trt.pipeline import ZImageTRTPipeline
+
     model = save_tiny_pipeline(tmp_path / "tiny", seed=0)
     target = tmp_path / "out" / "fox.png"
     with pytest.warns(UserWarning, match="allow_fallback"):
         code = main(["generate", "--model", str(model), "--engines", str(tmp_path / "no-engines"), "--prompt", "a fox",
-                     "--height", "256", "--width", "256", "--steps", "2", "--device", "cpu", "--allow-fallback",
-                     "--output", str(target)])
-    assert code == 0 and target.stat().st_size > 0
+                     "--height", "256", "--width", "384", "--steps", "2", "--seed", "3", "--device", "cpu",
+                     "--allow-fallback", "--output", str(target)])
+    assert code == 0
     assert "wrote" in capsys.readouterr().out
+    with Image.open(target) as image:
+        assert image.format == "PNG" and image.mode == "RGB"
+        assert image.size == (384, 256)  # (width, height) as asked
+        pixels = np.asarray(image).astype(int)
+    # The same request through the Python API gives the same picture. Two separate loads may round fp32
+    # differently (~1e-6), which can flip a pixel across a .5 boundary: one level of 255 is allowed.
+    pipe = ZImageTRTPipeline.from_pretrained(model, device="cpu")
+    pipe.set_progress_bar_config(disable=True)
+    expected = pipe("a fox", height=256, width=384, num_inference_steps=2, guidance_scale=0.0,
+                    generator=torch.Generator("cpu").manual_seed(3)).images[0]
+    assert pixels.std() > 1.0  # not a flat image
+    assert np.abs(pixels - np.asarray(expected).astype(int)).max() <= 1

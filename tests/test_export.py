@@ -27,6 +27,7 @@ def test_fp32_export_matches_torch_across_shapes(components, tmp_path):
     assert check_with_onnxruntime(den, tmp_path / "d.onnx", cases=[((34, 50), 160, 3)]) <= 1e-4
 
 
+@pytest.mark.slow
 def test_fp16_export_is_fp16_and_close(components, tmp_path):
     import copy
 
@@ -40,6 +41,7 @@ def test_fp16_export_is_fp16_and_close(components, tmp_path):
     assert check_with_onnxruntime(den, info["path"]) <= ORT_TOLERANCE["fp16"]
 
 
+@pytest.mark.slow
 def test_bf16_export_is_valid(components, tmp_path):
     import copy
 
@@ -50,6 +52,7 @@ def test_bf16_export_is_valid(components, tmp_path):
     assert weight_types == {onnx.TensorProto.BFLOAT16}
 
 
+@pytest.mark.slow
 def test_external_data(components, tmp_path):
     den = StaticZImageDenoiser(components["transformer"])
     info = export_denoiser(den, tmp_path / "x.onnx", external_data=True, verify=False)
@@ -64,8 +67,30 @@ def test_vae_decoder_export(components, tmp_path):
     assert info["ort_max_rel_error"] <= 1e-4
 
 
-def test_failed_export_leaves_nothing(components, tmp_path):
+class ExportBrokeOff(Exception):
+    """Raised by the stand-in torch.onnx.export below once it has written its files."""
+
+
+def test_failed_export_leaves_nothing(components, tmp_path, monkeypatch):
+    """A failure after the exporter has written a graph and its external data into the temporary folder
+    leaves no .onnx, no .data and no temporary folder behind."""
+    seen = []
+
+    def export_that_breaks_off(module, inputs, path, **kwargs):
+        with open(path, "wb") as f:
+            f.write(b"half a graph")
+        with open(f"{path}.data", "wb") as f:
+            f.write(b"\0" * 1024)
+        # What the output folder holds at the moment of failure: {name: its files, for a folder}.
+        seen.append({p.name: sorted(q.name for q in p.iterdir()) if p.is_dir() else None for p in tmp_path.iterdir()})
+        raise ExportBrokeOff(f"broke off writing {path}")
+
+    monkeypatch.setattr(torch.onnx, "export", export_that_breaks_off)
     den = StaticZImageDenoiser(components["transformer"])
-    with pytest.raises(Exception):
-        export_denoiser(den, tmp_path / "bad.onnx", max_latent_side=8, verify=False)  # impossible range
-    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ExportBrokeOff):
+        export_denoiser(den, tmp_path / "bad.onnx", external_data=True, verify=False)
+    # The files went into the temporary folder (the only thing in the output folder then): cleanup had work.
+    assert len(seen) == 1
+    [(folder, written)] = seen[0].items()
+    assert folder.startswith(".bad.onnx.export-") and written == ["bad.onnx", "bad.onnx.data"], seen
+    assert list(tmp_path.iterdir()) == [], sorted(p.name for p in tmp_path.iterdir())

@@ -53,6 +53,7 @@ def test_fp8_needs_bf16_and_fp8_hardware(tmp_path):
         build_engines(tr, "256x256", tmp_path, precision="int4", progress=False)
 
 
+@pytest.mark.slow
 def test_fp8_tensorrt_rtx_engine_through_the_build_step(tmp_path):
     """TensorRT's FP8 path: fp16 export + our Q/DQ on the projections -> a real TensorRT-RTX engine."""
     pytest.importorskip("tensorrt_rtx", reason="CI installs tensorrt-rtx-cu13")

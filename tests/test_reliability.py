@@ -95,6 +95,7 @@ def engine_run_replaced(pipe, make_run):
 # --------------------------------------------------------------------------------------------------
 # 1. Load
 # --------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_64_requests_from_16_threads_match_solo_runs_in_fifo_order(pipe):
     requests_per_thread, threads_count = 4, 16
 
@@ -148,7 +149,10 @@ def test_64_requests_from_16_threads_match_solo_runs_in_fifo_order(pipe):
     for thread in range(threads_count):
         own = [tag for tag in started if tag[0] == thread]
         assert own == [(thread, j) for j in range(requests_per_thread)]
-    # A full queue (max_pending=32 < 64 requests) answers at once instead of blocking the caller.
+    # A full queue (max_pending=32 < 64 requests) answers at once instead of blocking the caller. 64
+    # submissions in a burst against one worker must have met a full queue: none would mean the bound
+    # was never reached and this check proved nothing.
+    assert full_answers, "no submission ever met a full queue"
     assert all(seconds < 0.5 for seconds in full_answers), max(full_answers)
 
     solo = {}
@@ -429,6 +433,7 @@ def test_unusual_but_valid_text_is_accepted(pipe):
 # --------------------------------------------------------------------------------------------------
 # The GPU script's flow, on the CPU (guards bench/reliability_gpu.py against bit rot)
 # --------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_gpu_reliability_script_passes_in_tiny_mode():
     import subprocess
 

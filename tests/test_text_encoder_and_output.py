@@ -14,6 +14,13 @@ from zimage_trt.tiny import make_tiny_components
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# The module whose _place_converting / _transformer_blocks from_components calls (the FP8 block-by-block
+# placement); repoint this one name when they move (to zimage_trt.runtime.placement).
+PLACEMENT_MODULE = "zimage_trt.pipeline"
+
+
+def _placement(name):
+    return getattr(__import__(PLACEMENT_MODULE, fromlist=[name]), name)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -28,7 +35,7 @@ def test_image_conversion_is_bitwise_diffusers(device, dtype):
     theirs = [np.asarray(im) for im in processor.postprocess(image, output_type="pil")]
     ours = [np.asarray(im) for im in _to_pil_on_gpu(processor.postprocess(image, output_type="pt"))]
     assert len(ours) == len(theirs) == 2
-    for a, b in zip(ours, theirs):
+    for a, b in zip(ours, theirs, strict=True):
         assert a.dtype == b.dtype == np.uint8 and a.shape == b.shape == (64, 48, 3)
         assert np.array_equal(a, b), f"max difference {np.abs(a.astype(int) - b).max()}"
 
@@ -143,38 +150,89 @@ def test_text_encoder_fp8_argument_is_checked():
         ZImageTRTPipeline.from_components(**make_tiny_components(seed=0), device="cpu", text_encoder_fp8="yes")
 
 
-def test_fp8_pipeline_converts_blocks_on_their_way_and_matches_converting_in_place(monkeypatch):
-    """precision='fp8' from CPU components: every block is converted as it is placed (one block of
-    16-bit weights on the device at a time), and the result is the same FP8 model as converting the
-    whole model where it stands."""
-    from zimage_trt import ZImageTRTPipeline, pipeline as pipeline_module
-    from zimage_trt.denoiser import Fp8Linear, quantize_block_fp8
+def _fp8_reference(device):
+    """The tiny bf16 components with transformer blocks and text encoder converted to FP8 where they stand."""
+    from zimage_trt.denoiser import quantize_block_fp8
     from zimage_trt.text_encoder import quantize_text_encoder_fp8
 
-    placed = []
-    original = pipeline_module._place_converting
-
-    def recording(module, blocks, device, convert):
-        placed.append((type(module).__name__, len(list(blocks))))
-        original(module, blocks, device, convert)
-
-    monkeypatch.setattr(pipeline_module, "_place_converting", recording)
-    # On the CPU the "device" is the CPU itself: call the FP8 placement as from_components does on CUDA.
-    parts = make_tiny_components(seed=0, dtype=torch.bfloat16)
     reference = make_tiny_components(seed=0, dtype=torch.bfloat16)
-    for block in pipeline_module._transformer_blocks(reference["transformer"]):
+    for key in ("transformer", "text_encoder"):
+        reference[key].to(device)
+    for block in _placement("_transformer_blocks")(reference["transformer"]):
         quantize_block_fp8(block)
     quantize_text_encoder_fp8(reference["text_encoder"])
-    cpu = torch.device("cpu")
-    pipeline_module._place_converting(parts["transformer"], pipeline_module._transformer_blocks(parts["transformer"]),
-                                      cpu, quantize_block_fp8)
-    pipeline_module._place_converting(parts["text_encoder"], parts["text_encoder"].layers, cpu, quantize_text_encoder_fp8)
-    assert [name for name, _ in placed] == ["ZImageTransformer2DModel", "Qwen3Model"]
+    return reference
+
+
+def _assert_same_fp8_model(parts, reference):
+    from zimage_trt.denoiser import Fp8Linear
+
     for key in ("transformer", "text_encoder"):
         ours, theirs = parts[key].state_dict(), reference[key].state_dict()
         assert ours.keys() == theirs.keys()
-        assert all(torch.equal(ours[k].float(), theirs[k].float()) for k in ours)
+        assert all(ours[k].dtype == theirs[k].dtype and torch.equal(ours[k].float(), theirs[k].float()) for k in ours)
         assert any(isinstance(m, Fp8Linear) for m in parts[key].modules())
+
+
+def test_place_converting_converts_each_block_and_matches_converting_in_place():
+    """What the CPU can check of the FP8 placement (from_components uses it on CUDA only; the GPU test
+    below checks that it does): the helper converts every block once, in order, as it places it, and the
+    result is the same FP8 model as converting the whole model where it stands."""
+    from zimage_trt import ZImageTRTPipeline
+    from zimage_trt.denoiser import quantize_block_fp8
+    from zimage_trt.text_encoder import quantize_text_encoder_fp8
+
+    place_converting, transformer_blocks = _placement("_place_converting"), _placement("_transformer_blocks")
+    parts = make_tiny_components(seed=0, dtype=torch.bfloat16)
+    cpu = torch.device("cpu")
+    for module, blocks, convert in ((parts["transformer"], transformer_blocks(parts["transformer"]), quantize_block_fp8),
+                                    (parts["text_encoder"], list(parts["text_encoder"].layers), quantize_text_encoder_fp8)):
+        converted = []
+
+        def recording_convert(block, convert=convert, converted=converted):
+            converted.append(block)
+            convert(block)
+
+        place_converting(module, blocks, cpu, recording_convert)
+        assert len(blocks) > 1 and [id(b) for b in converted] == [id(b) for b in blocks]
+    _assert_same_fp8_model(parts, _fp8_reference(cpu))
     pipe = ZImageTRTPipeline.from_components(**parts, device="cpu", torch_dtype=torch.bfloat16, allow_fallback=True,
                                              precision="fp8", text_encoder_fp8=True)
     assert pipe.text_encoder_fp8
+
+
+@gpu
+@needs_cuda
+def test_fp8_pipeline_converts_blocks_on_their_way_and_matches_converting_in_place(monkeypatch):
+    """precision='fp8' from CPU components onto the GPU: from_components itself converts every block as it
+    places it (one block of 16-bit weights on the device at a time), and the result is the same FP8 model
+    as converting the whole model where it stands."""
+    from zimage_trt import ZImageTRTPipeline
+
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 needs compute capability 8.9 or newer")
+    place_converting = _placement("_place_converting")
+    placed = []  # (module class, number of blocks) for each call that from_components makes
+
+    def recording(module, blocks, device, convert):
+        blocks = list(blocks)
+        placed.append((type(module).__name__, len(blocks)))
+
+        def convert_checked(block):
+            position = next(i for i, b in enumerate(blocks) if b is block)
+            assert all(p.device.type == "cuda" for p in block.parameters())
+            # The blocks placed later are still on the CPU: the whole 16-bit model never sits on the GPU.
+            assert all(p.device.type == "cpu" for b in blocks[position + 1:] for p in b.parameters())
+            convert(block)
+
+        place_converting(module, blocks, device, convert_checked)
+
+    monkeypatch.setattr(f"{PLACEMENT_MODULE}._place_converting", recording)
+    parts = make_tiny_components(seed=0, dtype=torch.bfloat16)
+    n_blocks = len(_placement("_transformer_blocks")(parts["transformer"]))
+    pipe = ZImageTRTPipeline.from_components(**parts, device="cuda", torch_dtype=torch.bfloat16, allow_fallback=True,
+                                             precision="fp8", text_encoder_fp8=True)
+    assert placed == [("ZImageTransformer2DModel", n_blocks),
+                      ("Qwen3Model", parts["text_encoder"].config.num_hidden_layers)]
+    assert pipe.text_encoder_fp8
+    _assert_same_fp8_model(parts, _fp8_reference(torch.device("cuda")))  # both converted on the GPU

@@ -31,6 +31,10 @@ from zimage_trt.weights import (
 )
 
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl"}
+# Outputs of two separately loaded/built models: CPU math libraries pick kernels by CPU model and memory
+# alignment, so fp32 rounding order may differ (up to ~1e-5 seen on an AMD EPYC: 4.3443e-01 vs 4.3444e-01).
+# 1e-4 is above that noise and 100x below what other weights change (another seed: > 1e-2).
+FP32_NOISE = dict(rtol=1e-4, atol=1e-4)
 
 
 @pytest.fixture(scope="module")
@@ -101,11 +105,22 @@ def test_saved_tiny_pipeline_loads_and_generates_offline(tiny_root):
     assert pixels.std() > 1.0  # not a flat image
 
 
+# Tongyi-MAI/Z-Image-Turbo's published scheduler/scheduler_config.json, written out here rather than read
+# from the constant that wrote the tiny pipeline's file (that comparison could never fail).
+PUBLISHED_TURBO_SCHEDULER = {
+    "_class_name": "FlowMatchEulerDiscreteScheduler",
+    "num_train_timesteps": 1000,
+    "use_dynamic_shifting": False,
+    "shift": 3.0,
+}
+
+
 def test_scheduler_matches_turbo_config(tiny_root):
     config = json.loads((tiny_root / "scheduler" / "scheduler_config.json").read_text())
-    assert config["_class_name"] == "FlowMatchEulerDiscreteScheduler"
-    for key, value in ZIMAGE_TURBO_SCHEDULER_CONFIG.items():
-        assert config[key] == value
+    for key, value in PUBLISHED_TURBO_SCHEDULER.items():
+        assert config[key] == value, key
+    # The constant the runtime tests build schedulers from holds the same published values.
+    assert ZIMAGE_TURBO_SCHEDULER_CONFIG == {k: v for k, v in PUBLISHED_TURBO_SCHEDULER.items() if k != "_class_name"}
 
 
 def test_vae_shape_and_latent_normalisation():
@@ -152,14 +167,16 @@ def test_text_encoder_vocab_matches_tokenizer():
 
 def test_transformer_output_nonzero_and_seed_dependent():
     before = torch.random.get_rng_state()
-    out0 = _run_transformer(make_tiny_components(seed=0)["transformer"])
-    out0_again = _run_transformer(make_tiny_components(seed=0)["transformer"])
+    model0, model0_again = make_tiny_components(seed=0)["transformer"], make_tiny_components(seed=0)["transformer"]
+    out0, out0_again = _run_transformer(model0), _run_transformer(model0_again)
     out1 = _run_transformer(make_tiny_components(seed=1)["transformer"])
     assert torch.equal(torch.random.get_rng_state(), before)  # global RNG untouched
 
     assert torch.isfinite(out0).all()
     assert out0.abs().mean() > 1e-2
-    assert torch.equal(out0, out0_again)
+    # Same seed: the same weights, bit for bit; their outputs agree up to fp32 rounding noise (FP32_NOISE).
+    _assert_same_state(model0, model0_again)
+    torch.testing.assert_close(out0, out0_again, **FP32_NOISE)
     assert (out0 - out1).abs().max() > 1e-2
 
 
@@ -189,8 +206,10 @@ def test_load_transformer_all_sources_agree(tiny_root, sharded_root):
     for model in (from_root, from_dir, from_shards):
         assert isinstance(model, ZImageTransformer2DModel)
         assert not model.training
-        _assert_same_state(model, in_memory)
-    assert torch.equal(_run_transformer(from_shards), _run_transformer(in_memory))
+        _assert_same_state(model, in_memory)  # the weights: bit for bit
+    want = _run_transformer(in_memory)  # the outputs: up to fp32 rounding noise (FP32_NOISE says why)
+    for model in (from_root, from_dir, from_shards):
+        torch.testing.assert_close(_run_transformer(model), want, **FP32_NOISE)
 
 
 def test_load_transformer_dtype(tiny_root):
