@@ -1,12 +1,14 @@
 # make demo: set up a virtual environment and run the offline demo (tiny random model, CPU is fine).
-# make test: set up and run the test suite (what CI runs).
+# make test: set up and run the test suite without the slow cases (under 10 minutes on 2 cores).
+# make test-slow: the slow cases (engine builds, compiles, fresh processes), two at a time.
+# CI (.ci/run) runs both: every test counts there.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # torch 2.13.0 (CPU) is what CI and the dev machines have on disk; override for a CUDA build:
 #   make setup TORCH_SPEC="torch==2.11.0"
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test test-slow clean
 
 setup: $(VENV)/.installed
 
@@ -21,7 +23,10 @@ demo: setup
 	HF_HUB_OFFLINE=1 $(PY) -m zimage_trt.cli demo --out out/demo
 
 test: setup
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow" tests
+
+test-slow: setup
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m slow -n 2 tests
 
 clean:
 	rm -rf out engines/*.json engines/*.plan engines/*.bin engines/onnx

@@ -23,7 +23,7 @@ setup(
         "rtx": ["tensorrt-rtx-cu13>=1.7,<1.8"],
         "trt": ["tensorrt>=10"],
         "telemetry": ["nvidia-ml-py>=12"],
-        "test": ["pytest>=8"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5"],
     },
     entry_points={"console_scripts": ["zimage-trt=zimage_trt.cli:main"]},
 )

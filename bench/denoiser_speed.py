@@ -13,7 +13,8 @@ import time
 import torch
 
 from zimage_trt import build_engines, open_denoiser
-from zimage_trt.bench import cuda_time_ms, environment, format_row, full_size_transformer, summarize
+from zimage_trt.benchmark.common import cuda_time_ms, environment, format_row, full_size_transformer
+from zimage_trt.runtime.telemetry import summarize
 
 
 def main():
@@ -89,7 +90,7 @@ def main():
     # Cold start in a fresh process: engine files -> first output.
     cmd = [sys.executable, "-c", (
         "import time; t0=time.perf_counter(); import torch; from zimage_trt import open_denoiser;"
-        "from zimage_trt.bench import full_size_transformer;"
+        "from zimage_trt.benchmark.common import full_size_transformer;"
         f"m=full_size_transformer('cuda', torch.{str(dtype).split('.')[-1]}); t1=time.perf_counter();"
         f"e=open_denoiser(m, '{args.out}', 'cuda', m.dtype, '{args.resolution}', 1);"
         f"x=torch.randn(1,16,{h // 8},{w // 8},device='cuda'); c=torch.randn(1,{padded},2560,device='cuda',dtype=m.dtype);"

@@ -10,7 +10,8 @@ kernel would hide.
 
 import torch
 
-from zimage_trt.bench import cuda_time_ms, summarize
+from zimage_trt.benchmark.common import cuda_time_ms
+from zimage_trt.runtime.telemetry import summarize
 
 SHAPES = [(3840, 11520), (3840, 3840), (3840, 20480), (10240, 3840)]  # qkv, out, w1|w3, w2
 M = 4256

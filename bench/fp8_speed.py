@@ -17,10 +17,10 @@ import numpy as np
 import torch
 
 from zimage_trt import ZImageTRTPipeline, build_engines
-from zimage_trt.bench import PROMPT_160, environment
+from zimage_trt.benchmark.common import PROMPT_160, environment
 
-from pipeline_speed import components, per_image_ms, row  # noqa: E402  (run from bench/ or with it on sys.path)
-from zimage_trt.telemetry import summarize
+from zimage_trt.benchmark.pipeline_speed import components, per_image_ms, row
+from zimage_trt.runtime.telemetry import summarize
 
 
 def main():

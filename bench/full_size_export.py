@@ -19,9 +19,9 @@ def main():
     args = ap.parse_args()
     from diffusers import ZImageTransformer2DModel
 
-    from zimage_trt.bench import random_init_
-    from zimage_trt.denoiser import StaticZImageDenoiser
-    from zimage_trt.export import export_denoiser
+    from zimage_trt.benchmark.common import random_init_
+    from zimage_trt.model.denoiser import StaticZImageDenoiser
+    from zimage_trt.compiler.export import export_denoiser
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

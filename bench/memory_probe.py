@@ -29,7 +29,7 @@ def snapshot(label, rows):
 
 def measure(args):
     from zimage_trt import ZImageTRTPipeline
-    from zimage_trt.bench import PROMPT_160, full_size_components
+    from zimage_trt.benchmark.common import PROMPT_160, full_size_components
 
     dtype = torch.float16 if args.precision == "fp16" else torch.bfloat16
     parts = full_size_components("cuda", dtype)  # (made on the GPU: random init on the CPU takes minutes)
@@ -78,7 +78,7 @@ def main():
     if not args.build:
         return measure(args)
     from zimage_trt import build_engines
-    from zimage_trt.bench import full_size_transformer
+    from zimage_trt.benchmark.common import full_size_transformer
 
     dtype = torch.float16 if args.precision == "fp16" else torch.bfloat16
     build_engines(full_size_transformer("cuda", dtype), ["1024x1024"], args.engine_dir, backend="torch-compiled",

@@ -11,9 +11,10 @@ import argparse
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from zimage_trt.backends.torch_compiled import CompiledDenoiserEngine
-from zimage_trt.bench import cuda_time_ms, format_row, full_size_transformer, summarize
-from zimage_trt.denoiser import StaticZImageDenoiser
+from zimage_trt.engines.torch_compiled import CompiledDenoiserEngine
+from zimage_trt.benchmark.common import cuda_time_ms, format_row, full_size_transformer
+from zimage_trt.runtime.telemetry import summarize
+from zimage_trt.model.denoiser import StaticZImageDenoiser
 
 
 def graphed(fn):

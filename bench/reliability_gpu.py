@@ -33,9 +33,9 @@ except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from zimage_trt.pipeline import GenerationOOMError, NonFiniteOutputError, ZImageTRTPipeline
-from zimage_trt.queue import QueueFullError
-from zimage_trt.shapes import Resolution
-from zimage_trt.telemetry import summarize
+from zimage_trt.runtime.queue import QueueFullError
+from zimage_trt.model.shapes import Resolution
+from zimage_trt.runtime.telemetry import summarize
 
 WAIT_S = 300  # per future: generous, but a deadlock still ends the run
 T0 = time.perf_counter()
@@ -80,12 +80,12 @@ class Report:
 def make_pipeline(args, device, dtype):
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from zimage_trt.tiny import ZIMAGE_TURBO_SCHEDULER_CONFIG, make_tiny_components, make_tiny_tokenizer
+    from zimage_trt.testing.tiny import ZIMAGE_TURBO_SCHEDULER_CONFIG, make_tiny_components, make_tiny_tokenizer
 
     if args.tiny:
         parts = make_tiny_components(seed=0)
     else:
-        from zimage_trt.bench import full_size_text_encoder, full_size_transformer, full_size_vae
+        from zimage_trt.benchmark.common import full_size_text_encoder, full_size_transformer, full_size_vae
 
         parts = {
             "transformer": full_size_transformer(device, dtype),
@@ -427,7 +427,7 @@ def main():
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
         steps = args.steps or 8
         main_size, tall, big_sizes, batch = (512, 512), (512, 768), [(1024, 1024), (2048, 2048)], 4
-    from zimage_trt.bench import environment
+    from zimage_trt.benchmark.common import environment
 
     log("environment:", environment(), f"device {device}, dtype {dtype}, steps {steps}")
     start = time.perf_counter()

@@ -43,7 +43,7 @@ def _make_transformer(layers: int):
     import torch
     from diffusers import ZImageTransformer2DModel
 
-    from zimage_trt.bench import random_init_
+    from zimage_trt.benchmark.common import random_init_
 
     with torch.device("meta"):
         model = ZImageTransformer2DModel(n_layers=layers, n_refiner_layers=2)
@@ -92,8 +92,8 @@ def _onnx_summary(onnx_path: Path) -> dict:
 def export_phase(layers: int, onnx_path: str, max_latent_side: int, max_capacity: int, external_data) -> dict:
     import torch
 
-    from zimage_trt.denoiser import StaticZImageDenoiser
-    from zimage_trt.export import export_denoiser
+    from zimage_trt.model.denoiser import StaticZImageDenoiser
+    from zimage_trt.compiler.export import export_denoiser
 
     torch.set_grad_enabled(False)
     t0 = time.perf_counter()
@@ -143,10 +143,10 @@ class _Collect(logging.Handler):
 
 
 def build_phase(onnx_path: str, engine_path: str, profiles: list, compute_capability: str) -> dict:
-    from zimage_trt.backends.tensorrt import build_tensorrt_engine
+    from zimage_trt.engines.tensorrt.runtime import build_tensorrt_engine
 
     handler = _Collect()
-    log = logging.getLogger("zimage_trt.backends.tensorrt")
+    log = logging.getLogger("zimage_trt.engines.tensorrt.runtime")
     log.addHandler(handler)
     log.setLevel(logging.WARNING)  # TensorRT warnings and errors, forwarded by the library's logger
     info = build_tensorrt_engine(onnx_path, engine_path, profiles, flavor="tensorrt-rtx",
@@ -261,7 +261,7 @@ def main():
     ap.add_argument("--keep-engine", action="store_true", help="keep the engine file (deleted by default: disk)")
     args = ap.parse_args()
 
-    from zimage_trt.shapes import Resolution, check_caption_capacity
+    from zimage_trt.model.shapes import Resolution, check_caption_capacity
 
     check_caption_capacity(args.caption)
     resolutions = [Resolution.parse(r) for r in args.resolution.split(",")]

@@ -14,7 +14,8 @@ import time
 import numpy as np
 import torch
 
-from zimage_trt.bench import PROMPT_160, cuda_time_ms, format_row, full_size_components, summarize
+from zimage_trt.benchmark.common import PROMPT_160, cuda_time_ms, format_row, full_size_components
+from zimage_trt.runtime.telemetry import summarize
 
 from profile_step import graphed  # noqa: E402  (run from the repo root with bench/ on sys.path, or from bench/)
 

@@ -7,7 +7,7 @@ import torch
 
 
 from zimage_trt.pipeline import PromptTruncatedWarning
-from zimage_trt.tiny import TINY_TEXT_HIDDEN
+from zimage_trt.testing.tiny import TINY_TEXT_HIDDEN
 
 FEATURES = TINY_TEXT_HIDDEN  # the tiny text encoder's hidden size = the transformer's cap_feat_dim
 
@@ -111,7 +111,7 @@ def test_good_request_passes(pipe):
 
 def test_prompt_longer_than_max_sequence_length_warns_with_dropped_count(pipe):
     prompt = "word " * 40  # 200 bytes; the tiny tokenizer has one token per byte
-    tokens = len(pipe.tokenizer(pipe._chat_text(prompt)).input_ids)
+    tokens = len(pipe.tokenizer(pipe._prompts.chat_text(prompt)).input_ids)
     with pytest.warns(PromptTruncatedWarning, match=rf"prompt 0 is {tokens} tokens.*max_sequence_length=32.*last {tokens - 32} tokens were dropped"):
         out = pipe(**{**GOOD, "prompt": prompt, "max_sequence_length": 32})
     assert torch.isfinite(out.images).all()

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from zimage_trt import build_engines
-from zimage_trt.build import resolve_backend
-from zimage_trt.manifest import Manifest
-from zimage_trt.tiny import make_tiny_components, save_tiny_pipeline
+from zimage_trt.compiler import tensorrt_build
+from zimage_trt.compiler.build import resolve_backend
+from zimage_trt.engines.manifest import Manifest
+from zimage_trt.testing.tiny import make_tiny_components, save_tiny_pipeline
 
 
 def _rtx_unavailable():
@@ -76,7 +77,7 @@ def test_torch_compiled_engine_runs_in_a_fresh_process(tmp_path):
     script = textwrap.dedent(f"""
         import torch
         from zimage_trt import open_denoiser, StaticZImageDenoiser
-        from zimage_trt.weights import load_transformer
+        from zimage_trt.model.weights import load_transformer
         tr = load_transformer({str(folder)!r})
         engine = open_denoiser(tr, {str(tmp_path / 'engines')!r}, 'cpu', torch.float32, '256x256', 1)
         assert engine.kind == 'torch-compiled', engine.kind
@@ -107,7 +108,7 @@ def test_vae_decoder_kernels_travel_with_the_engine(tmp_path):
     script = textwrap.dedent(f"""
         import torch
         from diffusers import AutoencoderKL
-        from zimage_trt.backends import torch_compiled
+        from zimage_trt.engines import torch_compiled
         from torch._dynamo.utils import counters
         torch_compiled.load_artifacts(open({str(artefacts)!r}, 'rb').read())
         vae = AutoencoderKL.from_pretrained({str(tmp_path / 'vae')!r})
@@ -129,7 +130,7 @@ def test_build_keeps_no_copy_of_the_weights_alive(tmp_path, monkeypatch):
     import copy
     import weakref
 
-    from zimage_trt import build as build_module
+    from zimage_trt.compiler import build as build_module
 
     copies, deepcopy = [], copy.deepcopy
 
@@ -174,7 +175,7 @@ def test_unknown_and_uninstalled_backends():
 def test_missing_weight_file_is_named(tiny_folder, tmp_path):
     import shutil
 
-    from zimage_trt.weights import WeightsError
+    from zimage_trt.model.weights import WeightsError
 
     broken = tmp_path / "broken"
     shutil.copytree(tiny_folder, broken)
@@ -195,14 +196,12 @@ def test_interrupted_build_keeps_previous_engine(tiny_folder, tmp_path, monkeypa
                          progress=False)
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
 
-    from zimage_trt.backends import tensorrt as trt_backend
-
     def interrupted(*args, **kwargs):
         with open(args[1], "wb") as f:  # half an engine written, then Ctrl-C
             f.write(b"vtrt-partial")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(trt_backend, "build_tensorrt_engine", interrupted)
+    monkeypatch.setattr(tensorrt_build, "build_tensorrt_engine", interrupted)
     with pytest.raises(KeyboardInterrupt):
         build_engines(tiny_folder, "256x384", tmp_path, backend="tensorrt-rtx", caption_capacity=32, progress=False)
     after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
@@ -239,13 +238,14 @@ def test_sigkilled_build_leaves_previous_engine_and_next_build_cleans_up(tiny_fo
     killed = textwrap.dedent(f"""
         import os, signal
         from zimage_trt import build_engines
-        from zimage_trt.backends import tensorrt as trt_backend
+        from zimage_trt.compiler import tensorrt_build
+
         def dies_half_way(onnx, engine_path, *args, **kwargs):
             with open(engine_path, "wb") as f:
                 f.write(b"vtrt-half-an-engine")
                 f.flush()
             os.kill(os.getpid(), signal.SIGKILL)
-        trt_backend.build_tensorrt_engine = dies_half_way
+        tensorrt_build.build_tensorrt_engine = dies_half_way
         build_engines({str(tiny_folder)!r}, "256x384", {str(tmp_path)!r}, backend="tensorrt-rtx",
                       caption_capacity=32, progress=False)
     """)
@@ -268,14 +268,12 @@ def test_disk_full_leaves_nothing_half_written(tiny_folder, tmp_path, monkeypatc
     good = build_engines(tiny_folder, "256x256", tmp_path, backend="tensorrt-rtx", caption_capacity=32,
                          progress=False)
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
-    from zimage_trt.backends import tensorrt as trt_backend
-
     def disk_full(onnx, engine_path, *args, **kwargs):
         with open(engine_path, "wb") as f:
             f.write(b"vtrt-some-bytes")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(trt_backend, "build_tensorrt_engine", disk_full)
+    monkeypatch.setattr(tensorrt_build, "build_tensorrt_engine", disk_full)
     with pytest.raises(OSError, match="No space left"):
         build_engines(tiny_folder, "256x384", tmp_path, backend="tensorrt-rtx", caption_capacity=32, progress=False)
     after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
@@ -296,7 +294,7 @@ def test_concurrent_builds_of_one_engine_are_refused(tiny_folder, tmp_path):
 
 def test_pipeline_refuses_an_engine_built_from_other_weights(tmp_path):
     """An engine is matched to the weights it was built from (fingerprint of the safetensors files)."""
-    from zimage_trt.engines import EngineNotFound
+    from zimage_trt.engines.select import EngineNotFound
     from zimage_trt.pipeline import ZImageTRTPipeline
 
     built_from = save_tiny_pipeline(tmp_path / "a", seed=1)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from zimage_trt.cli import main
-from zimage_trt.tiny import save_tiny_pipeline
+from zimage_trt.testing.tiny import save_tiny_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from zimage_trt.denoiser import StaticZImageDenoiser
-from zimage_trt.tiny import make_tiny_components
+from zimage_trt.model.denoiser import StaticZImageDenoiser
+from zimage_trt.testing.tiny import make_tiny_components
 
 CAPACITY = 128
 CAP_DIM = 32
@@ -64,8 +64,7 @@ def test_unmasked_layout_equals_masked(transformer):
     lens = torch.tensor([40])  # padded to 64 = the buffer
     with torch.no_grad():
         masked = den(latents, t, torch.cat([feats, torch.randn(1, 64, CAP_DIM)], 1), lens)
-        den.mask_caption_keys = False
-        unmasked = den(latents, t, feats, lens)
+        unmasked = den(latents, t, feats, lens, mask_caption_keys=False)
     assert (masked - unmasked).abs().max() <= 1e-5 * masked.abs().max()
 
 
@@ -99,7 +98,7 @@ def test_shares_weights_without_copy(transformer):
 def test_rejects_other_patch_sizes():
     from diffusers import ZImageTransformer2DModel
 
-    from zimage_trt.tiny import tiny_transformer_config
+    from zimage_trt.testing.tiny import tiny_transformer_config
 
     cfg = dict(tiny_transformer_config(), all_patch_size=(4,))
     with pytest.raises(ValueError, match="patch size 2"):

@@ -4,9 +4,9 @@ import onnx
 import pytest
 import torch
 
-from zimage_trt.denoiser import StaticZImageDenoiser
-from zimage_trt.export import ORT_TOLERANCE, check_with_onnxruntime, export_denoiser, export_vae_decoder
-from zimage_trt.tiny import make_tiny_components
+from zimage_trt.model.denoiser import StaticZImageDenoiser
+from zimage_trt.compiler.export import ORT_TOLERANCE, check_with_onnxruntime, export_denoiser, export_vae_decoder
+from zimage_trt.testing.tiny import make_tiny_components
 
 
 @pytest.fixture(scope="module")

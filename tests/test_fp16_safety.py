@@ -5,8 +5,9 @@ import copy
 import pytest
 import torch
 
-from zimage_trt.denoiser import FP16_SAFE_MAGNITUDE, StaticZImageDenoiser, calibrate_downscale, downscale_from_peaks
-from zimage_trt.tiny import make_tiny_components
+from zimage_trt.compiler.fp16_calibration import FP16_SAFE_MAGNITUDE, calibrate_downscale, downscale_from_peaks
+from zimage_trt.model.denoiser import StaticZImageDenoiser
+from zimage_trt.testing.tiny import make_tiny_components
 
 
 def inputs(seed=0, dtype=torch.float32):

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from zimage_trt import build_engines
-from zimage_trt.denoiser import Fp8Linear, StaticZImageDenoiser
-from zimage_trt.tiny import make_tiny_components
+from zimage_trt.model.denoiser import StaticZImageDenoiser
+from zimage_trt.model.fp8 import Fp8Linear
+from zimage_trt.testing.tiny import make_tiny_components
 
 
 def test_fp8_linear_close_to_the_float_product():

@@ -1,4 +1,4 @@
-"""FP8 Q/DQ ONNX (zimage_trt.fp8_onnx): onnxruntime runs it on the CPU, TensorRT-RTX builds it for Ada+."""
+"""FP8 Q/DQ ONNX (zimage_trt.compiler.fp8_onnx): onnxruntime runs it on the CPU, TensorRT-RTX builds it for Ada+."""
 
 import numpy as np
 import onnx
@@ -6,13 +6,15 @@ import pytest
 import torch
 from onnx import TensorProto
 
-from zimage_trt.backends import tensorrt as be
-from zimage_trt.denoiser import StaticZImageDenoiser, calibrate_downscale
-from zimage_trt.export import export_denoiser, onnxruntime_outputs
-from zimage_trt.fp8_onnx import quantize_onnx_fp8
-from zimage_trt.tiny import make_tiny_components
+from zimage_trt.compiler import tensorrt_build
+from zimage_trt.engines.tensorrt import library as trt_library
+from zimage_trt.compiler.fp16_calibration import calibrate_downscale
+from zimage_trt.model.denoiser import StaticZImageDenoiser
+from zimage_trt.compiler.export import export_denoiser, onnxruntime_outputs
+from zimage_trt.compiler.fp8_onnx import quantize_onnx_fp8
+from zimage_trt.testing.tiny import make_tiny_components
 
-RTX = be.available_flavors()["tensorrt-rtx"]
+RTX = trt_library.available_flavors()["tensorrt-rtx"]
 needs_rtx = pytest.mark.skipif(not RTX[0], reason=f"tensorrt_rtx unavailable: {RTX[1]}")
 CAP_DIM = 32
 
@@ -30,7 +32,6 @@ def profile(h, w):
 def fp8_onnx(tmp_path_factory, one_cpu_thread):
     d = tmp_path_factory.mktemp("fp8onnx")
     reference = StaticZImageDenoiser(make_tiny_components(seed=0)["transformer"]).eval()
-    reference.mask_caption_keys = True  # as exported
     tr = make_tiny_components(seed=0)["transformer"]
     den = StaticZImageDenoiser(tr)
     den.set_downscale(calibrate_downscale(den))  # fp16 overflow guard, as build_engines does
@@ -79,7 +80,7 @@ def test_nothing_to_quantise_is_an_error(fp8_onnx, tmp_path):
 @needs_rtx
 def test_tensorrt_rtx_builds_fp8_engine_for_ada(fp8_onnx):
     engine = fp8_onnx["dir"] / "fp8.plan"
-    info = be.build_tensorrt_engine(fp8_onnx["fp8"], engine, [profile(32, 32), profile(32, 48)],
+    info = tensorrt_build.build_tensorrt_engine(fp8_onnx["fp8"], engine, [profile(32, 32), profile(32, 48)],
                                     flavor="tensorrt-rtx", compute_capabilities=["8.9"], progress=False)
     assert engine.is_file() and info["engine_bytes"] == engine.stat().st_size > 0
     assert len(info["profiles"]) == 2
@@ -89,7 +90,7 @@ def test_tensorrt_rtx_builds_fp8_engine_for_ada(fp8_onnx):
 @needs_rtx
 def test_tensorrt_rtx_refuses_fp8_before_ada(fp8_onnx):
     # Proof that the engine really holds FP8: Ampere (8.6) has no e4m3 and the builder says so.
-    with pytest.raises(be.EngineBuildError, match="fp8"):
-        be.build_tensorrt_engine(fp8_onnx["fp8"], fp8_onnx["dir"] / "amp.plan", [profile(32, 32)],
+    with pytest.raises(trt_library.EngineBuildError, match="fp8"):
+        tensorrt_build.build_tensorrt_engine(fp8_onnx["fp8"], fp8_onnx["dir"] / "amp.plan", [profile(32, 32)],
                                  flavor="tensorrt-rtx", compute_capabilities=["8.6"], progress=False)
     assert not (fp8_onnx["dir"] / "amp.plan").exists()

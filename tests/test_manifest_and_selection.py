@@ -6,9 +6,9 @@ import warnings
 import pytest
 import torch
 
-from zimage_trt.engines import EngineNotFound, Need, open_denoiser, reasons_unfit
-from zimage_trt.manifest import EngineShape, Manifest, ManifestError, record_file
-from zimage_trt.tiny import make_tiny_components
+from zimage_trt.engines.select import EngineNotFound, Need, open_denoiser, reasons_unfit
+from zimage_trt.engines.manifest import EngineShape, Manifest, ManifestError, record_file
+from zimage_trt.testing.tiny import make_tiny_components
 
 
 def make_manifest(folder, payload=b"engine-bytes" * 100, **overrides):
@@ -129,7 +129,7 @@ def test_missing_engine_dir_is_named(tmp_path):
 
 
 def test_an_engine_is_opened_once_for_all_its_shapes(tmp_path, monkeypatch):
-    from zimage_trt import engines
+    from zimage_trt.engines import select as engines
 
     transformer = make_tiny_components(seed=0)["transformer"]
     make_manifest(tmp_path, shapes=[EngineShape("256x256", 1, 64), EngineShape("256x384", 1, 64)])

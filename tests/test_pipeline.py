@@ -17,7 +17,7 @@ from zimage_trt.pipeline import (
     ZImageTRTPipeline,
     ZImageTRTPipelineOutput,
 )
-from zimage_trt.tiny import make_tiny_components, save_tiny_pipeline
+from zimage_trt.testing.tiny import make_tiny_components, save_tiny_pipeline
 
 STEPS = 3
 PIXEL_TOLERANCE = 1.0 / 255.0
@@ -120,7 +120,7 @@ def test_parity_with_diffusers(pipe, reference, case):
 
 
 def test_truncation_warning_names_dropped_tokens(pipe):
-    tokens = len(pipe.tokenizer(pipe._chat_text(LONG_PROMPT)).input_ids)
+    tokens = len(pipe.tokenizer(pipe._prompts.chat_text(LONG_PROMPT)).input_ids)
     with pytest.warns(PromptTruncatedWarning, match=rf"{tokens} tokens.*last {tokens - 64} tokens were dropped"):
         run_ours(pipe, prompt=LONG_PROMPT, height=256, width=256, max_sequence_length=64, num_inference_steps=1)
 
@@ -152,7 +152,7 @@ def test_text_encoding_on_real_tokens_matches_diffusers(tiny_path, reference):
         assert mine.shape == ref.shape
         # Same maths; only the matmul blocking differs with the sequence length (fp32 rounding).
         torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-5)
-    assert short._padded_length([19, 40], 512) == 41  # one pad token keeps the attention mask in play
+    assert short._prompts.padded_length([19, 40], 512) == 41  # one pad token keeps the attention mask in play
 
 
 def test_given_latents_and_generator_list_match_diffusers(pipe, reference):
@@ -254,14 +254,15 @@ def test_from_components_matches_from_pretrained(pipe):
     np.testing.assert_allclose(run_ours(other, **kwargs).images, run_ours(pipe, **kwargs).images, rtol=0, atol=1e-4)
 
 
-# bf16 bounds, measured with the tiny model in bf16 on the CPU (2 seeds x 7 cases): our mean pixel error
-# against diffusers in fp32 is 0.98-1.02x diffusers' own bf16 error; with cfg_normalization dropped it is
-# 1.33-1.39x (the negative control below), so 1.15 separates the two. A pixel maximum cannot: bf16 noise
-# alone reaches 5.5-8.3/255 there, more than the 5.9/255 by which the missing normalization moves a pixel
-# (the old bound, 2x that noise, let it through); the maximum bound only guards against local damage
-# (ours reached at most 1.48x diffusers' own maximum). Not yet measured on a GPU.
+# bf16 bounds, from the tiny model in bf16 (7 cases), our images and diffusers' bf16 images each measured
+# against diffusers in fp32. Mean pixel error, ours / diffusers' own: 0.98-1.02 on the CPU (2 seeds),
+# 0.975-1.029 on an H200; with cfg_normalization dropped (the negative control below) 1.33-1.39 on the
+# CPU. So 1.15 separates a faithful pipeline from that bug. A pixel maximum cannot: bf16 noise alone
+# reaches 5.5-8.9/255, more than the 5.9/255 by which the missing normalization moves a pixel (the old
+# bound, 2x that noise, let it through). The maximum bound only guards against local damage: ours reached
+# 0.73-1.69x diffusers' own maximum on the H200 (11.1 vs 6.6/255 for the empty prompt), 1.48x on the CPU.
 BF16_MEAN_ERROR_RATIO = 1.15
-BF16_MAX_ERROR_RATIO = 1.5
+BF16_MAX_ERROR_RATIO = 2.0
 
 
 @pytest.mark.gpu
@@ -291,6 +292,7 @@ def test_cuda_matches_diffusers(tiny_path, dtype):
         ours, own = np.abs(images - truth), np.abs(theirs - truth)
         return float(ours.max()), float(ours.mean() / own.mean()), float(own.max())
 
+    broken_cases = []
     for case, kwargs in PARITY_CASES.items():
         theirs = run_reference(reference, **kwargs)
         truth = theirs if dtype == torch.float32 else run_reference(reference_fp32, **kwargs)
@@ -299,17 +301,23 @@ def test_cuda_matches_diffusers(tiny_path, dtype):
         assert len(ours.timings.step_ms) == STEPS
         worst, mean_ratio, own_worst = errors(ours.images, case)
         if dtype == torch.float32:
-            assert worst <= PIXEL_TOLERANCE, f"{case}: {worst * 255:.2f}/255"
+            line, ok = f"{case}: {worst * 255:.2f}/255", worst <= PIXEL_TOLERANCE
         else:
-            assert mean_ratio <= BF16_MEAN_ERROR_RATIO, f"{case}: mean error {mean_ratio:.3f}x diffusers' own bf16 error"
             bound = BF16_MAX_ERROR_RATIO * own_worst + PIXEL_TOLERANCE
-            assert worst <= bound, f"{case}: {worst * 255:.2f}/255 from fp32 (diffusers' own bf16: {own_worst * 255:.2f}/255)"
+            line = (f"{case}: mean error {mean_ratio:.3f}x diffusers' own bf16 error; max {worst * 255:.2f}/255 from "
+                    f"fp32 (diffusers' own bf16: {own_worst * 255:.2f}/255)")
+            ok = mean_ratio <= BF16_MEAN_ERROR_RATIO and worst <= bound
+        print(line)  # (every case's figures, also when one fails: -s shows them)
+        if not ok:
+            broken_cases.append(line)
+    assert not broken_cases, "\n".join(broken_cases)
 
     # Negative control: the same request with cfg_normalization dropped (diffusers keeps 1.0) must FAIL the
     # bounds above, or they are too loose to see a real bug of that size.
     case = "cfg_normalization_truncation"
     broken = run_ours(pipe, **{**PARITY_CASES[case], "cfg_normalization": 0.0}).images
     worst, mean_ratio, _ = errors(broken, case)
+    print(f"negative control, cfg_normalization dropped: max {worst * 255:.2f}/255, mean ratio {mean_ratio}")
     if dtype == torch.float32:
         assert worst > PIXEL_TOLERANCE, f"dropping cfg_normalization moved pixels only {worst * 255:.2f}/255"
     else:
@@ -317,7 +325,7 @@ def test_cuda_matches_diffusers(tiny_path, dtype):
 
 
 def test_summarize_statistics():
-    from zimage_trt.telemetry import summarize
+    from zimage_trt.runtime.telemetry import summarize
 
     stats = summarize([10.0, 20.0, 30.0, 40.0])
     assert stats["count"] == 4
@@ -330,7 +338,7 @@ def test_summarize_statistics():
 
 
 def test_telemetry_history_is_bounded_and_gpu_sampler_is_optional():
-    from zimage_trt.telemetry import GpuSampler, Telemetry, Timings
+    from zimage_trt.runtime.telemetry import GpuSampler, Telemetry, Timings
 
     telemetry = Telemetry("cpu", history=3)
     for ms in range(5):

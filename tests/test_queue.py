@@ -9,8 +9,8 @@ import pytest
 import torch
 
 
-from zimage_trt.queue import GenerationQueue, QueueClosedError, QueueFullError
-from zimage_trt.telemetry import Timings
+from zimage_trt.runtime.queue import GenerationQueue, QueueClosedError, QueueFullError
+from zimage_trt.runtime.telemetry import Timings
 
 WAIT_S = 60  # generous: a loaded CI runner is slow, a hang is still caught
 

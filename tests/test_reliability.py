@@ -34,9 +34,9 @@ from zimage_trt.pipeline import (
     PromptTruncatedWarning,
 
 )
-from zimage_trt.queue import QueueFullError
-from zimage_trt.shapes import Resolution
-from zimage_trt.tiny import TINY_TEXT_HIDDEN
+from zimage_trt.runtime.queue import QueueFullError
+from zimage_trt.model.shapes import Resolution
+from zimage_trt.testing.tiny import TINY_TEXT_HIDDEN
 
 WAIT_S = 60  # generous for a loaded CI runner; a deadlock still fails the test instead of hanging it
 SIZES = [(256, 256), (256, 384), (384, 256)]

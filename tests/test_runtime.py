@@ -8,10 +8,10 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from zimage_trt.backends.base import TorchDenoiserEngine
-from zimage_trt.denoiser import StaticZImageDenoiser
-from zimage_trt.runtime import DenoiseLoop
-from zimage_trt.tiny import ZIMAGE_TURBO_SCHEDULER_CONFIG, make_tiny_components
+from zimage_trt.engines.base import TorchDenoiserEngine
+from zimage_trt.model.denoiser import StaticZImageDenoiser
+from zimage_trt.runtime.denoise_loop import DenoiseLoop
+from zimage_trt.testing.tiny import ZIMAGE_TURBO_SCHEDULER_CONFIG, make_tiny_components
 
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

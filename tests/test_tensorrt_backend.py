@@ -1,4 +1,4 @@
-"""zimage_trt.backends.tensorrt: real TensorRT-RTX engine builds on the CPU, errors, cancellation, runtime on GPU."""
+"""zimage_trt.engines.tensorrt.runtime: real TensorRT-RTX engine builds on the CPU, errors, cancellation, runtime on GPU."""
 
 import signal
 import threading
@@ -8,9 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from zimage_trt.backends import tensorrt as be
+from zimage_trt.compiler import tensorrt_build
+from zimage_trt.engines.tensorrt import library as trt_library
+from zimage_trt.engines.tensorrt import runtime as trt_runtime
 
-FLAVORS = be.available_flavors()
+FLAVORS = trt_library.available_flavors()
 HAVE_RTX = FLAVORS["tensorrt-rtx"][0]
 needs_rtx = pytest.mark.skipif(not HAVE_RTX, reason=f"tensorrt_rtx unavailable: {FLAVORS['tensorrt-rtx'][1]}")
 gpu = pytest.mark.gpu
@@ -102,7 +104,7 @@ def test_available_flavors_reports_every_flavor_with_reason():
 
 def test_unknown_flavor_lists_available_ones(tiny, tmp_path):
     with pytest.raises(ValueError) as err:
-        be.build_tensorrt_engine(tiny["onnx"], tmp_path / "x.plan", PROFILES, flavor="tensorrt-llm", progress=False)
+        tensorrt_build.build_tensorrt_engine(tiny["onnx"], tmp_path / "x.plan", PROFILES, flavor="tensorrt-llm", progress=False)
     msg = str(err.value)
     assert "tensorrt-llm" in msg and "tensorrt-rtx" in msg and "'tensorrt'" in msg
     assert not (tmp_path / "x.plan").exists()
@@ -110,8 +112,8 @@ def test_unknown_flavor_lists_available_ones(tiny, tmp_path):
 
 @pytest.mark.skipif(FLAVORS["tensorrt"][0], reason="full TensorRT is installed here")
 def test_unavailable_flavor_explains_why(tiny, tmp_path):
-    with pytest.raises(be.BackendUnavailableError) as err:
-        be.build_tensorrt_engine(tiny["onnx"], tmp_path / "x.plan", PROFILES, flavor="tensorrt", progress=False)
+    with pytest.raises(trt_library.BackendUnavailableError) as err:
+        tensorrt_build.build_tensorrt_engine(tiny["onnx"], tmp_path / "x.plan", PROFILES, flavor="tensorrt", progress=False)
     msg = str(err.value)
     assert "import tensorrt" in msg and "tensorrt-rtx" in msg
 
@@ -121,12 +123,12 @@ def test_unavailable_flavor_explains_why(tiny, tmp_path):
     [("8.9", "8.9"), ("12.0", "12.0"), ("sm_86", "8.6"), ("SM120", "12.0"), ("75", "7.5"), ((8, 0), "8.0"), ("current", "current")],
 )
 def test_parse_compute_capability(text, expected):
-    assert be.parse_compute_capability(text) == expected
+    assert trt_library.parse_compute_capability(text) == expected
 
 
 def test_parse_compute_capability_rejects_garbage():
     with pytest.raises(ValueError, match="compute capability"):
-        be.parse_compute_capability("ampere")
+        trt_library.parse_compute_capability("ampere")
 
 
 # ------------------------------------------------------------------------------ TensorRT-RTX on the CPU
@@ -134,29 +136,29 @@ def test_parse_compute_capability_rejects_garbage():
 
 @needs_rtx
 def test_rtx_supported_compute_capabilities():
-    ccs = be.rtx_supported_compute_capabilities()
+    ccs = trt_library.rtx_supported_compute_capabilities()
     assert {"8.6", "8.9", "12.0"} <= set(ccs)
     assert ccs == sorted(ccs, key=lambda c: tuple(map(int, c.split("."))))
 
 
 @needs_rtx
 def test_torch_dtype_mapping():
-    trt = be.import_backend("tensorrt-rtx")[1]
-    assert be.torch_dtype(trt.float32) is torch.float32
-    assert be.torch_dtype(trt.float16) is torch.float16
-    assert be.torch_dtype(trt.bfloat16) is torch.bfloat16
-    assert be.torch_dtype(trt.int32) is torch.int32
-    assert be.torch_dtype(trt.int64) is torch.int64
-    assert be.torch_dtype(trt.bool) is torch.bool
+    trt = trt_library.import_backend("tensorrt-rtx")[1]
+    assert trt_library.torch_dtype(trt.float32) is torch.float32
+    assert trt_library.torch_dtype(trt.float16) is torch.float16
+    assert trt_library.torch_dtype(trt.bfloat16) is torch.bfloat16
+    assert trt_library.torch_dtype(trt.int32) is torch.int32
+    assert trt_library.torch_dtype(trt.int64) is torch.int64
+    assert trt_library.torch_dtype(trt.bool) is torch.bool
     if hasattr(trt, "fp8") and hasattr(torch, "float8_e4m3fn"):
-        assert be.torch_dtype(trt.fp8) is torch.float8_e4m3fn
+        assert trt_library.torch_dtype(trt.fp8) is torch.float8_e4m3fn
 
 
 @needs_rtx
 def test_build_two_profiles_into_one_engine(tiny, tmp_path):
     engine = tmp_path / "tiny.plan"
     cache = tmp_path / "tiny.timing-cache"
-    info = be.build_tensorrt_engine(tiny["onnx"], engine, PROFILES, flavor="tensorrt-rtx",
+    info = tensorrt_build.build_tensorrt_engine(tiny["onnx"], engine, PROFILES, flavor="tensorrt-rtx",
                                     timing_cache_path=cache, progress=True)
     print(f"\nTensorRT-RTX {info['version']} tiny build: {info['build_seconds']:.3f}s, "
           f"{info['engine_bytes']} bytes, targets {info['compute_capabilities']} ({info['compute_capabilities_source']})")
@@ -174,19 +176,19 @@ def test_build_two_profiles_into_one_engine(tiny, tmp_path):
     assert info["outputs"]["noise_pred"]["dtype"] == "HALF"  # strongly typed: precision from the ONNX
     assert info["strongly_typed"] in (True, None)
     if not torch.cuda.is_available():
-        assert info["compute_capabilities"] == [c for c in be.rtx_supported_compute_capabilities()
+        assert info["compute_capabilities"] == [c for c in trt_library.rtx_supported_compute_capabilities()
                                                 if tuple(map(int, c.split("."))) >= (8, 0)]
 
     tc = info["timing_cache"]
     if tc["used"]:  # a library that autotunes (full TensorRT): the cache is written and reused
         assert cache.is_file() and tc["saved_bytes"] > 0
-        again = be.build_tensorrt_engine(tiny["onnx"], tmp_path / "again.plan", PROFILES, flavor="tensorrt-rtx",
+        again = tensorrt_build.build_tensorrt_engine(tiny["onnx"], tmp_path / "again.plan", PROFILES, flavor="tensorrt-rtx",
                                          timing_cache_path=cache, progress=False)
         assert again["timing_cache"]["loaded_bytes"] == tc["saved_bytes"]
     else:  # TensorRT-RTX: no build-time autotuning, so no timing cache file; the reason says what applies
         assert not cache.exists()
         assert "runtime cache" in tc["reason"]
-        again = be.build_tensorrt_engine(tiny["onnx"], tmp_path / "again.plan", PROFILES, flavor="tensorrt-rtx",
+        again = tensorrt_build.build_tensorrt_engine(tiny["onnx"], tmp_path / "again.plan", PROFILES, flavor="tensorrt-rtx",
                                          timing_cache_path=cache, progress=False)
         assert not cache.exists() and not again["timing_cache"]["used"]
     print(f"second build: {again['build_seconds']:.3f}s")
@@ -194,7 +196,7 @@ def test_build_two_profiles_into_one_engine(tiny, tmp_path):
 
 @needs_rtx
 def test_build_for_named_compute_capabilities(tiny, tmp_path):
-    info = be.build_tensorrt_engine(tiny["onnx"], tmp_path / "cc.plan", PROFILES[:1], flavor="tensorrt-rtx",
+    info = tensorrt_build.build_tensorrt_engine(tiny["onnx"], tmp_path / "cc.plan", PROFILES[:1], flavor="tensorrt-rtx",
                                     compute_capabilities=["sm_89", "12.0"], progress=False)
     assert info["compute_capabilities"] == ["8.9", "12.0"]
     assert (tmp_path / "cc.plan").stat().st_size == info["engine_bytes"]
@@ -204,7 +206,7 @@ def test_build_for_named_compute_capabilities(tiny, tmp_path):
 def test_build_replaces_previous_engine_atomically(tiny, tmp_path):
     engine = tmp_path / "e.plan"
     engine.write_bytes(b"old engine")
-    info = be.build_tensorrt_engine(tiny["onnx"], engine, PROFILES[:1], flavor="tensorrt-rtx", progress=False)
+    info = tensorrt_build.build_tensorrt_engine(tiny["onnx"], engine, PROFILES[:1], flavor="tensorrt-rtx", progress=False)
     assert engine.stat().st_size == info["engine_bytes"] and engine.read_bytes() != b"old engine"
     assert leftovers(tmp_path) == []
 
@@ -216,12 +218,12 @@ def test_cancel_event_writes_nothing_and_keeps_previous_engine(tiny, tmp_path):
     engine.write_bytes(previous)
     cancel = threading.Event()
     cancel.set()
-    with pytest.raises(be.BuildCancelledError, match="cancelled"):
-        be.build_tensorrt_engine(tiny["onnx"], engine, PROFILES, flavor="tensorrt-rtx", progress=True, cancel=cancel)
+    with pytest.raises(trt_library.BuildCancelledError, match="cancelled"):
+        tensorrt_build.build_tensorrt_engine(tiny["onnx"], engine, PROFILES, flavor="tensorrt-rtx", progress=True, cancel=cancel)
     assert engine.read_bytes() == previous
     assert leftovers(tmp_path) == []
-    with pytest.raises(be.BuildCancelledError):  # and where no engine existed, none appears
-        be.build_tensorrt_engine(tiny["onnx"], tmp_path / "new.plan", PROFILES, flavor="tensorrt-rtx",
+    with pytest.raises(trt_library.BuildCancelledError):  # and where no engine existed, none appears
+        tensorrt_build.build_tensorrt_engine(tiny["onnx"], tmp_path / "new.plan", PROFILES, flavor="tensorrt-rtx",
                                  progress=False, cancel=cancel)
     assert not (tmp_path / "new.plan").exists()
 
@@ -244,7 +246,7 @@ def test_ctrl_c_during_build_writes_nothing(tiny, tmp_path):
     engine.write_bytes(b"previous")
     event = InterruptOnFirstCheck()
     with pytest.raises(KeyboardInterrupt):
-        be.build_tensorrt_engine(tiny["onnx"], engine, PROFILES, flavor="tensorrt-rtx", progress=False, cancel=event)
+        tensorrt_build.build_tensorrt_engine(tiny["onnx"], engine, PROFILES, flavor="tensorrt-rtx", progress=False, cancel=event)
     assert event.fired
     assert engine.read_bytes() == b"previous"
     assert leftovers(tmp_path) == []
@@ -255,8 +257,8 @@ def test_ctrl_c_during_build_writes_nothing(tiny, tmp_path):
 def test_profile_missing_an_input(tiny, tmp_path):
     bad = dict(PROFILES[0])
     del bad["cap_feats"]
-    with pytest.raises(be.ProfileError, match=r"profile #1 is missing dynamic input\(s\) \['cap_feats'\]"):
-        be.build_tensorrt_engine(tiny["onnx"], tmp_path / "x.plan", [PROFILES[0], bad], flavor="tensorrt-rtx",
+    with pytest.raises(trt_library.ProfileError, match=r"profile #1 is missing dynamic input\(s\) \['cap_feats'\]"):
+        tensorrt_build.build_tensorrt_engine(tiny["onnx"], tmp_path / "x.plan", [PROFILES[0], bad], flavor="tensorrt-rtx",
                                  progress=False)
     assert not (tmp_path / "x.plan").exists()
 
@@ -272,22 +274,22 @@ def test_profile_missing_an_input(tiny, tmp_path):
     ],
 )
 def test_profile_shape_errors(tiny, tmp_path, change, pattern):
-    with pytest.raises(be.ProfileError, match=pattern):
-        be.build_tensorrt_engine(tiny["onnx"], tmp_path / "x.plan", [{**PROFILES[0], **change}], flavor="tensorrt-rtx",
+    with pytest.raises(trt_library.ProfileError, match=pattern):
+        tensorrt_build.build_tensorrt_engine(tiny["onnx"], tmp_path / "x.plan", [{**PROFILES[0], **change}], flavor="tensorrt-rtx",
                                  progress=False)
 
 
 @needs_rtx
 def test_profiles_must_be_a_list(tiny, tmp_path):
-    with pytest.raises(be.ProfileError, match="list of"):
-        be.build_tensorrt_engine(tiny["onnx"], tmp_path / "x.plan", PROFILES[0], flavor="tensorrt-rtx", progress=False)
+    with pytest.raises(trt_library.ProfileError, match="list of"):
+        tensorrt_build.build_tensorrt_engine(tiny["onnx"], tmp_path / "x.plan", PROFILES[0], flavor="tensorrt-rtx", progress=False)
 
 
 @needs_rtx
 @pytest.mark.parametrize("cc", ["9.0", "sm_100", "ampere"])
 def test_unsupported_compute_capability(tiny, tmp_path, cc):
     with pytest.raises(ValueError) as err:
-        be.build_tensorrt_engine(tiny["onnx"], tmp_path / "x.plan", PROFILES, flavor="tensorrt-rtx",
+        tensorrt_build.build_tensorrt_engine(tiny["onnx"], tmp_path / "x.plan", PROFILES, flavor="tensorrt-rtx",
                                  compute_capabilities=[cc], progress=False)
     msg = str(err.value)
     assert "8.9" in msg and "12.0" in msg  # lists the supported ones
@@ -298,15 +300,15 @@ def test_unsupported_compute_capability(tiny, tmp_path, cc):
 def test_garbage_onnx_names_the_file(tmp_path):
     garbage = tmp_path / "garbage.onnx"
     garbage.write_bytes(bytes(range(256)) * 20)
-    with pytest.raises(be.EngineBuildError) as err:
-        be.build_tensorrt_engine(garbage, tmp_path / "g.plan", [{}], flavor="tensorrt-rtx", progress=False)
+    with pytest.raises(trt_library.EngineBuildError) as err:
+        tensorrt_build.build_tensorrt_engine(garbage, tmp_path / "g.plan", [{}], flavor="tensorrt-rtx", progress=False)
     assert str(garbage) in str(err.value) and "parse" in str(err.value)
     assert not (tmp_path / "g.plan").exists()
 
 
 def test_missing_onnx_names_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.onnx"):
-        be.build_tensorrt_engine(tmp_path / "nope.onnx", tmp_path / "g.plan", PROFILES, progress=False)
+        tensorrt_build.build_tensorrt_engine(tmp_path / "nope.onnx", tmp_path / "g.plan", PROFILES, progress=False)
 
 
 @needs_rtx
@@ -314,7 +316,7 @@ def test_build_time_of_tiny_engine(tiny, tmp_path):
     """Not a benchmark: keeps an eye on the CPU-only build staying in the sub-second range."""
     times = []
     for i in range(3):
-        info = be.build_tensorrt_engine(tiny["onnx"], tmp_path / f"t{i}.plan", PROFILES, flavor="tensorrt-rtx",
+        info = tensorrt_build.build_tensorrt_engine(tiny["onnx"], tmp_path / f"t{i}.plan", PROFILES, flavor="tensorrt-rtx",
                                         progress=False)
         times.append(info["build_seconds"])
     print(f"\ntiny 2-profile TensorRT-RTX builds: {', '.join(f'{t:.3f}s' for t in times)}")
@@ -329,15 +331,15 @@ def test_build_time_of_tiny_engine(tiny, tmp_path):
 def test_engine_runs_and_matches_torch(tiny, tmp_path):
     if not any(ok for ok, _ in FLAVORS.values()):
         pytest.skip(f"no TensorRT flavour importable here: {FLAVORS}")
-    flavor, trt = be.import_backend("auto")
+    flavor, trt = trt_library.import_backend("auto")
     major, minor = torch.cuda.get_device_capability()
-    if flavor == "tensorrt-rtx" and f"{major}.{minor}" not in be.rtx_supported_compute_capabilities(trt):
+    if flavor == "tensorrt-rtx" and f"{major}.{minor}" not in trt_library.rtx_supported_compute_capabilities(trt):
         pytest.skip(f"TensorRT-RTX cannot target this GPU (sm {major}.{minor}); install full TensorRT to run here")
     engine_path = tmp_path / "run.plan"
     kwargs = {"compute_capabilities": ["current"]} if flavor == "tensorrt-rtx" else {}
-    be.build_tensorrt_engine(tiny["onnx"], engine_path, PROFILES, flavor=flavor, progress=False, **kwargs)
+    tensorrt_build.build_tensorrt_engine(tiny["onnx"], engine_path, PROFILES, flavor=flavor, progress=False, **kwargs)
     module = tiny["module"].cuda()
-    with be.TensorRTEngine(engine_path, flavor=flavor, runtime_cache_path=tmp_path / "rt.cache") as eng:
+    with trt_runtime.TensorRTEngine(engine_path, flavor=flavor, runtime_cache_path=tmp_path / "rt.cache") as eng:
         assert eng.num_profiles == 2
         assert eng.profiles == [{k: tuple(v) for k, v in p.items()} for p in PROFILES]
         assert eng.dtypes["latents"] is torch.float16 and eng.dtypes["cap_lens"] is torch.int64
@@ -359,13 +361,13 @@ def test_engine_runs_and_matches_torch(tiny, tmp_path):
         bufs["latents"].copy_(feeds["latents"])
         out = eng.infer({n: bufs[n] for n in eng.input_names}, stream)
         stream.synchronize()
-        with pytest.raises(be.ProfileError, match="profile 0: .*latents=\\[1, 16, 16, 24\\]"):
+        with pytest.raises(trt_library.ProfileError, match="profile 0: .*latents=\\[1, 16, 16, 24\\]"):
             eng.select(profile(h=40, w=40))
 
 
 @needs_rtx
 def test_rtx_capabilities_are_detected_by_hasattr():
-    caps = be._Caps(be.import_backend("tensorrt-rtx")[1])
+    caps = trt_library.Caps(trt_library.import_backend("tensorrt-rtx")[1])
     assert caps.compute_capability_targets and caps.runtime_cache and caps.progress_monitor
     assert caps.strongly_typed_flag is not None
     assert not caps.timing_cache  # API present but a no-op in a JIT library
@@ -373,12 +375,12 @@ def test_rtx_capabilities_are_detected_by_hasattr():
 
 @needs_rtx
 def test_rtx_targets_when_this_gpu_is_unsupported(tiny, tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(be, "_current_gpu_cc", lambda: "9.0")  # e.g. an H100
+    monkeypatch.setattr(trt_library, "current_gpu_compute_capability", lambda: "9.0")  # e.g. an H100
     with pytest.raises(ValueError, match="compute capability 9.0, which TensorRT-RTX .* cannot target"):
-        be.build_tensorrt_engine(tiny["onnx"], tmp_path / "x.plan", PROFILES, flavor="tensorrt-rtx",
+        tensorrt_build.build_tensorrt_engine(tiny["onnx"], tmp_path / "x.plan", PROFILES, flavor="tensorrt-rtx",
                                  compute_capabilities="current", progress=False)
     with caplog.at_level("WARNING"):
-        info = be.build_tensorrt_engine(tiny["onnx"], tmp_path / "x.plan", PROFILES[:1], flavor="tensorrt-rtx",
+        info = tensorrt_build.build_tensorrt_engine(tiny["onnx"], tmp_path / "x.plan", PROFILES[:1], flavor="tensorrt-rtx",
                                         progress=False)
     assert "8.9" in info["compute_capabilities"] and "9.0" not in info["compute_capabilities"]
     assert "cannot target" in caplog.text
@@ -386,8 +388,8 @@ def test_rtx_targets_when_this_gpu_is_unsupported(tiny, tmp_path, monkeypatch, c
 
 @needs_rtx
 def test_rtx_default_targets_the_current_gpu_when_supported(tiny, tmp_path, monkeypatch):
-    monkeypatch.setattr(be, "_current_gpu_cc", lambda: "8.9")  # e.g. an RTX 4090
-    info = be.build_tensorrt_engine(tiny["onnx"], tmp_path / "x.plan", PROFILES[:1], flavor="tensorrt-rtx",
+    monkeypatch.setattr(trt_library, "current_gpu_compute_capability", lambda: "8.9")  # e.g. an RTX 4090
+    info = tensorrt_build.build_tensorrt_engine(tiny["onnx"], tmp_path / "x.plan", PROFILES[:1], flavor="tensorrt-rtx",
                                     progress=False)
     assert info["compute_capabilities"] == ["8.9"] and info["compute_capabilities_source"].startswith("current GPU")
 
@@ -396,5 +398,5 @@ def test_rtx_default_targets_the_current_gpu_when_supported(tiny, tmp_path, monk
 def test_engine_runtime_needs_cuda(tmp_path):
     plan = tmp_path / "e.plan"
     plan.write_bytes(b"x" * 100)
-    with pytest.raises(be.TensorRTBackendError, match="CUDA"):
-        be.TensorRTEngine(plan)
+    with pytest.raises(trt_library.TensorRTBackendError, match="CUDA"):
+        trt_runtime.TensorRTEngine(plan)

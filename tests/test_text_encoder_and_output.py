@@ -7,16 +7,15 @@ import pytest
 import torch
 from diffusers.image_processor import VaeImageProcessor
 
-from zimage_trt.pipeline import _to_pil_on_gpu
-from zimage_trt.text_encoder import MAX_GRAPHS, TextEncoderRunner
-from zimage_trt.tiny import make_tiny_components
+from zimage_trt.runtime.image_output import to_pil_on_gpu
+from zimage_trt.runtime.text_encoder import MAX_GRAPHS, TextEncoderRunner
+from zimage_trt.testing.tiny import make_tiny_components
 
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-# The module whose _place_converting / _transformer_blocks from_components calls (the FP8 block-by-block
-# placement); repoint this one name when they move (to zimage_trt.runtime.placement).
-PLACEMENT_MODULE = "zimage_trt.pipeline"
+# The module whose place_converting / transformer_blocks the pipeline calls (the FP8 block-by-block placement).
+PLACEMENT_MODULE = "zimage_trt.runtime.placement"
 
 
 def _placement(name):
@@ -33,7 +32,7 @@ def test_image_conversion_is_bitwise_diffusers(device, dtype):
     image = image.to(device, dtype)
     processor = VaeImageProcessor(vae_scale_factor=16)
     theirs = [np.asarray(im) for im in processor.postprocess(image, output_type="pil")]
-    ours = [np.asarray(im) for im in _to_pil_on_gpu(processor.postprocess(image, output_type="pt"))]
+    ours = [np.asarray(im) for im in to_pil_on_gpu(processor.postprocess(image, output_type="pt"))]
     assert len(ours) == len(theirs) == 2
     for a, b in zip(ours, theirs, strict=True):
         assert a.dtype == b.dtype == np.uint8 and a.shape == b.shape == (64, 48, 3)
@@ -101,7 +100,7 @@ def test_graphs_are_bounded_and_a_host_sync_falls_back_to_eager():
 
 
 def test_fp8_text_encoder_stays_close_to_bf16_and_is_smaller():
-    from zimage_trt.text_encoder import quantize_text_encoder_fp8
+    from zimage_trt.model.fp8 import quantize_text_encoder_fp8
 
     te = make_tiny_components(seed=0)["text_encoder"].to(torch.bfloat16)
     ids, mask = torch.randint(0, 200, (2, 24), generator=torch.Generator().manual_seed(1)), torch.ones(2, 24, dtype=torch.bool)
@@ -121,7 +120,7 @@ def test_fp8_text_encoder_stays_close_to_bf16_and_is_smaller():
 
 
 def test_fp8_text_encoder_needs_bf16():
-    from zimage_trt.text_encoder import quantize_text_encoder_fp8
+    from zimage_trt.model.fp8 import quantize_text_encoder_fp8
 
     with pytest.raises(ValueError, match="bfloat16"):
         quantize_text_encoder_fp8(make_tiny_components(seed=0)["text_encoder"])  # fp32
@@ -152,20 +151,20 @@ def test_text_encoder_fp8_argument_is_checked():
 
 def _fp8_reference(device):
     """The tiny bf16 components with transformer blocks and text encoder converted to FP8 where they stand."""
-    from zimage_trt.denoiser import quantize_block_fp8
-    from zimage_trt.text_encoder import quantize_text_encoder_fp8
+    from zimage_trt.model.fp8 import quantize_block_fp8
+    from zimage_trt.model.fp8 import quantize_text_encoder_fp8
 
     reference = make_tiny_components(seed=0, dtype=torch.bfloat16)
     for key in ("transformer", "text_encoder"):
         reference[key].to(device)
-    for block in _placement("_transformer_blocks")(reference["transformer"]):
+    for block in _placement("transformer_blocks")(reference["transformer"]):
         quantize_block_fp8(block)
     quantize_text_encoder_fp8(reference["text_encoder"])
     return reference
 
 
 def _assert_same_fp8_model(parts, reference):
-    from zimage_trt.denoiser import Fp8Linear
+    from zimage_trt.model.fp8 import Fp8Linear
 
     for key in ("transformer", "text_encoder"):
         ours, theirs = parts[key].state_dict(), reference[key].state_dict()
@@ -179,10 +178,10 @@ def test_place_converting_converts_each_block_and_matches_converting_in_place():
     below checks that it does): the helper converts every block once, in order, as it places it, and the
     result is the same FP8 model as converting the whole model where it stands."""
     from zimage_trt import ZImageTRTPipeline
-    from zimage_trt.denoiser import quantize_block_fp8
-    from zimage_trt.text_encoder import quantize_text_encoder_fp8
+    from zimage_trt.model.fp8 import quantize_block_fp8
+    from zimage_trt.model.fp8 import quantize_text_encoder_fp8
 
-    place_converting, transformer_blocks = _placement("_place_converting"), _placement("_transformer_blocks")
+    place_converting, transformer_blocks = _placement("place_converting"), _placement("transformer_blocks")
     parts = make_tiny_components(seed=0, dtype=torch.bfloat16)
     cpu = torch.device("cpu")
     for module, blocks, convert in ((parts["transformer"], transformer_blocks(parts["transformer"]), quantize_block_fp8),
@@ -211,7 +210,7 @@ def test_fp8_pipeline_converts_blocks_on_their_way_and_matches_converting_in_pla
 
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("FP8 needs compute capability 8.9 or newer")
-    place_converting = _placement("_place_converting")
+    place_converting = _placement("place_converting")
     placed = []  # (module class, number of blocks) for each call that from_components makes
 
     def recording(module, blocks, device, convert):
@@ -227,9 +226,9 @@ def test_fp8_pipeline_converts_blocks_on_their_way_and_matches_converting_in_pla
 
         place_converting(module, blocks, device, convert_checked)
 
-    monkeypatch.setattr(f"{PLACEMENT_MODULE}._place_converting", recording)
+    monkeypatch.setattr(f"{PLACEMENT_MODULE}.place_converting", recording)
     parts = make_tiny_components(seed=0, dtype=torch.bfloat16)
-    n_blocks = len(_placement("_transformer_blocks")(parts["transformer"]))
+    n_blocks = len(_placement("transformer_blocks")(parts["transformer"]))
     pipe = ZImageTRTPipeline.from_components(**parts, device="cuda", torch_dtype=torch.bfloat16, allow_fallback=True,
                                              precision="fp8", text_encoder_fp8=True)
     assert placed == [("ZImageTransformer2DModel", n_blocks),

@@ -1,4 +1,4 @@
-"""Tiny offline Z-Image pipeline (zimage_trt.tiny) and safetensors-only loading (zimage_trt.weights)."""
+"""Tiny offline Z-Image pipeline (zimage_trt.testing.tiny) and safetensors-only loading (zimage_trt.model.weights)."""
 
 import os
 
@@ -14,14 +14,14 @@ import pytest
 import torch
 
 
-from zimage_trt.tiny import (
+from zimage_trt.testing.tiny import (
     ZIMAGE_TURBO_SCHEDULER_CONFIG,
     make_tiny_components,
     make_tiny_tokenizer,
     save_tiny_pipeline,
     tiny_transformer_config,
 )
-from zimage_trt.weights import (
+from zimage_trt.model.weights import (
     FINGERPRINT_EDGE,
     FINGERPRINT_SAMPLES,
     WeightsError,

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
-from .build import BACKEND_NAMES, DEFAULT_CAPTION_CAPACITY
+from .benchmark import pipeline_speed
+from .compiler.build import BACKEND_NAMES, DEFAULT_CAPTION_CAPACITY, build_engines
+from .demo import demo
+from .model.precision import PRECISIONS, precision_dtype
+from .pipeline import ZImageTRTPipeline
 
 
 def add_build_arguments(ap: argparse.ArgumentParser) -> None:
@@ -17,23 +20,21 @@ def add_build_arguments(ap: argparse.ArgumentParser) -> None:
                     help="diffusers-format folder (with transformer/), or a hub id such as Tongyi-MAI/Z-Image-Turbo")
     ap.add_argument("--resolution", action="append", required=True,
                     help="HEIGHTxWIDTH in pixels, multiples of 16 in 256..2048; repeat for several (one engine holds all)")
-    ap.add_argument("--out", default="engines", help="engine folder (default: engines/)")
+    ap.add_argument("--out", default="engines", help="engine folder")
     ap.add_argument("--backend", default="auto", choices=BACKEND_NAMES,
                     help="auto: TensorRT where it runs, else the PyTorch-native compiled format")
-    ap.add_argument("--precision", default="fp16", choices=("fp16", "bf16", "fp32", "fp8"),
+    ap.add_argument("--precision", default=PRECISIONS[0], choices=PRECISIONS,
                     help="fp8: e4m3 projections + bf16 elsewhere (torch-compiled backend, Hopper/Ada GPUs)")
-    ap.add_argument("--batch", type=int, default=1, help="images per engine call (default 1)")
+    ap.add_argument("--batch", type=int, default=1, help="images per engine call")
     ap.add_argument("--caption-capacity", type=int, default=DEFAULT_CAPTION_CAPACITY,
-                    help="caption rows the engine takes, a multiple of 32 (default 512 = diffusers' max_sequence_length)")
+                    help="caption rows the engine takes, a multiple of 32 (512 = diffusers' max_sequence_length)")
     ap.add_argument("--compute-capability", action="append", default=None,
                     help="TensorRT-RTX target GPU, e.g. 8.9 or 12.0; repeat for several (default: this GPU, else all)")
-    ap.add_argument("--name", default=None, help="engine name (default denoiser-BACKEND-PRECISION)")
+    ap.add_argument("--name", default=None, help="engine name (default: denoiser-BACKEND-PRECISION)")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def run_build(args) -> int:
-    from .build import build_engines
-
     result = build_engines(
         args.model, args.resolution, args.out, backend=args.backend, precision=args.precision, batch=args.batch,
         caption_capacity=args.caption_capacity, compute_capabilities=args.compute_capability, name=args.name,
@@ -50,11 +51,8 @@ def run_build(args) -> int:
 def run_generate(args) -> int:
     import torch
 
-    from .pipeline import ZImageTRTPipeline
-
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp8": torch.bfloat16}
     pipe = ZImageTRTPipeline.from_pretrained(args.model, engine_dir=args.engines, device=args.device,
-                                             torch_dtype=dtype[args.precision] if args.precision else None,
+                                             torch_dtype=precision_dtype(args.precision) if args.precision else None,
                                              precision=args.precision, allow_fallback=args.allow_fallback)
     generator = torch.Generator(pipe.device).manual_seed(args.seed)
     out = pipe(args.prompt, height=args.height, width=args.width, num_inference_steps=args.steps,
@@ -66,24 +64,7 @@ def run_generate(args) -> int:
     return 0
 
 
-def run_bench(args) -> int:
-    """Runs bench/pipeline_speed.py's measurement (ours and the diffusers peers in one process)."""
-    script = Path(__file__).resolve().parents[2] / "bench" / "pipeline_speed.py"
-    if not script.exists():
-        print("zimage-trt bench runs from a source checkout (bench/pipeline_speed.py)", file=sys.stderr)
-        return 2
-    argv = [sys.executable, str(script), "--out", args.out, "--images", str(args.images)]
-    if args.json:
-        argv += ["--json", args.json]
-    if args.compare != "diffusers":
-        argv.append("--skip-peers")
-    os.execv(sys.executable, argv)
-    return 0  # not reached
-
-
 def run_demo(args) -> int:
-    from .demo import demo
-
     summary = demo(Path(args.out), seed=args.seed, prompt=args.prompt)
     print(json.dumps(summary, indent=2))
     return 0
@@ -92,39 +73,40 @@ def run_demo(args) -> int:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="zimage-trt", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
+    defaults = argparse.ArgumentDefaultsHelpFormatter  # every --help shows each option's default
 
-    b = sub.add_parser("build", help="export the denoiser and compile engines for fixed resolutions")
+    b = sub.add_parser("build", help="export the denoiser and compile engines for fixed resolutions",
+                       formatter_class=defaults)
     add_build_arguments(b)
     b.set_defaults(func=run_build)
 
-    g = sub.add_parser("generate", help="text to image with built engines")
-    g.add_argument("--model", required=True)
-    g.add_argument("--engines", default="engines")
-    g.add_argument("--prompt", required=True)
-    g.add_argument("--negative-prompt", default=None)
-    g.add_argument("--height", type=int, default=1024)
-    g.add_argument("--width", type=int, default=1024)
-    g.add_argument("--steps", type=int, default=8)
-    g.add_argument("--guidance", type=float, default=0.0)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", default=None)
-    g.add_argument("--precision", default=None, choices=("fp16", "bf16", "fp32", "fp8"),
+    g = sub.add_parser("generate", help="text to image with built engines", formatter_class=defaults)
+    g.add_argument("--model", required=True, help="diffusers-format folder (or hub id) the engines were built from")
+    g.add_argument("--engines", default="engines", help="engine folder")
+    g.add_argument("--prompt", required=True, help="what to draw")
+    g.add_argument("--negative-prompt", default=None, help="what to steer away from (needs --guidance > 0)")
+    g.add_argument("--height", type=int, default=1024, help="pixels, a multiple of 16 in 256..2048")
+    g.add_argument("--width", type=int, default=1024, help="pixels, a multiple of 16 in 256..2048")
+    g.add_argument("--steps", type=int, default=8, help="denoising steps (Turbo: 8)")
+    g.add_argument("--guidance", type=float, default=0.0, help="classifier-free guidance scale (Turbo: 0)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
+    g.add_argument("--device", default=None, help="e.g. cuda, cuda:1, cpu (default: cuda when available)")
+    g.add_argument("--precision", default=None, choices=PRECISIONS,
                    help="engine precision to use (default: bf16 on CUDA, fp32 on CPU)")
     g.add_argument("--allow-fallback", action="store_true", help="run eager PyTorch if no engine fits (slower)")
-    g.add_argument("--output", default="out/image.png")
+    g.add_argument("--output", default="out/image.png", help="PNG file to write")
     g.set_defaults(func=run_generate)
 
-    be = sub.add_parser("bench", help="our pipeline against diffusers' on this GPU (full-size, random weights)")
-    be.add_argument("--compare", default="diffusers", choices=("diffusers", "none"))
-    be.add_argument("--out", default="engines/bench")
-    be.add_argument("--images", type=int, default=20)
-    be.add_argument("--json", default=None)
-    be.set_defaults(func=run_bench)
+    be = sub.add_parser("bench", help="our pipeline against diffusers' on this GPU (full-size, random weights)",
+                        formatter_class=defaults)
+    pipeline_speed.add_arguments(be)
+    be.set_defaults(func=pipeline_speed.run)
 
-    d = sub.add_parser("demo", help="offline: tiny random model -> engines -> an image, on CPU if need be")
-    d.add_argument("--out", default="out/demo")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--prompt", default="a red fox in fresh snow at dawn")
+    d = sub.add_parser("demo", help="offline: tiny random model -> engines -> an image, on CPU if need be",
+                       formatter_class=defaults)
+    d.add_argument("--out", default="out/demo", help="folder for the model, engines and image")
+    d.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
+    d.add_argument("--prompt", default="a red fox in fresh snow at dawn", help="what to draw")
     d.set_defaults(func=run_demo)
 
     args = ap.parse_args(argv)

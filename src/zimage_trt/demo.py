@@ -9,23 +9,23 @@ manifest checked), generates an image through `ZImageTRTPipeline`, checks it aga
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers import ZImagePipeline
+
+from .compiler.build import build_engines
+from .engines.manifest import Manifest
+from .engines.tensorrt.library import available_flavors
+from .pipeline import ZImageTRTPipeline
+from .testing.tiny import save_tiny_pipeline
 
 DEMO_SIZE = 256
 
 
 def demo(out: Path, seed: int = 0, prompt: str = "a red fox in fresh snow at dawn") -> dict:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from .build import build_engines
-    from .manifest import Manifest
-    from .pipeline import ZImageTRTPipeline
-    from .tiny import save_tiny_pipeline
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     summary: dict = {"device": "cuda" if torch.cuda.is_available() else "cpu"}
@@ -36,9 +36,8 @@ def demo(out: Path, seed: int = 0, prompt: str = "a red fox in fresh snow at daw
     summary["model_s"] = round(time.perf_counter() - start, 2)
 
     engine_dir = out / "engines"
-    try:
-        import tensorrt_rtx  # noqa: F401
-
+    rtx_available, rtx_why = available_flavors()["tensorrt-rtx"]
+    if rtx_available:
         built = build_engines(model_dir, [f"{DEMO_SIZE}x{DEMO_SIZE}"], engine_dir, backend="tensorrt-rtx",
                               precision="fp16", caption_capacity=512, progress=True)
         Manifest.read(built.manifest_path).verify_files(engine_dir)
@@ -46,8 +45,8 @@ def demo(out: Path, seed: int = 0, prompt: str = "a red fox in fresh snow at daw
             "manifest": str(built.manifest_path), "bytes": built.manifest.files[0].bytes,
             "compute_capabilities": built.manifest.compute_capabilities, "build_s": round(built.seconds, 2),
         }
-    except ImportError:
-        summary["tensorrt_rtx_engine"] = "not built: tensorrt_rtx is not installed (pip install tensorrt-rtx-cu13)"
+    else:
+        summary["tensorrt_rtx_engine"] = f"not built: {rtx_why} (pip install tensorrt-rtx-cu13)"
 
     # The engine built above runs only on RTX-class GPUs; here the static denoiser runs in eager torch
     # (on CUDA it would be the compiled engine: `zimage-trt build --backend torch-compiled`).
@@ -60,8 +59,6 @@ def demo(out: Path, seed: int = 0, prompt: str = "a red fox in fresh snow at daw
     summary["image"] = str(image_path)
     summary["timings_ms"] = {k: round(v, 2) if isinstance(v, float) else v for k, v in result.timings.as_dict().items()
                              if k in ("text_encode_ms", "denoise_ms", "vae_decode_ms", "total_ms")}
-
-    from diffusers import ZImagePipeline
 
     reference = ZImagePipeline.from_pretrained(model_dir, torch_dtype=torch.float32).to(pipe.device)
     reference.set_progress_bar_config(disable=True)

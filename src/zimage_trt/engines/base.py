@@ -6,8 +6,8 @@ from abc import ABC, abstractmethod
 
 import torch
 
-from ..denoiser import StaticZImageDenoiser
-from ..shapes import padded_caption_length
+from ..model.denoiser import StaticZImageDenoiser
+from ..model.shapes import padded_caption_length
 
 
 class DenoiserEngine(ABC):
@@ -35,9 +35,6 @@ class DenoiserEngine(ABC):
     def run(self, latents, timestep, cap_feats, cap_lens, masked: bool) -> torch.Tensor:
         """Model output [B, 16, h, w] float32 for one call, enqueued on the current stream."""
 
-    def describe(self) -> str:
-        return f"{self.kind} ({self.dtype}, {self.device})"
-
 
 class TorchDenoiserEngine(DenoiserEngine):
     """Eager PyTorch: the reference engine (CPU tests, the demo, `allow_fallback=True`)."""
@@ -45,11 +42,10 @@ class TorchDenoiserEngine(DenoiserEngine):
     kind = "eager"
 
     def __init__(self, denoiser: StaticZImageDenoiser):
-        super().__init__(denoiser.x_embedder.weight.device, denoiser.dtype)
+        super().__init__(denoiser.device, denoiser.dtype)
         self.denoiser = denoiser.eval()
         self.supports_cuda_graph = self.device.type == "cuda"
 
     @torch.no_grad()
     def run(self, latents, timestep, cap_feats, cap_lens, masked: bool) -> torch.Tensor:
-        self.denoiser.mask_caption_keys = masked
-        return self.denoiser(latents, timestep, cap_feats, cap_lens)
+        return self.denoiser(latents, timestep, cap_feats, cap_lens, mask_caption_keys=masked)

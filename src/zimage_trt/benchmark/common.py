@@ -14,7 +14,7 @@ import time
 import torch
 from torch import nn
 
-from .telemetry import summarize  # noqa: F401  (re-exported for the bench scripts)
+from ..testing.tiny import ZIMAGE_TURBO_SCHEDULER_CONFIG, make_tiny_tokenizer
 
 # Z-Image-Turbo's text encoder is Qwen3-4B; its VAE is the 16-channel Flux VAE.
 QWEN3_4B = dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
@@ -85,7 +85,6 @@ def full_size_text_encoder(device="cuda", dtype=torch.bfloat16, seed=2):
 
 
 def full_size_components(device="cuda", dtype=torch.bfloat16) -> dict:
-    from .tiny import ZIMAGE_TURBO_SCHEDULER_CONFIG, make_tiny_tokenizer
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     return {

@@ -10,9 +10,14 @@ from pathlib import Path
 
 import torch
 
-from .backends.base import DenoiserEngine, TorchDenoiserEngine
-from .denoiser import StaticZImageDenoiser
+from ..model.denoiser import StaticZImageDenoiser
+from ..model.precision import precision_of
+from ..model.weights import config_fingerprint
+from . import torch_compiled
+from .base import DenoiserEngine, TorchDenoiserEngine
 from .manifest import Manifest, ManifestError, find_manifests
+from .tensorrt.denoiser import TensorRTDenoiserEngine
+from .tensorrt.library import available_flavors
 
 
 
@@ -65,11 +70,9 @@ def reasons_unfit(manifest: Manifest, need: Need, runnable_backends: set[str]) -
 
 
 def runnable_backends(device: torch.device) -> set[str]:
-    from .backends import tensorrt as trt_backend
-
     runnable = {"torch-compiled"}  # on CPU too: CPU builds exist for tests and CI
     if device.type == "cuda":
-        for flavor, (ok, _why) in trt_backend.available_flavors().items():
+        for flavor, (ok, _why) in available_flavors().items():
             if ok:
                 runnable.add(flavor)
     return runnable
@@ -85,7 +88,7 @@ def open_denoiser(transformer, engine_dir, device, dtype: torch.dtype, resolutio
     resolutions is loaded once: its weights are on the GPU once.
     """
     device = torch.device(device)
-    precision = precision or {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
+    precision = precision or precision_of(dtype)
     if engine_dir is None:
         return TorchDenoiserEngine(_static(transformer, downscale_log2, precision))
     if not Path(engine_dir).is_dir():
@@ -93,8 +96,6 @@ def open_denoiser(transformer, engine_dir, device, dtype: torch.dtype, resolutio
             f"engine_dir {str(engine_dir)!r} does not exist or is not a folder; build engines into it with: "
             f"zimage-trt build --model MODEL --resolution {resolution} --precision {precision} --out {engine_dir}",
             allow_fallback, transformer, downscale_log2, precision)
-    from .weights import config_fingerprint
-
     need = Need(resolution, batch, precision, current_compute_capability(device), weights_fingerprint,
                 config_fingerprint(transformer))
     runnable = runnable_backends(device)
@@ -148,11 +149,7 @@ def _static(transformer, downscale_log2, precision: str) -> StaticZImageDenoiser
 def _open(manifest: Manifest, folder: Path, transformer, device) -> DenoiserEngine:
     downscale = {k: tuple(v) for k, v in manifest.fp16_downscale_log2.items()}
     if manifest.backend == "torch-compiled":
-        from .backends import torch_compiled
-
         torch_compiled.load_artifacts(manifest.file_path(folder, manifest.files[0]).read_bytes())
         # FP8 weights are quantised again from the model's own (deterministic): the engine stores none.
         return torch_compiled.CompiledDenoiserEngine(_static(transformer, downscale, manifest.precision))
-    from .backends.tensorrt_denoiser import TensorRTDenoiserEngine
-
     return TensorRTDenoiserEngine(manifest.file_path(folder, manifest.files[0]), manifest, device)

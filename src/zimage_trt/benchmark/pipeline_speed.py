@@ -6,8 +6,10 @@ latency (mean, std, p50, p95, CV over --images after warm-up), per-stage split, 
 other resolutions, latency next to a noisy neighbour process, and the diffusers peers (eager;
 compile_repeated_blocks + compiled VAE decoder), with ratios.
 
-    python bench/pipeline_speed.py --out engines/bench --json results.json
-    python bench/pipeline_speed.py --tiny      # CPU smoke test of this script with the tiny model
+    zimage-trt bench --out engines/bench --json results.json
+    zimage-trt bench --tiny      # CPU smoke test of this benchmark with the tiny model
+(`python -m zimage_trt.benchmark.pipeline_speed` is the same.) It is part of the package, so it runs
+from an installed wheel as from a source checkout.
 """
 
 import argparse
@@ -22,9 +24,13 @@ import time
 import numpy as np
 import torch
 
-from zimage_trt import ZImageTRTPipeline, build_engines
-from zimage_trt.bench import PROMPT_160, environment, full_size_transformer
-from zimage_trt.telemetry import summarize
+from ..compiler.build import build_engines
+from ..files import atomic_write_text
+from ..model.precision import precision_dtype
+from ..pipeline import ZImageTRTPipeline
+from ..runtime.telemetry import summarize
+from ..testing.tiny import make_tiny_components
+from .common import PROMPT_160, environment, full_size_components, full_size_transformer
 
 NEIGHBOUR = """
 import sys, time, torch
@@ -39,9 +45,6 @@ print('NEIGHBOUR_MATMULS', n)
 
 def components(tiny: bool, device, dtype):
     """Full-size random components (the benchmark), or the tiny model (a CPU smoke test of this script)."""
-    from zimage_trt.bench import full_size_components
-    from zimage_trt.tiny import make_tiny_components
-
     if not tiny:
         return full_size_components(device, dtype)
     parts = make_tiny_components(seed=0)
@@ -67,24 +70,36 @@ def row(name, stats, base=None):
             f"p95 {stats['p95']:8.1f}  cv {100 * stats['cv']:5.2f}%{ratio}")
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="engines/bench")
-    ap.add_argument("--images", type=int, default=20)
-    ap.add_argument("--peer-images", type=int, default=10)
-    ap.add_argument("--precision", default="fp16")
-    ap.add_argument("--extra-resolutions", default="512x512,768x1344")
-    ap.add_argument("--json", default=None)
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--out", default="engines/bench", help="where the benchmark builds its engines")
+    ap.add_argument("--images", type=int, default=20, help="images timed for our pipeline, after warm-up")
+    ap.add_argument("--peer-images", type=int, default=10, help="images timed for each diffusers peer")
+    ap.add_argument("--precision", default="fp16", choices=("fp16", "bf16", "fp32"), help="engine precision")
+    ap.add_argument("--extra-resolutions", default="512x512,768x1344",
+                    help="comma-separated HEIGHTxWIDTH also built and timed (empty: none)")
+    ap.add_argument("--json", default=None, help="also write every figure to this JSON file")
     ap.add_argument("--batch", type=int, default=4, help="also measure images/s at this batch (1: skip)")
-    ap.add_argument("--tiny", action="store_true")
-    ap.add_argument("--skip-peers", action="store_true")
-    args = ap.parse_args()
+    ap.add_argument("--tiny", action="store_true", help="the tiny random model on the CPU: a smoke test of the script")
+    ap.add_argument("--skip-peers", action="store_true", help="time ours only, not diffusers' pipelines")
+    ap.add_argument("--compare", default="diffusers", choices=("diffusers", "none"),
+                    help="'none' is --skip-peers (the older spelling)")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="zimage-trt bench", description=__doc__,
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_arguments(ap)
+    return run(ap.parse_args(argv))
+
+
+def run(args) -> int:
+    args.skip_peers = args.skip_peers or args.compare == "none"
     device = "cpu" if args.tiny else "cuda"
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.precision]
+    dtype = precision_dtype(args.precision)
     side = 256 if args.tiny else 1024
     main_res = f"{side}x{side}"
     extra = [] if args.tiny else [r for r in args.extra_resolutions.split(",") if r]
-    results = {"env": environment(), "args": vars(args)}
+    results = {"env": environment(), "args": {k: v for k, v in vars(args).items() if not callable(v)}}
     print(results["env"], flush=True)
     size = {"height": side, "width": side}
 
@@ -105,10 +120,10 @@ def main():
     cold = subprocess.run([sys.executable, "-c", f"""
 import json, time, torch, sys
 sys.argv = ['x'] + {['--tiny'] if args.tiny else []!r}
-sys.path.insert(0, 'bench')
-from pipeline_speed import components, PROMPT_160
+from zimage_trt.benchmark.pipeline_speed import components, PROMPT_160
+from zimage_trt.model.precision import precision_dtype
 from zimage_trt import ZImageTRTPipeline
-dtype = torch.{ {'fp16': 'float16', 'bf16': 'bfloat16', 'fp32': 'float32'}[args.precision]}
+dtype = precision_dtype({args.precision!r})
 parts = components({args.tiny}, {device!r}, dtype)
 if torch.cuda.is_available():
     torch.cuda.reset_peak_memory_stats()
@@ -221,9 +236,9 @@ if torch.cuda.is_available():
             print(row("diffusers + compile_repeated_blocks + VAE", compiled, eager["mean"]), flush=True)
             print(f"ours vs compiled peer: {compiled['mean'] / ours['mean']:.2f}x", flush=True)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2, default=float)
+        atomic_write_text(args.json, json.dumps(results, indent=2, default=float))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

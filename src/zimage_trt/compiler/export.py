@@ -10,8 +10,6 @@ storing the weights once. Past 2 GB the weights go to an external-data file besi
 from __future__ import annotations
 
 import contextlib
-import shutil
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -19,21 +17,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .denoiser import INPUT_NAMES, OUTPUT_NAMES, StaticZImageDenoiser
-from .files import sha256_file
+from ..engines import contract
+from ..model.denoiser import StaticZImageDenoiser
+from ..model.precision import precision_of
+from ..files import publish, sha256_file, staged
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 OPSET = 20
 # onnxruntime (CPU) against torch, relative to the output's peak |value|. fp16 differs by rounding
 # order across ~40 chained matrix products: the tiny test model lands near 1e-3.
 ORT_TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 5e-2}
-
-
-def precision_dtype(precision: str) -> torch.dtype:
-    try:
-        return DTYPES[precision]
-    except KeyError:
-        raise ValueError(f"precision {precision!r} is not one of {sorted(DTYPES)}") from None
 
 
 def _quiet():
@@ -44,14 +36,9 @@ def _quiet():
 
 
 def example_inputs(denoiser: StaticZImageDenoiser, latent_hw=(32, 32), capacity=64, batch=1):
-    device = denoiser.x_embedder.weight.device
-    cap_dim = denoiser.cap_embedder[1].in_features
-    return (
-        torch.randn(batch, denoiser.in_channels, *latent_hw, device=device),
-        torch.full((batch,), 0.5, device=device),
-        torch.randn(batch, capacity, cap_dim, device=device, dtype=denoiser.dtype),
-        torch.full((batch,), max(1, capacity - 7), dtype=torch.long, device=device),
-    )
+    """Inputs for export and checks: captions a few rows short of the capacity, so the mask matters."""
+    return contract.example_inputs(batch, latent_hw, capacity, denoiser.caption_dim, denoiser.dtype, denoiser.device,
+                                   caption_length=max(1, capacity - 7), channels=denoiser.in_channels)
 
 
 def export_denoiser(denoiser: StaticZImageDenoiser, onnx_path: str | Path, *, max_batch=16, max_capacity=512,
@@ -65,24 +52,19 @@ def export_denoiser(denoiser: StaticZImageDenoiser, onnx_path: str | Path, *, ma
 
     onnx_path = Path(onnx_path)
     denoiser.eval()
-    denoiser.mask_caption_keys = True  # engines take fixed-capacity captions and mask per item
     batch = Dim("batch", min=1, max=max_batch)
     half_h = Dim("latent_h_half", min=8, max=max_latent_side // 2)
     half_w = Dim("latent_w_half", min=8, max=max_latent_side // 2)
     cap_blocks = Dim("caption_blocks", min=1, max=max_capacity // 32)
-    dynamic = {
-        "latents": {0: batch, 2: 2 * half_h, 3: 2 * half_w},
-        "timestep": {0: batch},
-        "cap_feats": {0: batch, 1: 32 * cap_blocks},
-        "cap_lens": {0: batch},
-    }
+    dynamic = contract.as_feed(({0: batch, 2: 2 * half_h, 3: 2 * half_w}, {0: batch}, {0: batch, 1: 32 * cap_blocks},
+                                {0: batch}))
     inputs = example_inputs(denoiser)
     n_params = sum(p.numel() * p.element_size() for p in denoiser.parameters())
     # protobuf caps a file at 2 GB: past ~1.8 GB of weights they go to NAME.onnx.data.
     external = n_params > 1.8e9 if external_data is None else external_data
     start = time.perf_counter()
-    _export_atomically(denoiser, inputs, onnx_path, input_names=list(INPUT_NAMES),
-                       output_names=list(OUTPUT_NAMES), dynamic_shapes=dynamic,
+    _export_atomically(denoiser, inputs, onnx_path, input_names=list(contract.INPUT_NAMES),
+                       output_names=list(contract.OUTPUT_NAMES), dynamic_shapes=dynamic,
                        external_data=external)
     info = {
         "path": str(onnx_path),
@@ -97,44 +79,39 @@ def export_denoiser(denoiser: StaticZImageDenoiser, onnx_path: str | Path, *, ma
 
 
 def _export_atomically(module, inputs, onnx_path: Path, **kwargs) -> None:
-    """torch.onnx.export into a temporary folder, onnx.checker, then move the .onnx (and its external
-    data) into place: data first, graph last, so a failure never leaves a loadable half."""
+    """torch.onnx.export into a staged folder, onnx.checker, then publish the .onnx (and its external
+    data): data first, graph last, so a failure never leaves a loadable half."""
     import onnx
 
-    onnx_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{onnx_path.name}.export-", dir=onnx_path.parent))
-    try:
+    with staged(onnx_path.parent, f"{onnx_path.name}.export-", directory=True) as tmp_dir:
         tmp_path = tmp_dir / onnx_path.name
         with _quiet(), torch.no_grad():
             torch.onnx.export(module, inputs, str(tmp_path), dynamo=True, opset_version=OPSET, verbose=False, **kwargs)
         onnx.checker.check_model(str(tmp_path))
         for item in sorted(tmp_dir.iterdir()):
             if item.name != onnx_path.name:
-                shutil.move(str(item), onnx_path.parent / item.name)
-        shutil.move(str(tmp_path), onnx_path)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+                publish(item, onnx_path.parent / item.name)
+        publish(tmp_path, onnx_path)
 
 
-def onnxruntime_outputs(onnx_path: str | Path, inputs: tuple[torch.Tensor, ...], names=INPUT_NAMES):
+def onnxruntime_outputs(onnx_path: str | Path, inputs: tuple[torch.Tensor, ...], names=contract.INPUT_NAMES):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
-    feed = {name: t.detach().cpu().numpy() for name, t in zip(names, inputs)}
+    feed = {name: t.detach().cpu().numpy() for name, t in zip(names, inputs, strict=True)}
     return session.run(None, feed)
 
 
 def check_with_onnxruntime(denoiser: StaticZImageDenoiser, onnx_path: str | Path, cases=None) -> float:
     """Max relative error of onnxruntime against torch over a few shapes; raises past the tolerance."""
-    precision = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[denoiser.dtype]
+    precision = precision_of(denoiser.dtype)
     cases = cases or [((32, 32), 64, 1), ((34, 40), 96, 2)]
     worst = 0.0
     for latent_hw, capacity, batch in cases:
         inputs = example_inputs(denoiser, latent_hw, capacity, batch)
         with torch.no_grad():
-            denoiser.mask_caption_keys = True
             expected = denoiser(*inputs).float().cpu().numpy()
         got = onnxruntime_outputs(onnx_path, inputs)[0].astype(np.float32)
         scale = float(np.abs(expected).max()) or 1.0

@@ -13,13 +13,13 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .files import atomic_write_text, sha256_file
-from .shapes import Resolution, check_caption_capacity
+from ..files import atomic_write_text, sha256_file
+from ..model.precision import PRECISIONS
+from ..model.shapes import Resolution, check_caption_capacity
 
 FORMAT_VERSION = 1
 MANIFEST_SUFFIX = ".manifest.json"
 BACKENDS = ("tensorrt", "tensorrt-rtx", "torch-compiled")
-PRECISIONS = ("fp32", "fp16", "bf16", "fp8")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -33,9 +33,6 @@ class EngineShape:
     resolution: str  # "HxW"
     batch: int
     caption_capacity: int
-
-    def key(self) -> tuple[str, int, int]:
-        return (self.resolution, self.batch, self.caption_capacity)
 
 
 @dataclass
@@ -109,9 +106,6 @@ class Manifest:
                 )
             if sha256_file(path) != record.sha256:
                 raise ManifestError(f"engine file {path} does not match its manifest's sha256: corrupt or swapped; {rebuild}")
-
-    def shape_keys(self) -> list[tuple[str, int, int]]:
-        return [s.key() for s in self.shapes]
 
 
 def validate(raw) -> None:

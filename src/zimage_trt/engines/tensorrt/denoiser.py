@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import torch
 
+from ...model.shapes import padded_caption_length
+from .. import contract
+from ..base import DenoiserEngine
 from ..manifest import Manifest
-from ..shapes import padded_caption_length
-from .base import DenoiserEngine
-from .tensorrt import TensorRTEngine, torch_dtype
+from .runtime import TensorRTEngine, torch_dtype
 
 
 class TensorRTDenoiserEngine(DenoiserEngine):
@@ -19,7 +20,7 @@ class TensorRTDenoiserEngine(DenoiserEngine):
 
     def __init__(self, path, manifest: Manifest, device):
         self.trt = TensorRTEngine(path, flavor=manifest.backend, device=device)
-        super().__init__(self.trt.device, torch_dtype(self.trt.dtypes["cap_feats"]))
+        super().__init__(self.trt.device, torch_dtype(self.trt.dtypes[contract.CAPTION_FEATURES]))
         self.kind = manifest.backend
         self.shapes = manifest.shapes
 
@@ -36,5 +37,6 @@ class TensorRTDenoiserEngine(DenoiserEngine):
         return fits[0], True
 
     def run(self, latents, timestep, cap_feats, cap_lens, masked: bool) -> torch.Tensor:
-        inputs = {"latents": latents, "timestep": timestep, "cap_feats": cap_feats, "cap_lens": cap_lens}
-        return self.trt.infer(inputs, stream=torch.cuda.current_stream(self.device))["noise_pred"]
+        inputs = contract.as_feed((latents, timestep, cap_feats, cap_lens))
+        outputs = self.trt.infer(inputs, stream=torch.cuda.current_stream(self.device))
+        return outputs[contract.NOISE_PRED]

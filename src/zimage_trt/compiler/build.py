@@ -15,7 +15,6 @@ import fcntl
 import gc
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,11 +22,18 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .denoiser import StaticZImageDenoiser, calibrate_downscale
-from .export import export_denoiser, precision_dtype
-from .files import check_writable_dir, sha256_file
-from .manifest import MANIFEST_SUFFIX, PRECISIONS, EngineShape, Manifest, ManifestError, record_file
-from .shapes import Resolution, check_caption_capacity
+from ..engines import contract, torch_compiled
+from ..engines.manifest import MANIFEST_SUFFIX, EngineShape, Manifest, ManifestError, record_file
+from ..engines.tensorrt.library import available_flavors, parse_compute_capability, rtx_supported_compute_capabilities
+from ..files import PARTIAL_SUFFIX, check_writable_dir, publish, sha256_file, staged
+from ..model.denoiser import StaticZImageDenoiser
+from ..model.precision import check_precision, precision_dtype
+from ..model.shapes import Resolution, check_caption_capacity
+from ..model.weights import WeightsError, config_fingerprint, load_transformer, load_vae, weights_fingerprint
+from . import tensorrt_build
+from .export import export_denoiser
+from .fp16_calibration import calibrate_downscale, calibration_inputs
+from .fp8_onnx import quantize_onnx_fp8
 
 BACKEND_NAMES = ("auto", "torch-compiled", "tensorrt", "tensorrt-rtx")
 DEFAULT_CAPTION_CAPACITY = 512  # diffusers' max_sequence_length
@@ -43,8 +49,6 @@ class BuildResult:
 
 def resolve_backend(backend: str, device: torch.device) -> str:
     """'auto' -> TensorRT where it can run, else the PyTorch-native format; errors list what exists."""
-    from .backends.tensorrt import available_flavors
-
     if backend not in BACKEND_NAMES:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKEND_NAMES}")
     flavors = available_flavors()
@@ -59,8 +63,6 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 
 def _model_record(transformer, fingerprint: str) -> dict:
-    from .weights import config_fingerprint
-
     return {
         "class": type(transformer).__name__,
         "config_sha256": config_fingerprint(transformer),
@@ -85,19 +87,14 @@ def build_engines(model, resolutions, out_dir="engines", *, backend: str = "auto
     if not shapes_res:
         raise ValueError("give at least one resolution to build, e.g. '1024x1024'")
     check_caption_capacity(caption_capacity)
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision {precision!r} is not one of {PRECISIONS}")
+    check_precision(precision)
     if isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= 64:
         raise ValueError(f"batch must be an int in 1..64, got {batch!r}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     backend = resolve_backend(backend, device)
-    # FP8 engines quantise the block projections and keep the rest 16-bit: bf16 in the torch-compiled
-    # format (torch._scaled_mm's row-wise path outputs bf16), fp16 + Q/DQ nodes in TensorRT's ONNX.
+    target_dtype = precision_dtype(precision, backend)
     if precision == "fp8":
-        target_dtype = torch.bfloat16 if backend == "torch-compiled" else torch.float16
         compute_capabilities = _fp8_targets(backend, compute_capabilities)
-    else:
-        target_dtype = precision_dtype(precision)
     out_dir = check_writable_dir(out_dir)
     plan = BuildPlan(
         model=model, out_dir=out_dir, name=name or f"denoiser-{backend}-{precision}", backend=backend,
@@ -130,8 +127,6 @@ class BuildPlan:
 
 
 def _build_locked(plan: BuildPlan, started: float) -> BuildResult:
-    from .weights import load_transformer, weights_fingerprint
-
     model, out_dir, name, backend, precision = plan.model, plan.out_dir, plan.name, plan.backend, plan.precision
     shapes, device = plan.shapes, plan.device
     bar = tqdm(total=4, desc=f"build {name}", disable=not plan.progress)
@@ -188,10 +183,10 @@ def _build_locked(plan: BuildPlan, started: float) -> BuildResult:
     _remove_unreferenced(out_dir, previous, {f.name for f in manifest.files})
     bar.update()
     bar.close()
-    # The build's copy of the weights (11.5 GiB at full size) must not outlive the build. It sits in
-    # reference cycles (modules <-> compiled code), so dropping the names is not enough: by now it is in
-    # Python's oldest GC generation, which may go uncollected for a long time (seen on the H100: a
-    # process that built then generated held the weights twice). Drop dynamo's caches and collect.
+    # The build's copy of the weights must not outlive the build. It sits in reference cycles (modules <->
+    # compiled code), so dropping the names is not enough: by now it is in Python's oldest GC generation,
+    # which may go uncollected for a long time (a process that built then generated held the weights
+    # twice). Drop dynamo's caches and collect.
     del denoiser, transformer
     if backend == "torch-compiled":
         torch._dynamo.reset()
@@ -211,7 +206,7 @@ def _exclusive_build(out_dir: Path, name: str):
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise RuntimeError(f"another build of {name!r} is running in {out_dir}; wait for it or use another --name") from None
-        for stale in [*out_dir.glob(f".{name}.*.partial"), *out_dir.glob(f"..{name}.*.partial")]:
+        for stale in [*out_dir.glob(f".{name}.*{PARTIAL_SUFFIX}"), *out_dir.glob(f"..{name}.*{PARTIAL_SUFFIX}")]:
             stale.unlink(missing_ok=True)
         for stale in (out_dir / "onnx").glob(f".{name}.onnx.export-*"):
             shutil.rmtree(stale, ignore_errors=True)
@@ -221,18 +216,11 @@ def _exclusive_build(out_dir: Path, name: str):
 
 
 def _content_named(out_dir: Path, name: str, suffix: str, write) -> Path:
-    """Write via `write(tmp_path)`, then rename to NAME.<sha12><suffix>: earlier files stay untouched,
+    """Write via `write(tmp_path)`, then publish as NAME.<sha12><suffix>: earlier files stay untouched,
     and a failure or interrupt removes the temporary file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".partial", dir=out_dir)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        final = out_dir / f"{name}.{sha256_file(tmp)[:12]}{suffix}"
-        os.replace(tmp, final)
-        return final
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with staged(out_dir, name) as tmp:
+        write(tmp)
+        return publish(tmp, out_dir / f"{name}.{sha256_file(tmp)[:12]}{suffix}")
 
 
 def _vae_for_build(plan: BuildPlan):
@@ -247,8 +235,6 @@ def _vae_for_build(plan: BuildPlan):
     folder = Path(plan.model) if isinstance(plan.model, (str, os.PathLike)) else None
     if plan.device.type != "cuda" or folder is None or not (folder / "vae" / "config.json").is_file():
         return None
-    from .weights import WeightsError, load_vae
-
     try:
         vae = load_vae(folder, dtype)  # loaded for the build alone: no copy needed
     except Exception as e:
@@ -258,11 +244,9 @@ def _vae_for_build(plan: BuildPlan):
 
 
 def _build_torch_compiled(denoiser, shapes, out_dir, name, device, vae, progress):
-    from .backends import torch_compiled
-
     torch._dynamo.reset()  # artefacts must hold exactly this engine's graphs
     engine = torch_compiled.CompiledDenoiserEngine(denoiser)
-    cap_dim = denoiser.cap_embedder[1].in_features
+    cap_dim = denoiser.caption_dim
     with tqdm(total=len(shapes) * (2 if vae is not None else 1), desc="compile shapes", leave=False,
               disable=not progress) as bar:
         torch_compiled.warm_up(engine, shapes, cap_dim, progress=bar)
@@ -282,8 +266,6 @@ def _fp8_targets(backend: str, requested) -> list[str] | None:
     """FP8 tensor cores start at compute capability 8.9 (Ada); refuse older targets up front."""
     if backend == "torch-compiled":
         return requested
-    from .backends.tensorrt import parse_compute_capability, rtx_supported_compute_capabilities
-
     def key(cc):
         return tuple(int(v) for v in cc.split("."))
 
@@ -300,9 +282,6 @@ def _fp8_targets(backend: str, requested) -> list[str] | None:
 
 
 def _build_tensorrt(denoiser, shapes, out_dir, name, flavor, compute_capabilities, keep_onnx, progress, fp8=False):
-    from .backends import tensorrt as trt_backend
-    from .shapes import Resolution
-
     onnx_dir = out_dir / "onnx"
     onnx_dir.mkdir(exist_ok=True)
     onnx_path = onnx_dir / f"{name}.onnx"
@@ -314,28 +293,17 @@ def _build_tensorrt(denoiser, shapes, out_dir, name, flavor, compute_capabilitie
                                   max_latent_side=max(256, max_side), verify=denoiser.dtype == torch.float32)
     if fp8:
         # Q/DQ on the block projections, activation scales calibrated with onnxruntime on small inputs.
-        from .denoiser import INPUT_NAMES, calibration_inputs
-        from .fp8_onnx import quantize_onnx_fp8
-
         latents, timestep, cap, lens = calibration_inputs(denoiser, caption_len=32)
-        feed = dict(zip(INPUT_NAMES, (latents, timestep, cap.to(denoiser.dtype), lens)))
+        feed = contract.as_feed((latents, timestep, cap.to(denoiser.dtype), lens))
         export_info["fp8"] = quantize_onnx_fp8(export_path, onnx_path, [{k: v.cpu().numpy() for k, v in feed.items()}])
         export_info["sha256"] = sha256_file(onnx_path)
-    cap_dim = denoiser.cap_embedder[1].in_features
-    profiles = []
-    for shape in shapes:
-        res = Resolution.parse(shape.resolution)
-        profiles.append({
-            "latents": res.latent_shape(shape.batch),
-            "timestep": (shape.batch,),
-            "cap_feats": (shape.batch, shape.caption_capacity, cap_dim),
-            "cap_lens": (shape.batch,),
-        })
+    profiles = [contract.input_shapes(s.batch, Resolution.parse(s.resolution).latent_hw, s.caption_capacity,
+                                      denoiser.caption_dim) for s in shapes]
     suffix = ".plan"
     info = {}
 
     def write(tmp):
-        info.update(trt_backend.build_tensorrt_engine(
+        info.update(tensorrt_build.build_tensorrt_engine(
             onnx_path, tmp, profiles, flavor=flavor, compute_capabilities=compute_capabilities,
             timing_cache_path=out_dir / f"{flavor}.timing.cache", progress=progress))
 

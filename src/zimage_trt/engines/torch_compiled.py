@@ -19,14 +19,17 @@ import contextlib
 
 import torch
 
-from ..denoiser import StaticZImageDenoiser
+from ..model.denoiser import StaticZImageDenoiser
+from ..model.shapes import Resolution
+from . import contract
 from .base import DenoiserEngine
 
 ARTIFACT_SUFFIX = ".inductor-cache.bin"
 
 
 def sdpa_priority_context(device: torch.device):
-    """Prefer cuDNN attention on Hopper (measured 0.47 ms vs 0.87 ms flash a layer at 4256 tokens)."""
+    """Prefer cuDNN attention: on Hopper it is the fastest SDPA backend at Z-Image's shapes (DEVICE notes
+    and BENCHMARKS.md), ahead of flash and memory-efficient attention."""
     if device.type != "cuda":
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -44,7 +47,7 @@ class CompiledDenoiserEngine(DenoiserEngine):
     kind = "torch-compiled"
 
     def __init__(self, denoiser: StaticZImageDenoiser, *, mode: str | None = None):
-        super().__init__(denoiser.x_embedder.weight.device, denoiser.dtype)
+        super().__init__(denoiser.device, denoiser.dtype)
         self.denoiser = denoiser.eval()
         self.supports_cuda_graph = self.device.type == "cuda"
         # Shapes: dynamo's automatic-dynamic compiles a block static first, then once more with the
@@ -58,9 +61,8 @@ class CompiledDenoiserEngine(DenoiserEngine):
 
     @torch.no_grad()
     def run(self, latents, timestep, cap_feats, cap_lens, masked: bool) -> torch.Tensor:
-        self.denoiser.mask_caption_keys = masked
         with self._attention_ctx():
-            return self.denoiser(latents, timestep, cap_feats, cap_lens)
+            return self.denoiser(latents, timestep, cap_feats, cap_lens, mask_caption_keys=masked)
 
 
 def warm_up(engine: DenoiserEngine, shapes, cap_dim: int, progress=None) -> None:
@@ -68,15 +70,11 @@ def warm_up(engine: DenoiserEngine, shapes, cap_dim: int, progress=None) -> None
 
     A shape's batch is the largest it serves: batch 1 is compiled too, the common case.
     """
-    from ..shapes import Resolution
-
     for shape in shapes:
         res = Resolution.parse(shape.resolution)
         for batch in sorted({1, shape.batch}):
-            latents = torch.randn(res.latent_shape(batch), device=engine.device)
-            timestep = torch.full((batch,), 0.5, device=engine.device)
-            feats = torch.randn(batch, shape.caption_capacity, cap_dim, device=engine.device, dtype=engine.dtype)
-            lens = torch.full((batch,), shape.caption_capacity, dtype=torch.long, device=engine.device)
+            latents, timestep, feats, lens = contract.example_inputs(
+                batch, res.latent_hw, shape.caption_capacity, cap_dim, engine.dtype, engine.device)
             # The layouts the runtime uses: captions exactly as long as the buffer (no key mask) at two
             # lengths, so the sequence length becomes symbolic, and a masked batch of unequal captions.
             engine.run(latents, timestep, feats, lens, masked=False)
@@ -90,8 +88,8 @@ def warm_up(engine: DenoiserEngine, shapes, cap_dim: int, progress=None) -> None
 
 
 def compile_vae_decoder(vae) -> None:
-    """How the pipeline compiles the VAE decoder on CUDA (91 -> 39 ms at 1024x1024 on the H100): one
-    static graph per resolution. The build does the same on a copy, so that the engine's persisted
+    """How the pipeline compiles the VAE decoder on CUDA (over twice as fast as eager): one static graph
+    per resolution. The build does the same on a copy, so that the engine's persisted
     artefacts hold these kernels too and a fresh process skips their ~20 s of compilation.
 
     Sets eval mode and requires_grad=False first: whether parameters require grad is part of the
@@ -104,8 +102,6 @@ def compile_vae_decoder(vae) -> None:
 @torch.no_grad()
 def warm_up_vae_decoder(vae, shapes, progress=None) -> None:
     """Decode once at each (resolution, batch) so the compiled decoder's kernels exist now."""
-    from ..shapes import Resolution
-
     for shape in shapes:
         res = Resolution.parse(shape.resolution)
         for batch in sorted({1, shape.batch}):

@@ -22,8 +22,8 @@ How the diffusers layout is reproduced (see `transformer_z_image.py`):
 FP16 safety: Z-Image's attention and feed-forward outputs can exceed fp16's 65504. Both are followed
 by an RMSNorm, and RMSNorm(s*y; eps*s^2) == RMSNorm(y; eps) for any s > 0. With s = 2^-k the scaling
 is exact in binary floating point (bar subnormals), so `downscale_log2` shrinks those outputs by a
-per-block power of two and the next norm undoes it. `calibrate_downscale` picks k from measured
-activation magnitudes.
+per-block power of two and the next norm undoes it. The build picks k from measured activation
+magnitudes (`compiler/fp16_calibration.py`).
 """
 
 from __future__ import annotations
@@ -33,11 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fp8 import quantize_block_fp8
 from .shapes import PATCH_SIZE, SEQ_MULTI_OF
 
-# Measured fp16 activations are kept below this (65504 / 16): headroom for inputs the calibration
-# did not see.
-FP16_SAFE_MAGNITUDE = 4096.0
 
 
 def rms_norm(norm: nn.Module, x: torch.Tensor, eps_scale: float = 1.0) -> torch.Tensor:
@@ -75,7 +73,6 @@ class StaticBlock(nn.Module):
         super().__init__()
         self.block = block
         self.set_downscale(attn_log2, ffn_log2)
-        self.attention_fn = sdpa_attention
 
     def set_downscale(self, attn_log2: int, ffn_log2: int) -> None:
         self.attn_log2, self.ffn_log2 = int(attn_log2), int(ffn_log2)
@@ -93,7 +90,7 @@ class StaticBlock(nn.Module):
             k = rms_norm(attn.norm_k, k)
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
-        out = self.attention_fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)
+        out = sdpa_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)
         out = out.transpose(1, 2).flatten(2).to(x.dtype)
         if self.attn_log2:
             out = out * self.attn_scale  # exact power-of-two shrink; attention_norm2 undoes it
@@ -124,61 +121,10 @@ class StaticBlock(nn.Module):
         return x
 
 
-FP8_MAX = 448.0  # largest finite float8_e4m3fn
-
-
-class Fp8Linear(nn.Module):
-    """y = x W^T + b with W in float8 e4m3 (one scale per output row) and x quantised per token on the
-    fly; products accumulate in fp32 and come out in bf16 (`torch._scaled_mm`, row-wise scales).
-
-    Hopper runs e4m3 products with fast accumulation at ~1.8x the bf16 rate (1.12 vs 2.06 ms a Z-Image
-    layer's projections, bench/fp8_gemm.py on the H100).
-    Attention, norms, modulation and the embedders stay in 16-bit.
-    """
-
-    def __init__(self, linear: nn.Linear, out_dtype: torch.dtype = torch.bfloat16):
-        super().__init__()
-        weight = linear.weight.detach().float()
-        scale = weight.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / FP8_MAX  # [N, 1]
-        self.register_buffer("weight_fp8", (weight / scale).to(torch.float8_e4m3fn))
-        self.register_buffer("weight_scale", scale.t().contiguous())  # [1, N], as _scaled_mm wants
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().to(out_dtype), requires_grad=False)
-        self.out_dtype = out_dtype
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1])
-        row_scale = rows.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX  # [M, 1]
-        quantised = (rows.float() / row_scale).to(torch.float8_e4m3fn)
-        # Fast accumulation (Hopper keeps fewer partial-sum bits between promotions): 1.12 vs 1.39 ms a
-        # layer on the H100 (bench/fp8_gemm.py), relative error vs bf16 3.76e-2 vs 3.75e-2 without.
-        out = torch._scaled_mm(quantised, self.weight_fp8.t(), scale_a=row_scale, scale_b=self.weight_scale,
-                               bias=self.bias, out_dtype=self.out_dtype, use_fast_accum=True)
-        return out.reshape(*x.shape[:-1], self.out_features)
-
-
-def quantize_block_fp8(block: nn.Module) -> None:
-    """Swap a ZImageTransformerBlock's big projections for Fp8Linear, in place (frees the 16-bit copies)."""
-    attn, ff = block.attention, block.feed_forward
-    for owner, name in ((attn, "to_q"), (attn, "to_k"), (attn, "to_v"), (ff, "w1"), (ff, "w2"), (ff, "w3")):
-        if isinstance(getattr(owner, name), nn.Linear):
-            setattr(owner, name, Fp8Linear(getattr(owner, name)))
-    if isinstance(attn.to_out[0], nn.Linear):
-        attn.to_out[0] = Fp8Linear(attn.to_out[0])
-
-
-# Tensor names shared by the ONNX export, the engines and the runtime.
-INPUT_NAMES = ("latents", "timestep", "cap_feats", "cap_lens")
-OUTPUT_NAMES = ("noise_pred",)
-
-
 class StaticZImageDenoiser(nn.Module):
     """Fixed-shape, tensor-in/tensor-out form of diffusers' `ZImageTransformer2DModel` (basic mode).
 
     Weights are the transformer's own modules, registered here under shorter names.
-    `mask_caption_keys=False` skips the caption key mask: valid only when every item's padded caption
-    length equals the caption capacity C (the GPU runtime calls it that way so attention runs on the
-    fastest fused kernels, which take no mask).
     """
 
     def __init__(self, transformer: nn.Module, downscale_log2: dict[str, tuple[int, int]] | None = None):
@@ -203,7 +149,6 @@ class StaticZImageDenoiser(nn.Module):
         self.noise_refiner = nn.ModuleList(StaticBlock(b) for b in transformer.noise_refiner)
         self.context_refiner = nn.ModuleList(StaticBlock(b) for b in transformer.context_refiner)
         self.layers = nn.ModuleList(StaticBlock(b) for b in transformer.layers)
-        self.mask_caption_keys = True
         self.set_downscale(downscale_log2 or {})
 
         # Timestep frequencies as diffusers computes them (fp32).
@@ -248,13 +193,18 @@ class StaticZImageDenoiser(nn.Module):
             quantize_block_fp8(block.block)
             block.set_downscale(0, 0)  # bf16 range: no fp16 downscaling needed
 
-    def set_attention_fn(self, fn) -> None:
-        for _, block in self.named_blocks():
-            block.attention_fn = fn
-
     @property
     def dtype(self) -> torch.dtype:
         return self.x_embedder.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.x_embedder.weight.device
+
+    @property
+    def caption_dim(self) -> int:
+        """Features per caption row (the text encoder's hidden size)."""
+        return self.cap_embedder[1].in_features
 
     @property
     def max_caption_capacity(self) -> int:
@@ -302,7 +252,10 @@ class StaticZImageDenoiser(nn.Module):
             out.append(t[None, :, None, :].expand(batch, -1, -1, -1))
         return out[0], out[1]
 
-    def forward(self, latents, timestep, cap_feats, cap_lens):
+    def forward(self, latents, timestep, cap_feats, cap_lens, mask_caption_keys: bool = True):
+        """`mask_caption_keys=False` skips the caption key mask: valid only when every item's padded
+        caption length equals the caption capacity C (the GPU runtime calls it that way so attention
+        runs on the fastest fused kernels, which take no mask). Exported engines always mask."""
         batch, channels, height, width = latents.shape
         capacity = cap_feats.shape[1]
         ht, wt = height // PATCH_SIZE, width // PATCH_SIZE
@@ -329,7 +282,7 @@ class StaticZImageDenoiser(nn.Module):
         img_cos, img_sin = self.image_rope(padded_cap, ht, wt, n_pad)
         cap_cos, cap_sin = self.caption_rope(capacity, batch, device)
         cap_mask = unified_mask = None
-        if self.mask_caption_keys:
+        if mask_caption_keys:
             cap_keys = row < padded_cap[:, None]  # [B, C]
             cap_mask = cap_keys[:, None, None, :]
             img_keys = torch.ones(batch, n_img + n_pad, dtype=torch.bool, device=device)
@@ -349,78 +302,3 @@ class StaticZImageDenoiser(nn.Module):
         # Unpatchify "(h w) (ph pw c) -> c (h ph) (w pw)".
         out = out.reshape(batch, ht, wt, PATCH_SIZE, PATCH_SIZE, channels).permute(0, 5, 1, 3, 2, 4)
         return out.reshape(batch, channels, height, width).float()
-
-
-# -- fp16 calibration -------------------------------------------------------------------------------
-@torch.no_grad()
-def measure_block_outputs(denoiser: StaticZImageDenoiser, *inputs) -> dict[str, tuple[float, float]]:
-    """Largest |value| of each block's attention output and feed-forward product/output, one forward."""
-    peaks: dict[str, list[float]] = {}
-    hooks = []
-
-    def tracker(name, slot):
-        def hook(_module, _inp, out):
-            peaks.setdefault(name, [0.0, 0.0])
-            peaks[name][slot] = max(peaks[name][slot], float(out.detach().abs().float().max()))
-
-        return hook
-
-    def input_tracker(name, slot):
-        def hook(_module, inp):
-            peaks.setdefault(name, [0.0, 0.0])
-            peaks[name][slot] = max(peaks[name][slot], float(inp[0].detach().abs().float().max()))
-
-        return hook
-
-    for name, block in denoiser.named_blocks():
-        hooks.append(block.block.attention.to_out[0].register_forward_hook(tracker(name, 0)))
-        ff = block.block.feed_forward
-        # The feed-forward can overflow in the up projection, the gated product (w2's input) or w2's output.
-        hooks.append(ff.w3.register_forward_hook(tracker(name, 1)))
-        hooks.append(ff.w2.register_forward_pre_hook(input_tracker(name, 1)))
-        hooks.append(ff.w2.register_forward_hook(tracker(name, 1)))
-    saved = denoiser.downscale()
-    denoiser.set_downscale({})
-    try:
-        denoiser(*inputs)
-    finally:
-        denoiser.set_downscale(saved)
-        for h in hooks:
-            h.remove()
-    return {k: (v[0], v[1]) for k, v in peaks.items()}
-
-
-def downscale_from_peaks(peaks: dict[str, tuple[float, float]], limit: float = FP16_SAFE_MAGNITUDE):
-    """Smallest power-of-two shrink per block that brings each measured peak under `limit`."""
-
-    def log2_needed(peak: float) -> int:
-        if not math.isfinite(peak):
-            raise ValueError("calibration saw a non-finite activation: calibrate in fp32 or bf16, not fp16")
-        return max(0, math.ceil(math.log2(peak / limit))) if peak > limit else 0
-
-    result = {}
-    for name, (attn_peak, ffn_peak) in peaks.items():
-        k = (log2_needed(attn_peak), log2_needed(ffn_peak))
-        if any(k):
-            result[name] = k
-    return result
-
-
-def calibration_inputs(denoiser: StaticZImageDenoiser, *, latent_hw=(32, 32), caption_len=64, seed=0):
-    """Deterministic inputs for calibration: unit-normal latents and caption features at a small size."""
-    gen = torch.Generator().manual_seed(seed)
-    device = denoiser.x_embedder.weight.device
-    cap_dim = denoiser.cap_embedder[1].in_features
-    latents = torch.randn(3, denoiser.in_channels, *latent_hw, generator=gen)
-    cap = torch.randn(3, caption_len, cap_dim, generator=gen)
-    timestep = torch.tensor([0.0, 0.5, 1.0])
-    lens = torch.tensor([caption_len, caption_len // 2, 1])
-    return tuple(t.to(device) for t in (latents, timestep, cap, lens))
-
-
-def calibrate_downscale(denoiser: StaticZImageDenoiser, inputs=None, limit: float = FP16_SAFE_MAGNITUDE):
-    """Measure (in the model's current, wide dtype) and return per-block log2 downscale for fp16."""
-    if denoiser.dtype == torch.float16:
-        raise ValueError("calibrate the fp16 downscale on an fp32 or bf16 model: fp16 may already overflow")
-    inputs = inputs if inputs is not None else calibration_inputs(denoiser)
-    return downscale_from_peaks(measure_block_outputs(denoiser, *inputs), limit)

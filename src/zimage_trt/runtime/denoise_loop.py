@@ -8,13 +8,15 @@ fp32 exactly as `FlowMatchEulerDiscreteScheduler.step` does, so that it can live
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
-from .backends.base import DenoiserEngine
-from .shapes import padded_caption_length
+from ..engines import contract
+from ..engines.base import DenoiserEngine
+from ..model.shapes import padded_caption_length
 
 
 @dataclass
@@ -55,13 +57,14 @@ class DenoiseLoop:
         slot = self._slots.get(key)
         if slot is None:
             dev = self.device
+            inputs = contract.input_dtypes(self.engine.dtype)  # the engine's inputs; latents stay fp32 here
             slot = StepSlot(
                 latents=torch.empty(latents.shape, dtype=torch.float32, device=dev),
-                timestep=torch.empty(model_batch, dtype=torch.float32, device=dev),
+                timestep=torch.empty(model_batch, dtype=inputs[contract.TIMESTEP], device=dev),
                 dt=torch.empty((), dtype=torch.float32, device=dev),
                 guidance=torch.empty((), dtype=torch.float32, device=dev),
-                cap_feats=torch.zeros(model_batch, capacity, feats_dim, dtype=self.engine.dtype, device=dev),
-                cap_lens=torch.empty(model_batch, dtype=torch.long, device=dev),
+                cap_feats=torch.zeros(model_batch, capacity, feats_dim, dtype=inputs[contract.CAPTION_FEATURES], device=dev),
+                cap_lens=torch.empty(model_batch, dtype=inputs[contract.CAPTION_LENGTHS], device=dev),
                 cfg=cfg,
                 normalization=float(normalization),
                 masked=masked,
@@ -149,7 +152,7 @@ class DenoiseLoop:
         cfg_on = [do_cfg and not (cfg_truncation is not None and cfg_truncation <= 1 and t_norms[i] > cfg_truncation) for i in range(steps)]
         normalization = float(cfg_normalization) if cfg_normalization else 0.0
 
-        stream_ctx = torch.cuda.stream(self.stream) if self.on_cuda else _null_context()
+        stream_ctx = torch.cuda.stream(self.stream) if self.on_cuda else contextlib.nullcontext()
         with stream_ctx:
             if self.on_cuda:
                 self.stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -209,11 +212,3 @@ def _fill_captions(slot: StepSlot, embeds: list[torch.Tensor], lengths: list[int
         slot.cap_feats[row, :length].copy_(embed, non_blocking=True)
         slot.cap_feats[row, length:].zero_()
     slot.cap_lens.copy_(torch.tensor(lengths, dtype=torch.long), non_blocking=True)
-
-
-class _null_context:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

@@ -1,8 +1,8 @@
 """The text encoder's forward, replayed from a CUDA graph per input shape.
 
-Qwen3-4B on a 512-token prompt is ~4 TFLOP, a few ms of GPU work, but eager PyTorch launches ~500
-kernels for it and the GPU waits on Python: 36.8 ms (CV 7%) eager against 15.1 ms (CV 0.2%) replayed
-from a graph, bitwise the same features (bench/stage_probe.py, H100, 2026-11-25). diffusers pads every
+Qwen3-4B on a 512-token prompt is a few ms of GPU work, but eager PyTorch launches ~500 kernels for
+it and the GPU waits on Python; replayed from a graph it runs at the GPU's pace, and steadier, with
+bitwise the same features (bench/stage_probe.py; figures in BENCHMARKS.md). diffusers pads every
 prompt to 512 tokens, so one graph per batch size serves every prompt.
 
 transformers builds the attention mask with host-side checks, except while a CUDA stream is being
@@ -16,7 +16,8 @@ import warnings
 from collections import OrderedDict
 
 import torch
-from torch import nn
+
+from ..errors import NonFiniteOutputError, PromptTruncatedWarning
 
 # Distinct (batch, tokens) shapes kept captured; the oldest is dropped past this (each holds its
 # activations, ~0.2 GiB at 512 tokens).
@@ -96,24 +97,74 @@ class TextEncoderRunner:
         return count
 
 
-def quantize_text_encoder_fp8(text_encoder: nn.Module) -> int:
-    """Swap every linear layer of the text encoder for an FP8 one (e4m3 weights, one scale per output
-    row; activations quantised per token), in place; embeddings, norms and attention stay bf16.
+class PromptEncoder:
+    """Prompts -> caption features exactly as diffusers' `ZImagePipeline.encode_prompt` makes them: the
+    tokenizer's chat template (`enable_thinking=True`), padding to `max_sequence_length`, the encoder's
+    `hidden_states[-2]`, and only the real (unmasked) tokens kept.
 
-    For Qwen3-4B that is 3.6 of its 4.0 B parameters: 7.5 -> 4.1 GiB on the GPU, what lets the FP8
-    pipeline fit 16 GB. The features move by about what the denoiser's FP8 moves its output (tested
-    on the tiny model). Returns how many layers were swapped.
+    `pad_to_max_length=False` runs the encoder on the real tokens plus one pad token instead: far less
+    work for a CPU text encoder, equal features up to rounding (see `padded_length`).
     """
-    from .denoiser import Fp8Linear
 
-    dtypes = {p.dtype for p in text_encoder.parameters() if p.is_floating_point()}
-    if dtypes != {torch.bfloat16}:
-        raise ValueError(f"an FP8 text encoder keeps its other parts in bfloat16; this one is {sorted(map(str, dtypes))}: "
-                         "load it with torch_dtype=torch.bfloat16")
-    # (parent, name) only: holding the old layers themselves would keep every 16-bit weight alive until
-    # the end, doubling the peak memory of the conversion.
-    swaps = [(parent, name) for parent in text_encoder.modules() for name, child in parent.named_children()
-             if isinstance(child, nn.Linear)]
-    for parent, name in swaps:
-        setattr(parent, name, Fp8Linear(getattr(parent, name)))
-    return len(swaps)
+    def __init__(self, text_encoder, tokenizer, device: torch.device, *, use_cuda_graph: bool = True,
+                 pad_to_max_length: bool = True):
+        self.tokenizer = tokenizer
+        self.device = device
+        self.pad_to_max_length = pad_to_max_length
+        self.runner = TextEncoderRunner(text_encoder, device, use_cuda_graph)
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str], max_sequence_length: int) -> list[torch.Tensor]:
+        """One [L_i, F] tensor per prompt (copies: the runner's graph output is reused by the next call)."""
+        texts = [self.chat_text(p) for p in prompts]
+        lengths = self.token_counts(texts)
+        _warn_if_truncated(lengths, max_sequence_length, getattr(self.tokenizer, "truncation_side", "right"))
+        tokens = self.tokenizer(
+            texts,
+            padding="max_length",
+            max_length=self.padded_length(lengths, max_sequence_length),
+            truncation=True,
+            return_tensors="pt",
+        )
+        input_ids = tokens.input_ids.to(self.device)
+        mask = tokens.attention_mask.to(self.device).bool()
+        hidden = self.runner.hidden_states(input_ids, mask)
+        if not torch.isfinite(hidden[mask]).all():
+            raise NonFiniteOutputError(
+                f"the text encoder produced NaN/inf features ({hidden.dtype}); run it in bfloat16 or float32"
+            )
+        return [hidden[i][mask[i]] for i in range(len(texts))]
+
+    def chat_text(self, prompt: str) -> str:
+        messages = [{"role": "user", "content": prompt}]
+        return self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True, enable_thinking=True
+        )
+
+    def token_counts(self, texts: list[str]) -> list[int]:
+        return [len(ids) for ids in self.tokenizer(texts, truncation=False, verbose=False).input_ids]
+
+    def padded_length(self, lengths: list[int], max_sequence_length: int) -> int:
+        """How many tokens to run the encoder on (real tokens are always the first ones: right padding).
+
+        With causal attention, padding never reaches the real tokens, so fewer pad tokens leave their
+        features mathematically unchanged; numerically, kernels chosen by sequence length may round
+        differently. One pad token is always kept: with none, transformers drops the mask and SDPA's
+        causal kernel rounds differently again. On a GPU the default is diffusers' full padding: every
+        prompt then has one shape, so one CUDA graph serves them all, bitwise diffusers' features.
+        Left padding would shift the real tokens' positions, so it always keeps the full padding.
+        """
+        full = self.pad_to_max_length or getattr(self.tokenizer, "padding_side", "right") != "right"
+        return max_sequence_length if full else min(max_sequence_length, max(lengths) + 1)
+
+
+def _warn_if_truncated(lengths: list[int], max_sequence_length: int, side: str) -> None:
+    end = "first" if side == "left" else "last"
+    for i, length in enumerate(lengths):
+        if length > max_sequence_length:
+            warnings.warn(
+                f"prompt {i} is {length} tokens long (chat template included) but max_sequence_length="
+                f"{max_sequence_length}: the {end} {length - max_sequence_length} tokens were dropped",
+                PromptTruncatedWarning,
+                stacklevel=2,
+            )

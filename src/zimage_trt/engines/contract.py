@@ -1,0 +1,54 @@
+"""The denoiser engine's inputs and outputs: the one place their names, order, shapes and dtypes are spelled.
+
+    latents     [B, 16, h, w]  float32   the latent image
+    timestep    [B]            float32   diffusers' model timestep, (1000 - t) / 1000, in [0, 1]
+    cap_feats   [B, C, F]      engine    text-encoder features, each item's L real rows first
+    cap_lens    [B]            int64     L per item, 1 <= L <= C
+    ->  noise_pred [B, 16, h, w] float32 the model output
+
+The ONNX export, the TensorRT profiles, the engines, the runtime's buffers and the build's warm-up and
+calibration all take the names and shapes from here.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..model.shapes import LATENT_CHANNELS
+
+INPUT_NAMES = ("latents", "timestep", "cap_feats", "cap_lens")
+OUTPUT_NAMES = ("noise_pred",)
+LATENTS, TIMESTEP, CAPTION_FEATURES, CAPTION_LENGTHS = INPUT_NAMES
+(NOISE_PRED,) = OUTPUT_NAMES
+
+
+def input_shapes(batch: int, latent_hw: tuple[int, int], caption_capacity: int, caption_dim: int,
+                 channels: int = LATENT_CHANNELS) -> dict[str, tuple[int, ...]]:
+    """The shape of each input for one engine call, by name."""
+    return dict(zip(INPUT_NAMES, (
+        (batch, channels, *latent_hw), (batch,), (batch, caption_capacity, caption_dim), (batch,)), strict=True))
+
+
+def input_dtypes(feature_dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """The dtype of each input: captions in the engine's dtype, the rest fixed."""
+    return dict(zip(INPUT_NAMES, (torch.float32, torch.float32, feature_dtype, torch.long), strict=True))
+
+
+def as_feed(inputs) -> dict[str, torch.Tensor]:
+    """(latents, timestep, cap_feats, cap_lens) -> {name: tensor}."""
+    return dict(zip(INPUT_NAMES, inputs, strict=True))
+
+
+def example_inputs(batch: int, latent_hw: tuple[int, int], caption_capacity: int, caption_dim: int,
+                   feature_dtype: torch.dtype, device, *, caption_length: int | None = None,
+                   channels: int = LATENT_CHANNELS, generator: torch.Generator | None = None):
+    """Random inputs of the contract's shapes and dtypes (for export, warm-up and checks): unit-normal
+    latents and features, timestep 0.5, every caption `caption_length` long (default: the capacity)."""
+    shapes, dtypes = input_shapes(batch, latent_hw, caption_capacity, caption_dim, channels), input_dtypes(feature_dtype)
+    length = caption_capacity if caption_length is None else caption_length
+    return (
+        torch.randn(shapes[LATENTS], generator=generator).to(device, dtypes[LATENTS]),
+        torch.full(shapes[TIMESTEP], 0.5, dtype=dtypes[TIMESTEP], device=device),
+        torch.randn(shapes[CAPTION_FEATURES], generator=generator).to(device, dtypes[CAPTION_FEATURES]),
+        torch.full(shapes[CAPTION_LENGTHS], length, dtype=dtypes[CAPTION_LENGTHS], device=device),
+    )

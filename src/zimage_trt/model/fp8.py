@@ -1,0 +1,72 @@
+"""FP8 (e4m3) layers and the conversions that put them in place: the one module that defines them.
+
+The denoiser's block projections and the text encoder's linear layers become `Fp8Linear`; attention,
+norms, modulation and the embedders stay 16-bit. Used by the engines (the static denoiser's
+`quantize_fp8`), the runtime (converting blocks on their way to the GPU) and the text encoder.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+class Fp8Linear(nn.Module):
+    """y = x W^T + b with W in float8 e4m3 (one scale per output row) and x quantised per token on the
+    fly; products accumulate in fp32 and come out in bf16 (`torch._scaled_mm`, row-wise scales).
+
+    Hopper and Ada run e4m3 products at about twice the bf16 rate (BENCHMARKS.md, "FP8").
+    Attention, norms, modulation and the embedders stay in 16-bit.
+    """
+
+    def __init__(self, linear: nn.Linear, out_dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        weight = linear.weight.detach().float()
+        scale = weight.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / FP8_MAX  # [N, 1]
+        self.register_buffer("weight_fp8", (weight / scale).to(torch.float8_e4m3fn))
+        self.register_buffer("weight_scale", scale.t().contiguous())  # [1, N], as _scaled_mm wants
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().to(out_dtype), requires_grad=False)
+        self.out_dtype = out_dtype
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        row_scale = rows.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX  # [M, 1]
+        quantised = (rows.float() / row_scale).to(torch.float8_e4m3fn)
+        # Fast accumulation (fewer partial-sum bits kept between promotions): faster, and no less exact
+        # than the slow path on Z-Image's shapes (bench/fp8_gemm.py; figures in BENCHMARKS.md).
+        out = torch._scaled_mm(quantised, self.weight_fp8.t(), scale_a=row_scale, scale_b=self.weight_scale,
+                               bias=self.bias, out_dtype=self.out_dtype, use_fast_accum=True)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+
+def quantize_block_fp8(block: nn.Module) -> None:
+    """Swap a ZImageTransformerBlock's big projections for Fp8Linear, in place (frees the 16-bit copies)."""
+    attn, ff = block.attention, block.feed_forward
+    for owner, name in ((attn, "to_q"), (attn, "to_k"), (attn, "to_v"), (ff, "w1"), (ff, "w2"), (ff, "w3")):
+        if isinstance(getattr(owner, name), nn.Linear):
+            setattr(owner, name, Fp8Linear(getattr(owner, name)))
+    if isinstance(attn.to_out[0], nn.Linear):
+        attn.to_out[0] = Fp8Linear(attn.to_out[0])
+
+
+def quantize_text_encoder_fp8(text_encoder: nn.Module) -> int:
+    """Swap every linear layer of the text encoder for an FP8 one (e4m3 weights, one scale per output
+    row; activations quantised per token), in place; embeddings, norms and attention stay bf16.
+
+    For Qwen3-4B that is 3.6 of its 4.0 B parameters, about half its GPU memory (BENCHMARKS.md). The features move by about what the denoiser's FP8 moves its output (tested
+    on the tiny model). Returns how many layers were swapped.
+    """
+    dtypes = {p.dtype for p in text_encoder.parameters() if p.is_floating_point()}
+    if dtypes != {torch.bfloat16}:
+        raise ValueError(f"an FP8 text encoder keeps its other parts in bfloat16; this one is {sorted(map(str, dtypes))}: "
+                         "load it with torch_dtype=torch.bfloat16")
+    # (parent, name) only: holding the old layers themselves would keep every 16-bit weight alive until
+    # the end, doubling the peak memory of the conversion.
+    swaps = [(parent, name) for parent in text_encoder.modules() for name, child in parent.named_children()
+             if isinstance(child, nn.Linear)]
+    for parent, name in swaps:
+        setattr(parent, name, Fp8Linear(getattr(parent, name)))
+    return len(swaps)

@@ -1,0 +1,61 @@
+"""`PipelineOptions`: how a `ZImageTRTPipeline` runs, gathered and checked in one place.
+
+`from_pretrained`, `from_components` and the constructor all take these as keyword arguments and pass
+them on as one object, so a new option is written once, here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from .model.precision import check_precision
+from .runtime.placement import default_dtype, resolve_device
+
+
+@dataclass
+class PipelineOptions:
+    engine_dir: str | None = None  # built engines; None runs the eager static denoiser (tests, the demo)
+    device: torch.device | str | None = None  # default: "cuda" when available, else "cpu"
+    torch_dtype: torch.dtype | None = None  # default: bf16 on CUDA (Z-Image's training dtype), fp32 on CPU
+    allow_fallback: bool = False  # no fitting engine: run eager torch with a warning instead of failing
+    text_encoder_device: torch.device | str | None = None  # e.g. "cpu" to save GPU memory; default: `device`
+    use_cuda_graph: bool = True
+    # True: pad every prompt to max_sequence_length as diffusers does (bitwise its features, one CUDA graph
+    # for all prompts). False: the real tokens plus one pad token (far less work for a CPU text encoder).
+    pad_prompts_to_max_length: bool = True
+    telemetry_history: int = 1000  # calls kept for `stats()`
+    stream_priority: int = 0  # negative: the GPU schedules our kernels ahead of other streams'
+    compile_vae: bool | None = None  # default: on CUDA
+    # The engine precision to look for; None = the pipeline dtype's (fp16/bf16/fp32). "fp8" runs FP8
+    # projections with bf16 elsewhere (build with --precision fp8).
+    precision: str | None = None
+    weights_fingerprint: str | None = None  # checked against engine manifests when known
+    text_encoder_fp8: bool | None = None  # None: FP8 when precision is "fp8" on a GPU
+
+    @classmethod
+    def from_keywords(cls, options: "PipelineOptions | None" = None, **keywords) -> "PipelineOptions":
+        """`options` updated with `keywords`; an unknown keyword is a TypeError that lists the known ones."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(keywords) - known)
+        if unknown:
+            raise TypeError(f"unknown pipeline option(s) {unknown}; the options are {sorted(known)}")
+        base = options if options is not None else cls()
+        return dataclasses.replace(base, **keywords).resolved()
+
+    def resolved(self) -> "PipelineOptions":
+        """Defaults filled in (a concrete device and dtype) and values checked."""
+        device = resolve_device(self.device)
+        if self.precision is not None:
+            check_precision(self.precision)
+        return dataclasses.replace(
+            self,
+            device=device,
+            torch_dtype=self.torch_dtype or default_dtype(device),
+            text_encoder_device=torch.device(self.text_encoder_device) if self.text_encoder_device is not None else device,
+            compile_vae=device.type == "cuda" if self.compile_vae is None else bool(self.compile_vae),
+            allow_fallback=bool(self.allow_fallback),
+            stream_priority=int(self.stream_priority),
+        )
