@@ -229,7 +229,7 @@ def _vae_for_build(plan: BuildPlan):
     source = plan.vae
     if source is False:
         return None
-    dtype = torch.bfloat16 if plan.precision == "fp8" else plan.target_dtype
+    dtype = plan.target_dtype  # (torch-compiled builds only: for fp8 that is its bf16, as the pipeline's)
     if source is not None:  # the caller's module: compile a copy, never theirs
         return torch.nn.Module.to(copy.deepcopy(source), device=plan.device, dtype=dtype)
     folder = Path(plan.model) if isinstance(plan.model, (str, os.PathLike)) else None
@@ -266,6 +266,7 @@ def _fp8_targets(backend: str, requested) -> list[str] | None:
     """FP8 tensor cores start at compute capability 8.9 (Ada); refuse older targets up front."""
     if backend == "torch-compiled":
         return requested
+
     def key(cc):
         return tuple(int(v) for v in cc.split("."))
 
