@@ -31,6 +31,16 @@ class DenoiserEngine(ABC):
         capacity = max(padded)
         return capacity, any(p != capacity for p in padded)
 
+    # Engines that run the model's own parameters (eager, torch-compiled) see in-place weight changes
+    # (LoRA fused or unfused into the transformer) at once; engines holding their own copy of the
+    # weights (TensorRT) override this and take the new values (a refit).
+    holds_own_weights = False
+
+    def update_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Take new values for the named transformer weights (diffusers state-dict names)."""
+        if self.holds_own_weights:
+            raise NotImplementedError(f"{type(self).__name__} holds its own weights but cannot update them")
+
     @abstractmethod
     def run(self, latents, timestep, cap_feats, cap_lens, masked: bool) -> torch.Tensor:
         """Model output [B, 16, h, w] float32 for one call, enqueued on the current stream."""

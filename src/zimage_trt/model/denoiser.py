@@ -62,8 +62,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """q, k, v: [B, H, S, D]; mask: bool [B, 1, 1, S] (True = attend) or None."""
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    """q, k, v: [B, S, H, D]; mask: bool [B, 1, 1, S] (True = attend) or None. Returns [B, S, H, D].
+
+    The [B, S, H, D] layout is the one every attention op of a block takes (`StaticBlock.attention_op`):
+    it is FlashAttention's own layout, and the one a sequence-parallel all-to-all splits.
+    """
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+    return out.transpose(1, 2)
 
 
 class StaticBlock(nn.Module):
@@ -72,6 +77,9 @@ class StaticBlock(nn.Module):
     def __init__(self, block: nn.Module, attn_log2: int = 0, ffn_log2: int = 0):
         super().__init__()
         self.block = block
+        # The attention maths between the RoPE'd q, k, v and the output projection; swapped by the
+        # attention-backend switch and wrapped by sequence parallelism, both without touching the block.
+        self.attention_op = sdpa_attention
         self.set_downscale(attn_log2, ffn_log2)
 
     def set_downscale(self, attn_log2: int, ffn_log2: int) -> None:
@@ -90,8 +98,7 @@ class StaticBlock(nn.Module):
             k = rms_norm(attn.norm_k, k)
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
-        out = sdpa_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)
-        out = out.transpose(1, 2).flatten(2).to(x.dtype)
+        out = self.attention_op(q, k, v, mask).flatten(2).to(x.dtype)
         if self.attn_log2:
             out = out * self.attn_scale  # exact power-of-two shrink; attention_norm2 undoes it
         return attn.to_out[0](out)
