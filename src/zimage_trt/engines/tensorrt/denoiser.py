@@ -12,7 +12,7 @@ from ...model.shapes import padded_caption_length
 from .. import contract
 from ..base import DenoiserEngine
 from ..manifest import Manifest
-from .runtime import TensorRTEngine, torch_dtype
+from .runtime import TensorRTEngine
 
 
 class TensorRTDenoiserEngine(DenoiserEngine):
@@ -20,7 +20,7 @@ class TensorRTDenoiserEngine(DenoiserEngine):
 
     def __init__(self, path, manifest: Manifest, device):
         self.trt = TensorRTEngine(path, flavor=manifest.backend, device=device)
-        super().__init__(self.trt.device, torch_dtype(self.trt.dtypes[contract.CAPTION_FEATURES]))
+        super().__init__(self.trt.device, self.trt.dtypes[contract.CAPTION_FEATURES])  # already a torch dtype
         self.kind = manifest.backend
         self.shapes = manifest.shapes
 
