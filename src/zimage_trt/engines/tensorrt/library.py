@@ -308,13 +308,20 @@ def resolve_rtx_targets(trt, requested) -> tuple[list[str], list[Any], str]:
             if len(requested) != 1:
                 raise ValueError("'current' compute capability must be the only target")
             current = current_gpu_compute_capability()
-            if current is not None and current not in members:
+            if current is None:
+                raise ValueError(
+                    f"compute capability 'current' needs a visible CUDA GPU and none is; name the targets instead "
+                    f"(TensorRT-RTX {trt.__version__} supports: {supported})"
+                )
+            if current not in members:
                 # TensorRT-RTX would build, but the engine is INVALID (UNSUPPORTED_CC) on this GPU.
                 raise ValueError(
                     f"this GPU has compute capability {current}, which TensorRT-RTX {trt.__version__} cannot "
                     f"target; supported: {supported}"
                 )
-            return ["current"], [trt.ComputeCapability.CURRENT], "current GPU (resolved by TensorRT-RTX)"
+            # Resolved here, not left to TensorRT-RTX's CURRENT: the manifest must record the capability
+            # itself, or selection would compare the word "current" with the GPU's "8.9" and refuse it.
+            return [current], [members[current]], f"current GPU (sm {current})"
         if label not in members:
             raise ValueError(
                 f"compute capability {item!r} ({label}) is not supported by TensorRT-RTX {trt.__version__}; "
