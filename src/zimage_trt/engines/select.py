@@ -17,7 +17,7 @@ from . import torch_compiled
 from .base import DenoiserEngine, TorchDenoiserEngine
 from .manifest import Manifest, ManifestError, find_manifests
 from .tensorrt.denoiser import TensorRTDenoiserEngine
-from .tensorrt.library import available_flavors
+from .tensorrt.library import available_flavors, flavor_versions
 
 
 
@@ -42,7 +42,11 @@ def current_compute_capability(device: torch.device) -> str | None:
     return f"{major}.{minor}"
 
 
-def reasons_unfit(manifest: Manifest, need: Need, runnable_backends: set[str]) -> list[str]:
+def reasons_unfit(manifest: Manifest, need: Need, runnable_backends: set[str],
+                  backend_versions: dict[str, str] | None = None) -> list[str]:
+    """Why `manifest` cannot serve `need` here ([] when it can). `backend_versions` ({flavour: installed
+    version}) makes a TensorRT library other than the one that built the engine a reason: TensorRT plans
+    deserialise only in the version that wrote them, and a refusal here lets `allow_fallback` work."""
     reasons = []
     if manifest.component != "denoiser":
         reasons.append("not a denoiser")
@@ -54,6 +58,10 @@ def reasons_unfit(manifest: Manifest, need: Need, runnable_backends: set[str]) -
     fits = need.compute_capability in built_for if need.compute_capability else not built_for
     if not fits:
         reasons.append(f"built for {', '.join(built_for) or 'CPU'}, this machine is {need.compute_capability or 'CPU'}")
+    installed = (backend_versions or {}).get(manifest.backend)
+    if manifest.backend != "torch-compiled" and installed is not None and installed != manifest.backend_version:
+        reasons.append(f"built with {manifest.backend} {manifest.backend_version}, this machine has "
+                       f"{manifest.backend} {installed} (a TensorRT engine loads only in the version that built it)")
     if manifest.backend == "torch-compiled" and manifest.torch_version != torch.__version__:
         reasons.append(f"built with torch {manifest.torch_version}, this is torch {torch.__version__}")
     if need.config_sha256 and manifest.model.get("config_sha256") not in (None, need.config_sha256):
@@ -99,6 +107,7 @@ def open_denoiser(transformer, engine_dir, device, dtype: torch.dtype, resolutio
     need = Need(resolution, batch, precision, current_compute_capability(device), weights_fingerprint,
                 config_fingerprint(transformer))
     runnable = runnable_backends(device)
+    versions = flavor_versions() if runnable - {"torch-compiled"} else {}
     report = []
     candidates = []
     for path in find_manifests(engine_dir):
@@ -107,7 +116,7 @@ def open_denoiser(transformer, engine_dir, device, dtype: torch.dtype, resolutio
         except ManifestError as exc:
             report.append(f"  {path.name}: unreadable ({exc})")
             continue
-        reasons = reasons_unfit(manifest, need, runnable)
+        reasons = reasons_unfit(manifest, need, runnable, versions)
         if reasons:
             report.append(f"  {path.name}: " + "; ".join(reasons))
         else:

@@ -93,6 +93,16 @@ def available_flavors() -> dict[str, tuple[bool, str]]:
     return result
 
 
+def flavor_versions() -> dict[str, str]:
+    """``{flavor: version}`` of each importable flavour (what its engines must have been built with)."""
+    versions = {}
+    for flavor in FLAVORS:
+        module, _ = _try_import(flavor)
+        if module is not None:
+            versions[flavor] = str(getattr(module, "__version__", "unknown"))
+    return versions
+
+
 def describe_flavors(flavors: Mapping[str, tuple[bool, str]]) -> str:
     return "\n".join(f"  - {name}: {'available' if ok else 'unavailable'} ({why})" for name, (ok, why) in flavors.items())
 
