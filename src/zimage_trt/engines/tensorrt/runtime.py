@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,21 @@ from .library import (
     log,
     torch_dtype,
 )
+
+def checked_call(logger, what: str, fn: Callable, *args):
+    """Call one TensorRT API inside the logger capture. TensorRT reports failure as False/None (TensorRT
+    10, TensorRT-RTX) or as a raised RuntimeError (TensorRT 11 for some calls); either way the error
+    raised here carries what TensorRT logged."""
+    with logger.capture() as logged:
+        try:
+            result = fn(*args)
+        except Exception as exc:  # the bindings raise RuntimeError; keep TensorRT's own words
+            logged.append(f"{type(exc).__name__}: {exc}")
+            result = False
+    if result is False or result is None:
+        raise TensorRTBackendError(f"{what} failed: " + ("; ".join(logged) or "(TensorRT logged no reason)"))
+    return result
+
 
 class _Binding:
     """Persistent device buffers of one (profile, shapes) pair."""
@@ -102,15 +117,14 @@ class TensorRTEngine:
         runtime = trt.Runtime(logger)
         if caps.engine_validity:
             # Header-only check (TensorRT-RTX): explains version / compute-capability mismatches up front.
-            validity = diagnostics = None
-            with contextlib.suppress(Exception):
-                header = data[: int(getattr(runtime, "engine_header_size", len(data)))]
-                validity, diagnostics = runtime.get_engine_validity(header)
+            header = data[: int(getattr(runtime, "engine_header_size", len(data)))]
+            with logger.capture() as logged:
+                try:
+                    validity, diagnostics = runtime.get_engine_validity(header)
+                except Exception as exc:
+                    validity, diagnostics = None, None
+                    logged.append(f"{type(exc).__name__}: {exc}")
             if getattr(validity, "name", "") == "INVALID":
-                reasons = []
-                with contextlib.suppress(Exception):
-                    enum = trt.EngineInvalidityDiagnostics.__members__
-                    reasons = [n for n, m in enum.items() if int(diagnostics) & int(m)]
                 gpu = torch.cuda.get_device_name(self.device)
                 cc = "%d.%d" % torch.cuda.get_device_capability(self.device)
                 hint = ""
@@ -118,7 +132,7 @@ class TensorRTEngine:
                     hint = f"; {trt.__name__} supports compute capabilities {', '.join(compute_capability_members(trt))} only"
                 raise TensorRTBackendError(
                     f"{trt.__name__} {trt.__version__} says this engine cannot run on this GPU/driver "
-                    f"({gpu}, compute capability {cc}): {reasons or diagnostics}{hint}"
+                    f"({gpu}, compute capability {cc}): {describe_invalidity(trt, diagnostics, logged)}{hint}"
                 )
         with logger.capture() as logged:
             engine = runtime.deserialize_cuda_engine(data)
@@ -249,12 +263,12 @@ class TensorRTEngine:
     def _apply(self, index: int, shapes: Mapping[str, tuple[int, ...]], stream) -> None:
         ctx = self._context
         if ctx.active_optimization_profile != index:
-            if not ctx.set_optimization_profile_async(index, stream.cuda_stream):
-                raise TensorRTBackendError(f"set_optimization_profile_async({index}) failed")
+            checked_call(self._logger, f"set_optimization_profile_async({index})", ctx.set_optimization_profile_async,
+                         index, stream.cuda_stream)
             self._switch_stream = stream  # work may be enqueued there; infer() orders its stream after it
         for name in self.input_names:
-            if not ctx.set_input_shape(name, shapes[name]):
-                raise TensorRTBackendError(f"set_input_shape({name!r}, {list(shapes[name])}) failed in profile {index}")
+            checked_call(self._logger, f"set_input_shape({name!r}, {list(shapes[name])}) in profile {index}",
+                         ctx.set_input_shape, name, shapes[name])
 
     @property
     def buffers(self) -> dict[str, Any]:
@@ -298,10 +312,10 @@ class TensorRTEngine:
             self._switch_stream = None
         ctx = self._context
         for name, t in binding.tensors.items():
-            ctx.set_tensor_address(name, t.data_ptr())
+            checked_call(self._logger, f"set_tensor_address({name!r})", ctx.set_tensor_address, name, t.data_ptr())
         self._last_stream = stream
-        if not ctx.execute_async_v3(stream.cuda_stream):
-            raise TensorRTBackendError(f"execute_async_v3 failed for profile {binding.profile_index} {binding.shapes}")
+        checked_call(self._logger, f"execute_async_v3 (profile {binding.profile_index} {binding.shapes})",
+                     ctx.execute_async_v3, stream.cuda_stream)
         return dict(binding.outputs)
 
     # -- caches / teardown
@@ -336,3 +350,15 @@ class TensorRTEngine:
 
     def __repr__(self) -> str:
         return f"TensorRTEngine({self.source}, flavor={getattr(self, 'flavor', '?')}, profiles={getattr(self, 'num_profiles', '?')})"
+
+
+def describe_invalidity(trt, diagnostics, logged: Sequence[str]) -> str:
+    """TensorRT-RTX's ``get_engine_validity`` diagnostics as words. Its flags can be 0 (e.g. when no CUDA
+    driver answers), so what TensorRT logged meanwhile is added: that is where the reason is."""
+    reasons = []
+    with contextlib.suppress(Exception):
+        reasons = [n for n, m in trt.EngineInvalidityDiagnostics.__members__.items() if int(diagnostics) & int(m)]
+    text = ", ".join(reasons) if reasons else "no diagnostic flag set"
+    if logged:
+        text += "; TensorRT logged: " + "; ".join(logged)
+    return text
