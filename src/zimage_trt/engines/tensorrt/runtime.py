@@ -1,9 +1,16 @@
-"""Run a TensorRT (or TensorRT-RTX) engine: one execution context, persistent torch buffers per
-optimisation profile, inference enqueued on the caller's stream with no host sync.
+"""Run a TensorRT (or TensorRT-RTX) engine: one execution context per (profile, shapes) binding, persistent
+torch buffers bound once, inference enqueued on the caller's stream with no host sync.
 
     eng = TensorRTEngine("engines/t.plan")
-    eng.select({"latents": (1, 16, 128, 128), ...})        # allocates persistent buffers once
+    eng.select({"latents": (1, 16, 128, 128), ...})        # context, buffers and addresses, once
     out = eng.infer({"latents": x, ...}, stream)            # enqueues on ``stream``, no host sync
+
+Why one context per binding (NvInferRuntime.h, IExecutionContext): a profile switch "will trigger layer
+resource updates on the next enqueueV3()", and so does a new tensor address; a CUDA graph captured on
+profile A and replayed after the context moved to profile B would replay stale state. So each binding gets
+its own context whose profile, input shapes and tensor addresses are set once, before any capture, and
+never again. The contexts share one user-managed scratch allocation (the engine's largest need): they
+run one at a time, since every enqueue is ordered after the previous one (see :meth:`TensorRTEngine.infer`).
 """
 
 from __future__ import annotations
@@ -28,6 +35,15 @@ from .library import (
     torch_dtype,
 )
 
+
+def stream_is_capturing(stream) -> bool:
+    """Whether CUDA graph capture is under way on the current stream (``stream`` is the one we enqueue on)."""
+    import torch
+
+    return bool(getattr(stream, "device", None) is not None and stream.device.type == "cuda"
+                and torch.cuda.is_current_stream_capturing())
+
+
 def checked_call(logger, what: str, fn: Callable, *args):
     """Call one TensorRT API inside the logger capture. TensorRT reports failure as False/None (TensorRT
     10, TensorRT-RTX) or as a raised RuntimeError (TensorRT 11 for some calls); either way the error
@@ -44,23 +60,29 @@ def checked_call(logger, what: str, fn: Callable, *args):
 
 
 class _Binding:
-    """Persistent device buffers of one (profile, shapes) pair."""
+    """One (profile, input shapes) pair: its own execution context and persistent device buffers."""
 
-    def __init__(self, profile_index: int, shapes: dict[str, tuple[int, ...]], inputs: dict, outputs: dict):
+    def __init__(self, profile_index: int, shapes: dict[str, tuple[int, ...]], context, inputs: dict, outputs: dict,
+                 setup_stream):
         self.profile_index = profile_index
         self.shapes = shapes
+        self.context = context
         self.inputs = inputs
         self.outputs = outputs
         self.tensors = {**inputs, **outputs}
+        self.setup_stream = setup_stream  # the profile was set there: the first enqueue must follow it
         self.streams: set[int] = set()
+        self.warmed = False  # enqueued once (TensorRT-RTX compiles its kernels on the first run)
+        self.captured = False
 
 
 class TensorRTEngine:
-    """A deserialized engine plus one execution context, with persistent torch buffers per profile.
+    """A deserialized engine with one execution context and persistent torch buffers per profile.
 
     ``engine``: path or bytes of a serialized engine.  ``flavor``: "auto" tries every importable library
     (full TensorRT first) until one deserializes it.  ``runtime_cache_path`` (TensorRT-RTX): JIT kernel cache
-    loaded now and written back by :meth:`save_runtime_cache` / :meth:`close`.
+    loaded now and written back (atomically) after each new shape's first run and by :meth:`close`, so a
+    second process skips the JIT.
 
     Buffers returned by :meth:`infer` are the engine's own persistent outputs: they are overwritten by the
     next :meth:`infer` on the same profile, so clone what you keep.
@@ -75,15 +97,15 @@ class TensorRTEngine:
             if not path.is_file():
                 raise FileNotFoundError(f"engine file not found: {path}")
             data = path.read_bytes()
-            self.source = str(path)
+            source = str(path)
         else:
             data = bytes(engine)
-            self.source = f"<{len(data)} bytes>"
+            source = f"<{len(data)} bytes>"
         if not torch.cuda.is_available():
             raise TensorRTBackendError("TensorRTEngine needs a CUDA GPU (torch.cuda.is_available() is False)")
         index = None if device is None else torch.device(device).index
-        self.device = torch.device("cuda", torch.cuda.current_device() if index is None else index)
-        self.runtime_cache_path = Path(runtime_cache_path) if runtime_cache_path is not None else None
+        self._init_state(torch.device("cuda", torch.cuda.current_device() if index is None else index),
+                         runtime_cache_path, source)
 
         candidates = [flavor] if flavor != "auto" else [f for f, (ok, _) in available_flavors().items() if ok]
         if not candidates:
@@ -94,22 +116,41 @@ class TensorRTEngine:
             for name in candidates:
                 fl, trt = import_backend(name)
                 try:
-                    self._load(fl, trt, data)
+                    runtime, engine_obj = self._deserialize(trt, data)
+                    self._adopt(fl, trt, runtime, engine_obj)
                     break
                 except TensorRTBackendError as exc:
                     failures.append(f"{fl}: {exc}")
             else:
-                raise TensorRTBackendError(f"could not load engine {self.source}:\n  " + "\n  ".join(failures))
+                raise TensorRTBackendError(f"could not load engine {source}:\n  " + "\n  ".join(failures))
 
+    @classmethod
+    def from_deserialized(cls, trt, engine, *, flavor: str, device: Any, runtime=None,
+                          runtime_cache_path: str | os.PathLike | None = None, source: str = "<deserialized engine>"):
+        """Wrap an ``ICudaEngine`` deserialized elsewhere (``trt`` is its module). Nothing here needs a GPU
+        until a binding is made, which is what lets the glue be tested against stand-ins."""
+        import torch
+
+        self = cls.__new__(cls)
+        self._init_state(torch.device(device), runtime_cache_path, source)
+        self._adopt(flavor, trt, runtime, engine)
+        return self
+
+    def _init_state(self, device, runtime_cache_path, source: str) -> None:
+        self.device = device
+        self.source = source
+        self.runtime_cache_path = Path(runtime_cache_path) if runtime_cache_path is not None else None
         self._bindings: dict[tuple, _Binding] = {}
         self._active: _Binding | None = None
-        self._context_key: tuple | None = None
-        self._switch_stream = None
         self._last_stream = None
+        self._scratch = None
+        self._release_hooks: list[Callable[[], Any]] = []
+        self._cache_write_failed = False
+        self._engine = None
 
     # -- loading
 
-    def _load(self, flavor: str, trt, data: bytes):
+    def _deserialize(self, trt, data: bytes):
         import torch
 
         caps = Caps(trt)
@@ -138,23 +179,29 @@ class TensorRTEngine:
             engine = runtime.deserialize_cuda_engine(data)
         if engine is None:
             raise TensorRTBackendError(f"{trt.__name__}.Runtime.deserialize_cuda_engine failed: " + "; ".join(logged or ["(no details)"]))
+        return runtime, engine
 
-        runtime_cache = runtime_config = None
-        if caps.engine_runtime_config and caps.runtime_cache and self.runtime_cache_path is not None:
-            runtime_config = engine.create_runtime_config()
-            runtime_cache = runtime_config.create_runtime_cache()
-            if self.runtime_cache_path.is_file():
-                if not runtime_cache.deserialize(self.runtime_cache_path.read_bytes()):
-                    log.warning("runtime cache %s does not match this GPU/library; starting a fresh one", self.runtime_cache_path)
-            runtime_config.set_runtime_cache(runtime_cache)
-        with logger.capture() as logged:
-            context = engine.create_execution_context(runtime_config) if runtime_config is not None else engine.create_execution_context()
-        if context is None:
-            raise TensorRTBackendError("create_execution_context failed: " + "; ".join(logged or ["(no details)"]))
-
-        self.flavor, self.trt, self._caps, self._logger = flavor, trt, caps, logger
-        self._runtime, self._engine, self._context = runtime, engine, context
-        self._runtime_config, self._runtime_cache = runtime_config, runtime_cache
+    def _adopt(self, flavor: str, trt, runtime, engine) -> None:
+        caps = Caps(trt)
+        self.flavor, self.trt, self._caps, self._logger = flavor, trt, caps, get_logger(trt)
+        self._runtime, self._engine = runtime, engine
+        self._runtime_config = self._runtime_cache = None
+        user_managed = trt.ExecutionContextAllocationStrategy.USER_MANAGED
+        if caps.engine_runtime_config:
+            config = engine.create_runtime_config()
+            config.set_execution_context_allocation_strategy(user_managed)
+            if caps.runtime_cache and self.runtime_cache_path is not None:
+                cache = config.create_runtime_cache()
+                if self.runtime_cache_path.is_file():
+                    if not cache.deserialize(self.runtime_cache_path.read_bytes()):
+                        log.warning("runtime cache %s does not match this GPU/library; starting a fresh one", self.runtime_cache_path)
+                if not config.set_runtime_cache(cache):
+                    log.warning("%s refused its runtime cache; kernels will be compiled in every process", trt.__name__)
+                else:
+                    self._runtime_cache = cache
+            self._runtime_config = config
+        self._allocation_strategy = user_managed
+        self.refittable = bool(getattr(engine, "refittable", False))
         self.input_names: list[str] = []
         self.output_names: list[str] = []
         self.dtypes = {}
@@ -222,10 +269,43 @@ class TensorRTEngine:
 
     # -- binding
 
-    def select(self, profile_shapes: Mapping[str, Sequence[int]]) -> _Binding:
-        """Pick the profile matching ``profile_shapes`` and allocate its persistent buffers (once)."""
+    def _empty(self, shape, dtype):
         import torch
 
+        return torch.empty(shape, dtype=dtype, device=self.device)
+
+    def _current_stream(self):
+        import torch
+
+        return torch.cuda.current_stream(self.device)
+
+    def _new_context(self):
+        """An execution context whose device memory we supply (no allocation of its own)."""
+        engine = self._engine
+        if self._runtime_config is not None:
+            return checked_call(self._logger, "create_execution_context(runtime_config)", engine.create_execution_context,
+                                self._runtime_config)
+        return checked_call(self._logger, "create_execution_context(USER_MANAGED)", engine.create_execution_context,
+                            self._allocation_strategy)
+
+    def _scratch_for(self, context):
+        """The scratch memory every context shares, sized for the engine's largest profile; (address, size)."""
+        import torch
+
+        need = int(getattr(self._engine, "device_memory_size_v2", None) or getattr(self._engine, "device_memory_size", 0))
+        with contextlib.suppress(AttributeError):
+            need = max(need, int(context.update_device_memory_size_for_shapes()))
+        if self._scratch is None:
+            self._scratch = self._empty((max(need, 1),), torch.uint8)  # torch's CUDA blocks are 512-byte aligned
+        elif self._scratch.numel() < need:
+            raise TensorRTBackendError(
+                f"profile needs {need} bytes of scratch memory but the engine reported at most {self._scratch.numel()}")
+        return self._scratch.data_ptr(), self._scratch.numel()
+
+    def select(self, profile_shapes: Mapping[str, Sequence[int]], stream=None) -> _Binding:
+        """Pick the profile matching ``profile_shapes``; on first use make its binding: a context with the
+        profile set (on ``stream``) then the input shapes, output buffers sized from the context, scratch
+        memory and every tensor address set once."""
         index = self.find_profile(profile_shapes)
         ranges = self._profile_ranges[index]
         shapes = {}
@@ -240,35 +320,43 @@ class TensorRTEngine:
         key = (index, tuple(shapes[n] for n in self.input_names))
         binding = self._bindings.get(key)
         if binding is None:
-            with torch.cuda.device(self.device):
-                ins = {n: torch.empty(shapes[n], dtype=self.dtypes[n], device=self.device) for n in self.input_names}
-                # Output shapes follow from input shapes: ask the context, set to this profile.  A profile
-                # switch is enqueued on the stream of the last infer() (so it follows work in flight there);
-                # infer() makes its own stream wait for it.
-                stream = self._last_stream or torch.cuda.current_stream(self.device)
-                self._apply(index, shapes, stream)
-                self._context_key = key
-                outs = {}
-                for n in self.output_names:
-                    shape = dims(self._context.get_tensor_shape(n))
-                    if any(d < 0 for d in shape):
-                        raise TensorRTBackendError(f"output {n!r} has unresolved shape {list(shape)} for {shapes}")
-                    outs[n] = torch.empty(shape, dtype=self.dtypes[n], device=self.device)
-            binding = _Binding(index, shapes, ins, outs)
-            binding.streams.add(stream.cuda_stream)  # allocation stream
+            stream = stream or self._last_stream or self._current_stream()
+            if stream_is_capturing(stream):
+                raise TensorRTBackendError(
+                    f"first use of profile {index} {shapes} during CUDA graph capture: a new binding creates an "
+                    "execution context and allocates; run this shape once before capturing it")
+            binding = self._make_binding(index, shapes, stream)
             self._bindings[key] = binding
         self._active = binding
         return binding
 
-    def _apply(self, index: int, shapes: Mapping[str, tuple[int, ...]], stream) -> None:
-        ctx = self._context
-        if ctx.active_optimization_profile != index:
-            checked_call(self._logger, f"set_optimization_profile_async({index})", ctx.set_optimization_profile_async,
-                         index, stream.cuda_stream)
-            self._switch_stream = stream  # work may be enqueued there; infer() orders its stream after it
+    def _make_binding(self, index: int, shapes, stream) -> _Binding:
+        logger = self._logger
+        ctx = self._new_context()
+        # Order from NvInferRuntime.h: the profile first (async, on the stream the first enqueue follows),
+        # then every input shape, and only then are output shapes known.
+        checked_call(logger, f"set_optimization_profile_async({index})", ctx.set_optimization_profile_async,
+                     index, stream.cuda_stream)
         for name in self.input_names:
-            checked_call(self._logger, f"set_input_shape({name!r}, {list(shapes[name])}) in profile {index}",
+            checked_call(logger, f"set_input_shape({name!r}, {list(shapes[name])}) in profile {index}",
                          ctx.set_input_shape, name, shapes[name])
+        ins = {n: self._empty(shapes[n], self.dtypes[n]) for n in self.input_names}
+        outs = {}
+        for n in self.output_names:
+            shape = dims(ctx.get_tensor_shape(n))
+            if any(d < 0 for d in shape):
+                raise TensorRTBackendError(f"output {n!r} has unresolved shape {list(shape)} for {shapes}")
+            outs[n] = self._empty(shape, self.dtypes[n])
+        address, size = self._scratch_for(ctx)
+        if hasattr(ctx, "set_device_memory"):
+            checked_call(logger, "set_device_memory", lambda: ctx.set_device_memory(address, size) or True)
+        else:  # TensorRT 10.0
+            ctx.device_memory = address
+        binding = _Binding(index, shapes, ctx, ins, outs, stream)
+        for name, tensor in binding.tensors.items():  # bound once: an address change also re-triggers setup
+            checked_call(logger, f"set_tensor_address({name!r})", ctx.set_tensor_address, name, tensor.data_ptr())
+        binding.streams.add(stream.cuda_stream)  # allocation stream
+        return binding
 
     @property
     def buffers(self) -> dict[str, Any]:
@@ -280,7 +368,9 @@ class TensorRTEngine:
     def infer(self, inputs: Mapping[str, Any], stream=None) -> dict[str, Any]:
         """Copy ``inputs`` into the persistent buffers and enqueue the engine on ``stream``; no host sync.
 
-        Returns the persistent output tensors, valid once ``stream`` reaches this point.
+        Returns the persistent output tensors, valid once ``stream`` reaches this point. Under CUDA graph
+        capture only the copies and the enqueue are recorded: no context, profile switch, shape, address or
+        allocation (the shape must have run once before).
         """
         import torch
 
@@ -288,34 +378,39 @@ class TensorRTEngine:
         if missing:
             raise ProfileError(f"missing input(s) {missing}; engine inputs: {self.input_names}")
         if stream is None:
-            stream = torch.cuda.current_stream(self.device)
+            stream = self._current_stream()
         binding = self._active
         if binding is None or any(tuple(inputs[n].shape) != binding.shapes[n] for n in self.input_names):
-            binding = self.select({n: tuple(inputs[n].shape) for n in self.input_names})
-        if stream.cuda_stream not in binding.streams:
-            # The buffers were allocated on another stream: tell the caching allocator they are used here.
-            for t in binding.tensors.values():
-                t.record_stream(stream)
-            binding.streams.add(stream.cuda_stream)
-        with torch.cuda.stream(stream):
+            binding = self.select({n: tuple(inputs[n].shape) for n in self.input_names}, stream)
+        capturing = stream_is_capturing(stream)
+        if capturing:
+            if not binding.warmed:
+                raise TensorRTBackendError(
+                    f"profile {binding.profile_index} {binding.shapes} is captured before it ever ran: run it once "
+                    "first (its first run compiles and allocates)")
+            binding.captured = True
+        else:
+            # Shared scratch memory and the profile set-up: GPU-side ordering after the previous enqueue.
+            for before in (self._last_stream, binding.setup_stream):
+                if before is not None and before.cuda_stream != stream.cuda_stream:
+                    stream.wait_stream(before)
+            binding.setup_stream = None
+            if stream.cuda_stream not in binding.streams:
+                if self.device.type == "cuda":  # buffers made on another stream are used here too
+                    for t in binding.tensors.values():
+                        t.record_stream(stream)
+                binding.streams.add(stream.cuda_stream)
+        with (torch.cuda.stream(stream) if self.device.type == "cuda" else contextlib.nullcontext()):
             for name, buf in binding.inputs.items():
                 src = inputs[name]
                 if src.data_ptr() != buf.data_ptr() or src.dtype != buf.dtype:
                     buf.copy_(src, non_blocking=True)
-        key = (binding.profile_index, tuple(binding.shapes[n] for n in self.input_names))
-        if self._context_key != key:
-            self._apply(binding.profile_index, binding.shapes, stream)
-            self._context_key = key
-        if self._switch_stream is not None:
-            if self._switch_stream != stream:
-                stream.wait_stream(self._switch_stream)  # GPU-side ordering, no host sync
-            self._switch_stream = None
-        ctx = self._context
-        for name, t in binding.tensors.items():
-            checked_call(self._logger, f"set_tensor_address({name!r})", ctx.set_tensor_address, name, t.data_ptr())
-        self._last_stream = stream
         checked_call(self._logger, f"execute_async_v3 (profile {binding.profile_index} {binding.shapes})",
-                     ctx.execute_async_v3, stream.cuda_stream)
+                     binding.context.execute_async_v3, stream.cuda_stream)
+        self._last_stream = stream
+        if not binding.warmed:
+            binding.warmed = True
+            self._save_runtime_cache_quietly()  # this shape's kernels are compiled now
         return dict(binding.outputs)
 
     # -- caches / teardown
@@ -326,18 +421,43 @@ class TensorRTEngine:
             return None
         return atomic_write_bytes(self.runtime_cache_path, self._runtime_cache.serialize())
 
-    def close(self) -> None:
-        if getattr(self, "_context", None) is None:
+    def _save_runtime_cache_quietly(self) -> None:
+        if self._cache_write_failed:
             return
-        import torch
-
-        with contextlib.suppress(Exception):
-            torch.cuda.synchronize(self.device)
-        with contextlib.suppress(Exception):
+        try:
             self.save_runtime_cache()
+        except OSError as exc:  # e.g. a read-only engine folder: run on, compiling again next time
+            self._cache_write_failed = True
+            log.warning("cannot write the runtime cache %s (%s); the next process will compile its kernels again",
+                        self.runtime_cache_path, exc)
+
+    def add_release_hook(self, release: Callable[[], Any]) -> None:
+        """``release()`` drops the CUDA graphs captured over this engine; :meth:`close` calls it first."""
+        self._release_hooks.append(release)
+
+    def close(self) -> None:
+        """Graphs first (their owners' release hooks), then the contexts, then the buffers they point to."""
+        if self._engine is None:
+            return
+        hooks, self._release_hooks = self._release_hooks, []
+        for release in hooks:
+            release()
+        captured = [b for b in self._bindings.values() if b.captured]
+        if captured and not hooks:
+            log.warning("closing %s: %d binding(s) were captured in CUDA graphs that nobody released "
+                        "(add_release_hook); replaying those graphs now would touch freed memory",
+                        self.source, len(captured))
+        if self.device.type == "cuda":
+            import torch
+
+            with contextlib.suppress(Exception):
+                torch.cuda.synchronize(self.device)
+        self._save_runtime_cache_quietly()
+        for binding in self._bindings.values():
+            binding.context = None  # contexts before the memory they were given
         self._bindings.clear()
         self._active = None
-        self._context = None
+        self._scratch = None
         self._runtime_config = self._runtime_cache = None
         self._engine = None
         self._runtime = None
