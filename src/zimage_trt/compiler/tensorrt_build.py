@@ -365,6 +365,13 @@ def build_tensorrt_engine(
         for i, member in enumerate(cc_members):
             if not config.set_compute_capability(member, i):
                 raise ValueError(f"{trt.__name__} refused compute capability {cc_labels[i]}")
+    flags = []
+    if hasattr(trt.BuilderFlag, "REQUIRE_USER_ALLOCATION"):
+        # TensorRT-RTX: no run-time allocation inside enqueue, which is what makes it capturable in a CUDA
+        # graph (the build fails instead if the network needs data-dependent allocation).
+        flags.append("REQUIRE_USER_ALLOCATION")
+    for flag in flags:
+        config.set_flag(getattr(trt.BuilderFlag, flag))
     if workspace_bytes is not None and caps.workspace_pool:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
 
@@ -431,4 +438,5 @@ def build_tensorrt_engine(
         "outputs": {n: {"shape": list(o["shape"]), "dtype": o["dtype"]} for n, o in outputs.items()},
         "strongly_typed": strongly_typed,
         "timing_cache": timing_info,
+        "builder_flags": flags,
     }

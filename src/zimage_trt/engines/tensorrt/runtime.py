@@ -73,6 +73,7 @@ class _Binding:
         self.setup_stream = setup_stream  # the profile was set there: the first enqueue must follow it
         self.streams: set[int] = set()
         self.warmed = False  # enqueued once (TensorRT-RTX compiles its kernels on the first run)
+        self.capturable = True
         self.captured = False
 
 
@@ -190,6 +191,11 @@ class TensorRTEngine:
         if caps.engine_runtime_config:
             config = engine.create_runtime_config()
             config.set_execution_context_allocation_strategy(user_managed)
+            if hasattr(config, "dynamic_shapes_kernel_specialization_strategy"):
+                # TensorRT-RTX: compile the shape-specialised kernels at the first run, blocking, instead of
+                # running fallback kernels until a background JIT finishes: a graph captured after one
+                # warm-up must hold the final kernels.
+                config.dynamic_shapes_kernel_specialization_strategy = trt.DynamicShapesKernelSpecializationStrategy.EAGER
             if caps.runtime_cache and self.runtime_cache_path is not None:
                 cache = config.create_runtime_cache()
                 if self.runtime_cache_path.is_file():
@@ -365,6 +371,24 @@ class TensorRTEngine:
             raise TensorRTBackendError("no profile selected yet: call select() or infer()")
         return dict(self._active.tensors)
 
+    def stream_capturable(self, stream) -> bool:
+        """Whether an enqueue on ``stream`` may be captured in a CUDA graph. TensorRT-RTX answers per context
+        (``is_stream_capturable``: it is not when the engine allocates at run time); full TensorRT has no such
+        query and its enqueueV3 is capturable after one warm-up run. Asked of a context on profile 0."""
+        binding = next(iter(self._bindings.values()), None)
+        if binding is not None:
+            ctx = binding.context
+        elif hasattr(self.trt.IExecutionContext, "is_stream_capturable"):
+            ctx = self._new_context()
+            checked_call(self._logger, "set_optimization_profile_async(0)", ctx.set_optimization_profile_async,
+                         0, stream.cuda_stream)
+            for name, (_lo, hi) in self._profile_ranges[0].items():
+                checked_call(self._logger, f"set_input_shape({name!r})", ctx.set_input_shape, name, hi)
+        else:
+            return True
+        query = getattr(ctx, "is_stream_capturable", None)
+        return True if query is None else bool(query(stream.cuda_stream))
+
     def infer(self, inputs: Mapping[str, Any], stream=None) -> dict[str, Any]:
         """Copy ``inputs`` into the persistent buffers and enqueue the engine on ``stream``; no host sync.
 
@@ -388,6 +412,10 @@ class TensorRTEngine:
                 raise TensorRTBackendError(
                     f"profile {binding.profile_index} {binding.shapes} is captured before it ever ran: run it once "
                     "first (its first run compiles and allocates)")
+            if not binding.capturable:
+                raise TensorRTBackendError(
+                    f"{self.trt.__name__} says this context cannot be captured on this stream "
+                    "(is_stream_capturable is False); run without CUDA graphs (use_cuda_graph=False)")
             binding.captured = True
         else:
             # Shared scratch memory and the profile set-up: GPU-side ordering after the previous enqueue.
@@ -410,6 +438,8 @@ class TensorRTEngine:
         self._last_stream = stream
         if not binding.warmed:
             binding.warmed = True
+            query = getattr(binding.context, "is_stream_capturable", None)
+            binding.capturable = True if query is None else bool(query(stream.cuda_stream))
             self._save_runtime_cache_quietly()  # this shape's kernels are compiled now
         return dict(binding.outputs)
 
