@@ -1,7 +1,10 @@
 """A TensorRT (or TensorRT-RTX) engine behind the runtime's DenoiserEngine interface.
 
 TensorRT engines hold one fixed-shape profile per (resolution, batch, caption capacity): captions are
-padded to the profile's capacity and the engine masks each item's rows past its own padded length.
+padded to the profile's capacity and the engine masks each item's rows past its own padded length. A
+call for fewer items than any profile of that resolution holds (CFG switched off by `cfg_truncation`
+on an engine built for the CFG batch 2B) runs in the smallest larger profile, the extra rows filled
+with copies of the last item and dropped from the output.
 """
 
 from __future__ import annotations
@@ -10,10 +13,11 @@ from pathlib import Path
 
 import torch
 
-from ...model.shapes import padded_caption_length
+from ...model.shapes import Resolution, padded_caption_length
 from .. import contract
 from ..base import DenoiserEngine
-from ..manifest import Manifest
+from ..manifest import EngineShape, Manifest
+from .library import TensorRTBackendError
 from .runtime import TensorRTEngine
 
 
@@ -26,32 +30,82 @@ def runtime_cache_path(engine_path: Path, device) -> Path | None:
     return engine_path.with_name(f"{engine_path.name}.sm{major}{minor}.runtime-cache")
 
 
+def check_engine_against_manifest(engine: TensorRTEngine, manifest: Manifest) -> None:
+    """The engine's I/O names, dtypes and profiles are the contract's and its manifest's; else a clear error."""
+    where = f"engine {engine.source} ({manifest.name})"
+    if tuple(engine.input_names) != contract.INPUT_NAMES or tuple(engine.output_names) != contract.OUTPUT_NAMES:
+        raise TensorRTBackendError(
+            f"{where} has inputs {engine.input_names} and outputs {engine.output_names}; the denoiser contract is "
+            f"{list(contract.INPUT_NAMES)} -> {list(contract.OUTPUT_NAMES)}: rebuild it with `zimage-trt build`")
+    feature_dtype = engine.dtypes[contract.CAPTION_FEATURES]
+    expected = {**contract.input_dtypes(feature_dtype), contract.NOISE_PRED: torch.float32}
+    wrong = {n: (str(engine.dtypes[n]), str(d)) for n, d in expected.items() if engine.dtypes[n] != d}
+    if wrong:
+        raise TensorRTBackendError(f"{where}: dtypes differ from the contract (name: (engine, contract)): {wrong}")
+    caption_dim = engine.profiles[0][contract.CAPTION_FEATURES][-1] if engine.num_profiles else 0
+    for shape in manifest.shapes:
+        want = contract.input_shapes(shape.batch, Resolution.parse(shape.resolution).latent_hw,
+                                     shape.caption_capacity, caption_dim)
+        engine.find_profile(want)  # raises ProfileError naming what was built
+
+
 class TensorRTDenoiserEngine(DenoiserEngine):
-    def __init__(self, path, manifest: Manifest, device):
+    def __init__(self, path, manifest: Manifest, device, *, trt_engine: TensorRTEngine | None = None):
         path = Path(path)
-        self.trt = TensorRTEngine(path, flavor=manifest.backend, device=device,
-                                  runtime_cache_path=runtime_cache_path(path, device))
-        super().__init__(self.trt.device, self.trt.dtypes[contract.CAPTION_FEATURES])  # already a torch dtype
+        if trt_engine is None:
+            trt_engine = TensorRTEngine(path, flavor=manifest.backend, device=device,
+                                        runtime_cache_path=runtime_cache_path(path, device))
+        check_engine_against_manifest(trt_engine, manifest)
+        self.trt = trt_engine
+        super().__init__(trt_engine.device, trt_engine.dtypes[contract.CAPTION_FEATURES])
         self.kind = manifest.backend
+        self.manifest = manifest
         self.shapes = manifest.shapes
         # Capturable only where the library says so for a context of this engine (TensorRT-RTX's
         # is_stream_capturable; full TensorRT has no such query and is capturable after a warm-up).
         self.supports_cuda_graph = (self.device.type == "cuda"
-                                    and self.trt.stream_capturable(torch.cuda.Stream(self.device)))
+                                    and trt_engine.stream_capturable(torch.cuda.Stream(self.device)))
+
+    def _profile(self, resolution_key: str, batch: int, need: int) -> EngineShape | None:
+        """The exact batch if built, else the smallest larger one (rows padded); then the smallest capacity."""
+        fits = [s for s in self.shapes
+                if s.resolution == resolution_key and s.batch >= batch and s.caption_capacity >= need]
+        return min(fits, key=lambda s: (s.batch, s.caption_capacity), default=None)
 
     def caption_layout(self, caption_lengths, resolution_key, batch):
         need = max(padded_caption_length(n) for n in caption_lengths)
-        fits = sorted(s.caption_capacity for s in self.shapes
-                      if s.resolution == resolution_key and s.batch == batch and s.caption_capacity >= need)
-        if not fits:
+        shape = self._profile(resolution_key, batch, need)
+        if shape is None:
             built = ", ".join(f"{s.resolution} batch {s.batch} captions {s.caption_capacity}" for s in self.shapes)
             raise ValueError(
-                f"this {self.kind} engine has no profile for {resolution_key} batch {batch} with a {need}-row "
-                f"caption (built: {built}); rebuild with that shape"
+                f"this {self.kind} engine has no profile for {resolution_key} batch {batch} (or larger) with a "
+                f"{need}-row caption (built: {built}); rebuild with that shape"
             )
-        return fits[0], True
+        return shape.caption_capacity, True
 
     def run(self, latents, timestep, cap_feats, cap_lens, masked: bool) -> torch.Tensor:
-        inputs = contract.as_feed((latents, timestep, cap_feats, cap_lens))
-        outputs = self.trt.infer(inputs, stream=torch.cuda.current_stream(self.device))
-        return outputs[contract.NOISE_PRED]
+        batch, capacity = latents.shape[0], cap_feats.shape[1]
+        resolution_key = f"{latents.shape[-2] * 8}x{latents.shape[-1] * 8}"
+        shape = self._profile(resolution_key, batch, capacity)
+        if shape is None or shape.caption_capacity != capacity:
+            raise ValueError(f"no profile of this {self.kind} engine takes {resolution_key} batch {batch} with "
+                             f"caption capacity {capacity}; ask caption_layout() for the capacity first")
+        feed = contract.as_feed((latents, timestep, cap_feats, cap_lens))
+        shapes = contract.input_shapes(shape.batch, tuple(latents.shape[-2:]), capacity, cap_feats.shape[-1],
+                                       channels=latents.shape[1])
+        buffers = self.trt.select(shapes).inputs
+        # Straight into the engine's persistent inputs (no allocation, so this is capturable as it is).
+        for name, tensor in feed.items():
+            buf = buffers[name]
+            buf[:batch].copy_(tensor, non_blocking=True)
+            if shape.batch > batch:
+                buf[batch:].copy_(tensor[-1:].expand_as(buf[batch:]), non_blocking=True)
+        outputs = self.trt.infer(buffers)
+        return outputs[contract.NOISE_PRED][:batch]
+
+    def add_release_hook(self, release) -> None:
+        """``release()`` drops CUDA graphs captured over this engine; :meth:`close` calls it first."""
+        self.trt.add_release_hook(release)
+
+    def close(self) -> None:
+        self.trt.close()
