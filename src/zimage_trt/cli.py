@@ -32,13 +32,16 @@ def add_build_arguments(ap: argparse.ArgumentParser) -> None:
                     help="TensorRT-RTX target GPU, e.g. 8.9 or 12.0; repeat for several (default: this GPU, else all)")
     ap.add_argument("--name", default=None, help="engine name (default: denoiser-BACKEND-PRECISION)")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    ap.add_argument("--refittable", action="store_true",
+                    help="TensorRT: let LoRA replace the weights later without a rebuild (a refit); costs a larger "
+                         "engine file and possibly slower kernels (no weight-specialised ones); not for fp8")
 
 
 def run_build(args) -> int:
     result = build_engines(
         args.model, args.resolution, args.out, backend=args.backend, precision=args.precision, batch=args.batch,
         caption_capacity=args.caption_capacity, compute_capabilities=args.compute_capability, name=args.name,
-        progress=not args.quiet,
+        progress=not args.quiet, refittable=args.refittable,
     )
     m = result.manifest
     shapes = ", ".join(s.resolution for s in m.shapes)

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from ..engines import contract, torch_compiled
 from ..engines.manifest import MANIFEST_SUFFIX, EngineShape, Manifest, ManifestError, record_file
+from ..engines.tensorrt import refit
 from ..engines.tensorrt.library import available_flavors, parse_compute_capability, rtx_supported_compute_capabilities
 from ..files import PARTIAL_SUFFIX, check_writable_dir, publish, sha256_file, staged
 from ..model.denoiser import StaticZImageDenoiser
@@ -73,7 +74,7 @@ def _model_record(transformer, fingerprint: str) -> dict:
 def build_engines(model, resolutions, out_dir="engines", *, backend: str = "auto", precision: str = "fp16",
                   batch: int = 1, caption_capacity: int = DEFAULT_CAPTION_CAPACITY, device=None,
                   compute_capabilities=None, name: str | None = None, fp16_downscale_log2=None,
-                  keep_onnx: bool = True, progress: bool = True, vae=None) -> BuildResult:
+                  keep_onnx: bool = True, progress: bool = True, vae=None, refittable: bool = False) -> BuildResult:
     """Build one denoiser engine holding every requested resolution (weights stored once).
 
     model: a diffusers-format folder, a hub id (at a user's site) or an in-memory
@@ -81,6 +82,8 @@ def build_engines(model, resolutions, out_dir="engines", *, backend: str = "auto
     vae (torch-compiled engines): an `AutoencoderKL` whose compiled decoder kernels are stored with the
     engine, so the pipeline's first image skips compiling them (~20 s at full size). None: the
     `vae/` of a local model folder, on CUDA builds; False: never. The VAE is copied, never modified.
+    refittable (TensorRT): weights can be replaced later without a rebuild (LoRA, `update_weights`); the
+    plan is larger and TensorRT may skip weight-specialised kernels. Not for fp8 or torch-compiled.
     """
     started = time.perf_counter()
     shapes_res = sorted({Resolution.parse(r) for r in ([resolutions] if isinstance(resolutions, str) else resolutions)})
@@ -95,13 +98,19 @@ def build_engines(model, resolutions, out_dir="engines", *, backend: str = "auto
     target_dtype = precision_dtype(precision, backend)
     if precision == "fp8":
         compute_capabilities = _fp8_targets(backend, compute_capabilities)
+    if refittable and backend == "torch-compiled":
+        raise ValueError("refittable applies to TensorRT engines: a torch-compiled engine runs the model's own "
+                         "weights, which take new values in place")
+    if refittable and precision == "fp8":
+        raise ValueError("refittable FP8 engines are not supported: their weights are stored quantised with scales "
+                         "computed at build time; build fp16/bf16 for adapters, or rebuild the FP8 engine")
     out_dir = check_writable_dir(out_dir)
     plan = BuildPlan(
         model=model, out_dir=out_dir, name=name or f"denoiser-{backend}-{precision}", backend=backend,
         precision=precision, target_dtype=target_dtype, device=device,
         shapes=[EngineShape(r.key, batch, caption_capacity) for r in shapes_res],
         compute_capabilities=compute_capabilities, fp16_downscale_log2=fp16_downscale_log2,
-        keep_onnx=keep_onnx, progress=progress, vae=vae,
+        keep_onnx=keep_onnx, progress=progress, vae=vae, refittable=bool(refittable),
     )
     with _exclusive_build(plan.out_dir, plan.name):
         return _build_locked(plan, started)
@@ -124,6 +133,7 @@ class BuildPlan:
     keep_onnx: bool
     progress: bool
     vae: object = None
+    refittable: bool = False
 
 
 def _build_locked(plan: BuildPlan, started: float) -> BuildResult:
@@ -168,7 +178,7 @@ def _build_locked(plan: BuildPlan, started: float) -> BuildResult:
         else:
             engine_files, backend_version, ccs, details = _build_tensorrt(
                 denoiser, shapes, out_dir, name, backend, plan.compute_capabilities, plan.keep_onnx, plan.progress,
-                fp8=precision == "fp8")
+                fp8=precision == "fp8", refit_from=transformer.state_dict() if plan.refittable else None)
     bar.update()
 
     manifest = Manifest(
@@ -177,6 +187,7 @@ def _build_locked(plan: BuildPlan, started: float) -> BuildResult:
         torch_version=torch.__version__, model=_model_record(transformer, fingerprint),
         fp16_downscale_log2={k: list(v) for k, v in downscale.items()}, onnx_sha256=details.get("onnx_sha256"),
         build_seconds=round(time.perf_counter() - started, 3),
+        refittable=bool(details.get("refit_weights")), refit_weights=details.get("refit_weights", {}),
     )
     previous = _previous_files(out_dir, name)
     path = manifest.write(out_dir)
@@ -282,7 +293,8 @@ def _fp8_targets(backend: str, requested) -> list[str] | None:
     return chosen
 
 
-def _build_tensorrt(denoiser, shapes, out_dir, name, flavor, compute_capabilities, keep_onnx, progress, fp8=False):
+def _build_tensorrt(denoiser, shapes, out_dir, name, flavor, compute_capabilities, keep_onnx, progress, fp8=False,
+                    refit_from=None):
     onnx_dir = out_dir / "onnx"
     onnx_dir.mkdir(exist_ok=True)
     onnx_path = onnx_dir / f"{name}.onnx"
@@ -302,17 +314,26 @@ def _build_tensorrt(denoiser, shapes, out_dir, name, flavor, compute_capabilitie
                                       denoiser.caption_dim) for s in shapes]
     suffix = ".plan"
     info = {}
+    refit_weights = {}
+    if refit_from is not None:
+        # Which transformer weight each ONNX initializer holds (the exporter renames and transposes them).
+        refit_weights = refit.map_initializers(onnx_path, refit_from)
+        if not refit_weights:
+            raise RuntimeError(f"refittable build: no initializer of {onnx_path} holds a transformer weight")
 
     def write(tmp):
         info.update(tensorrt_build.build_tensorrt_engine(
             onnx_path, tmp, profiles, flavor=flavor, compute_capabilities=compute_capabilities,
-            timing_cache_path=out_dir / f"{flavor}.timing.cache", progress=progress))
+            timing_cache_path=out_dir / f"{flavor}.timing.cache", progress=progress, refittable=refit_from is not None))
 
     path = _content_named(out_dir, name, suffix, write)
     if not keep_onnx:
         for f in onnx_dir.glob(onnx_path.name + "*"):
             f.unlink()
     details = {"onnx": export_info, "engine": info, "onnx_sha256": export_info["sha256"]}
+    if refit_from is not None:
+        details["refit_weights"] = refit_weights
+        details["not_refittable"] = refit.unmapped_weights(refit_weights, refit_from)
     return [path], str(info.get("version", "")), list(info.get("compute_capabilities", [])), details
 
 

@@ -292,6 +292,7 @@ def build_tensorrt_engine(
     workspace_bytes: int | None = None,
     progress: bool = True,
     cancel: threading.Event | None = None,
+    refittable: bool = False,
 ) -> dict:
     """Build one engine holding one fixed-shape optimisation profile per entry of ``profiles``.
 
@@ -307,6 +308,9 @@ def build_tensorrt_engine(
     successful build.  TensorRT-RTX has no build-time autotuning (its timing cache is a no-op), so the
     path is ignored there and ``info["timing_cache"]["used"]`` is False; use
     ``TensorRTEngine(runtime_cache_path=...)`` for its JIT kernel cache instead.
+
+    ``refittable``: set ``BuilderFlag.REFIT`` so any weight can take new values later through ``trt.Refitter``
+    (LoRA without a rebuild). It costs a larger plan and may rule out weight-specialised kernels.
 
     ``cancel``: set this event (from any thread) to stop the build; raises :class:`BuildCancelledError`.
     Ctrl-C during the build also stops it (KeyboardInterrupt is re-raised).  In every failure case the
@@ -370,6 +374,8 @@ def build_tensorrt_engine(
         # TensorRT-RTX: no run-time allocation inside enqueue, which is what makes it capturable in a CUDA
         # graph (the build fails instead if the network needs data-dependent allocation).
         flags.append("REQUIRE_USER_ALLOCATION")
+    if refittable:
+        flags.append("REFIT")  # any weight may change (REFIT_IDENTICAL would promise the same values)
     for flag in flags:
         config.set_flag(getattr(trt.BuilderFlag, flag))
     if workspace_bytes is not None and caps.workspace_pool:
@@ -411,8 +417,15 @@ def build_tensorrt_engine(
                 f"engine build for {onnx_path.name} was cancelled after {build_seconds:.1f}s; "
                 f"{engine_path} was not written"
             )
+        hint = ""
+        if refittable and caps.compute_capability_targets and (current_gpu_compute_capability() is None or len(cc_labels) > 1):
+            # Seen with TensorRT-RTX 1.7.1: its graph compiler calls CUDA for refittable weights (no driver:
+            # "graph_jit ... CUDA_SUCCESS"), and refuses several targets at once ("sm_vers_.size() == 1").
+            hint = (f"\n{trt.__name__} {trt.__version__} builds refittable engines only on a machine with a CUDA GPU "
+                    "and driver, for one compute capability at a time: build there, with one --compute-capability")
         raise EngineBuildError(
             f"{trt.__name__} failed to build an engine from {onnx_path}:\n  " + "\n  ".join(logged or ["(no details logged)"])
+            + hint
         )
 
     engine_bytes = atomic_write_bytes(engine_path, serialized)
@@ -439,4 +452,5 @@ def build_tensorrt_engine(
         "strongly_typed": strongly_typed,
         "timing_cache": timing_info,
         "builder_flags": flags,
+        "refittable": bool(refittable),
     }

@@ -57,6 +57,10 @@ class Manifest:
     fp16_downscale_log2: dict = field(default_factory=dict)
     onnx_sha256: str | None = None
     build_seconds: float = 0.0
+    # TensorRT engines built with refittable=True: {engine weight name: [[diffusers names], "" | "T"]}, the
+    # transformer weights each engine weight holds (transposed where "T"), found by value at build time.
+    refittable: bool = False
+    refit_weights: dict = field(default_factory=dict)
     created: str = ""
     format_version: int = FORMAT_VERSION
 
@@ -118,7 +122,7 @@ def validate(raw) -> None:
     }
     optional = {
         "fp16_downscale_log2": dict, "onnx_sha256": (str, type(None)), "build_seconds": (int, float),
-        "created": str, "format_version": int,
+        "created": str, "format_version": int, "refittable": bool, "refit_weights": dict,
     }
     unknown = sorted(set(raw) - set(required) - set(optional))
     if unknown:
@@ -163,6 +167,10 @@ def validate(raw) -> None:
     for cc in raw["compute_capabilities"]:
         if not isinstance(cc, str) or not re.fullmatch(r"\d{1,2}\.\d", cc):
             raise ManifestError(f"compute capability {cc!r} is not like '9.0'")
+    for engine_name, entry in raw.get("refit_weights", {}).items():
+        if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], list) and entry[0]
+                and all(isinstance(n, str) for n in entry[0]) and entry[1] in ("", "T")):
+            raise ManifestError(f"refit_weights[{engine_name!r}] must be [[transformer weight names], '' or 'T']")
     for block, pair in raw.get("fp16_downscale_log2", {}).items():
         if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(k, int) and 0 <= k <= 30 for k in pair)):
             raise ManifestError(f"fp16_downscale_log2[{block!r}] must be two ints in 0..30")

@@ -17,6 +17,7 @@ from ...model.shapes import Resolution, padded_caption_length
 from .. import contract
 from ..base import DenoiserEngine
 from ..manifest import EngineShape, Manifest
+from . import refit
 from .library import TensorRTBackendError
 from .runtime import TensorRTEngine
 
@@ -47,9 +48,13 @@ def check_engine_against_manifest(engine: TensorRTEngine, manifest: Manifest) ->
         want = contract.input_shapes(shape.batch, Resolution.parse(shape.resolution).latent_hw,
                                      shape.caption_capacity, caption_dim)
         engine.find_profile(want)  # raises ProfileError naming what was built
+    if manifest.refittable and not engine.refittable:
+        raise TensorRTBackendError(f"{where}: the manifest says refittable but the engine is not; rebuild it")
 
 
 class TensorRTDenoiserEngine(DenoiserEngine):
+    holds_own_weights = True  # the plan carries its own copy of the weights: updates go through a refit
+
     def __init__(self, path, manifest: Manifest, device, *, trt_engine: TensorRTEngine | None = None):
         path = Path(path)
         if trt_engine is None:
@@ -102,6 +107,12 @@ class TensorRTDenoiserEngine(DenoiserEngine):
                 buf[batch:].copy_(tensor[-1:].expand_as(buf[batch:]), non_blocking=True)
         outputs = self.trt.infer(buffers)
         return outputs[contract.NOISE_PRED][:batch]
+
+    def update_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Refit the named transformer weights (diffusers state-dict names) into the engine, in place; CUDA
+        graphs captured over it are released (recaptured at the next step) in case the weights moved."""
+        if refit.refit_engine(self.trt, self.manifest, weights):
+            self.trt.release_graphs()
 
     def add_release_hook(self, release) -> None:
         """``release()`` drops CUDA graphs captured over this engine; :meth:`close` calls it first."""

@@ -465,13 +465,22 @@ class TensorRTEngine:
         """``release()`` drops the CUDA graphs captured over this engine; :meth:`close` calls it first."""
         self._release_hooks.append(release)
 
+    def release_graphs(self) -> bool:
+        """Run the release hooks (the graph owners drop what they captured over this engine); False if none
+        is registered. After a refit too: whether TensorRT keeps weight addresses is not documented."""
+        for release in self._release_hooks:
+            release()
+        if self._release_hooks:
+            for binding in self._bindings.values():
+                binding.captured = False
+        return bool(self._release_hooks)
+
     def close(self) -> None:
         """Graphs first (their owners' release hooks), then the contexts, then the buffers they point to."""
         if self._engine is None:
             return
-        hooks, self._release_hooks = self._release_hooks, []
-        for release in hooks:
-            release()
+        hooks = self.release_graphs()
+        self._release_hooks = []
         captured = [b for b in self._bindings.values() if b.captured]
         if captured and not hooks:
             log.warning("closing %s: %d binding(s) were captured in CUDA graphs that nobody released "
