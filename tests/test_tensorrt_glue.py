@@ -74,3 +74,20 @@ def test_version_mismatch_falls_back_instead_of_failing_to_deserialise(tmp_path,
         warnings.simplefilter("always")
         engine = open_denoiser(transformer, tmp_path, "cpu", torch.float32, "256x256", 1, allow_fallback=True)
     assert engine.kind == "eager" and any("0.0.1" in str(w.message) for w in caught)
+
+
+# ------------------------------------------------------------------ defect 7: validity reasons in words
+
+
+def test_engine_validity_diagnostics_are_named_not_printed_as_numbers():
+    from zimage_trt.engines.tensorrt.runtime import describe_invalidity
+
+    logger = trt_library.get_logger(RTX)
+    runtime = RTX.Runtime(logger)
+    with logger.capture() as logged:
+        validity, diagnostics = runtime.get_engine_validity(b"not an engine header".ljust(runtime.engine_header_size))
+    assert validity == RTX.EngineValidity.INVALID
+    assert describe_invalidity(RTX, diagnostics, logged).startswith("MALFORMED_ENGINE")
+    # No flag set (what TensorRT-RTX returns when it cannot read the GPU): the logged reason is the message.
+    text = describe_invalidity(RTX, 0, ["Error reading CUDA GPU properties: cudaError 35"])
+    assert text == "no diagnostic flag set; TensorRT logged: Error reading CUDA GPU properties: cudaError 35"
