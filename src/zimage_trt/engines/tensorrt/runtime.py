@@ -384,6 +384,9 @@ class TensorRTEngine:
                          0, stream.cuda_stream)
             for name, (_lo, hi) in self._profile_ranges[0].items():
                 checked_call(self._logger, f"set_input_shape({name!r})", ctx.set_input_shape, name, hi)
+            address, size = self._scratch_for(ctx)  # as a binding's context would be, memory included
+            if hasattr(ctx, "set_device_memory"):
+                ctx.set_device_memory(address, size)
         else:
             return True
         query = getattr(ctx, "is_stream_capturable", None)
