@@ -134,7 +134,7 @@ def test_refit_map_holds_every_trained_weight_bitwise(built):
     manifest, state = built["refittable"], built["state"]
     inits = {i.name: i for i in onnx.load(str(built["onnx"])).graph.initializer}
     for engine_name, (names, transform) in manifest.refit_weights.items():
-        value = refit._initializer_tensor(inits[engine_name])
+        value = refit._initializer_tensor(inits[engine_name], built["onnx"].parent)
         for name in names:
             want = state[name].t() if transform == "T" else state[name]
             assert value.dtype == want.dtype and torch.equal(value, want), engine_name
@@ -164,7 +164,8 @@ class RecordingRefitter:
     prototypes' sizes and dtypes, and records what is set."""
 
     def __init__(self, onnx_path):
-        self.inits = {i.name: refit._initializer_tensor(i) for i in onnx.load(str(onnx_path)).graph.initializer
+        self.inits = {i.name: refit._initializer_tensor(i, onnx_path.parent)
+                      for i in onnx.load(str(onnx_path)).graph.initializer
                       if i.data_type in (onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT)}
         self.set, self.refitted = {}, False
 

@@ -54,6 +54,17 @@ def test_map_finds_renamed_and_transposed_weights_by_value(exported):
     assert refit.unmapped_weights(found, weights) == ["norm.weight"]  # constant-valued: never refitted
 
 
+def test_map_reads_weights_from_external_data(exported, tmp_path):
+    """Past 2 GB our export puts the weights in NAME.onnx.data: they are read from there, tensor by tensor."""
+    path, weights = exported
+    big = tmp_path / "big" / "m.onnx"
+    big.parent.mkdir()
+    onnx.save(onnx.load(str(path)), str(big), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="m.onnx.data", size_threshold=0)
+    assert (big.parent / "m.onnx.data").is_file()
+    assert refit.map_initializers(big, weights) == refit.map_initializers(path, weights)
+
+
 def manifest(**kw):
     fields = dict(name="d", component="denoiser", backend="tensorrt-rtx", backend_version=RTX.__version__,
                   precision="fp16", shapes=[EngineShape("256x256", 1, 32)], files=[], compute_capabilities=["8.9"],

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 
@@ -30,16 +31,30 @@ def _digest(tensor: torch.Tensor) -> str:
     return hashlib.sha256(f"{tuple(tensor.shape)}".encode() + data).hexdigest()
 
 
-def _initializer_tensor(init) -> torch.Tensor:
-    """An ONNX initializer as a torch tensor of its own dtype (bf16 included, which numpy lacks)."""
-    import onnx
-    from onnx import numpy_helper
+_FLOAT_TYPES = {1: torch.float32, 10: torch.float16, 16: torch.bfloat16}  # onnx.TensorProto FLOAT, FLOAT16, BFLOAT16
 
+
+def _initializer_tensor(init, folder=None) -> torch.Tensor | None:
+    """A floating-point ONNX initializer as a torch tensor of its own dtype (bf16 included, which numpy
+    lacks), its bytes read from the external-data file where they live there; None for other types."""
+    dtype = _FLOAT_TYPES.get(init.data_type)
+    if dtype is None:
+        return None
     shape = tuple(init.dims)
-    if init.data_type == onnx.TensorProto.BFLOAT16:
-        raw = bytearray(init.raw_data)
-        return torch.frombuffer(raw, dtype=torch.bfloat16).reshape(shape) if raw else torch.empty(shape, dtype=torch.bfloat16)
-    return torch.from_numpy(numpy_helper.to_array(init).copy()).reshape(shape)
+    if init.data_location == 1:  # EXTERNAL: read this tensor's bytes alone (a 6B model's are 12 GB)
+        where = {e.key: e.value for e in init.external_data}
+        with open(Path(folder) / where["location"], "rb") as f:
+            f.seek(int(where.get("offset", 0)))
+            raw = f.read(int(where["length"])) if "length" in where else f.read()
+    elif init.raw_data:
+        raw = init.raw_data
+    else:  # typed fields (not what torch's exporter writes, but valid ONNX)
+        from onnx import numpy_helper
+
+        return torch.from_numpy(numpy_helper.to_array(init).copy()).reshape(shape)
+    if not raw:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(bytearray(raw), dtype=dtype).reshape(shape)
 
 
 def map_initializers(onnx_path, weights: Mapping[str, torch.Tensor]) -> dict[str, list]:
@@ -59,11 +74,11 @@ def map_initializers(onnx_path, weights: Mapping[str, torch.Tensor]) -> dict[str
             entry = by_value.setdefault(_digest(form), ([], transform))
             if entry[1] == transform:
                 entry[0].append(name)
-    model = onnx.load(str(onnx_path))
+    model = onnx.load(str(onnx_path), load_external_data=False)
     found = {}
     for init in model.graph.initializer:
-        tensor = _initializer_tensor(init)
-        if tensor.dtype.is_floating_point and tensor.numel() > 1:
+        tensor = _initializer_tensor(init, Path(onnx_path).parent)
+        if tensor is not None and tensor.numel() > 1:
             hit = by_value.get(_digest(tensor))
             if hit is not None:
                 found[init.name] = [sorted(hit[0]), hit[1]]
