@@ -28,7 +28,7 @@ from ..engines.tensorrt.library import available_flavors, parse_compute_capabili
 from ..files import PARTIAL_SUFFIX, check_writable_dir, publish, sha256_file, staged
 from ..model.denoiser import StaticZImageDenoiser
 from ..model.precision import check_precision, precision_dtype
-from ..model.shapes import Resolution, check_caption_capacity
+from ..model.shapes import Resolution, check_caption_capacity, check_fits_rope
 from ..model.weights import WeightsError, config_fingerprint, load_transformer, load_vae, weights_fingerprint
 from . import tensorrt_build
 from .export import export_denoiser
@@ -37,6 +37,9 @@ from .fp8_onnx import quantize_onnx_fp8
 
 BACKEND_NAMES = ("auto", "torch-compiled", "tensorrt", "tensorrt-rtx")
 DEFAULT_CAPTION_CAPACITY = 512  # diffusers' max_sequence_length
+# The ONNX graph TensorRT builds from has dynamic latent sides starting at 16 latent pixels (compiler/export.py:
+# torch.export needs a dynamic size of at least 2, and 16 leaves room for any patch layout), so 128 px.
+TENSORRT_MIN_SIDE = 128
 
 
 @dataclass
@@ -92,6 +95,10 @@ def build_engines(model, resolutions, out_dir="engines", *, backend: str = "auto
         raise ValueError(f"batch must be an int in 1..64, got {batch!r}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     backend = resolve_backend(backend, device)
+    if backend != "torch-compiled" and min(min(r.height, r.width) for r in shapes_res) < TENSORRT_MIN_SIDE:
+        small = [r.key for r in shapes_res if min(r.height, r.width) < TENSORRT_MIN_SIDE]
+        raise ValueError(f"{backend} engines need sides of at least {TENSORRT_MIN_SIDE} px (the exported graph's "
+                         f"latent sides start at 16), got {small}; build those with --backend torch-compiled")
     target_dtype = precision_dtype(precision, backend)
     if precision == "fp8":
         compute_capabilities = _fp8_targets(backend, compute_capabilities)
@@ -144,6 +151,8 @@ def _build_locked(plan: BuildPlan, started: float) -> BuildResult:
     if denoiser.max_caption_capacity < shapes[0].caption_capacity:
         raise ValueError(f"caption capacity {shapes[0].caption_capacity} exceeds this model's RoPE table "
                          f"({denoiser.max_caption_capacity})")
+    for shape in shapes:
+        check_fits_rope(Resolution.parse(shape.resolution), transformer.config.axes_lens)
     bar.update()
 
     # 2. fp16 overflow protection, measured on this model's own weights.
