@@ -12,6 +12,18 @@ _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 _FP8_COMPANION = {"torch-compiled": torch.bfloat16, "tensorrt": torch.float16, "tensorrt-rtx": torch.float16}
 
 
+# The one default of `zimage-trt build`, `zimage-trt generate` and the pipeline's dtype, so that what
+# is built by default is what is looked for by default. bf16 on a GPU: Z-Image's training dtype, which
+# needs no fp16 overflow rescaling (so the eager fallback is safe too); fp16 is a choice (--precision).
+# fp32 on the CPU: CPUs have no fast 16-bit path, and CPU parity with diffusers is checked in fp32.
+DEFAULT_PRECISION_RULE = "bf16 for an engine that runs on a GPU, fp32 for one that runs on the CPU"
+
+
+def default_precision(on_gpu: bool) -> str:
+    """See DEFAULT_PRECISION_RULE."""
+    return "bf16" if on_gpu else "fp32"
+
+
 def check_precision(name) -> str:
     if name not in PRECISIONS:
         raise ValueError(f"precision {name!r} is not one of {PRECISIONS}")
