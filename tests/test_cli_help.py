@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from zimage_trt import cli
-from zimage_trt.model.precision import DEFAULT_PRECISION_RULE, default_precision, precision_dtype
-from zimage_trt.runtime.placement import default_dtype
+from zimage_trt.compiler.build import default_build_precision, resolve_backend
+from zimage_trt.model.precision import DEFAULT_PRECISION_RULE, default_precision
 
 
 class _Parsed(Exception):
@@ -68,25 +68,31 @@ def test_help_states_the_precision_rule(command, capsys):
     assert "(default: None)" not in text  # a default computed at run time is said in words
 
 
-def test_one_precision_rule_for_build_generate_and_the_pipeline(monkeypatch):
-    # On this machine's CPU: a build for the CPU (auto -> torch-compiled) and generation on the CPU agree.
+def test_one_precision_rule_for_build_and_generate(monkeypatch):
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    # A build for the CPU (auto -> torch-compiled there) makes what generation on the CPU looks for.
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert cli.build_precision("auto") == cli.generate_precision(None, None) == "fp32"
+    assert resolve_backend("auto", cpu) == "torch-compiled"
+    assert default_build_precision("torch-compiled", cpu) == cli.generate_precision(None, None) == "fp32"
     assert cli.generate_precision(None, "cpu") == "fp32"
-    assert precision_dtype(cli.generate_precision(None, "cpu")) == default_dtype(torch.device("cpu"))
-    # On a GPU machine: every build is for the GPU, and generation there looks for the same precision.
+    # TensorRT engines run on GPUs wherever they are built; on a GPU machine every engine is for the GPU,
+    # and generation there looks for the same precision.
+    assert default_build_precision("tensorrt-rtx", cpu) == "fp16"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert cli.build_precision("torch-compiled") == cli.generate_precision(None, None) == "bf16"
-    assert cli.generate_precision(None, "cuda:1") == "bf16"
-    assert precision_dtype("bf16") == default_dtype(torch.device("cuda", 0))
+    for backend in ("torch-compiled", "tensorrt", "tensorrt-rtx"):
+        assert default_build_precision(backend, gpu) == cli.generate_precision(None, None) == "fp16"
+    assert cli.generate_precision(None, "cuda:1") == "fp16"
     # Asked for, a precision is used as it is.
-    assert cli.generate_precision("fp16", "cpu") == "fp16"
-    assert default_precision(True) == "bf16" and default_precision(False) == "fp32"
+    assert cli.generate_precision("bf16", "cpu") == "bf16"
+    assert default_precision(True) == "fp16" and default_precision(False) == "fp32"
 
 
-def test_a_tensorrt_build_without_a_gpu_is_for_a_gpu(monkeypatch):
-    """TensorRT-RTX engines built on a CPU-only machine run on GPUs: bf16 by the same rule."""
+def test_build_engines_applies_the_rule_when_no_precision_is_given(tmp_path, monkeypatch):
+    """build_engines(precision=None) settles the precision by the rule before building (the building
+    itself is replaced: this checks what it was asked to build)."""
+    from zimage_trt.compiler import build
+
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(cli, "resolve_backend", lambda backend, device: backend)
-    assert cli.build_precision("tensorrt-rtx") == "bf16"
-    assert cli.build_precision("torch-compiled") == "fp32"
+    monkeypatch.setattr(build, "_build_locked", lambda plan, started: plan)
+    plan = build.build_engines(torch.nn.Linear(1, 1), "256x256", tmp_path, backend="torch-compiled", progress=False)
+    assert (plan.precision, plan.target_dtype, plan.name) == ("fp32", torch.float32, "denoiser-torch-compiled-fp32")

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from .benchmark import pipeline_speed
-from .compiler.build import BACKEND_NAMES, DEFAULT_CAPTION_CAPACITY, build_engines, resolve_backend
+from .compiler.build import BACKEND_NAMES, DEFAULT_CAPTION_CAPACITY, build_engines
 from .demo import demo
 from .model.precision import DEFAULT_PRECISION_RULE, PRECISIONS, default_precision, precision_dtype
 from .pipeline import ZImageTRTPipeline
@@ -37,8 +37,9 @@ def add_build_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--backend", default="auto", choices=BACKEND_NAMES,
                     help="auto: TensorRT where it runs, else the PyTorch-native compiled format")
     ap.add_argument("--precision", default=None, choices=PRECISIONS,
-                    help="engine precision; fp8: e4m3 projections + bf16 elsewhere (torch-compiled backend, Hopper/Ada "
-                         f"GPUs), fp16: overflow-rescaled at build time ({PRECISION_HELP})")
+                    help="engine precision; fp16 is overflow-rescaled at build time; bf16 is Z-Image's training dtype; "
+                         "fp8: e4m3 projections + bf16 elsewhere (torch-compiled backend, Hopper/Ada GPUs) "
+                         f"({PRECISION_HELP})")
     ap.add_argument("--batch", type=int, default=1, help="images per engine call")
     ap.add_argument("--caption-capacity", type=int, default=DEFAULT_CAPTION_CAPACITY,
                     help="caption rows the engine takes, a multiple of 32 (512 = diffusers' max_sequence_length)")
@@ -49,18 +50,9 @@ def add_build_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def build_precision(backend: str) -> str:
-    """The default rule for a build: is the engine for a GPU (any GPU build, or TensorRT built anywhere)?"""
-    import torch
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return default_precision(device.type == "cuda" or resolve_backend(backend, device) != "torch-compiled")
-
-
 def run_build(args) -> int:
-    precision = args.precision or build_precision(args.backend)
-    result = build_engines(
-        args.model, args.resolution, args.out, backend=args.backend, precision=precision, batch=args.batch,
+    result = build_engines(  # (precision None: build_engines applies the default rule)
+        args.model, args.resolution, args.out, backend=args.backend, precision=args.precision, batch=args.batch,
         caption_capacity=args.caption_capacity, compute_capabilities=args.compute_capability, name=args.name,
         progress=not args.quiet,
     )
@@ -73,6 +65,7 @@ def run_build(args) -> int:
 
 
 def generate_precision(precision: str | None, device: str | None) -> str:
+    """The precision asked for, else the default rule's for where the pipeline runs."""
     import torch
 
     if precision is not None:
@@ -99,7 +92,7 @@ def run_generate(args) -> int:
 
 
 def run_demo(args) -> int:
-    summary = demo(Path(args.out), seed=args.seed, prompt=args.prompt)
+    summary = demo(Path(args.out), seed=args.seed, prompt=args.prompt, tensorrt_rtx=args.tensorrt_rtx)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -130,7 +123,8 @@ def main(argv=None) -> int:
     g.add_argument("--device", default=None, help="e.g. cuda, cuda:1, cpu (default: cuda when available, else cpu)")
     g.add_argument("--precision", default=None, choices=PRECISIONS,
                    help=f"engine precision to look for, and the pipeline's dtype ({PRECISION_HELP})")
-    g.add_argument("--allow-fallback", action="store_true", help="run eager PyTorch if no engine fits (slower)")
+    g.add_argument("--allow-fallback", action="store_true",
+                   help="run eager PyTorch if no engine fits (slower; eager fp16 may overflow: add --precision bf16)")
     g.add_argument("--output", default="out/image.png", help="PNG file to write")
     g.set_defaults(func=run_generate)
 
@@ -139,11 +133,14 @@ def main(argv=None) -> int:
     pipeline_speed.add_arguments(be)
     be.set_defaults(func=pipeline_speed.run)
 
-    d = sub.add_parser("demo", help="offline: tiny random model -> engines -> an image, on CPU if need be",
+    d = sub.add_parser("demo", help="offline: tiny random model -> engines -> an image through an engine, on CPU if need be",
                        formatter_class=defaults)
     d.add_argument("--out", default="out/demo", help="folder for the model, engines and image")
     d.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
     d.add_argument("--prompt", default="a red fox in fresh snow at dawn", help="what to draw")
+    d.add_argument("--tensorrt-rtx", action=argparse.BooleanOptionalAction, default=None,
+                   help="also build a TensorRT-RTX engine (it runs on RTX-class GPUs; elsewhere it is built and its "
+                        "manifest checked) (default: when tensorrt-rtx is installed)")
     d.set_defaults(func=run_demo)
 
     args = ap.parse_args(argv)

@@ -27,7 +27,7 @@ from ..engines.manifest import MANIFEST_SUFFIX, EngineShape, Manifest, ManifestE
 from ..engines.tensorrt.library import available_flavors, parse_compute_capability, rtx_supported_compute_capabilities
 from ..files import PARTIAL_SUFFIX, check_writable_dir, publish, sha256_file, staged
 from ..model.denoiser import StaticZImageDenoiser
-from ..model.precision import check_precision, precision_dtype
+from ..model.precision import check_precision, default_precision, precision_dtype
 from ..model.shapes import Resolution, check_caption_capacity, check_fits_rope
 from ..model.weights import WeightsError, config_fingerprint, load_transformer, load_vae, weights_fingerprint
 from . import tensorrt_build
@@ -65,6 +65,11 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+def default_build_precision(backend: str, device: torch.device) -> str:
+    """The default rule for a build of `backend` (resolved) on `device`: is the engine for a GPU?"""
+    return default_precision(device.type == "cuda" or backend != "torch-compiled")
+
+
 def _model_record(transformer, fingerprint: str) -> dict:
     return {
         "class": type(transformer).__name__,
@@ -73,7 +78,7 @@ def _model_record(transformer, fingerprint: str) -> dict:
     }
 
 
-def build_engines(model, resolutions, out_dir="engines", *, backend: str = "auto", precision: str = "fp16",
+def build_engines(model, resolutions, out_dir="engines", *, backend: str = "auto", precision: str | None = None,
                   batch: int = 1, caption_capacity: int = DEFAULT_CAPTION_CAPACITY, device=None,
                   compute_capabilities=None, name: str | None = None, fp16_downscale_log2=None,
                   keep_onnx: bool = True, progress: bool = True, vae=None) -> BuildResult:
@@ -81,6 +86,8 @@ def build_engines(model, resolutions, out_dir="engines", *, backend: str = "auto
 
     model: a diffusers-format folder, a hub id (at a user's site) or an in-memory
     `ZImageTransformer2DModel` (copied, never modified). resolutions: '1024x1024' strings or pairs.
+    precision: None follows the one default rule (model/precision.py): fp16 for an engine that runs on a
+    GPU (every CUDA build, and TensorRT built anywhere), fp32 for a torch-compiled build on the CPU.
     vae (torch-compiled engines): an `AutoencoderKL` whose compiled decoder kernels are stored with the
     engine, so the pipeline's first image skips compiling them (~20 s at full size). None: the
     `vae/` of a local model folder, on CUDA builds; False: never. The VAE is copied, never modified.
@@ -90,11 +97,13 @@ def build_engines(model, resolutions, out_dir="engines", *, backend: str = "auto
     if not shapes_res:
         raise ValueError("give at least one resolution to build, e.g. '1024x1024'")
     check_caption_capacity(caption_capacity)
-    check_precision(precision)
+    if precision is not None:
+        check_precision(precision)
     if isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= 64:
         raise ValueError(f"batch must be an int in 1..64, got {batch!r}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     backend = resolve_backend(backend, device)
+    precision = precision or default_build_precision(backend, device)
     if backend != "torch-compiled" and min(min(r.height, r.width) for r in shapes_res) < TENSORRT_MIN_SIDE:
         small = [r.key for r in shapes_res if min(r.height, r.width) < TENSORRT_MIN_SIDE]
         raise ValueError(f"{backend} engines need sides of at least {TENSORRT_MIN_SIDE} px (the exported graph's "

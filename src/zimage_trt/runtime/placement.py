@@ -9,7 +9,6 @@ from __future__ import annotations
 import torch
 
 from ..model.fp8 import Fp8Linear, quantize_block_fp8, quantize_text_encoder_fp8
-from ..model.precision import default_precision, precision_dtype
 
 
 def default_device() -> torch.device:
@@ -17,8 +16,8 @@ def default_device() -> torch.device:
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
-    # The same rule as the CLI's default precision (model/precision.py).
-    return precision_dtype(default_precision(device.type == "cuda"))
+    # Z-Image was trained in bf16; CPUs run fp32 best (and the CPU parity tests need it).
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 def resolve_device(device) -> torch.device:
