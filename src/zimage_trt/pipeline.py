@@ -75,7 +75,11 @@ class ZImageTRTPipelineOutput:
 
     def __getitem__(self, key):
         # diffusers' outputs index like that tuple: out[0] (or out["images"]) is the images.
-        return getattr(self, key) if isinstance(key, str) else self.to_tuple()[key]
+        if isinstance(key, str):
+            if key not in ("images", "timings"):
+                raise KeyError(key)
+            return getattr(self, key)
+        return self.to_tuple()[key]
 
 
 class ZImageTRTPipeline:
