@@ -362,3 +362,21 @@ def test_truncation_warns_once_per_pipeline():
     with warnings.catch_warnings():
         warnings.simplefilter("error", PromptTruncatedWarning)
         pipe(**dummy_inputs())  # the same truncation again: silent, as diffusers always is
+
+
+@pytest.mark.gpu
+def test_callback_guidance_reaches_the_cuda_graph():
+    """On a GPU each step is a replayed CUDA graph: a guidance changed by a callback must reach it."""
+    def more_guidance(p, i, t, kwargs):
+        p._guidance_scale += 1.0
+        return kwargs
+
+    pipe = ZImageTRTPipeline(**dummy_components(), device="cuda", torch_dtype=torch.float32, compile_vae=False)
+    pipe.set_progress_bar_config(disable=True)
+    reference = ZImagePipeline(**dummy_components()).to("cuda")
+    reference.set_progress_bar_config(disable=True)
+    for callback in (None, more_guidance):
+        inputs = {**dummy_inputs(), "guidance_scale": 2.0, "num_inference_steps": 3, "callback_on_step_end": callback}
+        out = quiet(pipe, **inputs)[0]
+        expected = reference(**{**inputs, "generator": torch.Generator("cpu").manual_seed(0)})[0]
+        torch.testing.assert_close(out, expected, atol=1e-3, rtol=0)
