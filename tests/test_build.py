@@ -153,13 +153,26 @@ def test_build_keeps_no_copy_of_the_weights_alive(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("resolution, message", [
     ("1000x1024", "not a multiple of 16"),
-    ("4096x1024", "outside the supported range 256..2048"),
-    ("128x128", "outside the supported range"),
+    ("0x256", "must be a positive multiple of 16"),
     ("big", "cannot read resolution"),
 ])
 def test_bad_resolutions(tiny_folder, tmp_path, resolution, message):
     with pytest.raises(ValueError, match=message):
         build_engines(tiny_folder, resolution, tmp_path, progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_resolution_past_the_rope_table_is_refused_before_any_engine(tiny_folder, tmp_path):
+    # The tiny model's tables hold 512 tokens a side (8192 px), as Z-Image-Turbo's do.
+    with pytest.raises(ValueError, match=r"width=8208 is 513 image tokens.*axes_lens\[2\]=512.*at most 8192 pixels"):
+        build_engines(tiny_folder, "256x8208", tmp_path, backend="torch-compiled", progress=False)
+    assert not [p for p in tmp_path.iterdir() if not p.name.endswith(".lock")]
+
+
+@needs_rtx
+def test_tensorrt_engines_start_at_128_px(tiny_folder, tmp_path):
+    with pytest.raises(ValueError, match=r"tensorrt-rtx engines need sides of at least 128 px.*\['112x256'\].*torch-compiled"):
+        build_engines(tiny_folder, ["112x256", "256x256"], tmp_path, backend="tensorrt-rtx", progress=False)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -111,6 +111,7 @@ PARITY_CASES = {
 def test_parity_with_diffusers(pipe, reference, case):
     kwargs = PARITY_CASES[case]
     theirs = run_reference(reference, **kwargs)
+    pipe._prompts.truncation_warned = False  # (it warns once per pipeline, and this one is shared)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out = run_ours(pipe, **kwargs)
@@ -121,6 +122,7 @@ def test_parity_with_diffusers(pipe, reference, case):
 
 def test_truncation_warning_names_dropped_tokens(pipe):
     tokens = len(pipe.tokenizer(pipe._prompts.chat_text(LONG_PROMPT)).input_ids)
+    pipe._prompts.truncation_warned = False  # (it warns once per pipeline, and this one is shared)
     with pytest.warns(PromptTruncatedWarning, match=rf"{tokens} tokens.*last {tokens - 64} tokens were dropped"):
         run_ours(pipe, prompt=LONG_PROMPT, height=256, width=256, max_sequence_length=64, num_inference_steps=1)
 

@@ -392,7 +392,7 @@ MORE_BAD_INPUTS = {
     "prompt_embeds_batch_tensor_inf": (dict(prompt=None, prompt_embeds=inf_batch_embeds()), ValueError, r"prompt_embeds\[0\] contains NaN or inf"),
     "prompt_embeds_one_2d_tensor": (dict(prompt=None, prompt_embeds=torch.randn(5, FEATURES)), ValueError, r"prompt_embeds as one tensor must be \[batch, tokens, 32\], got shape \(5, 32\)"),
     "height_bool": (dict(height=True), TypeError, r"height must be an int.*bool True"),
-    "width_negative": (dict(width=-256), ValueError, r"width=-256 is outside the supported range"),
+    "width_negative": (dict(width=-256), ValueError, r"width=-256 must be a positive multiple of 16 pixels"),
     "guidance_inf": (dict(guidance_scale=float("inf")), ValueError, r"guidance_scale must be finite, got inf"),
     "guidance_complex": (dict(guidance_scale=1j), TypeError, r"guidance_scale must be a real number, got complex"),
     "cfg_truncation_nan": (dict(cfg_truncation=float("nan")), ValueError, r"cfg_truncation must be finite, got nan"),
@@ -418,6 +418,7 @@ def test_more_bad_input_is_refused_before_any_work(pipe, case):
 
 def test_huge_prompt_warns_once_and_still_generates(pipe):
     prompt = "a red fox in the snow, " * 5000  # 115,000 characters: one token per byte here
+    pipe._prompts.truncation_warned = False  # (it warns once per pipeline, and this one is shared)
     with pytest.warns(PromptTruncatedWarning, match=r"prompt 0 is \d{6} tokens.*max_sequence_length=512") as caught:
         out = pipe(**{**GOOD, "prompt": prompt})
     assert len([w for w in caught if issubclass(w.category, PromptTruncatedWarning)]) == 1

@@ -11,25 +11,41 @@ from pathlib import Path
 from .benchmark import pipeline_speed
 from .compiler.build import BACKEND_NAMES, DEFAULT_CAPTION_CAPACITY, build_engines
 from .demo import demo
-from .model.precision import PRECISIONS, precision_dtype
+from .model.precision import DEFAULT_PRECISION_RULE, PRECISIONS, default_precision, precision_dtype
 from .pipeline import ZImageTRTPipeline
+
+PRECISION_HELP = f"default: {DEFAULT_PRECISION_RULE}, the same rule for build and generate"
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default after its help (argparse's), except where the help says it in words
+    (a default computed at run time) and for required options, whose help says so."""
+
+    def _get_help_string(self, action):
+        if action.required or "default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def add_build_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--model", required=True,
-                    help="diffusers-format folder (with transformer/), or a hub id such as Tongyi-MAI/Z-Image-Turbo")
+                    help="required: diffusers-format folder (with transformer/), or a hub id such as Tongyi-MAI/Z-Image-Turbo")
     ap.add_argument("--resolution", action="append", required=True,
-                    help="HEIGHTxWIDTH in pixels, multiples of 16 in 256..2048; repeat for several (one engine holds all)")
+                    help="required: HEIGHTxWIDTH in pixels, multiples of 16 that the model's RoPE tables hold (8192 for "
+                         "Z-Image-Turbo), from 128 for TensorRT; repeat for several (one engine holds all)")
     ap.add_argument("--out", default="engines", help="engine folder")
     ap.add_argument("--backend", default="auto", choices=BACKEND_NAMES,
                     help="auto: TensorRT where it runs, else the PyTorch-native compiled format")
-    ap.add_argument("--precision", default=PRECISIONS[0], choices=PRECISIONS,
-                    help="fp8: e4m3 projections + bf16 elsewhere (torch-compiled backend, Hopper/Ada GPUs)")
+    ap.add_argument("--precision", default=None, choices=PRECISIONS,
+                    help="engine precision; fp16 is overflow-rescaled at build time; bf16 is Z-Image's training dtype; "
+                         "fp8: e4m3 projections + bf16 elsewhere (torch-compiled backend, Hopper/Ada GPUs) "
+                         f"({PRECISION_HELP})")
     ap.add_argument("--batch", type=int, default=1, help="images per engine call")
     ap.add_argument("--caption-capacity", type=int, default=DEFAULT_CAPTION_CAPACITY,
                     help="caption rows the engine takes, a multiple of 32 (512 = diffusers' max_sequence_length)")
     ap.add_argument("--compute-capability", action="append", default=None,
-                    help="TensorRT-RTX target GPU, e.g. 8.9 or 12.0; repeat for several (default: this GPU, else all)")
+                    help="TensorRT-RTX target GPU, e.g. 8.9 or 12.0; repeat for several (default: this GPU, else all "
+                         "that TensorRT-RTX supports)")
     ap.add_argument("--name", default=None, help="engine name (default: denoiser-BACKEND-PRECISION)")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     ap.add_argument("--refittable", action="store_true",
@@ -38,7 +54,7 @@ def add_build_arguments(ap: argparse.ArgumentParser) -> None:
 
 
 def run_build(args) -> int:
-    result = build_engines(
+    result = build_engines(  # (precision None: build_engines applies the default rule)
         args.model, args.resolution, args.out, backend=args.backend, precision=args.precision, batch=args.batch,
         caption_capacity=args.caption_capacity, compute_capabilities=args.compute_capability, name=args.name,
         progress=not args.quiet, refittable=args.refittable,
@@ -51,12 +67,23 @@ def run_build(args) -> int:
     return 0
 
 
+def generate_precision(precision: str | None, device: str | None) -> str:
+    """The precision asked for, else the default rule's for where the pipeline runs."""
+    import torch
+
+    if precision is not None:
+        return precision
+    on_gpu = torch.device(device).type == "cuda" if device else torch.cuda.is_available()
+    return default_precision(on_gpu)
+
+
 def run_generate(args) -> int:
     import torch
 
+    precision = generate_precision(args.precision, args.device)
     pipe = ZImageTRTPipeline.from_pretrained(args.model, engine_dir=args.engines, device=args.device,
-                                             torch_dtype=precision_dtype(args.precision) if args.precision else None,
-                                             precision=args.precision, allow_fallback=args.allow_fallback)
+                                             torch_dtype=precision_dtype(precision), precision=precision,
+                                             allow_fallback=args.allow_fallback)
     generator = torch.Generator(pipe.device).manual_seed(args.seed)
     out = pipe(args.prompt, height=args.height, width=args.width, num_inference_steps=args.steps,
                guidance_scale=args.guidance, negative_prompt=args.negative_prompt, generator=generator)
@@ -68,15 +95,15 @@ def run_generate(args) -> int:
 
 
 def run_demo(args) -> int:
-    summary = demo(Path(args.out), seed=args.seed, prompt=args.prompt)
+    summary = demo(Path(args.out), seed=args.seed, prompt=args.prompt, tensorrt_rtx=args.tensorrt_rtx)
     print(json.dumps(summary, indent=2))
     return 0
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="zimage-trt", description=__doc__)
+    ap = argparse.ArgumentParser(prog="zimage-trt", description=__doc__, formatter_class=HelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
-    defaults = argparse.ArgumentDefaultsHelpFormatter  # every --help shows each option's default
+    defaults = HelpFormatter  # every --help shows each option's default
 
     b = sub.add_parser("build", help="export the denoiser and compile engines for fixed resolutions",
                        formatter_class=defaults)
@@ -84,19 +111,23 @@ def main(argv=None) -> int:
     b.set_defaults(func=run_build)
 
     g = sub.add_parser("generate", help="text to image with built engines", formatter_class=defaults)
-    g.add_argument("--model", required=True, help="diffusers-format folder (or hub id) the engines were built from")
+    g.add_argument("--model", required=True, help="required: diffusers-format folder (or hub id) the engines were built from")
     g.add_argument("--engines", default="engines", help="engine folder")
-    g.add_argument("--prompt", required=True, help="what to draw")
-    g.add_argument("--negative-prompt", default=None, help="what to steer away from (needs --guidance > 0)")
-    g.add_argument("--height", type=int, default=1024, help="pixels, a multiple of 16 in 256..2048")
-    g.add_argument("--width", type=int, default=1024, help="pixels, a multiple of 16 in 256..2048")
+    g.add_argument("--prompt", required=True, help="required: what to draw")
+    g.add_argument("--negative-prompt", default=None,
+                   help="what to steer away from, with --guidance > 0 (default: none, the empty prompt as diffusers)")
+    g.add_argument("--height", type=int, default=1024,
+                   help="pixels, a multiple of 16 the model's RoPE tables hold (8192 for Z-Image-Turbo)")
+    g.add_argument("--width", type=int, default=1024,
+                   help="pixels, a multiple of 16 the model's RoPE tables hold (8192 for Z-Image-Turbo)")
     g.add_argument("--steps", type=int, default=8, help="denoising steps (Turbo: 8)")
     g.add_argument("--guidance", type=float, default=0.0, help="classifier-free guidance scale (Turbo: 0)")
     g.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
-    g.add_argument("--device", default=None, help="e.g. cuda, cuda:1, cpu (default: cuda when available)")
+    g.add_argument("--device", default=None, help="e.g. cuda, cuda:1, cpu (default: cuda when available, else cpu)")
     g.add_argument("--precision", default=None, choices=PRECISIONS,
-                   help="engine precision to use (default: bf16 on CUDA, fp32 on CPU)")
-    g.add_argument("--allow-fallback", action="store_true", help="run eager PyTorch if no engine fits (slower)")
+                   help=f"engine precision to look for, and the pipeline's dtype ({PRECISION_HELP})")
+    g.add_argument("--allow-fallback", action="store_true",
+                   help="run eager PyTorch if no engine fits (slower; eager fp16 may overflow: add --precision bf16)")
     g.add_argument("--output", default="out/image.png", help="PNG file to write")
     g.set_defaults(func=run_generate)
 
@@ -105,11 +136,14 @@ def main(argv=None) -> int:
     pipeline_speed.add_arguments(be)
     be.set_defaults(func=pipeline_speed.run)
 
-    d = sub.add_parser("demo", help="offline: tiny random model -> engines -> an image, on CPU if need be",
+    d = sub.add_parser("demo", help="offline: tiny random model -> engines -> an image through an engine, on CPU if need be",
                        formatter_class=defaults)
     d.add_argument("--out", default="out/demo", help="folder for the model, engines and image")
     d.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
     d.add_argument("--prompt", default="a red fox in fresh snow at dawn", help="what to draw")
+    d.add_argument("--tensorrt-rtx", action=argparse.BooleanOptionalAction, default=None,
+                   help="also build a TensorRT-RTX engine (it runs on RTX-class GPUs; elsewhere it is built and its "
+                        "manifest checked) (default: when tensorrt-rtx is installed)")
     d.set_defaults(func=run_demo)
 
     args = ap.parse_args(argv)

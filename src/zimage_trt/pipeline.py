@@ -42,12 +42,14 @@ from .model.shapes import Resolution
 from .model.weights import load_pipeline_parts, load_transformer, weights_fingerprint
 from .options import PipelineOptions
 from .request import (
+    CALLBACK_TENSOR_INPUTS,
     DEFAULT_MAX_SEQUENCE_LENGTH,
     DEFAULT_SIDE,
     TURBO_GUIDANCE,
     TURBO_STEPS,
     Request,
     RequestLimits,
+    check_attention_kwargs,
     check_request,
 )
 from .runtime import image_output, out_of_memory
@@ -67,6 +69,18 @@ class ZImageTRTPipelineOutput:
     images: Any  # list of PIL images, np.ndarray [B,H,W,3], torch.Tensor [B,3,H,W], or latents
     timings: Timings
 
+    def to_tuple(self) -> tuple:
+        """What `return_dict=False` returns: `(images,)`, as diffusers' pipelines do."""
+        return (self.images,)
+
+    def __getitem__(self, key):
+        # diffusers' outputs index like that tuple: out[0] (or out["images"]) is the images.
+        if isinstance(key, str):
+            if key not in ("images", "timings"):
+                raise KeyError(key)
+            return getattr(self, key)
+        return self.to_tuple()[key]
+
 
 class ZImageTRTPipeline:
     """Text -> image with Z-Image-Turbo, the denoiser running as compiled engines.
@@ -77,6 +91,10 @@ class ZImageTRTPipeline:
     serialised by a lock, so one pipeline may be shared by threads; `submit` queues work for a single
     GPU worker thread instead.
     """
+
+    # What a step callback may read and replace (diffusers' name): the loop keeps the prompt embeddings in
+    # engine buffers, so only the latents.
+    _callback_tensor_inputs = list(CALLBACK_TENSOR_INPUTS)
 
     def __init__(self, *, transformer, vae, text_encoder, tokenizer, scheduler,
                  options: PipelineOptions | None = None, **option_keywords):
@@ -100,7 +118,8 @@ class ZImageTRTPipeline:
         vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.image_processor = VaeImageProcessor(vae_scale_factor=vae_scale_factor * 2)
         self._limits = RequestLimits(self.caption_feature_dim, self.max_caption_tokens, self.latent_channels,
-                                     self.image_processor.config.vae_scale_factor)
+                                     self.image_processor.config.vae_scale_factor,
+                                     tuple(int(n) for n in transformer.config.axes_lens))
         if opts.compile_vae:
             # One static graph per resolution at its first image (from the engine's artefacts when the
             # build compiled the VAE too).
@@ -112,6 +131,9 @@ class ZImageTRTPipeline:
         self._lock = threading.RLock()
         self._queue = None
         self._queue_lock = threading.Lock()
+        # The current (or last) call's, as diffusers' pipelines expose them to step callbacks; a callback
+        # may change `_guidance_scale` and the following steps use the new value, as in diffusers.
+        self._guidance_scale, self._num_timesteps, self._joint_attention_kwargs = TURBO_GUIDANCE, 0, None
 
     # -- construction --------------------------------------------------------------------------
     @classmethod
@@ -145,6 +167,33 @@ class ZImageTRTPipeline:
     def set_progress_bar_config(self, disable: bool = False, **_ignored) -> None:
         """diffusers-compatible switch for the per-step progress bar."""
         self.show_progress = not disable
+
+    @property
+    def components(self) -> dict[str, Any]:
+        return {"transformer": self.transformer, "vae": self.vae, "text_encoder": self.text_encoder,
+                "tokenizer": self.tokenizer, "scheduler": self.scheduler}
+
+    guidance_scale = property(lambda self: self._guidance_scale)
+    do_classifier_free_guidance = property(lambda self: self._guidance_scale > 0)
+    num_timesteps = property(lambda self: self._num_timesteps)
+    joint_attention_kwargs = property(lambda self: self._joint_attention_kwargs)
+
+    def to(self, *args, **kwargs) -> "ZImageTRTPipeline":
+        """diffusers' `pipe.to(device, dtype)`. The parts were placed when the pipeline was made (engines
+        open for one device and dtype), so the pipeline's own device and dtype are accepted, others refused."""
+        device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
+        if kwargs:
+            raise TypeError(f"to() takes a device and/or a dtype, got {sorted(kwargs)}")
+        for arg in args:
+            dtype, device = (arg, device) if isinstance(arg, torch.dtype) else (dtype, arg)
+        wanted = torch.device(device) if device is not None else self.device
+        same_device = wanted.type == self.device.type and wanted.index in (None, self.device.index)
+        if not same_device or (dtype is not None and dtype != self.dtype):
+            raise ValueError(
+                f"this pipeline runs on {self.device} in {self.dtype}; it cannot move to {wanted} "
+                f"{dtype or self.dtype}: make it there with device=/torch_dtype= (from_pretrained, from_components)"
+            )
+        return self
 
     # -- 1. text ---------------------------------------------------------------------------------
     def encode_prompt(self, prompts: list[str], max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH) -> list[torch.Tensor]:
@@ -227,9 +276,14 @@ class ZImageTRTPipeline:
         callback_on_step_end: Callable[[Any, int, torch.Tensor, dict], dict] | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
         sigmas: list[float] | None = None,
-    ) -> ZImageTRTPipelineOutput:
+        return_dict: bool = True,
+        joint_attention_kwargs: dict[str, Any] | None = None,
+        attention_kwargs: dict[str, Any] | None = None,
+    ) -> ZImageTRTPipelineOutput | tuple:
         """Generate images. Same arguments as diffusers' `ZImagePipeline.__call__`, with Turbo's defaults
         (8 steps, guidance 0); the output also carries `.timings` (ms per stage and per step).
+        `return_dict=False` returns `(images,)`. `joint_attention_kwargs` (or its other name,
+        `attention_kwargs`) may only be None or `{"scale": 1.0}`: set a LoRA's scale with `set_adapters`.
 
         Every argument is checked before any work starts; a bad one raises ValueError/TypeError naming
         the argument, its value and the rule.
@@ -245,7 +299,10 @@ class ZImageTRTPipeline:
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, generator=generator,
             latents=latents,
         )
+        check_attention_kwargs(joint_attention_kwargs, attention_kwargs)
         with self._lock, self._on_device():
+            self._guidance_scale = request.guidance
+            self._joint_attention_kwargs = joint_attention_kwargs if joint_attention_kwargs is not None else attention_kwargs
             timings = Timings(num_images=request.images)
             try:
                 images = self._generate(request, generator, latents, callback_on_step_end, timings)
@@ -259,7 +316,8 @@ class ZImageTRTPipeline:
                     cfg=request.cfg)) from error
             timings.total_ms = (time.perf_counter() - started) * 1000.0
         self.telemetry.record(timings)
-        return ZImageTRTPipelineOutput(images=images, timings=timings)
+        output = ZImageTRTPipelineOutput(images=images, timings=timings)
+        return output if return_dict else output.to_tuple()
 
     def _generate(self, request: Request, generator, latents, callback, timings: Timings):
         """Steps 1-5 for checked arguments; fills `timings` as it goes."""
@@ -267,6 +325,7 @@ class ZImageTRTPipeline:
             positive, negative = self._text_embeddings(request)
         initial = self.prepare_latents(request.images, request.resolution, generator, latents)
         timesteps, sigmas = self.schedule(request.steps, initial, request.sigmas)
+        self._num_timesteps = len(timesteps)
         loop = self.denoise_loop(request.resolution, request.images, request.cfg)
         step_callback = self._step_callback(callback, request.tensor_inputs, timings)
         with self._stage(timings, "denoise_ms"):
@@ -276,7 +335,8 @@ class ZImageTRTPipeline:
                 negative,
                 timesteps,
                 sigmas,
-                guidance_scale=request.guidance,
+                # With a callback, each step reads the guidance the callback may have changed.
+                guidance_scale=request.guidance if callback is None else lambda: float(self._guidance_scale),
                 cfg_normalization=request.normalization,
                 cfg_truncation=request.truncation,
                 callback=step_callback,

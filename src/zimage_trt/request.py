@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .model.shapes import LATENT_CHANNELS, Resolution
+from .model.shapes import LATENT_CHANNELS, Resolution, check_fits_rope
 
 DEFAULT_SIDE = 1024
 TURBO_STEPS = 8
@@ -174,6 +174,28 @@ def _check_callback(callback, tensor_inputs) -> list[str]:
     return names
 
 
+def check_attention_kwargs(joint_attention_kwargs, attention_kwargs) -> None:
+    """diffusers' Z-Image transformer reads one entry of these, "scale" (the LoRA scale of this call).
+    Engines run weights with the adapters already merged, so only the neutral scale 1.0 is honoured."""
+    if joint_attention_kwargs is not None and attention_kwargs is not None:
+        raise ValueError("pass at most one of joint_attention_kwargs and attention_kwargs (the same thing), got both")
+    name = "joint_attention_kwargs" if joint_attention_kwargs is not None else "attention_kwargs"
+    kwargs = joint_attention_kwargs if joint_attention_kwargs is not None else attention_kwargs
+    if kwargs is None:
+        return
+    if not isinstance(kwargs, dict):
+        raise TypeError(f"{name} must be a dict such as {{'scale': 1.0}} or None, got {type(kwargs).__name__}")
+    unknown = sorted(set(kwargs) - {"scale"})
+    if unknown:
+        raise ValueError(f"{name} may hold only 'scale' (the only entry Z-Image's transformer reads), got {unknown}")
+    scale = _check_real(f"{name}['scale']", kwargs.get("scale", 1.0))
+    if scale != 1.0:
+        raise ValueError(
+            f"{name}['scale']={scale}: a per-call LoRA scale is not supported (engines run merged weights); "
+            f"set it before the call with set_adapters(names, adapter_weights=...) or fuse_lora(lora_scale=...)"
+        )
+
+
 def _check_cfg_normalization(value) -> float:
     if isinstance(value, bool):
         return float(value)
@@ -225,6 +247,7 @@ class RequestLimits:
     max_caption_tokens: int
     latent_channels: int
     vae_scale_factor: int  # pixels per latent pixel times the patch size (diffusers' image processor factor)
+    rope_axes_lens: tuple[int, ...] = (1536, 512, 512)  # the transformer's RoPE table lengths (config.axes_lens)
 
     def latent_shape(self, images: int, resolution: Resolution) -> tuple[int, int, int, int]:
         # diffusers: 2 * (side // (vae_scale * 2)) latent pixels, i.e. side / 8 for sides that are multiples of 16.
@@ -239,18 +262,22 @@ def check_request(
 ) -> Request:
     """Every argument of a call checked and normalised (keyword names as diffusers' `__call__`)."""
     resolution = Resolution(DEFAULT_SIDE if height is None else height, DEFAULT_SIDE if width is None else width)
+    check_fits_rope(resolution, limits.rope_axes_lens, limits.vae_scale_factor)
     steps = _check_int("num_inference_steps", num_inference_steps, 1)
     sigmas = _check_sigmas(sigmas)
     guidance = _check_real("guidance_scale", guidance_scale, minimum=0.0)
     max_tokens = _check_int("max_sequence_length", max_sequence_length, 1)
-    if max_tokens > limits.max_caption_tokens:
-        raise ValueError(
-            f"max_sequence_length={max_tokens} exceeds the {limits.max_caption_tokens} caption tokens this "
-            f"transformer's RoPE table holds"
-        )
     texts, negative_texts, embeds, negative_embeds = _check_text_inputs(
         limits, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, cfg=guidance > 0
     )
+    # It bounds what the tokenizer keeps: it matters only where a text is tokenised (diffusers ignores it
+    # for prompt_embeds, whose lengths are checked against the table themselves).
+    tokenising = texts is not None or negative_texts is not None
+    if tokenising and max_tokens > limits.max_caption_tokens:
+        raise ValueError(
+            f"max_sequence_length={max_tokens} exceeds the {limits.max_caption_tokens} caption tokens this "
+            f"transformer's RoPE table holds; pass max_sequence_length <= {limits.max_caption_tokens}"
+        )
     per_prompt = _check_int("num_images_per_prompt", num_images_per_prompt, 1)
     images = len(texts if texts is not None else embeds) * per_prompt
     _check_generator(generator, images)

@@ -28,8 +28,8 @@ from ..engines.tensorrt import refit
 from ..engines.tensorrt.library import available_flavors, parse_compute_capability, rtx_supported_compute_capabilities
 from ..files import PARTIAL_SUFFIX, check_writable_dir, publish, sha256_file, staged
 from ..model.denoiser import StaticZImageDenoiser
-from ..model.precision import check_precision, precision_dtype
-from ..model.shapes import Resolution, check_caption_capacity
+from ..model.precision import check_precision, default_precision, precision_dtype
+from ..model.shapes import Resolution, check_caption_capacity, check_fits_rope
 from ..model.weights import WeightsError, config_fingerprint, load_transformer, load_vae, weights_fingerprint
 from . import tensorrt_build
 from .export import export_denoiser
@@ -38,6 +38,9 @@ from .fp8_onnx import quantize_onnx_fp8
 
 BACKEND_NAMES = ("auto", "torch-compiled", "tensorrt", "tensorrt-rtx")
 DEFAULT_CAPTION_CAPACITY = 512  # diffusers' max_sequence_length
+# The ONNX graph TensorRT builds from has dynamic latent sides starting at 16 latent pixels (compiler/export.py:
+# torch.export needs a dynamic size of at least 2, and 16 leaves room for any patch layout), so 128 px.
+TENSORRT_MIN_SIDE = 128
 
 
 @dataclass
@@ -63,6 +66,11 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+def default_build_precision(backend: str, device: torch.device) -> str:
+    """The default rule for a build of `backend` (resolved) on `device`: is the engine for a GPU?"""
+    return default_precision(device.type == "cuda" or backend != "torch-compiled")
+
+
 def _model_record(transformer, fingerprint: str) -> dict:
     return {
         "class": type(transformer).__name__,
@@ -71,7 +79,7 @@ def _model_record(transformer, fingerprint: str) -> dict:
     }
 
 
-def build_engines(model, resolutions, out_dir="engines", *, backend: str = "auto", precision: str = "fp16",
+def build_engines(model, resolutions, out_dir="engines", *, backend: str = "auto", precision: str | None = None,
                   batch: int = 1, caption_capacity: int = DEFAULT_CAPTION_CAPACITY, device=None,
                   compute_capabilities=None, name: str | None = None, fp16_downscale_log2=None,
                   keep_onnx: bool = True, progress: bool = True, vae=None, refittable: bool = False) -> BuildResult:
@@ -79,6 +87,8 @@ def build_engines(model, resolutions, out_dir="engines", *, backend: str = "auto
 
     model: a diffusers-format folder, a hub id (at a user's site) or an in-memory
     `ZImageTransformer2DModel` (copied, never modified). resolutions: '1024x1024' strings or pairs.
+    precision: None follows the one default rule (model/precision.py): fp16 for an engine that runs on a
+    GPU (every CUDA build, and TensorRT built anywhere), fp32 for a torch-compiled build on the CPU.
     vae (torch-compiled engines): an `AutoencoderKL` whose compiled decoder kernels are stored with the
     engine, so the pipeline's first image skips compiling them (~20 s at full size). None: the
     `vae/` of a local model folder, on CUDA builds; False: never. The VAE is copied, never modified.
@@ -90,11 +100,17 @@ def build_engines(model, resolutions, out_dir="engines", *, backend: str = "auto
     if not shapes_res:
         raise ValueError("give at least one resolution to build, e.g. '1024x1024'")
     check_caption_capacity(caption_capacity)
-    check_precision(precision)
+    if precision is not None:
+        check_precision(precision)
     if isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= 64:
         raise ValueError(f"batch must be an int in 1..64, got {batch!r}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     backend = resolve_backend(backend, device)
+    precision = precision or default_build_precision(backend, device)
+    if backend != "torch-compiled" and min(min(r.height, r.width) for r in shapes_res) < TENSORRT_MIN_SIDE:
+        small = [r.key for r in shapes_res if min(r.height, r.width) < TENSORRT_MIN_SIDE]
+        raise ValueError(f"{backend} engines need sides of at least {TENSORRT_MIN_SIDE} px (the exported graph's "
+                         f"latent sides start at 16), got {small}; build those with --backend torch-compiled")
     target_dtype = precision_dtype(precision, backend)
     if precision == "fp8":
         compute_capabilities = _fp8_targets(backend, compute_capabilities)
@@ -154,6 +170,8 @@ def _build_locked(plan: BuildPlan, started: float) -> BuildResult:
     if denoiser.max_caption_capacity < shapes[0].caption_capacity:
         raise ValueError(f"caption capacity {shapes[0].caption_capacity} exceeds this model's RoPE table "
                          f"({denoiser.max_caption_capacity})")
+    for shape in shapes:
+        check_fits_rope(Resolution.parse(shape.resolution), transformer.config.axes_lens)
     bar.update()
 
     # 2. fp16 overflow protection, measured on this model's own weights.

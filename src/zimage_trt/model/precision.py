@@ -12,6 +12,19 @@ _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 _FP8_COMPANION = {"torch-compiled": torch.bfloat16, "tensorrt": torch.float16, "tensorrt-rtx": torch.float16}
 
 
+# The one default of `zimage-trt build` and `zimage-trt generate` (and of `build_engines`), so that what
+# is built by default is what is looked for by default. fp16 on a GPU: the engines the project card asks
+# for, made safe by the build's overflow rescaling (bf16, Z-Image's training dtype, is a choice). fp32 on
+# the CPU: CPUs have no fast 16-bit path, and CPU parity with diffusers is checked in fp32. (The Python
+# pipeline's dtype without engines stays bf16 on a GPU: eager torch has no overflow rescaling.)
+DEFAULT_PRECISION_RULE = "fp16 for an engine that runs on a GPU, fp32 for one that runs on the CPU"
+
+
+def default_precision(on_gpu: bool) -> str:
+    """See DEFAULT_PRECISION_RULE."""
+    return "fp16" if on_gpu else "fp32"
+
+
 def check_precision(name) -> str:
     if name not in PRECISIONS:
         raise ValueError(f"precision {name!r} is not one of {PRECISIONS}")

@@ -2,7 +2,9 @@
 
 Z-Image's VAE downsamples by 8 and the transformer patchifies 2x2 latent pixels into one token, so a
 resolution must be a multiple of 16 pixels. Every sequence the transformer builds (image tokens,
-caption tokens) is padded up to a multiple of ``SEQ_MULTI_OF`` tokens.
+caption tokens) is padded up to a multiple of ``SEQ_MULTI_OF`` tokens. How large an image may be is the
+model's own limit: its RoPE tables (``axes_lens``) hold so many image rows and columns (see
+``check_fits_rope``); Z-Image-Turbo's hold 512 tokens a side, 8192 pixels.
 """
 
 from __future__ import annotations
@@ -15,8 +17,6 @@ PATCH_SIZE = 2  # latent pixels per token side
 PIXELS_PER_TOKEN = VAE_SCALE * PATCH_SIZE  # 16
 SEQ_MULTI_OF = 32  # diffusers' transformer_z_image.SEQ_MULTI_OF
 LATENT_CHANNELS = 16
-MIN_SIDE = 256
-MAX_SIDE = 2048
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -89,8 +89,22 @@ def check_side(name: str, value) -> None:
             f"{name}={value} is not a multiple of {PIXELS_PER_TOKEN} pixels (VAE factor {VAE_SCALE} x patch "
             f"{PATCH_SIZE}); use {lower} or {lower + PIXELS_PER_TOKEN}"
         )
-    if not MIN_SIDE <= value <= MAX_SIDE:
-        raise ValueError(f"{name}={value} is outside the supported range {MIN_SIDE}..{MAX_SIDE} pixels")
+    if value < PIXELS_PER_TOKEN:
+        raise ValueError(f"{name}={value} must be a positive multiple of {PIXELS_PER_TOKEN} pixels, e.g. {PIXELS_PER_TOKEN}")
+
+
+def check_fits_rope(resolution: Resolution, axes_lens, pixels_per_token: int = PIXELS_PER_TOKEN) -> Resolution:
+    """The image fits the transformer's RoPE tables: token rows index table 1, columns table 2
+    (diffusers' `ZImageTransformer2DModel` positions; past the table there is no position to give).
+    `pixels_per_token`: the VAE's factor times the patch size (16 for Z-Image's VAE)."""
+    for name, side, axis in (("height", resolution.height, 1), ("width", resolution.width, 2)):
+        limit, tokens = int(axes_lens[axis]), side // pixels_per_token
+        if tokens > limit:
+            raise ValueError(
+                f"{name}={side} is {tokens} image tokens, but this transformer's RoPE table "
+                f"(axes_lens[{axis}]={limit}) holds {limit}: at most {limit * pixels_per_token} pixels"
+            )
+    return resolution
 
 
 def check_caption_capacity(capacity: int) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -134,12 +135,17 @@ class DenoiseLoop:
         negative_prompt_embeds: list[torch.Tensor] | None,
         timesteps: torch.Tensor,
         sigmas: torch.Tensor,
-        guidance_scale: float = 0.0,
+        guidance_scale: float | Callable[[], float] = 0.0,
         cfg_normalization: float | bool = False,
         cfg_truncation: float = 1.0,
         callback=None,
         progress: bool = True,
     ) -> torch.Tensor:
+        # A callable guidance is read before every step (a step callback may change it, as in diffusers);
+        # whether CFG runs at all is decided by its value at the start (the negative prompts exist or not).
+        dynamic_guidance = callable(guidance_scale)
+        guidance_now = guidance_scale if dynamic_guidance else (lambda: guidance_scale)
+        guidance_scale = guidance_now()
         batch = latents.shape[0]
         if len(prompt_embeds) != batch:
             raise ValueError(f"got {len(prompt_embeds)} prompt embeddings for {batch} latents; they must match")
@@ -173,8 +179,9 @@ class DenoiseLoop:
                     # Entering a slot: move the running latents and this step's captions into its buffers.
                     new_slot.latents.copy_(current)
                     _fill_captions(new_slot, embeds, lengths)
-                    new_slot.guidance.fill_(float(guidance_scale))
-                    slot = new_slot
+                if new_slot is not slot or dynamic_guidance:
+                    new_slot.guidance.fill_(float(guidance_now()))
+                slot = new_slot
                 slot.timestep.copy_(model_t[i].expand(len(embeds)))
                 slot.dt.copy_(dts[i])
                 if self.on_cuda:

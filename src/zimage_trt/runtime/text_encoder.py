@@ -111,6 +111,8 @@ class PromptEncoder:
         self.tokenizer = tokenizer
         self.device = device
         self.pad_to_max_length = pad_to_max_length
+        # diffusers truncates silently; we say so once per pipeline, not on every call of a loop.
+        self.truncation_warned = False
         self.runner = TextEncoderRunner(text_encoder, device, use_cuda_graph)
 
     @torch.no_grad()
@@ -118,7 +120,9 @@ class PromptEncoder:
         """One [L_i, F] tensor per prompt (copies: the runner's graph output is reused by the next call)."""
         texts = [self.chat_text(p) for p in prompts]
         lengths = self.token_counts(texts)
-        _warn_if_truncated(lengths, max_sequence_length, getattr(self.tokenizer, "truncation_side", "right"))
+        if not self.truncation_warned:
+            side = getattr(self.tokenizer, "truncation_side", "right")
+            self.truncation_warned = _warn_if_truncated(lengths, max_sequence_length, side)
         tokens = self.tokenizer(
             texts,
             padding="max_length",
@@ -158,13 +162,17 @@ class PromptEncoder:
         return max_sequence_length if full else min(max_sequence_length, max(lengths) + 1)
 
 
-def _warn_if_truncated(lengths: list[int], max_sequence_length: int, side: str) -> None:
+def _warn_if_truncated(lengths: list[int], max_sequence_length: int, side: str) -> bool:
+    """Warns about the first prompt that is cut short, if any; returns whether it warned."""
     end = "first" if side == "left" else "last"
     for i, length in enumerate(lengths):
         if length > max_sequence_length:
             warnings.warn(
                 f"prompt {i} is {length} tokens long (chat template included) but max_sequence_length="
-                f"{max_sequence_length}: the {end} {length - max_sequence_length} tokens were dropped",
+                f"{max_sequence_length}: the {end} {length - max_sequence_length} tokens were dropped "
+                f"(said once per pipeline; later prompts are cut silently, as diffusers does)",
                 PromptTruncatedWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
+            return True
+    return False
