@@ -38,6 +38,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from .engines.select import open_denoiser
 from .engines.torch_compiled import compile_vae_decoder
 from .errors import GenerationOOMError, NonFiniteOutputError, PromptTruncatedWarning
+from .lora.pipeline_mixin import LoraPipelineMixin
 from .model.shapes import Resolution
 from .model.weights import load_pipeline_parts, load_transformer, weights_fingerprint
 from .options import PipelineOptions
@@ -68,7 +69,7 @@ class ZImageTRTPipelineOutput:
     timings: Timings
 
 
-class ZImageTRTPipeline:
+class ZImageTRTPipeline(LoraPipelineMixin):
     """Text -> image with Z-Image-Turbo, the denoiser running as compiled engines.
 
     Build it with `from_pretrained` (a diffusers-format folder or hub id) or `from_components`
@@ -196,10 +197,17 @@ class ZImageTRTPipeline:
             )
             # One engine may serve several shapes (optimisation profiles); keep one loop per engine.
             loop = next((known for known in self._loops.values() if known.engine is engine), None)
+            if loop is None:
+                self._lora_engine_opened(engine)  # merged LoRA weights for an engine holding its own
             self._loops[key] = loop or DenoiseLoop(
                 engine, self.device, use_cuda_graph=opts.use_cuda_graph, stream_priority=opts.stream_priority
             )
         return self._loops[key]
+
+    def _open_engines(self) -> list:
+        """Every engine opened so far, once each (LoRA merging refits those holding their own weights)."""
+        engines = [*self._engines.values(), *(loop.engine for loop in self._loops.values())]
+        return list({id(e): e for e in engines}.values())
 
     # -- 5. image --------------------------------------------------------------------------------
     def decode_latents(self, latents: torch.Tensor, output_type: str = "pil"):
