@@ -40,6 +40,7 @@ from .engines.torch_compiled import compile_vae_decoder
 from .errors import GenerationOOMError, NonFiniteOutputError, PromptTruncatedWarning
 from .lora.pipeline_mixin import LoraPipelineMixin
 from .model.shapes import Resolution
+from .model.single_file import DEFAULT_CONFIG as SINGLE_FILE_DEFAULT_CONFIG, load_single_file_transformer
 from .model.weights import load_pipeline_parts, load_transformer, weights_fingerprint
 from .options import PipelineOptions
 from .request import (
@@ -132,6 +133,18 @@ class ZImageTRTPipeline(LoraPipelineMixin):
             # Same digest as the build's when it built from these files (stored dtype, sampled bytes):
             # an engine with other weights baked in is refused instead of silently used.
             opts.weights_fingerprint = weights_fingerprint(model)
+        return cls.from_components(transformer, **parts, options=opts)
+
+    @classmethod
+    def from_single_file(cls, path, config=None, engine_dir=None, **options) -> "ZImageTRTPipeline":
+        """The transformer from one .safetensors checkpoint (ComfyUI-style keys or diffusers'), through
+        diffusers' single-file loader; its config and the other parts from `config`, a diffusers-format
+        folder or hub id (default, as diffusers: Tongyi-MAI/Z-Image-Turbo). Other arguments as from_pretrained."""
+        opts = PipelineOptions.from_keywords(engine_dir=engine_dir, **options)
+        transformer, fingerprint = load_single_file_transformer(path, config, torch_dtype=opts.torch_dtype)
+        parts = load_pipeline_parts(config or SINGLE_FILE_DEFAULT_CONFIG, torch_dtype=opts.torch_dtype, device="cpu")
+        if engine_dir is not None and opts.weights_fingerprint is None:
+            opts.weights_fingerprint = fingerprint
         return cls.from_components(transformer, **parts, options=opts)
 
     @classmethod

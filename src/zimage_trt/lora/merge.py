@@ -92,8 +92,9 @@ class WeightMerger:
         if not folder or not Path(folder).is_dir():
             raise LoraError(
                 f"the FP8 layers {names[:3]} keep no 16-bit weights, and LoRA on FP8 reads the touched layers' "
-                f"16-bit weights from the model folder, but this transformer records none ({folder!r}); load the "
-                "pipeline with ZImageTRTPipeline.from_pretrained(folder, precision='fp8')")
+                f"16-bit weights from the model's diffusers-format folder, and this transformer records none (it "
+                f"came from {folder or 'memory'!r}); load the pipeline with ZImageTRTPipeline.from_pretrained(folder, "
+                "precision='fp8') (a single-file checkpoint: save its transformer once with save_pretrained)")
         try:
             tensors = read_transformer_tensors(folder, [f"{n}.weight" for n in names], self.dtype)
         except WeightsError as error:
