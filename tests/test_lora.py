@@ -54,19 +54,22 @@ def tiny_path(tmp_path_factory):
     return save_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "pipe", seed=0)
 
 
-@pytest.fixture(scope="module")
-def loras(tmp_path_factory):
-    """Folder with a.safetensors (diffusers format, alpha 8 / rank 4) and b_kohya.safetensors (rank 2,
-    alpha 1: the converter folds alpha / rank into the factors)."""
+def write_loras(folder):
+    """a.safetensors (diffusers format, alpha 8 / rank 4) and b_kohya.safetensors (rank 2, alpha 1: the
+    converter folds alpha / rank into the factors) in `folder`."""
     from diffusers import ZImagePipeline
 
-    folder = tmp_path_factory.mktemp("loras")
     state_a, config_a = make_lora(1, rank=4, alpha=8)
     ZImagePipeline.save_lora_weights(folder, transformer_lora_layers=state_a, weight_name="a.safetensors",
                                      transformer_lora_adapter_metadata=config_a.to_dict())
     state_b, _ = make_lora(2, rank=2, alpha=1, targets=["to_q", "to_v", "w2"])
     save_file(kohya_layout(state_b, alpha=1), folder / "b_kohya.safetensors")
     return folder
+
+
+@pytest.fixture(scope="module")
+def loras(tmp_path_factory):
+    return write_loras(tmp_path_factory.mktemp("loras"))
 
 
 @pytest.fixture(scope="module")

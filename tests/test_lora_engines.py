@@ -19,7 +19,7 @@ from zimage_trt.model.fp8 import Fp8Linear, quantize_rows
 from zimage_trt.pipeline import ZImageTRTPipeline
 from zimage_trt.testing.tiny import save_tiny_pipeline
 
-from test_lora import CALL, assert_changed, assert_close_images, loras, make_lora, reference, theirs  # noqa: F401
+from test_lora import CALL, assert_changed, assert_close_images, make_lora, reference, theirs, write_loras
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
@@ -29,8 +29,19 @@ def tiny_path(tmp_path_factory):
     return save_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "pipe", seed=0)
 
 
-def image(pipe):
-    return pipe(output_type="np", generator=torch.Generator().manual_seed(0), **CALL).images
+@pytest.fixture(scope="module")
+def loras(tmp_path_factory):
+    return write_loras(tmp_path_factory.mktemp("loras"))
+
+
+def image(pipe, steps=CALL["num_inference_steps"]):
+    return pipe(output_type="np", generator=torch.Generator().manual_seed(0), **{**CALL, "num_inference_steps": steps}).images
+
+
+def one_step(pipe):
+    """Latents after one step (bf16 and FP8 are slow on a CPU: one step and no VAE show the weights as well)."""
+    call = {**CALL, "num_inference_steps": 1}
+    return pipe(output_type="latent", generator=torch.Generator().manual_seed(0), **call).images.float().numpy()
 
 
 def graphs_compiled() -> int:
@@ -155,7 +166,7 @@ def test_fp8_requantises_only_the_touched_layers(tiny_path, loras):
     gives every FP8 buffer and the image back bit for bit."""
     pipe = ZImageTRTPipeline.from_pretrained(tiny_path, device="cpu", torch_dtype=torch.bfloat16, precision="fp8")
     pipe.set_progress_bar_config(disable=True)
-    base = image(pipe)  # the engine converts the blocks to FP8 as it opens
+    base = one_step(pipe)  # the engine converts the blocks to FP8 as it opens
     layers = {n: m for n, m in pipe.transformer.named_modules() if isinstance(m, Fp8Linear)}
     assert len(layers) == 28
     before = {n: (m.weight_fp8.clone(), m.weight_scale.clone()) for n, m in layers.items()}
@@ -176,19 +187,19 @@ def test_fp8_requantises_only_the_touched_layers(tiny_path, loras):
         else:
             assert torch.equal(fp8.view(torch.uint8), before[name][0].view(torch.uint8)), name
             assert torch.equal(scale, before[name][1]), name
-    assert_changed(image(pipe), base)
+    assert_changed(one_step(pipe), base)
 
     pipe.unload_lora_weights()
     for name, layer in layers.items():
         assert torch.equal(layer.weight_fp8.view(torch.uint8), before[name][0].view(torch.uint8)), name
         assert torch.equal(layer.weight_scale, before[name][1]), name
-    np.testing.assert_array_equal(image(pipe), base)
+    np.testing.assert_array_equal(one_step(pipe), base)
 
 
 def test_fp8_without_a_model_folder_is_refused_clearly(tiny_path, loras):
     pipe = ZImageTRTPipeline.from_pretrained(tiny_path, device="cpu", torch_dtype=torch.bfloat16, precision="fp8")
     pipe.set_progress_bar_config(disable=True)
-    image(pipe)
+    one_step(pipe)
     pipe.transformer.register_to_config(_name_or_path="")
     with pytest.raises(ValueError, match="FP8 layers .* keep no 16-bit weights"):
         pipe.load_lora_weights(loras / "a.safetensors")

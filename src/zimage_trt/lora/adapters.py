@@ -148,5 +148,7 @@ def adapter_from_state_dict(name: str, state_dict: dict[str, torch.Tensor], meta
                 f"LoRA layer {module}: lora_A {tuple(down.shape)} and lora_B {tuple(up.shape)} do not fit the "
                 f"layer's {layer.out_features} x {layer.in_features} weight (need [r, {layer.in_features}] and "
                 f"[{layer.out_features}, r]): an adapter for another model?")
-        layers[module] = LoraLayer(down, up, _layer_scale(config, module, down.shape[0]))
+        # On the layer's device once: each merge then moves nothing but the base (FP8 layers).
+        device = layer.weight_fp8.device if isinstance(layer, Fp8Linear) else layer.weight.device
+        layers[module] = LoraLayer(down.to(device), up.to(device), _layer_scale(config, module, down.shape[0]))
     return Adapter(name, layers)

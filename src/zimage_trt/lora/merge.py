@@ -110,7 +110,8 @@ class WeightMerger:
         base = self.base[name]
         if not contributions:
             return base.to(device, non_blocking=True)
-        merged = base.to(device, torch.float32, non_blocking=True, copy=True)  # (never the kept base itself)
+        # Moved first, then widened on the device (a copy: never the kept base itself).
+        merged = base.to(device, non_blocking=True).to(torch.float32, copy=True)
         for adapter, coefficient in contributions:
             layer = adapters[adapter].layers[name]
             merged.addmm_(layer.up.to(device, torch.float32), layer.down.to(device, torch.float32), alpha=coefficient)
