@@ -98,6 +98,48 @@ def test_compiled_engine_switches_adapters_without_recompiling(compiled_pipe, ti
     assert graphs_compiled() == graphs, "merging adapters recompiled the engine"
 
 
+def test_adapters_switch_without_a_single_dynamo_recompile(tiny_path, loras):
+    """The fast form of the test above (every CI run): each block compiled with fullgraph=True as the
+    engine compiles them, through a counting backend (dynamo's guards decide recompilation, whatever the
+    backend); loading, switching, fusing, unloading add no frame."""
+    from torch._dynamo.testing import CompileCounter
+
+    counter = CompileCounter()
+    original = pipeline_module.open_denoiser
+
+    def open_counted(transformer, *args, **kwargs):
+        denoiser = StaticZImageDenoiser(transformer)
+        for _, block in denoiser.named_blocks():
+            block.compile(fullgraph=True, backend=counter)
+        return TorchDenoiserEngine(denoiser)
+
+    pipeline_module.open_denoiser = open_counted
+    try:
+        pipe = ZImageTRTPipeline.from_pretrained(tiny_path, device="cpu", torch_dtype=torch.float32)
+        pipe.set_progress_bar_config(disable=True)
+        base = image(pipe, steps=1)
+    finally:
+        pipeline_module.open_denoiser = original
+    compiled = counter.frame_count
+    assert compiled > 0, "nothing went through the counting backend: the test checks nothing"
+    eager = ZImageTRTPipeline.from_pretrained(tiny_path, device="cpu", torch_dtype=torch.float32)
+    eager.set_progress_bar_config(disable=True)
+    for p in (pipe, eager):
+        p.load_lora_weights(loras / "a.safetensors", adapter_name="a")
+        p.load_lora_weights(loras / "b_kohya.safetensors", adapter_name="b")
+        p.set_adapters(["a", "b"], [0.7, -0.5])
+    with_both = image(pipe, steps=1)
+    assert_changed(with_both, base)
+    assert_close_images(with_both, image(eager, steps=1))
+    pipe.set_adapters("b")
+    pipe.fuse_lora(lora_scale=0.5)
+    image(pipe, steps=1)
+    pipe.unfuse_lora()
+    pipe.unload_lora_weights()
+    np.testing.assert_array_equal(image(pipe, steps=1), base)
+    assert counter.frame_count == compiled, f"{counter.frame_count - compiled} recompilation(s)"
+
+
 class OwnWeightsEngine(DenoiserEngine):
     """An engine with its own copy of the weights (as TensorRT has), taking updates by diffusers name."""
 
@@ -207,20 +249,33 @@ def test_fp8_without_a_model_folder_is_refused_clearly(tiny_path, loras):
 
 
 @pytest.mark.gpu
-def test_fp8_lora_on_the_gpu(tiny_path, loras):
-    """On the GPU the blocks become FP8 as they arrive: the base weights come from the folder."""
-    pipe = ZImageTRTPipeline.from_pretrained(tiny_path, device="cuda", torch_dtype=torch.bfloat16, precision="fp8")
+@pytest.mark.parametrize("precision", ["bf16", "fp8"])
+def test_lora_on_the_gpu_reaches_the_captured_cuda_graphs(tiny_path, loras, precision):
+    """On the GPU the loop replays CUDA graphs captured before the adapter was loaded: the in-place
+    weights must reach them (the image equals that of a pipeline loading the adapter before its first
+    call). FP8: the blocks become FP8 as they arrive, the base weights come from the folder."""
+    options = dict(device="cuda", torch_dtype=torch.bfloat16, precision=precision)
+
+    def gpu_image(pipe):
+        return pipe(output_type="np", generator=torch.Generator("cuda").manual_seed(0), **CALL).images
+
+    pipe = ZImageTRTPipeline.from_pretrained(tiny_path, **options)
     pipe.set_progress_bar_config(disable=True)
-    base = pipe(output_type="np", generator=torch.Generator("cuda").manual_seed(0), **CALL).images
+    base = gpu_image(pipe)
     layer = pipe.transformer.layers[0].attention.to_q
-    before = layer.weight_fp8.clone()
+    before = (layer.weight_fp8 if precision == "fp8" else layer.weight).clone()
     pipe.load_lora_weights(loras / "a.safetensors", adapter_name="a")
-    assert layer.weight_fp8.device.type == "cuda" and not torch.equal(layer.weight_fp8.view(torch.uint8),
-                                                                      before.view(torch.uint8))
+    after = layer.weight_fp8 if precision == "fp8" else layer.weight
+    assert after.device.type == "cuda" and not torch.equal(after.view(torch.uint8), before.view(torch.uint8))
+    with_adapter = gpu_image(pipe)
+    assert_changed(with_adapter, base)
+    loaded_first = ZImageTRTPipeline.from_pretrained(tiny_path, **options)
+    loaded_first.set_progress_bar_config(disable=True)
+    loaded_first.load_lora_weights(loras / "a.safetensors", adapter_name="a")
+    np.testing.assert_allclose(with_adapter, gpu_image(loaded_first), atol=2 / 255)
     pipe.unload_lora_weights()
-    assert torch.equal(layer.weight_fp8.view(torch.uint8), before.view(torch.uint8))
-    again = pipe(output_type="np", generator=torch.Generator("cuda").manual_seed(0), **CALL).images
-    np.testing.assert_array_equal(again, base)
+    assert torch.equal(after.view(torch.uint8), before.view(torch.uint8))
+    np.testing.assert_array_equal(gpu_image(pipe), base)
 
 
 def test_fp16_range_is_measured_again_after_merging(tiny_path):
