@@ -14,6 +14,7 @@ adapter load reads the touched layers' 16-bit weights (kept in pinned CPU memory
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import tempfile
@@ -157,6 +158,9 @@ def main():
         results["rows"].append(row)
         pipe.close()
         del pipe, parts
+        # The next variant starts clean: compiled graphs (and the weights they reference) let go.
+        torch._dynamo.reset()
+        gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
 

@@ -247,3 +247,16 @@ def test_bad_adapters_are_refused_with_what_was_wrong(clean, loras, tmp_path):
     clean.unload_lora_weights()
     for name, value in clean.transformer.state_dict().items():
         assert torch.equal(value, weights[name]), name
+
+
+def test_hotswap_replaces_an_adapter_s_weights(clean, loras):
+    clean.load_lora_weights(loras / "b_kohya.safetensors", adapter_name="x")
+    want = {k: v.clone() for k, v in clean.transformer.state_dict().items()}
+    clean.unload_lora_weights()
+    clean.load_lora_weights(loras / "a.safetensors", adapter_name="x")
+    with pytest.raises(LoraError, match="hotswap=True replaces an adapter already loaded"):
+        clean.load_lora_weights(loras / "b_kohya.safetensors", adapter_name="y", hotswap=True)
+    clean.load_lora_weights(loras / "b_kohya.safetensors", adapter_name="x", hotswap=True)
+    assert clean.get_list_adapters() == {"transformer": ["x"]}
+    for name, value in clean.transformer.state_dict().items():
+        assert torch.equal(value, want[name]), name

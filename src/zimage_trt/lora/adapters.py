@@ -11,9 +11,10 @@ assumes).
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -37,10 +38,14 @@ class LoraLayer:
     scale: float  # PEFT's scaling: lora_alpha / r (or / sqrt(r) with rsLoRA)
 
 
+_serials = itertools.count()
+
+
 @dataclass
 class Adapter:
     name: str
     layers: dict[str, LoraLayer]  # diffusers module name (e.g. "layers.3.attention.to_q") -> factors
+    serial: int = field(default_factory=lambda: next(_serials))  # unique per loaded adapter (hotswap)
 
 
 def _check_source_is_safetensors(source, weight_name) -> None:

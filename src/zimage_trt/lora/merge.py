@@ -34,8 +34,8 @@ from ..model.fp8 import Fp8Linear
 from ..model.weights import WeightsError, read_transformer_tensors
 from .adapters import Adapter, LoraError
 
-# A layer's contribution list: ((adapter name, coefficient), ...), coefficient = weight x scale.
-Contributions = tuple[tuple[str, float], ...]
+# A layer's contribution list: ((adapter name, adapter serial, coefficient), ...), coefficient = weight x scale.
+Contributions = tuple[tuple[str, int, float], ...]
 
 
 @dataclass
@@ -57,8 +57,8 @@ class AdapterState:
         for name, weight in wanted.items():
             for module, layer in self.adapters[name].layers.items():
                 coefficient = float(weight) * layer.scale
-                if coefficient != 0.0:
-                    terms.setdefault(module, []).append((name, coefficient))
+                if coefficient != 0.0:  # (the serial tells a hotswapped adapter from the one it replaced)
+                    terms.setdefault(module, []).append((name, self.adapters[name].serial, coefficient))
         return {m: tuple(sorted(t)) for m, t in terms.items()}
 
 
@@ -112,7 +112,7 @@ class WeightMerger:
             return base.to(device, non_blocking=True)
         # Moved first, then widened on the device (a copy: never the kept base itself).
         merged = base.to(device, non_blocking=True).to(torch.float32, copy=True)
-        for adapter, coefficient in contributions:
+        for adapter, _serial, coefficient in contributions:
             layer = adapters[adapter].layers[name]
             merged.addmm_(layer.up.to(device, torch.float32), layer.down.to(device, torch.float32), alpha=coefficient)
         return merged.to(base.dtype)
@@ -131,8 +131,8 @@ class WeightMerger:
                 module.set_weight(weight)
             else:
                 module.weight.copy_(weight)
-            if holders:
-                refits[f"{name}.weight"] = weight
+            if holders:  # (a 16-bit layer's own parameter now holds the merged weight: no second copy)
+                refits[f"{name}.weight"] = weight if isinstance(module, Fp8Linear) else module.weight.detach()
             if wanted.get(name):
                 self.applied[name] = wanted[name]
             else:
@@ -144,7 +144,12 @@ class WeightMerger:
 
     def current_weights(self, adapters: dict[str, Adapter]) -> dict[str, torch.Tensor]:
         """The merged weight of every layer that differs from its base (for an engine opened later)."""
-        return {f"{n}.weight": self.target(n, c, adapters) for n, c in sorted(self.applied.items())}
+        out = {}
+        for name, contributions in sorted(self.applied.items()):
+            module = self._module(name)
+            out[f"{name}.weight"] = self.target(name, contributions, adapters) if isinstance(module, Fp8Linear) \
+                else module.weight.detach()
+        return out
 
     def bake(self, adapters: dict[str, Adapter]) -> None:
         """Make the current weights the new base (diffusers: fuse_lora then unload_lora_weights keeps the
