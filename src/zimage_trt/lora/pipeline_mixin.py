@@ -118,7 +118,7 @@ class LoraPipelineMixin:
             self._lora_apply()
 
     # -- fusing ----------------------------------------------------------------------------------
-    def fuse_lora(self, components: list[str] = COMPONENTS, lora_scale: float = 1.0, safe_fusing: bool = False,
+    def fuse_lora(self, components: list[str] | None = None, lora_scale: float = 1.0, safe_fusing: bool = False,
                   adapter_names: list[str] | None = None, **_ignored) -> None:
         """Keep the active adapters (or `adapter_names`), times `lora_scale`, in the weights until unfuse_lora.
 
@@ -139,11 +139,14 @@ class LoraPipelineMixin:
                 self._lora_apply()
                 raise LoraError("fuse_lora(safe_fusing=True): the fused weights hold NaN/inf; nothing was fused")
 
-    def unfuse_lora(self, components: list[str] = COMPONENTS, **_ignored) -> None:
+    def unfuse_lora(self, components: list[str] | None = None, **_ignored) -> None:
         _check_components(components)
         with self._lock:
             self._lora().fused = {}
             self._lora_apply()
+
+    def enable_lora_hotswap(self, **_ignored) -> None:
+        """Accepted for diffusers compatibility: here no adapter change ever recompiles an engine."""
 
     # -- removing --------------------------------------------------------------------------------
     def delete_adapters(self, adapter_names: str | list[str]) -> None:
@@ -209,6 +212,8 @@ class LoraPipelineMixin:
 
 
 def _check_components(components) -> None:
+    if components is None:
+        return
     extra = [c for c in ([components] if isinstance(components, str) else components) if c not in COMPONENTS]
     if extra:
         raise LoraError(f"LoRA applies to the transformer only here; components {extra} have no adapters")
