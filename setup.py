@@ -23,7 +23,8 @@ setup(
         "rtx": ["tensorrt-rtx-cu13>=1.7,<1.8"],
         "trt": ["tensorrt>=10"],
         "telemetry": ["nvidia-ml-py>=12"],
-        "test": ["pytest>=8", "pytest-xdist>=3.5"],
+        "lora": ["peft>=0.17"],  # PEFT's rank/alpha pattern matching for adapters with metadata
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "peft>=0.17"],  # (tests make LoRAs with PEFT)
     },
     entry_points={"console_scripts": ["zimage-trt=zimage_trt.cli:main"]},
 )

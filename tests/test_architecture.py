@@ -23,10 +23,11 @@ ALLOWED = {
     "compiler": {"compiler", "engines", "model", "files", "errors"},
     "runtime": {"runtime", "engines", "model", "errors"},
     "testing": {"testing", "model"},
+    "lora": {"lora", "model"},
     "request": {"model"},
     "options": {"model", "runtime"},
-    "pipeline": {"runtime", "engines", "model", "request", "options", "errors"},
-    "benchmark": {"benchmark", "pipeline", "compiler", "runtime", "engines", "model", "testing", "files"},
+    "pipeline": {"runtime", "engines", "model", "request", "options", "errors", "lora"},
+    "benchmark": {"benchmark", "pipeline", "compiler", "runtime", "engines", "model", "testing", "files", "lora"},
     "demo": {"pipeline", "compiler", "engines", "model", "testing"},
     "cli": {"benchmark", "pipeline", "compiler", "demo", "model"},
 }

@@ -38,7 +38,9 @@ from diffusers.utils.torch_utils import randn_tensor
 from .engines.select import open_denoiser
 from .engines.torch_compiled import compile_vae_decoder
 from .errors import GenerationOOMError, NonFiniteOutputError, PromptTruncatedWarning
+from .lora.pipeline_mixin import LoraPipelineMixin
 from .model.shapes import Resolution
+from .model.single_file import DEFAULT_CONFIG as SINGLE_FILE_DEFAULT_CONFIG, load_single_file_transformer
 from .model.weights import load_pipeline_parts, load_transformer, weights_fingerprint
 from .options import PipelineOptions
 from .request import (
@@ -82,7 +84,7 @@ class ZImageTRTPipelineOutput:
         return self.to_tuple()[key]
 
 
-class ZImageTRTPipeline:
+class ZImageTRTPipeline(LoraPipelineMixin):
     """Text -> image with Z-Image-Turbo, the denoiser running as compiled engines.
 
     Build it with `from_pretrained` (a diffusers-format folder or hub id) or `from_components`
@@ -153,6 +155,18 @@ class ZImageTRTPipeline:
             # Same digest as the build's when it built from these files (stored dtype, sampled bytes):
             # an engine with other weights baked in is refused instead of silently used.
             opts.weights_fingerprint = weights_fingerprint(model)
+        return cls.from_components(transformer, **parts, options=opts)
+
+    @classmethod
+    def from_single_file(cls, path, config=None, engine_dir=None, **options) -> "ZImageTRTPipeline":
+        """The transformer from one .safetensors checkpoint (ComfyUI-style keys or diffusers'), through
+        diffusers' single-file loader; its config and the other parts from `config`, a diffusers-format
+        folder or hub id (default, as diffusers: Tongyi-MAI/Z-Image-Turbo). Other arguments as from_pretrained."""
+        opts = PipelineOptions.from_keywords(engine_dir=engine_dir, **options)
+        transformer, fingerprint = load_single_file_transformer(path, config, torch_dtype=opts.torch_dtype)
+        parts = load_pipeline_parts(config or SINGLE_FILE_DEFAULT_CONFIG, torch_dtype=opts.torch_dtype, device="cpu")
+        if engine_dir is not None and opts.weights_fingerprint is None:
+            opts.weights_fingerprint = fingerprint
         return cls.from_components(transformer, **parts, options=opts)
 
     @classmethod
@@ -245,10 +259,17 @@ class ZImageTRTPipeline:
             )
             # One engine may serve several shapes (optimisation profiles); keep one loop per engine.
             loop = next((known for known in self._loops.values() if known.engine is engine), None)
+            if loop is None:
+                self._lora_engine_opened(engine)  # merged LoRA weights for an engine holding its own
             self._loops[key] = loop or DenoiseLoop(
                 engine, self.device, use_cuda_graph=opts.use_cuda_graph, stream_priority=opts.stream_priority
             )
         return self._loops[key]
+
+    def _open_engines(self) -> list:
+        """Every engine opened so far, once each (LoRA merging refits those holding their own weights)."""
+        engines = [*self._engines.values(), *(loop.engine for loop in self._loops.values())]
+        return list({id(e): e for e in engines}.values())
 
     # -- 5. image --------------------------------------------------------------------------------
     def decode_latents(self, latents: torch.Tensor, output_type: str = "pil"):

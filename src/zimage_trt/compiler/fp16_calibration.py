@@ -12,48 +12,11 @@ import math
 import torch
 
 from ..model.denoiser import StaticZImageDenoiser
+# The measuring lives in model/ (the runtime measures again after merging a LoRA); re-exported here.
+from ..model.fp16_range import FP16_SAFE_MAGNITUDE, calibration_inputs, measure_block_outputs
 
-# Measured fp16 activations are kept below this (65504 / 16): headroom for inputs the calibration
-# did not see.
-FP16_SAFE_MAGNITUDE = 4096.0
-
-
-@torch.no_grad()
-def measure_block_outputs(denoiser: StaticZImageDenoiser, *inputs) -> dict[str, tuple[float, float]]:
-    """Largest |value| of each block's attention output and feed-forward product/output, one forward."""
-    peaks: dict[str, list[float]] = {}
-    hooks = []
-
-    def tracker(name, slot):
-        def hook(_module, _inp, out):
-            peaks.setdefault(name, [0.0, 0.0])
-            peaks[name][slot] = max(peaks[name][slot], float(out.detach().abs().float().max()))
-
-        return hook
-
-    def input_tracker(name, slot):
-        def hook(_module, inp):
-            peaks.setdefault(name, [0.0, 0.0])
-            peaks[name][slot] = max(peaks[name][slot], float(inp[0].detach().abs().float().max()))
-
-        return hook
-
-    for name, block in denoiser.named_blocks():
-        hooks.append(block.block.attention.to_out[0].register_forward_hook(tracker(name, 0)))
-        ff = block.block.feed_forward
-        # The feed-forward can overflow in the up projection, the gated product (w2's input) or w2's output.
-        hooks.append(ff.w3.register_forward_hook(tracker(name, 1)))
-        hooks.append(ff.w2.register_forward_pre_hook(input_tracker(name, 1)))
-        hooks.append(ff.w2.register_forward_hook(tracker(name, 1)))
-    saved = denoiser.downscale()
-    denoiser.set_downscale({})
-    try:
-        denoiser(*inputs)
-    finally:
-        denoiser.set_downscale(saved)
-        for h in hooks:
-            h.remove()
-    return {k: (v[0], v[1]) for k, v in peaks.items()}
+__all__ = ["FP16_SAFE_MAGNITUDE", "calibration_inputs", "measure_block_outputs", "downscale_from_peaks",
+           "calibrate_downscale"]
 
 
 def downscale_from_peaks(peaks: dict[str, tuple[float, float]], limit: float = FP16_SAFE_MAGNITUDE):
@@ -70,18 +33,6 @@ def downscale_from_peaks(peaks: dict[str, tuple[float, float]], limit: float = F
         if any(k):
             result[name] = k
     return result
-
-
-def calibration_inputs(denoiser: StaticZImageDenoiser, *, latent_hw=(32, 32), caption_len=64, seed=0):
-    """Deterministic inputs for calibration: unit-normal latents and caption features at a small size."""
-    gen = torch.Generator().manual_seed(seed)
-    device = denoiser.device
-    cap_dim = denoiser.caption_dim
-    latents = torch.randn(3, denoiser.in_channels, *latent_hw, generator=gen)
-    cap = torch.randn(3, caption_len, cap_dim, generator=gen)
-    timestep = torch.tensor([0.0, 0.5, 1.0])
-    lens = torch.tensor([caption_len, caption_len // 2, 1])
-    return tuple(t.to(device) for t in (latents, timestep, cap, lens))
 
 
 def calibrate_downscale(denoiser: StaticZImageDenoiser, inputs=None, limit: float = FP16_SAFE_MAGNITUDE):

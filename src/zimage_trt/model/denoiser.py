@@ -23,7 +23,7 @@ FP16 safety: Z-Image's attention and feed-forward outputs can exceed fp16's 6550
 by an RMSNorm, and RMSNorm(s*y; eps*s^2) == RMSNorm(y; eps) for any s > 0. With s = 2^-k the scaling
 is exact in binary floating point (bar subnormals), so `downscale_log2` shrinks those outputs by a
 per-block power of two and the next norm undoes it. The build picks k from measured activation
-magnitudes (`compiler/fp16_calibration.py`).
+magnitudes (`model/fp16_range.py`, `compiler/fp16_calibration.py`).
 """
 
 from __future__ import annotations

@@ -13,6 +13,13 @@ from torch import nn
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
 
+def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e4m3 weight [N, K], float32 scale [1, N]): one scale per output row, the row's max -> 448."""
+    weight = weight.detach().float()
+    scale = weight.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / FP8_MAX  # [N, 1]
+    return (weight / scale).to(torch.float8_e4m3fn), scale.t().contiguous()  # [1, N], as _scaled_mm wants
+
+
 class Fp8Linear(nn.Module):
     """y = x W^T + b with W in float8 e4m3 (one scale per output row) and x quantised per token on the
     fly; products accumulate in fp32 and come out in bf16 (`torch._scaled_mm`, row-wise scales).
@@ -23,13 +30,23 @@ class Fp8Linear(nn.Module):
 
     def __init__(self, linear: nn.Linear, out_dtype: torch.dtype = torch.bfloat16):
         super().__init__()
-        weight = linear.weight.detach().float()
-        scale = weight.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / FP8_MAX  # [N, 1]
-        self.register_buffer("weight_fp8", (weight / scale).to(torch.float8_e4m3fn))
-        self.register_buffer("weight_scale", scale.t().contiguous())  # [1, N], as _scaled_mm wants
+        weight_fp8, weight_scale = quantize_rows(linear.weight)
+        self.register_buffer("weight_fp8", weight_fp8)
+        self.register_buffer("weight_scale", weight_scale)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().to(out_dtype), requires_grad=False)
         self.out_dtype = out_dtype
         self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    @torch.no_grad()
+    def set_weight(self, weight: torch.Tensor) -> None:
+        """Quantise new 16-bit weights (e.g. with a LoRA merged in) into this layer's own buffers, scales
+        recomputed, on the layer's device; in place, so compiled graphs holding the buffers see them."""
+        if tuple(weight.shape) != tuple(self.weight_fp8.shape):
+            raise ValueError(f"Fp8Linear.set_weight: weight of shape {tuple(weight.shape)}, the layer is "
+                             f"{tuple(self.weight_fp8.shape)}")
+        weight_fp8, weight_scale = quantize_rows(weight.to(self.weight_fp8.device))
+        self.weight_fp8.copy_(weight_fp8)
+        self.weight_scale.copy_(weight_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])

@@ -272,6 +272,21 @@ def load_transformer(
     return model.eval()
 
 
+def read_transformer_tensors(source, names: Iterable[str], torch_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Some of a transformer folder's tensors by diffusers name, on the CPU, cast as `load_transformer`
+    casts them (e.g. the 16-bit weights behind FP8 layers, which the GPU no longer holds)."""
+    folder = _transformer_dir(_resolve_root(source, TRANSFORMER_HUB_PATTERNS, None))
+    files = _weight_map(folder)
+    wanted = sorted(set(names))
+    absent = [n for n in wanted if n not in files]
+    if absent:
+        raise WeightsError(f"{folder}: has no tensors {absent[:3]} ({len(absent)} missing)")
+    out = {}
+    for name, tensor in _iter_folder_tensors({n: files[n] for n in wanted}):
+        out[name] = tensor.to(torch_dtype) if torch_dtype is not None and tensor.is_floating_point() else tensor
+    return out
+
+
 # --------------------------------------------------------------------------- other parts
 
 
