@@ -122,3 +122,32 @@ def test_no_host_sync_inside_the_loop_and_flat_memory():
     assert len(calls) == 3 * len(timesteps)
     assert torch.cuda.memory_reserved() == reserved, "GPU memory grew after warm-up"
     assert loop.buffer_pointers() == pointers
+
+
+def test_denoise_loop_hands_its_graph_release_to_engines_that_take_one():
+    """TensorRT engines call the hook before close/refit; the loop must then drop its slots (graphs)."""
+    import torch as _torch
+
+    from zimage_trt.engines.base import DenoiserEngine
+    from zimage_trt.runtime.denoise_loop import DenoiseLoop, StepSlot
+
+    class EngineTakingReleaseHooks(DenoiserEngine):
+        kind = "stand-in"
+
+        def __init__(self):
+            super().__init__("cpu", _torch.float32)
+            self.hooks = []
+
+        def add_release_hook(self, release):
+            self.hooks.append(release)
+
+        def run(self, latents, timestep, cap_feats, cap_lens, masked):
+            raise AssertionError("not called")
+
+    engine = EngineTakingReleaseHooks()
+    loop = DenoiseLoop(engine)
+    assert len(engine.hooks) == 1
+    empty = _torch.empty(0)
+    loop._slots[("shape",)] = StepSlot(empty, empty, empty, empty, empty, empty, cfg=False, normalization=0.0, masked=False)
+    engine.hooks[0]()
+    assert loop._slots == {}

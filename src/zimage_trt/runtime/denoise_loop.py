@@ -51,6 +51,11 @@ class DenoiseLoop:
         self._graph_pool = torch.cuda.graph_pool_handle() if self.use_cuda_graph else None
         self._slots: dict[tuple, StepSlot] = {}
         self.last_step_times_ms: list[float] = []
+        # An engine whose memory our captured graphs point into (TensorRT) drops them before it closes
+        # or refits: a graph replayed over freed or moved buffers would read garbage, not fail.
+        add_release_hook = getattr(engine, "add_release_hook", None)
+        if add_release_hook is not None:
+            add_release_hook(self.discard_slots)
 
     # -- buffers -----------------------------------------------------------------------------
     def _slot(self, latents, feats_dim, capacity, model_batch, cfg, normalization, masked) -> StepSlot:
