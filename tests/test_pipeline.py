@@ -348,3 +348,17 @@ def test_telemetry_history_is_bounded_and_gpu_sampler_is_optional():
     assert [t.total_ms for t in telemetry.history] == [2.0, 3.0, 4.0]
     sampler = GpuSampler("cpu")
     assert not sampler.available and sampler.sample() == {}
+
+
+def test_default_dtype_with_engines_is_the_default_builds():
+    """One precision rule: what `zimage-trt build` makes by default is what from_pretrained(engine_dir=...) looks for."""
+    import torch as _torch
+
+    from zimage_trt.model.precision import default_precision, precision_dtype
+    from zimage_trt.options import PipelineOptions
+
+    cuda, cpu = _torch.device("cuda"), _torch.device("cpu")
+    assert PipelineOptions(engine_dir="engines/")._default_dtype(cuda) == precision_dtype(default_precision(True)) == _torch.float16
+    assert PipelineOptions(engine_dir="engines/")._default_dtype(cpu) == precision_dtype(default_precision(False))
+    assert PipelineOptions()._default_dtype(cuda) == _torch.bfloat16  # eager: no fp16 overflow rescaling
+    assert PipelineOptions(engine_dir="engines/", precision="fp8")._default_dtype(cuda) == _torch.bfloat16

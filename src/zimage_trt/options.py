@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .model.precision import check_precision
+from .model.precision import check_precision, default_precision, precision_dtype
 from .runtime.placement import default_dtype, resolve_device
 
 
@@ -19,7 +19,10 @@ from .runtime.placement import default_dtype, resolve_device
 class PipelineOptions:
     engine_dir: str | None = None  # built engines; None runs the eager static denoiser (tests, the demo)
     device: torch.device | str | None = None  # default: "cuda" when available, else "cpu"
-    torch_dtype: torch.dtype | None = None  # default: bf16 on CUDA (Z-Image's training dtype), fp32 on CPU
+    # default: with engine_dir, the dtype of the precision `zimage-trt build` makes by default
+    # (DEFAULT_PRECISION_RULE: fp16 on a GPU), so default builds are found by default; without engines,
+    # bf16 on CUDA (Z-Image's training dtype; eager torch has no fp16 overflow rescaling); fp32 on CPU.
+    torch_dtype: torch.dtype | None = None
     allow_fallback: bool = False  # no fitting engine: run eager torch with a warning instead of failing
     text_encoder_device: torch.device | str | None = None  # e.g. "cpu" to save GPU memory; default: `device`
     use_cuda_graph: bool = True
@@ -45,6 +48,11 @@ class PipelineOptions:
         base = options if options is not None else cls()
         return dataclasses.replace(base, **keywords).resolved()
 
+    def _default_dtype(self, device: torch.device) -> torch.dtype:
+        if self.engine_dir is not None and self.precision is None:
+            return precision_dtype(default_precision(device.type == "cuda"))
+        return default_dtype(device)
+
     def resolved(self) -> "PipelineOptions":
         """Defaults filled in (a concrete device and dtype) and values checked."""
         device = resolve_device(self.device)
@@ -53,7 +61,7 @@ class PipelineOptions:
         return dataclasses.replace(
             self,
             device=device,
-            torch_dtype=self.torch_dtype or default_dtype(device),
+            torch_dtype=self.torch_dtype or self._default_dtype(device),
             text_encoder_device=torch.device(self.text_encoder_device) if self.text_encoder_device is not None else device,
             compile_vae=device.type == "cuda" if self.compile_vae is None else bool(self.compile_vae),
             allow_fallback=bool(self.allow_fallback),

@@ -142,7 +142,9 @@ class ZImageTRTPipeline(LoraPipelineMixin):
     def from_pretrained(cls, model, engine_dir=None, **options) -> "ZImageTRTPipeline":
         """Load the parts from a local diffusers-format folder (or a hub id) with safetensors only.
 
-        `device` defaults to "cuda" when available; `torch_dtype` to bf16 on CUDA and fp32 on CPU.
+        `device` defaults to "cuda" when available; `torch_dtype` to the default build's
+        dtype when `engine_dir` is given (fp16 on CUDA, fp32 on CPU: what `zimage-trt build` makes by
+        default), else bf16 on CUDA and fp32 on CPU.
         `text_encoder_device` puts the text encoder elsewhere (e.g. "cpu" to save GPU memory).
         """
         opts = PipelineOptions.from_keywords(engine_dir=engine_dir, **options)

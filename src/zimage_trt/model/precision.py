@@ -16,7 +16,8 @@ _FP8_COMPANION = {"torch-compiled": torch.bfloat16, "tensorrt": torch.float16, "
 # is built by default is what is looked for by default. fp16 on a GPU: the engines the project card asks
 # for, made safe by the build's overflow rescaling (bf16, Z-Image's training dtype, is a choice). fp32 on
 # the CPU: CPUs have no fast 16-bit path, and CPU parity with diffusers is checked in fp32. (The Python
-# pipeline's dtype without engines stays bf16 on a GPU: eager torch has no overflow rescaling.)
+# pipeline follows it when given engines; without engines it stays bf16 on a GPU: eager torch has no
+# overflow rescaling.)
 DEFAULT_PRECISION_RULE = "fp16 for an engine that runs on a GPU, fp32 for one that runs on the CPU"
 
 
