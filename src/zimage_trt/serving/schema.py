@@ -152,7 +152,7 @@ _ALLOWED_FROM_CONTEXT = {
 _ALLOWED_BY_TYPE = {
     "int_type": "an integer", "int_parsing": "an integer", "int_from_float": "an integer",
     "float_type": "a number", "float_parsing": "a number", "finite_number": "a finite number",
-    "string_type": "a string", "missing": "a value (this field is required)",
+    "string_type": "a string", "string_unicode": "valid Unicode text (no lone surrogates)", "missing": "a value (this field is required)",
     "extra_forbidden": "no such field: the fields are " + ", ".join(ImageGenerationRequest.model_fields),
     "model_type": "a JSON object", "dict_type": "a JSON object",
 }
@@ -161,11 +161,19 @@ _ALLOWED_BY_TYPE = {
 def _json_safe(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
-    if isinstance(value, str) and len(value) > 200:  # do not echo a huge prompt back
-        return value[:200] + f"... ({len(value)} characters)"
+    if isinstance(value, str):
+        # Lone surrogates (valid JSON escapes, not text) cannot be encoded back: show them escaped.
+        value = value.encode("utf-8", "backslashreplace").decode("utf-8")
+        if len(value) > 200:  # do not echo a huge prompt back
+            return value[:200] + f"... ({len(value)} characters)"
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
     return repr(value)[:200]
+
+
+def safe_value(value: Any) -> Any:
+    """A value fit to echo in a JSON error body."""
+    return _json_safe(value)
 
 
 def validation_errors(error: ValidationError) -> list[FieldError]:

@@ -39,7 +39,7 @@ from ..request import DEFAULT_MAX_SEQUENCE_LENGTH, RequestLimits, check_request
 from ..runtime.queue import GenerationQueue, QueueClosedError, QueueFullError
 from ..runtime.telemetry import GpuSampler, summarize
 from .metrics import ServiceMetrics
-from .schema import ImageGenerationRequest, ServingLimits, StreamEvent
+from .schema import ImageGenerationRequest, ServingLimits, StreamEvent, safe_value
 
 log = logging.getLogger("zimage_trt.serving")
 
@@ -374,12 +374,12 @@ class ImageService:
                           callback_on_step_end=None, callback_on_step_end_tensor_inputs=[], generator=None,
                           latents=None)
         except (ValueError, TypeError) as error:
-            name = str(error).split(" ", 1)[0]
+            message = safe_value(str(error))
+            name = message.split(" ", 1)[0]
             api_name = _API_FIELD.get(name, "(body)")
             value = getattr(req, api_name, None) if api_name != "(body)" else None
-            raise ServiceError(422, "invalid_request", str(error), errors=[{
-                "field": api_name, "value": value if not isinstance(value, str) else value[:200],
-                "allowed": str(error), "message": str(error)}]) from None
+            raise ServiceError(422, "invalid_request", message, errors=[{
+                "field": api_name, "value": safe_value(value), "allowed": message, "message": message}]) from None
 
     def _abort(self, job: _Job, reason: str) -> None:
         """Drop a waiting request (its Future is cancelled) or stop a running one at its next step."""
