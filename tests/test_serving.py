@@ -199,6 +199,28 @@ def test_not_json_is_400_and_a_big_body_is_413(client):
     assert response.status_code == 413 and "65536 bytes" in response.json()["error"]["message"]
 
 
+def test_only_json_bodies_are_taken(client):
+    # A form or text/plain post needs no CORS preflight: another site's page could send one blind.
+    for content_type in ("text/plain", "application/x-www-form-urlencoded", None):
+        headers = {"content-type": content_type} if content_type else {}
+        response = client.post(URL, content=json.dumps(body()).encode(), headers=headers)
+        assert response.status_code == 415, content_type
+        assert "Content-Type: application/json" in response.json()["error"]["message"]
+
+
+def test_without_a_key_only_loopback_host_names_are_answered(tiny_cpu_pipe):
+    service = make_service(tiny_cpu_pipe)
+    settings = AppSettings(allowed_hosts=("localhost", "127.0.0.1", "::1"))
+    with TestClient(create_app(service, settings), base_url="http://127.0.0.1:8000") as local:
+        assert local.get("/healthz").status_code == 200
+        for host in ("localhost:8000", "[::1]:8000", "127.0.0.1"):
+            assert local.get("/healthz", headers={"host": host}).status_code == 200, host
+        for host in ("evil.example:8000", "evil.example", "127.0.0.1.evil.example", ""):
+            response = local.get("/v1/stats", headers={"host": host})
+            assert response.status_code == 421, host
+            assert response.json()["error"]["type"] == "unknown_host"
+
+
 def test_health_ready_stats_and_dashboard(client):
     assert client.get("/healthz").json()["status"] == "ok"
     ready = client.get("/readyz")
@@ -364,6 +386,7 @@ def test_a_request_past_its_time_out_is_504_and_never_runs(tiny_cpu_pipe):
         assert results[0].status_code == 504  # held past its own time-out too: stopped at its next step
         assert gated.calls == calls  # the waiting one never ran
         assert gclient.get("/v1/stats").json()["counts"]["timed_out"] == 2
+        service.settings.timeout_s = WAIT_S  # (0.5 s is too short for an image on a busy runner)
         assert gclient.post(URL, json=body(seed=3)).status_code == 200  # and the service goes on
 
 
@@ -494,3 +517,18 @@ def test_with_fallback_any_valid_size_is_served(tiny_cpu_pipe):
         assert response.status_code == 422
         [problem] = response.json()["error"]["errors"]
         assert problem["field"] == "size" and "multiple of 16" in problem["allowed"]
+
+
+def test_closing_while_loading_stops_the_loader_before_it_warms(tiny_cpu_pipe):
+    release = threading.Event()
+
+    def slow_factory():
+        assert release.wait(WAIT_S)
+        return GatedPipe(tiny_cpu_pipe)
+
+    service = make_service(slow_factory)
+    service.start()
+    threading.Timer(0.3, release.set).start()
+    service.close()  # waits for the loader, which sees the shutdown and does not warm
+    assert not service._loader.is_alive() and service.state == "stopped" and not service.ready
+    assert service.pipe.calls == 0  # no warm-up ran

@@ -186,8 +186,13 @@ class ImageService:
                 self.pipe.set_progress_bar_config(disable=True)
             if not self.limits.sizes and not self.limits.any_size:
                 raise ValueError("no sizes to serve")
-            self.state = "warming"
+            with self._lock:
+                if self.state != "loading":  # closed while loading
+                    return
+                self.state = "warming"
             for size in self.limits.sizes:
+                if self.state != "warming":  # closed meanwhile
+                    return
                 self._warm(size)
             telemetry = getattr(self.pipe, "telemetry", None)
             if telemetry is not None:  # warm-up timings (compilation, graph capture) are not service latency
@@ -228,6 +233,11 @@ class ImageService:
     def close(self, graceful: bool = True, timeout: float | None = None) -> None:
         """Stop: graceful lets the running request finish; otherwise it stops at its next step."""
         self.begin_shutdown()
+        loader = self._loader
+        if loader is not None and loader.is_alive() and threading.current_thread() is not loader:
+            # Loading or warming: let it stop (it checks the state between sizes) rather than leave a
+            # thread running torch while the interpreter exits.
+            loader.join(timeout)
         if not graceful and self._running is not None:
             self._abort(self._running, "shutdown")
         if self._queue is not None:
