@@ -532,3 +532,19 @@ def test_closing_while_loading_stops_the_loader_before_it_warms(tiny_cpu_pipe):
     service.close()  # waits for the loader, which sees the shutdown and does not warm
     assert not service._loader.is_alive() and service.state == "stopped" and not service.ready
     assert service.pipe.calls == 0  # no warm-up ran
+
+
+def test_the_app_takes_a_service_factory(tiny_cpu_pipe):
+    # How a Ray Serve replica (or any host that builds the service late) uses the app.
+    made = []
+
+    def factory():
+        made.append(make_service(tiny_cpu_pipe))
+        return made[-1]
+
+    app = create_app(factory)
+    assert made == []  # nothing loads before the app starts
+    with TestClient(app) as fclient:
+        assert len(made) == 1 and made[0].wait_ready(WAIT_S)
+        assert fclient.post(URL, json=body(seed=4)).json()["data"][0]["seed"] == 4
+    assert made[0].state == "stopped"

@@ -154,6 +154,15 @@ def create_app(service: ImageService | Callable[[], ImageService], settings: App
     def request_id(request: Request) -> str:
         return request.scope.get("state", {}).get("request_id") or uuid.uuid4().hex
 
+    def refused(request: Request) -> JSONResponse | None:
+        """401 without the key; 503 while a service factory has not run yet."""
+        if (denied := unauthorized(request)) is not None:
+            return denied
+        if current() is None:
+            return JSONResponse(error_body(503, "not_ready", "the service is loading; retry later", request_id(request)),
+                                status_code=503, headers={"Retry-After": "5"})
+        return None
+
     def unauthorized(request: Request) -> JSONResponse | None:
         if key is None:
             return None
@@ -194,13 +203,13 @@ def create_app(service: ImageService | Callable[[], ImageService], settings: App
 
     @app.get("/v1/stats")
     async def stats(request: Request):
-        if (denied := unauthorized(request)) is not None:
+        if (denied := refused(request)) is not None:
             return denied
         return await asyncio.to_thread(current().stats)
 
     @app.get("/metrics")
     async def metrics(request: Request):
-        if (denied := unauthorized(request)) is not None:
+        if (denied := refused(request)) is not None:
             return denied
         body = await asyncio.to_thread(current().metrics.render)
         return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
@@ -216,7 +225,7 @@ def create_app(service: ImageService | Callable[[], ImageService], settings: App
     @app.post("/v1/images/generations")
     async def generations(request: Request, stream: bool = False):
         rid = request_id(request)
-        if (denied := unauthorized(request)) is not None:
+        if (denied := refused(request)) is not None:
             return denied
         service = current()
         response = await _generations(request, service, rid, stream, models, settings)
