@@ -548,3 +548,25 @@ def test_the_app_takes_a_service_factory(tiny_cpu_pipe):
         assert len(made) == 1 and made[0].wait_ready(WAIT_S)
         assert fclient.post(URL, json=body(seed=4)).json()["data"][0]["seed"] == 4
     assert made[0].state == "stopped"
+
+
+@pytest.mark.slow  # a fresh interpreter importing the whole CLI: 10-30 s on a busy runner
+def test_serve_help_shows_every_option_and_needs_no_serve_extra():
+    # The CLI's parser (all commands) must not import the serve extra: block it and ask for the help.
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "for name in ('fastapi', 'uvicorn', 'sse_starlette', 'prometheus_client', 'starlette', 'pydantic'):\n"
+            "    sys.modules[name] = None\n"
+            "from zimage_trt.cli import main\n"
+            "main(['serve', '--help'])\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**__import__("os").environ, "COLUMNS": "200"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    for option in ("--model", "--tiny", "--engine-dir", "--precision", "--device", "--size", "--allow-fallback",
+                   "--host", "--port", "--api-key-file", "--max-queue", "--max-n", "--max-steps",
+                   "--max-prompt-chars", "--max-body-bytes", "--timeout", "--log-level"):
+        assert option in out.stdout, option
+    assert "(default: 127.0.0.1)" in out.stdout and "(default: 8000)" in out.stdout
+    assert out.stdout.count("(default:") >= 17  # every option shows its default
