@@ -570,3 +570,18 @@ def test_serve_help_shows_every_option_and_needs_no_serve_extra():
         assert option in out.stdout, option
     assert "(default: 127.0.0.1)" in out.stdout and "(default: 8000)" in out.stdout
     assert out.stdout.count("(default:") >= 17  # every option shows its default
+
+
+def test_a_request_no_engine_runs_is_a_422_that_does_not_show_the_servers_folders(tiny_cpu_pipe, caplog):
+    from zimage_trt.engines.select import EngineNotFound
+
+    gated = GatedPipe(tiny_cpu_pipe, fail_with=EngineNotFound("no engine in /srv/engines fits 256x256 batch 2"))
+    service = make_service(gated)
+    with TestClient(create_app(service)) as gclient, caplog.at_level(logging.WARNING, "zimage_trt.serving"):
+        assert service.wait_ready(WAIT_S)
+        response = gclient.post(URL, json=body(guidance_scale=2.0))
+        assert response.status_code == 422
+        error = response.json()["error"]
+        assert error["type"] == "no_engine" and "/srv" not in response.text
+        assert "guidance_scale > 0" in error["message"] and "use guidance_scale 0" in error["message"]
+        assert any("/srv/engines" in record.getMessage() for record in caplog.records)  # the operator sees it

@@ -32,6 +32,7 @@ from typing import Any, AsyncIterator, Callable
 import torch
 
 from ..engines.manifest import Manifest, find_manifests
+from ..engines.select import EngineNotFound
 from ..errors import GenerationOOMError, NonFiniteOutputError
 from ..runtime.queue import GenerationQueue, QueueClosedError, QueueFullError
 from ..runtime.telemetry import GpuSampler, summarize
@@ -326,6 +327,14 @@ class ImageService:
             return ServiceError(503, "out_of_memory", str(error), retry_after=10.0)
         if isinstance(error, NonFiniteOutputError):
             return ServiceError(500, "non_finite_output", str(error))
+        if isinstance(error, EngineNotFound):
+            # Its message names the server's folders: the client gets what to change instead.
+            log.warning("request %s: %s", job.request_id, error)
+            req = job.request
+            cfg = " with guidance_scale > 0 (classifier-free guidance runs 2 images per engine call)" \
+                if req.guidance_scale > 0 else ""
+            return ServiceError(422, "no_engine", f"no engine on this server runs {req.size}{cfg}; "
+                                f"{'use guidance_scale 0, or ' if cfg else ''}ask for a size it serves")
         if isinstance(error, (ValueError, TypeError)):
             return ServiceError(422, "invalid_request", str(error))
         log.error("request %s failed", job.request_id, exc_info=error)
