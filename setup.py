@@ -6,6 +6,7 @@ setup(
     description="TensorRT-compiled inference for Z-Image-Turbo: fixed-shape engines and a lean GPU runtime",
     package_dir={"": "src"},
     packages=find_packages("src"),
+    package_data={"zimage_trt.serving": ["dashboard.html", "dashboard.js"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.9",
@@ -24,7 +25,10 @@ setup(
         "trt": ["tensorrt>=10"],
         "telemetry": ["nvidia-ml-py>=12"],
         "lora": ["peft>=0.17"],  # PEFT's rank/alpha pattern matching for adapters with metadata
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "peft>=0.17"],  # (tests make LoRAs with PEFT)
+        "serve": ["fastapi>=0.115", "uvicorn>=0.30", "sse-starlette>=2.1", "prometheus-client>=0.20", "pydantic>=2.7",
+                  "nvidia-ml-py>=12"],
+        # (tests make LoRAs with PEFT; Starlette's TestClient uses httpx2; the dashboard test drives chromium)
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "peft>=0.17", "httpx2>=2", "selenium>=4.20", "psutil>=5.9"],
     },
     entry_points={"console_scripts": ["zimage-trt=zimage_trt.cli:main"]},
 )

@@ -1,4 +1,4 @@
-"""`zimage-trt build | generate | bench | demo` — the command line over the Python API."""
+"""`zimage-trt build | generate | bench | demo | serve` — the command line over the Python API."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from .compiler.build import BACKEND_NAMES, DEFAULT_CAPTION_CAPACITY, build_engin
 from .demo import demo
 from .model.precision import DEFAULT_PRECISION_RULE, PRECISIONS, default_precision, precision_dtype
 from .pipeline import ZImageTRTPipeline
+from . import serving
+from .serving import settings as serve_settings
 
 PRECISION_HELP = f"default: {DEFAULT_PRECISION_RULE}, the same rule for build and generate"
 
@@ -145,6 +147,11 @@ def main(argv=None) -> int:
                    help="also build a TensorRT-RTX engine (it runs on RTX-class GPUs; elsewhere it is built and its "
                         "manifest checked) (default: when tensorrt-rtx is installed)")
     d.set_defaults(func=run_demo)
+
+    sv = sub.add_parser("serve", help="HTTP service with a live dashboard in front of one pipeline (needs the serve extra)",
+                        formatter_class=defaults)
+    serve_settings.add_arguments(sv)
+    sv.set_defaults(func=lambda args: serving.run_server(args))
 
     args = ap.parse_args(argv)
     started = time.perf_counter()
