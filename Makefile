@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 #   make setup TORCH_SPEC="torch==2.11.0"
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test test-slow clean
+.PHONY: setup browser demo test test-slow clean
 
 setup: $(VENV)/.installed
 
@@ -16,7 +16,7 @@ $(VENV)/.installed: setup.py
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[rtx,test,telemetry]"
+	$(PY) -m pip install -q -e ".[rtx,test,telemetry,serve,lora]"
 	touch $@
 
 demo: setup
@@ -25,7 +25,13 @@ demo: setup
 test: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow" tests
 
-test-slow: setup
+# The dashboard's browser test drives Debian's chromium + chromedriver; installed when missing.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" -eq 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q chromium chromium-driver; }
+
+test-slow: setup browser
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m slow -n 2 tests
 
 clean:
