@@ -1,0 +1,208 @@
+"""The HTTP service under Ray Serve: two CPU replicas of the tiny model behind Serve's proxy.
+
+One Ray instance for the module (starting Ray and two replicas is most of the time): requests are
+answered by both replicas and match solo pipeline runs by seed; /v1/stats and /metrics cover both;
+over `max_queued_requests` the proxy answers 503 at once; a replica killed mid-load fails only its
+in-flight requests (a 5xx, none hangs) and Serve starts a new one.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from zimage_trt.pipeline import ZImageTRTPipeline
+from zimage_trt.serving import ray_deployment
+from zimage_trt.testing.tiny import make_tiny_components
+
+# Run as one group: `pytest -n 2 --dist loadgroup` keeps these in one worker, so one Ray instance.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray-serve")]
+
+SIZE = 256
+STEPS = 2
+REPLICAS = 2
+MAX_ONGOING = 2
+MAX_QUEUED = 2
+DEADLINE_S = 60.0  # no request may take longer: a hang fails the test
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    import ray
+    from ray import serve
+
+    # Small on purpose: 2 logical CPUs (one per replica), the smallest object store Ray accepts.
+    ray.init(num_cpus=REPLICAS, include_dashboard=False, object_store_memory=80 * 2**20, log_to_driver=False)
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    args = ray_deployment._parser().parse_args([
+        "--tiny", "--device", "cpu", "--size", f"{SIZE}x{SIZE}", "--replicas", str(REPLICAS),
+        "--max-ongoing-requests", str(MAX_ONGOING), "--max-queued-requests", str(MAX_QUEUED),
+        "--health-check-period", "1"])
+    replica_args, options = ray_deployment.replica_resources(args, cluster_gpus=0)
+    assert options == {"num_cpus": 1.0} and replica_args.device == "cpu"
+    serve.run(ray_deployment.deployment(replica_args, options), name=ray_deployment.APP_NAME, route_prefix="/")
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _call(base: str, path: str, body: dict | None = None, timeout: float = DEADLINE_S):
+    """(status, parsed JSON or text, seconds); a client time-out raises (a hang fails the test)."""
+    started = time.perf_counter()
+    request = urllib.request.Request(base + path, data=None if body is None else json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"},
+                                     method="GET" if body is None else "POST")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            status, raw = response.status, response.read()
+    except urllib.error.HTTPError as error:
+        status, raw = error.code, error.read()
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        data = raw.decode(errors="replace")
+    return status, data, time.perf_counter() - started
+
+
+def _generate(base: str, seed: int, steps: int = STEPS):
+    return _call(base, "/v1/images/generations",
+                 {"prompt": "a red fox in fresh snow", "size": f"{SIZE}x{SIZE}", "seed": seed, "num_inference_steps": steps})
+
+
+def _concurrently(fn, count: int) -> list:
+    results: list = [None] * count
+
+    def run(i):
+        try:
+            results[i] = fn(i)
+        except Exception as error:  # noqa: BLE001 - recorded: the test reports what went wrong
+            results[i] = error
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(DEADLINE_S + 30)
+    assert not any(thread.is_alive() for thread in threads), "a request hung past the deadline"
+    return results
+
+
+def _pixels(body: dict) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(body["data"][0]["b64_json"]))), dtype=np.int16)
+
+
+def test_both_replicas_answer_and_match_solo_runs(cluster):
+    seeds = list(range(REPLICAS * MAX_ONGOING))  # all admitted at once (no backpressure here)
+    results = _concurrently(lambda i: _generate(cluster, seeds[i]), len(seeds))
+    assert all(not isinstance(r, Exception) and r[0] == 200 for r in results), results
+
+    pipe = ZImageTRTPipeline.from_components(**make_tiny_components(seed=0), device="cpu")
+    pipe.set_progress_bar_config(disable=True)
+    solo = {}
+    for seed, (_, body, _) in zip(seeds, results):
+        assert body["data"][0]["seed"] == seed
+        image = pipe("a red fox in fresh snow", height=SIZE, width=SIZE, num_inference_steps=STEPS,
+                     generator=torch.Generator("cpu").manual_seed(seed)).images[0]
+        solo[seed] = np.asarray(image, dtype=np.int16)
+        # Same weights and seed in another process: equal up to rounding (8-bit pixels, float maths).
+        assert np.abs(_pixels(body) - solo[seed]).max() <= 2, f"seed {seed}: replica and solo run differ"
+    assert np.abs(solo[0] - solo[1]).max() > 10  # the comparison can fail: seeds do change the image
+
+    status, stats, _ = _call(cluster, "/v1/stats")
+    assert status == 200
+    assert stats["totals"]["replicas"] == REPLICAS and stats["totals"]["ready_replicas"] == REPLICAS
+    per_replica = {r["replica"]: r["counts"]["completed"] for r in stats["replicas"]}
+    assert len(per_replica) == REPLICAS and sum(per_replica.values()) >= len(seeds)
+    assert all(done > 0 for done in per_replica.values()), f"one replica answered nothing: {per_replica}"
+    assert stats["counts"]["completed"] == sum(per_replica.values())
+    assert stats["latency"]["request_ms"]["count"] == len(stats["recent"]) >= len(seeds)
+
+    status, metrics, _ = _call(cluster, "/metrics")
+    assert status == 200
+    for replica in per_replica:
+        assert f'zimage_http_requests_total{{replica="{replica}",status="200"}}' in metrics
+
+    # Progress events come through Serve's proxy as they happen, not only the final image.
+    request = urllib.request.Request(cluster + "/v1/images/generations?stream=true", method="POST",
+                                     data=json.dumps({"prompt": "a fox", "size": f"{SIZE}x{SIZE}", "seed": 3,
+                                                      "num_inference_steps": STEPS}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=DEADLINE_S) as response:
+        events = [line.split(":", 1)[1].strip() for line in response.read().decode().splitlines()
+                  if line.startswith("event:")]
+    assert events[0] == "queued" and events.count("step") == STEPS and events[-1] == "done", events
+
+
+def test_over_max_queued_requests_is_answered_503_at_once(cluster):
+    # The deployment holds MAX_ONGOING per replica plus MAX_QUEUED in the proxy; the rest are refused.
+    capacity = REPLICAS * MAX_ONGOING + MAX_QUEUED
+    results = _concurrently(lambda i: _generate(cluster, 100 + i, steps=8), capacity + 6)
+    assert not any(isinstance(r, Exception) for r in results), results
+    statuses = [r[0] for r in results]
+    refused = [r for r in results if r[0] == 503]
+    assert statuses.count(200) >= REPLICAS * MAX_ONGOING and refused, statuses
+    assert set(statuses) <= {200, 503}, statuses
+    assert all("backpressure" in str(r[1]) and r[2] < 5.0 for r in refused), refused
+
+
+def test_killed_replica_fails_only_its_requests_and_comes_back(cluster):
+    import ray
+    from ray import serve
+
+    before = {r["replica"] for r in _call(cluster, "/v1/stats")[1]["replicas"]}
+    victim = next(a for a in ray.util.list_named_actors(all_namespaces=True)
+                  if a["name"].startswith(f"SERVE_REPLICA::{ray_deployment.APP_NAME}#"))
+    count = REPLICAS * MAX_ONGOING  # all admitted: what fails is the kill's doing, not backpressure
+    started = time.perf_counter()
+    killer = threading.Timer(1.0, lambda: ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]),
+                                                   no_restart=True))
+    killer.start()
+    results = _concurrently(lambda i: _generate(cluster, 200 + i, steps=20), count)
+    killer.join()
+    assert not any(isinstance(r, Exception) for r in results), results  # every request answered
+    statuses = [r[0] for r in results]
+    assert all(s == 200 or 500 <= s < 600 for s in statuses), statuses
+    assert statuses.count(200) >= 1 and any(s >= 500 for s in statuses), statuses
+    print(f"\nkill mid-load: {statuses} {[r[1] for r in results if r[0] >= 500]}, slowest answer "
+          f"{max(r[2] for r in results):.1f}s")
+
+    # Serve's controller replaces the dead replica; the new one serves, and reports under a new id.
+    deadline = time.perf_counter() + 120.0
+    while time.perf_counter() < deadline:
+        state = serve.status().applications[ray_deployment.APP_NAME].deployments[ray_deployment.DEPLOYMENT_NAME]
+        if state.replica_states.get("RUNNING", 0) == REPLICAS:
+            break
+        time.sleep(1.0)
+    else:
+        pytest.fail(f"the killed replica did not come back: {state.replica_states}")
+    back_after = time.perf_counter() - started
+    deadline = time.perf_counter() + 30.0
+    while time.perf_counter() < deadline:
+        after = {r["replica"] for r in _call(cluster, "/v1/stats")[1]["replicas"]}
+        if len(after) == REPLICAS and after != before:
+            break
+        time.sleep(1.0)
+    assert len(after) == REPLICAS and len(after & before) == REPLICAS - 1, (before, after)
+    results = _concurrently(lambda i: _generate(cluster, 300 + i), 4)
+    assert [r[0] for r in results] == [200] * 4
+    print(f"replica back and serving {back_after:.1f}s after the load started")
