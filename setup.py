@@ -6,6 +6,7 @@ setup(
     description="TensorRT-compiled inference for Z-Image-Turbo: fixed-shape engines and a lean GPU runtime",
     package_dir={"": "src"},
     packages=find_packages("src"),
+    package_data={"zimage_trt.serving": ["dashboard.html", "dashboard.js"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.9",
@@ -23,7 +24,9 @@ setup(
         "rtx": ["tensorrt-rtx-cu13>=1.7,<1.8"],
         "trt": ["tensorrt>=10"],
         "telemetry": ["nvidia-ml-py>=12"],
-        "test": ["pytest>=8", "pytest-xdist>=3.5"],
+        "serve": ["fastapi>=0.115", "uvicorn>=0.30", "sse-starlette>=2.1", "prometheus-client>=0.20", "pydantic>=2.7",
+                  "nvidia-ml-py>=12"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "httpx2>=2", "selenium>=4.20", "psutil>=5.9"],
     },
     entry_points={"console_scripts": ["zimage-trt=zimage_trt.cli:main"]},
 )

@@ -28,7 +28,8 @@ ALLOWED = {
     "pipeline": {"runtime", "engines", "model", "request", "options", "errors"},
     "benchmark": {"benchmark", "pipeline", "compiler", "runtime", "engines", "model", "testing", "files"},
     "demo": {"pipeline", "compiler", "engines", "model", "testing"},
-    "cli": {"benchmark", "pipeline", "compiler", "demo", "model"},
+    "serving": {"serving", "pipeline", "request", "options", "runtime", "engines", "model", "errors", "files", "testing"},
+    "cli": {"benchmark", "pipeline", "compiler", "demo", "model", "serving"},
 }
 FP8_HOME = "model/fp8.py"
 PRECISION_HOME = "model/precision.py"

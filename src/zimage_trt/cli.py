@@ -1,4 +1,4 @@
-"""`zimage-trt build | generate | bench | demo` — the command line over the Python API."""
+"""`zimage-trt build | generate | bench | demo | serve` — the command line over the Python API."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from .compiler.build import BACKEND_NAMES, DEFAULT_CAPTION_CAPACITY, build_engin
 from .demo import demo
 from .model.precision import PRECISIONS, precision_dtype
 from .pipeline import ZImageTRTPipeline
+from . import serving
+from .serving import settings as serve_settings
 
 
 def add_build_arguments(ap: argparse.ArgumentParser) -> None:
@@ -108,6 +110,11 @@ def main(argv=None) -> int:
     d.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
     d.add_argument("--prompt", default="a red fox in fresh snow at dawn", help="what to draw")
     d.set_defaults(func=run_demo)
+
+    sv = sub.add_parser("serve", help="HTTP service with a live dashboard in front of one pipeline (needs the serve extra)",
+                        formatter_class=defaults)
+    serve_settings.add_arguments(sv)
+    sv.set_defaults(func=lambda args: serving.run_server(args))
 
     args = ap.parse_args(argv)
     started = time.perf_counter()

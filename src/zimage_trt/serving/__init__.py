@@ -1,0 +1,34 @@
+"""The HTTP service in front of one pipeline: `zimage-trt serve`.
+
+- `settings.py`: the server's settings, its command-line options and the bind/API-key rule (stdlib only,
+  so `zimage-trt --help` needs none of the `serve` extra);
+- `schema.py`: the OpenAI-shaped request/response models and their 422 bodies (pydantic);
+- `service.py`: `ImageService`, one pipeline and its `GenerationQueue`, async `generate` / `stream`;
+- `metrics.py`: Prometheus metrics (prometheus-client), GPU readings through NVML;
+- `app.py`: `create_app`, the ASGI app (FastAPI) with the dashboard (`dashboard.html`, `dashboard.js`);
+- `command.py`: `run_server`, what `zimage-trt serve` runs (uvicorn, graceful SIGTERM).
+
+Everything but `settings` needs `pip install zimage_trt[serve]`; the names below are imported when first used.
+"""
+
+__all__ = ["create_app", "ImageService", "ServiceSettings", "ServingLimits", "ImageGenerationRequest", "run_server"]
+
+
+def __getattr__(name):
+    if name == "create_app":
+        from .app import create_app
+
+        return create_app
+    if name in ("ImageService", "ServiceSettings", "ServiceError"):
+        from . import service
+
+        return getattr(service, name)
+    if name in ("ServingLimits", "ImageGenerationRequest"):
+        from . import schema
+
+        return getattr(schema, name)
+    if name == "run_server":
+        from .command import run_server
+
+        return run_server
+    raise AttributeError(f"module 'zimage_trt.serving' has no attribute {name!r}")

@@ -1,0 +1,81 @@
+"""`run_server`: what `zimage-trt serve` runs — one pipeline, its service and app, under uvicorn.
+
+SIGTERM / Ctrl-C: the waiting requests are answered 503 at once, the running one finishes, uvicorn
+closes the connections, the app's shutdown closes the service, and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import uvicorn
+
+from ..model.precision import precision_dtype
+from ..pipeline import ZImageTRTPipeline
+from ..testing.tiny import make_tiny_components
+from .app import AppSettings, create_app
+from .schema import ServingLimits
+from .service import ImageService, ServiceSettings, served_sizes
+from .settings import ServeConfigError, check_bind, read_api_key
+
+log = logging.getLogger("zimage_trt.serving")
+TINY_SIZE = "256x256"
+
+
+class _GracefulServer(uvicorn.Server):
+    """uvicorn waits for open requests at a signal; we first answer the waiting ones 503, so that only
+    the running request is waited for."""
+
+    def __init__(self, config, service: ImageService):
+        super().__init__(config)
+        self._service = service
+
+    def handle_exit(self, sig, frame) -> None:
+        # A signal handler may interrupt a thread holding the service's lock: do the work in another.
+        threading.Thread(target=self._service.begin_shutdown, name="zimage-trt-shutdown", daemon=True).start()
+        super().handle_exit(sig, frame)
+
+
+def pipeline_factory(args):
+    """A zero-argument function that loads the pipeline (called in the service's warm-up thread)."""
+    options = dict(device=args.device, allow_fallback=args.allow_fallback)
+    if args.precision:
+        options.update(torch_dtype=precision_dtype(args.precision), precision=args.precision)
+    if args.tiny:
+        return lambda: ZImageTRTPipeline.from_components(**make_tiny_components(seed=0), engine_dir=args.engine_dir,
+                                                         **options)
+    return lambda: ZImageTRTPipeline.from_pretrained(args.model, engine_dir=args.engine_dir, **options)
+
+
+def build_service(args) -> ImageService:
+    if not args.tiny and not args.model:
+        raise ServeConfigError("pass --model DIR (a diffusers-format Z-Image folder), or --tiny for the test model")
+    sizes = args.size
+    if not sizes and args.engine_dir:
+        sizes = served_sizes(args.engine_dir)
+        if not sizes and not args.allow_fallback:
+            raise ServeConfigError(f"no denoiser engine manifests (batch 1) in {args.engine_dir}; build engines "
+                                   f"with `zimage-trt build`, or pass --size with --allow-fallback")
+    if not sizes:
+        sizes = [TINY_SIZE if args.tiny else "1024x1024"]
+    limits = ServingLimits(sizes=tuple(sizes), any_size=args.allow_fallback, max_n=args.max_n,
+                           max_steps=args.max_steps, max_prompt_chars=args.max_prompt_chars,
+                           max_body_bytes=args.max_body_bytes)
+    settings = ServiceSettings(limits=limits, max_queue=args.max_queue, timeout_s=args.timeout,
+                               engine_dir=args.engine_dir)
+    return ImageService(pipeline_factory(args), settings)
+
+
+def run_server(args) -> int:
+    api_key = read_api_key(args.api_key_file)
+    check_bind(args.host, api_key)  # before anything is loaded: a refusal is immediate
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    service = build_service(args)
+    app = create_app(service, AppSettings(api_key=api_key))
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=args.timeout + 30.0)
+    server = _GracefulServer(config, service)
+    log.info("serving on http://%s:%d (%s)", args.host, args.port, "API key required" if api_key else "no API key")
+    server.run()
+    return 0

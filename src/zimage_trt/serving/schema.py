@@ -1,0 +1,199 @@
+"""The HTTP API's request and response shapes (OpenAI's images API, plus our seed and timings).
+
+    POST /v1/images/generations
+    {"prompt": "...", "negative_prompt": null, "size": "1024x1024", "n": 1, "seed": 7,
+     "num_inference_steps": 8, "guidance_scale": 0.0, "response_format": "b64_json"}
+    -> {"created": 1764140000, "data": [{"b64_json": "...", "seed": 7}], "timings": {...}}
+
+`request_model(limits)` gives the request model for one server's limits (the sizes its engines serve,
+the largest n, steps, prompt length): a wrong field is refused before anything is queued, and
+`validation_errors` turns pydantic's errors into 422 bodies that name the field, the value and what is
+allowed. What the pipeline checks itself (a size's sides, prompt text that is not valid Unicode, ...)
+is not spelled again here: `Resolution` and `request.check_request` run on the parsed request.
+
+No field names a file: there is no way to make the server read or write a path.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
+
+from ..model.shapes import Resolution
+from ..request import TURBO_GUIDANCE, TURBO_STEPS
+
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit seed
+MODEL_ID = "z-image-turbo"
+
+
+@dataclass(frozen=True)
+class ServingLimits:
+    """What one server accepts. `sizes` empty (with `any_size`) means every size the model takes."""
+
+    sizes: tuple[str, ...] = ("1024x1024",)
+    any_size: bool = False  # allow_fallback: sizes without an engine run eager torch (slow, but correct)
+    max_n: int = 4
+    max_steps: int = 50
+    max_guidance: float = 20.0
+    max_prompt_chars: int = 4000
+    max_body_bytes: int = 64 * 1024
+    model_id: str = MODEL_ID
+
+    def __post_init__(self):
+        for name in ("max_n", "max_steps", "max_prompt_chars", "max_body_bytes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if not self.sizes and not self.any_size:
+            raise ValueError("sizes is empty: name at least one HEIGHTxWIDTH the engines serve, or allow any size")
+        object.__setattr__(self, "sizes", tuple(Resolution.parse(s).key for s in self.sizes))
+
+    @property
+    def default_size(self) -> str:
+        return self.sizes[0] if self.sizes else "1024x1024"
+
+
+class ImageGenerationRequest(BaseModel):
+    """One generation request; unknown fields are refused (a typo must not be silently ignored)."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=False)
+
+    prompt: str = Field(min_length=1, max_length=4000, description="what to draw")
+    negative_prompt: str | None = Field(None, max_length=4000, description="what to steer away from (needs guidance_scale > 0)")
+    size: str = Field("1024x1024", description="HEIGHTxWIDTH in pixels")
+    n: int = Field(1, ge=1, le=4, description="images; image i uses seed + i")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED - 64, description="seed of the first image's noise; default: random")
+    num_inference_steps: int = Field(TURBO_STEPS, ge=1, le=50, description="denoising steps (Turbo: 8)")
+    guidance_scale: float = Field(TURBO_GUIDANCE, ge=0.0, le=20.0, allow_inf_nan=False,
+                                  description="classifier-free guidance (Turbo: 0)")
+    response_format: Literal["b64_json"] = Field("b64_json", description="PNG bytes in base64 (no URLs: nothing is stored)")
+    model: str | None = Field(None, description="accepted for OpenAI clients; must name the served model when given")
+
+    @field_validator("size")
+    @classmethod
+    def _size_is_a_resolution(cls, value: str) -> str:
+        return Resolution.parse(value).key  # its error says what a size must look like
+
+    @property
+    def resolution(self) -> Resolution:
+        return Resolution.parse(self.size)
+
+
+def request_model(limits: ServingLimits) -> type[ImageGenerationRequest]:
+    """`ImageGenerationRequest` narrowed to one server's limits (so its OpenAPI schema shows them too)."""
+    size_type: Any = str if limits.any_size else Literal[limits.sizes]  # type: ignore[valid-type]
+    chars = limits.max_prompt_chars
+    return create_model(
+        "ImageGenerationRequest",
+        __base__=ImageGenerationRequest,
+        prompt=(str, Field(min_length=1, max_length=chars, description="what to draw")),
+        negative_prompt=(str | None, Field(None, max_length=chars, description="what to steer away from")),
+        size=(size_type, Field(limits.default_size, description="HEIGHTxWIDTH in pixels")),
+        n=(int, Field(1, ge=1, le=limits.max_n, description="images; image i uses seed + i")),
+        num_inference_steps=(int, Field(TURBO_STEPS, ge=1, le=limits.max_steps, description="denoising steps")),
+        guidance_scale=(float, Field(TURBO_GUIDANCE, ge=0.0, le=limits.max_guidance, allow_inf_nan=False,
+                                     description="classifier-free guidance (Turbo: 0)")),
+        model=(Literal[limits.model_id] | None, Field(None, description="the served model's id, if given")),
+    )
+
+
+# -- responses -------------------------------------------------------------------------------------
+class ImageData(BaseModel):
+    b64_json: str
+    seed: int
+
+
+class ImageGenerationResponse(BaseModel):
+    created: int
+    data: list[ImageData]
+    timings: dict[str, Any]
+    request_id: str
+
+
+class FieldError(BaseModel):
+    field: str
+    value: Any = None
+    allowed: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    type: str
+    message: str
+    request_id: str
+    errors: list[FieldError] = Field(default_factory=list)
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+@dataclass
+class StreamEvent:
+    """One server-sent event: `queued`, `started`, `step`, `done` or `error`."""
+
+    event: str
+    data: dict = field(default_factory=dict)
+
+
+# -- 422 bodies ------------------------------------------------------------------------------------
+_ALLOWED_FROM_CONTEXT = {
+    "less_than_equal": lambda c: f"<= {c['le']}",
+    "less_than": lambda c: f"< {c['lt']}",
+    "greater_than_equal": lambda c: f">= {c['ge']}",
+    "greater_than": lambda c: f"> {c['gt']}",
+    "string_too_long": lambda c: f"at most {c['max_length']} characters",
+    "string_too_short": lambda c: f"at least {c['min_length']} character(s)",
+    "literal_error": lambda c: f"one of {c['expected']}",
+}
+_ALLOWED_BY_TYPE = {
+    "int_type": "an integer", "int_parsing": "an integer", "int_from_float": "an integer",
+    "float_type": "a number", "float_parsing": "a number", "finite_number": "a finite number",
+    "string_type": "a string", "string_unicode": "valid Unicode text (no lone surrogates)", "missing": "a value (this field is required)",
+    "extra_forbidden": "no such field: the fields are " + ", ".join(ImageGenerationRequest.model_fields),
+    "model_type": "a JSON object", "dict_type": "a JSON object",
+}
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, str):
+        # Lone surrogates (valid JSON escapes, not text) cannot be encoded back: show them escaped.
+        value = value.encode("utf-8", "backslashreplace").decode("utf-8")
+        if len(value) > 200:  # do not echo a huge prompt back
+            return value[:200] + f"... ({len(value)} characters)"
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return repr(value)[:200]
+
+
+def safe_value(value: Any) -> Any:
+    """A value fit to echo in a JSON error body."""
+    return _json_safe(value)
+
+
+def validation_errors(error: ValidationError) -> list[FieldError]:
+    """One `FieldError` per problem pydantic found, each naming field, value and what is allowed."""
+    problems = []
+    for item in error.errors(include_url=False):
+        name = ".".join(str(part) for part in item["loc"]) or "(body)"
+        context = item.get("ctx") or {}
+        make_allowed = _ALLOWED_FROM_CONTEXT.get(item["type"])
+        if make_allowed is not None:
+            allowed = make_allowed(context)
+        elif item["type"] == "value_error":
+            allowed = str(context.get("error", item["msg"]))
+        else:
+            allowed = _ALLOWED_BY_TYPE.get(item["type"], item["msg"])
+        problems.append(FieldError(field=name, value=_json_safe(item.get("input")), allowed=allowed,
+                                   message=item["msg"]))
+    return problems
+
+
+def parse_request(model: type[ImageGenerationRequest], body: Any) -> ImageGenerationRequest:
+    """Validate a decoded JSON body; raises pydantic's ValidationError."""
+    return model.model_validate(body)

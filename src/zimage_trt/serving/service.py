@@ -1,0 +1,559 @@
+"""`ImageService`: one pipeline, its `GenerationQueue`, and the async face the HTTP app (or a Ray
+Serve replica) calls.
+
+    service = ImageService(lambda: ZImageTRTPipeline.from_pretrained(...), ServiceSettings(...))
+    service.start()                       # loads and warms every served size in a thread; then `ready`
+    body = await service.generate(req)    # {"created", "data": [{"b64_json", "seed"}], "timings"}
+    async for event in service.stream(req): ...   # queued -> started -> step ... -> done
+    service.stats(); service.close(graceful=True)
+
+One worker thread runs one request at a time (one GPU runs one generation fastest); the others wait
+in the queue's bounded FIFO, so a full queue is refused at once (`ServiceError` 429 with a retry
+estimate). A request's n images run back to back in its turn, image i with seed + i, each exactly
+`pipe(prompt, ..., generator=torch.Generator(device).manual_seed(seed + i))`. Time-outs and
+shutdown cancel a waiting request outright, and stop a running one at its next denoising step.
+PNG encoding happens off the worker thread, so the GPU goes on with the next request meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import logging
+import math
+import secrets
+import threading
+import time
+import uuid
+from collections import deque
+from concurrent.futures import CancelledError
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable
+
+import torch
+
+from ..engines.manifest import Manifest, find_manifests
+from ..errors import GenerationOOMError, NonFiniteOutputError
+from ..request import DEFAULT_MAX_SEQUENCE_LENGTH, RequestLimits, check_request
+from ..runtime.queue import GenerationQueue, QueueClosedError, QueueFullError
+from ..runtime.telemetry import GpuSampler, summarize
+from .metrics import ServiceMetrics
+from .schema import ImageGenerationRequest, ServingLimits, StreamEvent, safe_value
+
+log = logging.getLogger("zimage_trt.serving")
+
+WARM_PROMPT = "warm-up"
+# How the pipeline's own argument names appear in the API (its errors start with the argument's name).
+_API_FIELD = {"prompt": "prompt", "negative_prompt": "negative_prompt", "height": "size", "width": "size",
+              "num_inference_steps": "num_inference_steps", "guidance_scale": "guidance_scale"}
+
+
+class ServiceError(Exception):
+    """An answer other than an image: an HTTP status, an error type, a message safe to show a client."""
+
+    def __init__(self, status: int, type: str, message: str, retry_after: float | None = None,
+                 errors: list[dict] | None = None):
+        super().__init__(message)
+        self.status, self.type, self.message = status, type, message
+        self.retry_after = retry_after
+        self.errors = errors or []
+
+
+class _Aborted(Exception):
+    """Raised from the step callback to stop a running request (time-out, shutdown, client gone)."""
+
+
+@dataclass
+class ServiceSettings:
+    limits: ServingLimits = field(default_factory=ServingLimits)
+    max_queue: int = 32  # requests waiting (the running one excluded); more are refused with 429
+    timeout_s: float = 300.0  # submit -> last image; past it the request is dropped (504)
+    warm_steps: int = 2  # denoising steps of each warm-up generation (the graphs do not depend on it)
+    history: int = 500  # requests kept for the dashboard's charts and the latency summaries
+    png_compress_level: int = 1  # fast: the PNG is a transport, not an archive
+    engine_dir: str | None = None  # where to read the served sizes from when `limits.sizes` is not given
+
+
+@dataclass
+class _Job:
+    request: ImageGenerationRequest
+    request_id: str
+    seeds: list[int]
+    estimate_ms: float
+    submitted: float = field(default_factory=time.perf_counter)
+    started: float | None = None
+    image_index: int = 0
+    step: int = 0
+    abort_reason: str | None = None  # "timeout" | "shutdown" | "disconnected"
+    future: Any = None
+    listeners: list = field(default_factory=list)  # (loop, asyncio.Queue) of streaming clients
+    step_ms: list = field(default_factory=list)
+    timings: list = field(default_factory=list)  # one pipeline Timings per image
+
+    def emit(self, event: StreamEvent) -> None:
+        for loop, queue in list(self.listeners):
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, event)
+            except RuntimeError:  # the client's loop is closed: nobody listens any more
+                pass
+
+
+def served_sizes(engine_dir) -> list[str]:
+    """Every resolution the denoiser manifests in `engine_dir` were built for (batch 1), in build order."""
+    sizes: list[str] = []
+    for path in find_manifests(engine_dir):
+        manifest = Manifest.read(path)
+        if manifest.component != "denoiser":
+            continue
+        for shape in manifest.shapes:
+            if shape.batch == 1 and shape.resolution not in sizes:
+                sizes.append(shape.resolution)
+    return sizes
+
+
+def encode_png(image, compress_level: int = 1) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=compress_level)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _finite(value):
+    """JSON has no NaN: empty summaries become null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+class ImageService:
+    """One pipeline behind a bounded FIFO; `pipeline` is a pipeline or a zero-argument factory of one."""
+
+    def __init__(self, pipeline, settings: ServiceSettings | None = None, metrics: ServiceMetrics | None = None):
+        self.settings = settings or ServiceSettings()
+        if callable(pipeline) and not hasattr(pipeline, "submit"):
+            self._factory, self.pipe = pipeline, None
+        else:
+            self._factory, self.pipe = None, pipeline
+        self.limits = self.settings.limits
+        self.state = "created"  # created -> loading -> warming -> ready -> stopping -> stopped | failed
+        self.failure: str | None = None
+        self.started_at = time.time()
+        self._queue: GenerationQueue | None = None
+        self._lock = threading.Lock()
+        self._waiting: list[_Job] = []  # the queue's FIFO, as far as we know it (for positions and ETAs)
+        self._running: _Job | None = None
+        self._history: deque[dict] = deque(maxlen=self.settings.history)
+        self._counts = dict.fromkeys(("submitted", "completed", "failed", "rejected_full", "timed_out",
+                                      "cancelled_shutdown", "disconnected"), 0)
+        self._last_steps: list[float] = []
+        self._step_ms_estimate: float | None = None  # moving averages that drive the ETAs
+        self._overhead_ms_estimate: float | None = None
+        self._loader: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._sampler: GpuSampler | None = None
+        self.metrics = metrics or ServiceMetrics()
+        self.metrics.bind(self)
+
+    # -- life cycle ----------------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready"
+
+    def start(self, background: bool = True) -> None:
+        """Load the pipeline (if given a factory) and warm every served size; `ready` when done."""
+        with self._lock:
+            if self._loader is not None or self.state != "created":
+                return
+            self.state = "loading"
+            self._loader = threading.Thread(target=self._load_and_warm, name="zimage-trt-warmup", daemon=True)
+        if background:
+            self._loader.start()
+        else:
+            self._loader.run()
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        self._ready.wait(timeout)
+        return self.ready
+
+    def _load_and_warm(self) -> None:
+        try:
+            if self.pipe is None:
+                self.pipe = self._factory()
+            if hasattr(self.pipe, "set_progress_bar_config"):
+                self.pipe.set_progress_bar_config(disable=True)
+            if not self.limits.sizes and not self.limits.any_size:
+                raise ValueError("no sizes to serve")
+            self.state = "warming"
+            for size in self.limits.sizes:
+                self._warm(size)
+            telemetry = getattr(self.pipe, "telemetry", None)
+            if telemetry is not None:  # warm-up timings (compilation, graph capture) are not service latency
+                telemetry.clear()
+            self._sampler = GpuSampler(getattr(self.pipe, "device", None))
+            with self._lock:
+                if self.state == "warming":
+                    self._queue = GenerationQueue(self._execute, max_pending=self.settings.max_queue,
+                                                  name="zimage-trt-serve-worker")
+                    self.state = "ready"
+            log.info("ready: serving %s", ", ".join(self.limits.sizes) or "any size")
+        except Exception as error:  # noqa: BLE001 - reported through /readyz and the log
+            self.failure = f"{type(error).__name__}: {error}"
+            self.state = "failed"
+            log.exception("loading or warming the pipeline failed")
+        finally:
+            self._ready.set()
+
+    def _warm(self, size: str) -> None:
+        height, width = (int(side) for side in size.split("x"))
+        started = time.perf_counter()
+        out = self.pipe(WARM_PROMPT, height=height, width=width, num_inference_steps=self.settings.warm_steps,
+                        generator=torch.Generator(self.pipe.device).manual_seed(0))
+        log.info("warmed %s in %.0f ms", size, (time.perf_counter() - started) * 1000.0)
+        self._learn(out.timings)
+
+    def begin_shutdown(self) -> None:
+        """Refuse new requests and answer every waiting one 503; the running one goes on."""
+        with self._lock:
+            if self.state in ("stopping", "stopped"):
+                return
+            self.state = "stopping"
+            waiting = list(self._waiting)
+        for job in waiting:
+            self._abort(job, "shutdown")
+        log.info("shutting down: %d waiting request(s) answered 503", len(waiting))
+
+    def close(self, graceful: bool = True, timeout: float | None = None) -> None:
+        """Stop: graceful lets the running request finish; otherwise it stops at its next step."""
+        self.begin_shutdown()
+        if not graceful and self._running is not None:
+            self._abort(self._running, "shutdown")
+        if self._queue is not None:
+            self._queue.close(cancel_pending=True, wait=True, timeout=timeout)
+        self.state = "stopped"
+
+    # -- requests ------------------------------------------------------------------------------
+    def submit(self, req: ImageGenerationRequest, request_id: str | None = None, listen: bool = False) -> _Job:
+        """Check and queue a request; raises ServiceError (422, 429, 503) at once instead of queueing."""
+        request_id = request_id or uuid.uuid4().hex
+        if self.state != "ready":
+            raise ServiceError(503, "not_ready" if self.state in ("created", "loading", "warming") else "shutting_down",
+                               f"the service is {self.state}; retry later", retry_after=5.0)
+        self._check_with_pipeline(req)
+        seed = req.seed if req.seed is not None else secrets.randbelow(2**62)
+        job = _Job(req, request_id, [seed + i for i in range(req.n)], estimate_ms=self._estimate_ms(req))
+        if listen:
+            job.listeners.append((asyncio.get_running_loop(), asyncio.Queue()))
+        with self._lock:
+            try:
+                job.future = self._queue.submit(job=job)
+            except QueueFullError:
+                self._counts["rejected_full"] += 1
+                retry = max(1.0, math.ceil(self._eta_ms_locked(len(self._waiting)) / 1000.0))
+                raise ServiceError(429, "queue_full", f"{len(self._waiting)} requests are waiting (the most this "
+                                   f"server queues); retry after about {retry:.0f} s", retry_after=retry) from None
+            except QueueClosedError:
+                raise ServiceError(503, "shutting_down", "the service is shutting down") from None
+            self._waiting.append(job)
+            self._counts["submitted"] += 1
+        return job
+
+    async def generate(self, req: ImageGenerationRequest, request_id: str | None = None) -> dict:
+        """The response body for `req` (raises ServiceError for anything but images)."""
+        job = self.submit(req, request_id)
+        return await self._finish(job)
+
+    async def stream(self, req: ImageGenerationRequest, request_id: str | None = None) -> AsyncIterator[StreamEvent]:
+        """queued (position, estimated start) -> started -> step (per image and step) -> done (the body).
+
+        The request is queued when the first event is asked for, and a refusal (422/429/503) is raised
+        there, before any event; a failure later comes as an `error` event.
+        """
+        job = self.submit(req, request_id, listen=True)
+        _, events = job.listeners[0]
+        with self._lock:
+            position = self._waiting.index(job) if job in self._waiting else 0
+            start_ms = self._eta_ms_locked(position)
+        yield StreamEvent("queued", {"request_id": job.request_id, "position": position,
+                                     "estimated_start_s": round(start_ms / 1000.0, 3), "images": req.n,
+                                     "steps": req.num_inference_steps})
+        finish = asyncio.ensure_future(self._finish(job))
+        try:
+            while True:
+                getter = asyncio.ensure_future(events.get())
+                done, _ = await asyncio.wait({getter, finish}, return_when=asyncio.FIRST_COMPLETED)
+                if getter in done:
+                    yield getter.result()
+                    continue
+                getter.cancel()
+                while not events.empty():  # steps the worker sent before the request ended
+                    yield events.get_nowait()
+                try:
+                    body = finish.result()
+                except ServiceError as error:
+                    yield StreamEvent("error", {"status": error.status, "type": error.type, "message": error.message,
+                                                "request_id": job.request_id})
+                else:
+                    yield StreamEvent("done", body)
+                return
+        finally:
+            if not finish.done():  # the client went away mid-stream
+                self._abort(job, "disconnected")
+                finish.cancel()
+
+    async def _finish(self, job: _Job) -> dict:
+        remaining = self.settings.timeout_s - (time.perf_counter() - job.submitted)
+        waiter = asyncio.wrap_future(job.future)
+        # Nobody awaits a dropped request's end: retrieve its outcome so asyncio does not warn about it.
+        waiter.add_done_callback(lambda done: done.cancelled() or done.exception())
+        try:
+            images = await asyncio.wait_for(asyncio.shield(waiter), max(remaining, 0.001))
+        except asyncio.TimeoutError:
+            self._abort(job, "timeout")
+            with self._lock:
+                self._counts["timed_out"] += 1
+            raise ServiceError(504, "timeout", f"the request did not finish within {self.settings.timeout_s:g} s "
+                               f"(queue wait included); it was dropped") from None
+        except (asyncio.CancelledError, CancelledError):
+            if job.future.cancelled():  # dropped by a time-out or the shutdown, not by our caller
+                raise self._aborted_error(job) from None
+            self._abort(job, "disconnected")
+            raise
+        except _Aborted:
+            raise self._aborted_error(job) from None
+        except ServiceError:
+            raise
+        except Exception as error:  # noqa: BLE001 - mapped to a status; the stack stays in the log
+            raise self._failure(job, error) from None
+        level = self.settings.png_compress_level
+        encoded = await asyncio.gather(*(asyncio.to_thread(encode_png, image, level) for image in images))
+        return {
+            "created": int(time.time()),
+            "data": [{"b64_json": data, "seed": seed} for data, seed in zip(encoded, job.seeds)],
+            "timings": self._job_timings(job),
+            "request_id": job.request_id,
+        }
+
+    def _aborted_error(self, job: _Job) -> ServiceError:
+        if job.abort_reason == "timeout":
+            return ServiceError(504, "timeout", f"the request did not finish within {self.settings.timeout_s:g} s")
+        return ServiceError(503, "shutting_down", "the service is shutting down; this request was not run",
+                            retry_after=5.0)
+
+    def _failure(self, job: _Job, error: Exception) -> ServiceError:
+        with self._lock:
+            self._counts["failed"] += 1
+        if isinstance(error, GenerationOOMError):
+            return ServiceError(503, "out_of_memory", str(error), retry_after=10.0)
+        if isinstance(error, NonFiniteOutputError):
+            return ServiceError(500, "non_finite_output", str(error))
+        if isinstance(error, (ValueError, TypeError)):
+            return ServiceError(422, "invalid_request", str(error))
+        log.error("request %s failed", job.request_id, exc_info=error)
+        return ServiceError(500, "internal_error", f"the generation failed; the server log has the details "
+                            f"under request id {job.request_id}")
+
+    def _check_with_pipeline(self, req: ImageGenerationRequest) -> None:
+        """The pipeline's own argument checks, run before queueing (so a bad request costs no queue slot)."""
+        pipe = self.pipe
+        try:
+            limits = RequestLimits(pipe.caption_feature_dim, pipe.max_caption_tokens, pipe.latent_channels,
+                                   pipe.image_processor.config.vae_scale_factor)
+        except AttributeError:  # not a ZImageTRTPipeline (e.g. a stand-in): it checks its own calls
+            return
+        resolution = req.resolution
+        try:
+            check_request(limits, prompt=req.prompt, negative_prompt=req.negative_prompt, prompt_embeds=None,
+                          negative_prompt_embeds=None, height=resolution.height, width=resolution.width,
+                          num_inference_steps=req.num_inference_steps, sigmas=None, guidance_scale=req.guidance_scale,
+                          cfg_normalization=False, cfg_truncation=1.0, num_images_per_prompt=1,
+                          max_sequence_length=DEFAULT_MAX_SEQUENCE_LENGTH, output_type="pil",
+                          callback_on_step_end=None, callback_on_step_end_tensor_inputs=[], generator=None,
+                          latents=None)
+        except (ValueError, TypeError) as error:
+            message = safe_value(str(error))
+            name = message.split(" ", 1)[0]
+            api_name = _API_FIELD.get(name, "(body)")
+            value = getattr(req, api_name, None) if api_name != "(body)" else None
+            raise ServiceError(422, "invalid_request", message, errors=[{
+                "field": api_name, "value": safe_value(value), "allowed": message, "message": message}]) from None
+
+    def _abort(self, job: _Job, reason: str) -> None:
+        """Drop a waiting request (its Future is cancelled) or stop a running one at its next step."""
+        if job.abort_reason is None:
+            job.abort_reason = reason
+            key = {"shutdown": "cancelled_shutdown", "disconnected": "disconnected"}.get(reason)
+            if key:
+                with self._lock:
+                    self._counts[key] += 1
+        if job.future is not None and job.future.cancel():
+            with self._lock:
+                if job in self._waiting:
+                    self._waiting.remove(job)
+
+    # -- the worker thread ---------------------------------------------------------------------
+    def _execute(self, job: _Job):
+        """Runs on the queue's worker: every image of one request, back to back. Returns the PIL images."""
+        with self._lock:
+            if job in self._waiting:
+                self._waiting.remove(job)
+            self._running = job
+        try:
+            if job.abort_reason is not None:
+                raise _Aborted(job.abort_reason)
+            job.started = time.perf_counter()
+            self.metrics.queue_wait.observe(job.started - job.submitted)
+            job.emit(StreamEvent("started", {"request_id": job.request_id,
+                                             "queue_wait_ms": round((job.started - job.submitted) * 1000.0, 3)}))
+            req, pipe = job.request, self.pipe
+            resolution = req.resolution
+            images = []
+            for index, seed in enumerate(job.seeds):
+                job.image_index, job.step = index, 0
+                out = pipe(req.prompt, negative_prompt=req.negative_prompt, height=resolution.height,
+                           width=resolution.width, num_inference_steps=req.num_inference_steps,
+                           guidance_scale=req.guidance_scale,
+                           generator=torch.Generator(pipe.device).manual_seed(seed),
+                           callback_on_step_end=self._step_callback(job), callback_on_step_end_tensor_inputs=[])
+                images.append(out.images[0])
+                job.timings.append(out.timings)
+                self._learn(out.timings)
+                self.metrics.observe_image(out.timings)
+            self._record(job)
+            return images
+        finally:
+            with self._lock:
+                self._running = None
+
+    def _step_callback(self, job: _Job) -> Callable:
+        device = getattr(self.pipe, "device", torch.device("cpu"))
+        last = [time.perf_counter()]
+        steps = job.request.num_inference_steps
+
+        def on_step(pipe, index, timestep, tensors):
+            if job.abort_reason is not None:
+                raise _Aborted(job.abort_reason)
+            if job.listeners and device.type == "cuda":
+                # Only for a streaming client: steps are otherwise queued ahead asynchronously, and the
+                # events would all arrive when the image is done. One sync a step costs microseconds.
+                torch.cuda.synchronize(device)
+            now = time.perf_counter()
+            ms = (now - last[0]) * 1000.0
+            last[0] = now
+            job.step = index + 1
+            job.step_ms.append(ms)
+            job.emit(StreamEvent("step", {"image": job.image_index, "step": index + 1, "steps": steps,
+                                          "ms": round(ms, 3)}))
+            return {}
+
+        return on_step
+
+    # -- estimates, stats ----------------------------------------------------------------------
+    def _learn(self, timings) -> None:
+        """Moving averages of a step's and of the rest of an image's time (text encoder, VAE)."""
+        steps = timings.step_ms or ([timings.denoise_ms / max(1, len(timings.step_ms))] if timings.denoise_ms else [])
+        if not steps:
+            return
+        step = sum(steps) / len(steps)
+        overhead = max(0.0, timings.total_ms - timings.denoise_ms)
+        alpha = 0.2
+        with self._lock:
+            if self._step_ms_estimate is None:
+                self._step_ms_estimate, self._overhead_ms_estimate = step, overhead
+            else:
+                self._step_ms_estimate += alpha * (step - self._step_ms_estimate)
+                self._overhead_ms_estimate += alpha * (overhead - self._overhead_ms_estimate)
+
+    def _estimate_ms(self, req: ImageGenerationRequest) -> float:
+        step = self._step_ms_estimate or 0.0
+        return req.n * ((self._overhead_ms_estimate or 0.0) + req.num_inference_steps * step)
+
+    def _remaining_ms_locked(self) -> float:
+        job = self._running
+        if job is None or job.started is None:
+            return 0.0
+        return max(0.0, job.estimate_ms - (time.perf_counter() - job.started) * 1000.0)
+
+    def _eta_ms_locked(self, position: int) -> float:
+        """Estimated ms until the waiting request at `position` starts (the lock held)."""
+        return self._remaining_ms_locked() + sum(job.estimate_ms for job in self._waiting[:position])
+
+    def _record(self, job: _Job) -> None:
+        done = time.perf_counter()
+        per_image = [t.total_ms for t in job.timings]
+        # The pipeline's own step times (CUDA events on a GPU, wall time on a CPU) where it has them: the
+        # callback's first interval also holds the text encoder.
+        steps = [ms for t in job.timings for ms in t.step_ms] or job.step_ms
+        last_steps = list(job.timings[-1].step_ms) or job.step_ms[-job.request.num_inference_steps:]
+        entry = {"t": time.time(), "request_id": job.request_id, "size": job.request.size, "n": job.request.n,
+                 "steps": job.request.num_inference_steps, "request_ms": (done - job.submitted) * 1000.0,
+                 "queue_wait_ms": (job.started - job.submitted) * 1000.0, "per_image_ms": sum(per_image) / len(per_image),
+                 "step_ms": sum(steps) / len(steps) if steps else None}
+        with self._lock:
+            self._history.append(entry)
+            self._counts["completed"] += 1
+            self._last_steps = last_steps
+        self.metrics.request_latency.observe(entry["request_ms"] / 1000.0)
+
+    def _job_timings(self, job: _Job) -> dict:
+        first = job.timings[0] if job.timings else None
+        return _finite({
+            "queue_wait_ms": (job.started - job.submitted) * 1000.0 if job.started else None,
+            "run_ms": sum(t.total_ms for t in job.timings),
+            "per_image_ms": [t.total_ms for t in job.timings],
+            "text_encode_ms": sum(t.text_encode_ms for t in job.timings),
+            "denoise_ms": sum(t.denoise_ms for t in job.timings),
+            "vae_decode_ms": sum(t.vae_decode_ms for t in job.timings),
+            "step_ms": list(first.step_ms) if first is not None and first.step_ms else list(job.step_ms),
+        })
+
+    @property
+    def queue_depth(self) -> int:
+        with self._lock:
+            return len(self._waiting)
+
+    def stats(self) -> dict[str, Any]:
+        """What the dashboard draws: queue (with ETAs), recent requests, latency summaries, GPU readings."""
+        with self._lock:
+            history = list(self._history)
+            running = self._running
+            waiting = [(job, self._eta_ms_locked(i)) for i, job in enumerate(self._waiting)]
+            counts = dict(self._counts)
+            last_steps = list(self._last_steps)
+        now = time.perf_counter()
+        run = None
+        if running is not None and running.started is not None:
+            run = {"request_id": running.request_id, "size": running.request.size, "n": running.request.n,
+                   "image": running.image_index, "step": running.step, "steps": running.request.num_inference_steps,
+                   "elapsed_s": now - running.started,
+                   "eta_done_s": max(0.0, running.estimate_ms / 1000.0 - (now - running.started))}
+        queue = [{"request_id": job.request_id, "position": i, "size": job.request.size, "n": job.request.n,
+                  "steps": job.request.num_inference_steps, "waited_s": now - job.submitted,
+                  "eta_start_s": eta / 1000.0, "eta_done_s": (eta + job.estimate_ms) / 1000.0}
+                 for i, (job, eta) in enumerate(waiting)]
+        pipe = self.pipe
+        device = getattr(pipe, "device", None)
+        result = {
+            "state": self.state, "ready": self.ready, "failure": "see the server log" if self.failure else None,
+            "device": str(device) if device is not None else None,
+            "uptime_s": time.time() - self.started_at,
+            "sizes": list(self.limits.sizes), "any_size": self.limits.any_size,
+            "queue": {"depth": len(queue), "max": self.settings.max_queue, "running": run, "waiting": queue},
+            "counts": counts,
+            "latency": {name: summarize(e[name] for e in history if e[name] is not None)
+                        for name in ("request_ms", "per_image_ms", "queue_wait_ms", "step_ms")},
+            "recent": history[-200:],
+            "last_steps_ms": last_steps,
+            "gpu": self.gpu_sample(),
+            "pipeline": pipe.stats() if pipe is not None and hasattr(pipe, "stats") else {},
+        }
+        return _finite(result)
+
+    def gpu_sample(self) -> dict:
+        sampler = self._sampler
+        if sampler is None or not sampler.available:
+            return {}
+        return {"name": sampler.gpu_name, **sampler.sample()}

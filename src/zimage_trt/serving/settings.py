@@ -1,0 +1,95 @@
+"""`zimage-trt serve`'s options and its one security rule, with nothing from the `serve` extra (so that the
+CLI's parser is built without it installed).
+
+The rule: the server listens on a loopback address unless an API key is set. Anyone who can reach a
+public address could otherwise spend the GPU, so `check_bind` refuses to start and says why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+from pathlib import Path
+
+from ..model.precision import PRECISIONS
+
+API_KEY_ENV = "ZIMAGE_TRT_API_KEY"
+MIN_KEY_CHARS = 16
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8000
+
+
+class ServeConfigError(ValueError):
+    """The server's options do not make a safe, working server; the message says what to change."""
+
+
+def is_loopback(host: str) -> bool:
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name other than localhost may resolve anywhere
+        return False
+
+
+def read_api_key(api_key_file: str | None, environ=os.environ) -> str | None:
+    """The key from `api_key_file` (first line), else from $ZIMAGE_TRT_API_KEY, else None."""
+    if api_key_file:
+        path = Path(api_key_file)
+        try:
+            key = path.read_text(encoding="utf-8").strip().splitlines()[0].strip() if path.stat().st_size else ""
+        except (OSError, UnicodeDecodeError, IndexError) as error:
+            raise ServeConfigError(f"cannot read the API key file {api_key_file}: {error}") from None
+        source = f"the API key file {api_key_file}"
+    else:
+        key = environ.get(API_KEY_ENV, "").strip()
+        source = f"${API_KEY_ENV}"
+        if not key:
+            return None
+    if len(key) < MIN_KEY_CHARS or any(ch.isspace() for ch in key):
+        raise ServeConfigError(f"{source} holds a key of {len(key)} characters; use at least {MIN_KEY_CHARS} "
+                               f"characters without spaces, e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`")
+    return key
+
+
+def check_bind(host: str, api_key: str | None) -> None:
+    """Refuse a non-loopback address without an API key."""
+    if api_key is None and not is_loopback(host):
+        raise ServeConfigError(
+            f"refusing to listen on {host} without an API key: anyone who can reach that address could use "
+            f"this GPU. Pass --api-key-file FILE or set {API_KEY_ENV} (clients then send 'Authorization: "
+            f"Bearer KEY'), or listen on {DEFAULT_HOST} (the default) behind your own proxy"
+        )
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--model", default=None,
+                    help="diffusers-format Z-Image folder (or hub id); not needed with --tiny")
+    ap.add_argument("--tiny", action="store_true",
+                    help="serve a tiny random model made in memory (tests, demos; add --device cpu)")
+    ap.add_argument("--engine-dir", default=None,
+                    help="built engines; without it the eager static denoiser runs (slow on a GPU)")
+    ap.add_argument("--precision", default=None, choices=PRECISIONS,
+                    help="engine precision; unset: bf16 on CUDA, fp32 on CPU")
+    ap.add_argument("--device", default=None, help="cuda, cuda:1 or cpu; unset: cuda when available")
+    ap.add_argument("--size", action="append", default=None,
+                    help="HEIGHTxWIDTH to serve; repeat for several; unset: every size the engines in "
+                         "--engine-dir were built for, 1024x1024 without engines, 256x256 with --tiny")
+    ap.add_argument("--allow-fallback", action="store_true",
+                    help="serve any size, running eager torch where no engine fits (slow)")
+    ap.add_argument("--host", default=DEFAULT_HOST,
+                    help="address to listen on; anything but loopback needs an API key")
+    ap.add_argument("--port", type=int, default=DEFAULT_PORT, help="TCP port")
+    ap.add_argument("--api-key-file", default=None,
+                    help=f"file whose first line is the API key clients send as a bearer token "
+                         f"(unset: ${API_KEY_ENV}, else no key)")
+    ap.add_argument("--max-queue", type=int, default=32, help="requests waiting; more are answered 429")
+    ap.add_argument("--max-n", type=int, default=4, help="largest n (images per request)")
+    ap.add_argument("--max-steps", type=int, default=50, help="largest num_inference_steps")
+    ap.add_argument("--max-prompt-chars", type=int, default=4000, help="longest prompt, in characters")
+    ap.add_argument("--max-body-bytes", type=int, default=64 * 1024, help="largest request body")
+    ap.add_argument("--timeout", type=float, default=300.0,
+                    help="seconds from arrival to the last image (queue wait included); later: 504")
+    ap.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
+                    help="server log level")

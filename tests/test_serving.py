@@ -1,0 +1,451 @@
+"""The HTTP service in-process (Starlette's TestClient over the app, the tiny model on the CPU).
+
+Images equal the same request run alone through the pipeline; every refusal has its status and a body
+that names the field, the value and what is allowed (422), or says what to do (401, 413, 429, 503,
+504); events stream in order; /metrics parses as Prometheus text; failures never show a stack trace.
+Real processes (SIGTERM, the bind rule, the load test) are in test_serving_process.py.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+from starlette.testclient import TestClient
+
+from zimage_trt.serving import app as app_module
+from zimage_trt.serving.app import AppSettings, create_app
+from zimage_trt.serving.schema import ServingLimits
+from zimage_trt.serving.service import ImageService, ServiceSettings
+from zimage_trt.serving.settings import ServeConfigError, check_bind, is_loopback, read_api_key
+
+SIZE = "256x256"
+STEPS = 2
+URL = "/v1/images/generations"
+KEY = "k" * 12 + "-secret-key"
+WAIT_S = 60
+
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
+
+
+class GatedPipe:
+    """The tiny pipeline behind a gate the test opens: a request can be held running."""
+
+    def __init__(self, pipe, fail_with: Exception | None = None):
+        self._pipe = pipe
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+        self.fail_with = fail_with
+        self.calls = 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        self.entered.set()
+        assert self.gate.wait(WAIT_S), "the test never opened the gate"
+        if self.fail_with is not None and args and args[0] != "warm-up":
+            raise self.fail_with
+        return self._pipe(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._pipe, name)
+
+
+def make_service(pipe, **settings) -> ImageService:
+    limits = settings.pop("limits", ServingLimits(sizes=(SIZE,)))
+    return ImageService(pipe, ServiceSettings(limits=limits, warm_steps=1, **settings))
+
+
+@pytest.fixture(scope="module")
+def client(tiny_cpu_pipe):
+    service = make_service(tiny_cpu_pipe)
+    with TestClient(create_app(service)) as test_client:
+        assert service.wait_ready(WAIT_S), service.failure
+        yield test_client
+
+
+def body(**fields) -> dict:
+    return {"prompt": "a red fox in the snow", "size": SIZE, "num_inference_steps": STEPS, "seed": 7, **fields}
+
+
+def decode(b64: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"), dtype=np.int16)
+
+
+def solo(pipe, seed: int, prompt="a red fox in the snow", steps=STEPS) -> np.ndarray:
+    out = pipe(prompt, height=256, width=256, num_inference_steps=steps, generator=torch.Generator("cpu").manual_seed(seed))
+    return np.asarray(out.images[0], dtype=np.int16)
+
+
+def assert_same_image(served: np.ndarray, alone: np.ndarray) -> None:
+    # The same computation on the same weights in one process, but in another thread (and PNG, which is
+    # lossless): at most one 8-bit level apart, in case the CPU's math library splits work differently.
+    assert served.shape == alone.shape
+    assert np.abs(served - alone).max() <= 1
+
+
+def sse_events(text: str) -> list[tuple[str, dict]]:
+    events, name, data = [], None, []
+    for line in text.splitlines() + [""]:
+        if line.startswith("event:"):
+            name = line.split(":", 1)[1].strip()
+        elif line.startswith("data:"):
+            data.append(line.split(":", 1)[1].strip())
+        elif not line and name is not None:
+            events.append((name, json.loads("\n".join(data))))
+            name, data = None, []
+    return events
+
+
+# -- images ----------------------------------------------------------------------------------------
+def test_images_equal_solo_runs_for_the_same_seeds(client, tiny_cpu_pipe):
+    response = client.post(URL, json=body(n=2, seed=11))
+    assert response.status_code == 200, response.text
+    result = response.json()
+    assert [item["seed"] for item in result["data"]] == [11, 12]
+    assert result["request_id"] == response.headers["x-request-id"]
+    served = [decode(item["b64_json"]) for item in result["data"]]
+    for image, seed in zip(served, (11, 12)):
+        assert_same_image(image, solo(tiny_cpu_pipe, seed))
+    assert np.abs(served[0] - served[1]).max() > 10  # two seeds, two images
+    timings = result["timings"]
+    assert len(timings["per_image_ms"]) == 2 and len(timings["step_ms"]) == STEPS
+    assert timings["queue_wait_ms"] >= 0 and timings["run_ms"] > 0
+
+
+def test_without_a_seed_the_server_picks_one_and_says_which(client, tiny_cpu_pipe):
+    result = client.post(URL, json={k: v for k, v in body().items() if k != "seed"}).json()
+    seed = result["data"][0]["seed"]
+    assert isinstance(seed, int) and seed >= 0
+    assert_same_image(decode(result["data"][0]["b64_json"]), solo(tiny_cpu_pipe, seed))
+
+
+def test_stream_sends_queued_started_steps_then_done(client, tiny_cpu_pipe):
+    response = client.post(URL + "?stream=true", json=body(n=2, seed=3))
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(response.text)
+    names = [name for name, _ in events]
+    assert names == ["queued", "started"] + ["step"] * (2 * STEPS) + ["done"], names
+    queued = events[0][1]
+    assert queued["position"] == 0 and queued["estimated_start_s"] >= 0 and queued["images"] == 2
+    steps = [(data["image"], data["step"], data["steps"]) for name, data in events if name == "step"]
+    assert steps == [(i, s, STEPS) for i in range(2) for s in range(1, STEPS + 1)]
+    assert all(data["ms"] > 0 for name, data in events if name == "step")
+    done = events[-1][1]
+    assert [d["seed"] for d in done["data"]] == [3, 4]
+    assert_same_image(decode(done["data"][1]["b64_json"]), solo(tiny_cpu_pipe, 4))
+
+
+# -- refusals --------------------------------------------------------------------------------------
+BAD_FIELDS = [
+    ("size", "1000x1000", "256x256"),  # not a served size
+    ("size", "big", "256x256"),
+    ("n", 0, ">= 1"),
+    ("n", 99, "<= 4"),
+    ("n", "two", "integer"),
+    ("num_inference_steps", 0, ">= 1"),
+    ("num_inference_steps", 10_000, "<= 50"),
+    ("guidance_scale", -1.0, ">= 0"),
+    ("guidance_scale", 1e9, "<= 20"),
+    ("prompt", "", "at least 1"),
+    ("prompt", "x" * 5000, "at most 4000 characters"),
+    ("seed", -1, ">= 0"),
+    ("response_format", "url", "b64_json"),
+    ("model", "/etc/passwd", "z-image-turbo"),  # no field names a file
+    ("image_path", "/tmp/x.png", "no such field"),
+]
+
+
+@pytest.mark.parametrize("field, value, allowed", BAD_FIELDS, ids=[f"{f}={str(v)[:12]}" for f, v, _ in BAD_FIELDS])
+def test_a_bad_field_is_a_422_naming_field_value_and_what_is_allowed(client, field, value, allowed):
+    response = client.post(URL, json=body(**{field: value}))
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request" and error["request_id"] == response.headers["x-request-id"]
+    [problem] = [p for p in error["errors"] if p["field"] == field]
+    assert allowed in problem["allowed"], problem
+    shown = problem["value"]
+    assert shown == value or (isinstance(value, str) and len(value) > 200 and shown.startswith(value[:200]))
+
+
+def test_non_finite_numbers_and_invalid_text_are_422(client):
+    response = client.post(URL, content=b'{"prompt": "a fox", "size": "256x256", "guidance_scale": NaN}',
+                           headers={"content-type": "application/json"})
+    assert response.status_code == 422
+    assert response.json()["error"]["errors"][0]["allowed"] == "a finite number"
+    # A lone surrogate is valid JSON but not text.
+    response = client.post(URL, content=b'{"prompt": "a fox \\ud800", "size": "256x256"}',
+                           headers={"content-type": "application/json"})
+    assert response.status_code == 422
+    [problem] = response.json()["error"]["errors"]
+    assert problem["field"] == "prompt" and "valid Unicode text" in problem["allowed"]
+    assert problem["value"] == "a fox \\ud800"
+
+
+def test_not_json_is_400_and_a_big_body_is_413(client):
+    response = client.post(URL, content=b"prompt=fox", headers={"content-type": "application/json"})
+    assert response.status_code == 400 and response.json()["error"]["type"] == "invalid_json"
+    response = client.post(URL, content=json.dumps(body(prompt="x" * 70_000)).encode(),
+                           headers={"content-type": "application/json"})
+    assert response.status_code == 413 and "65536 bytes" in response.json()["error"]["message"]
+
+
+def test_health_ready_stats_and_dashboard(client):
+    assert client.get("/healthz").json()["status"] == "ok"
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["sizes"] == [SIZE]
+    client.post(URL, json=body(seed=1))
+    stats = client.get("/v1/stats")
+    # Strict JSON (no NaN), with what the dashboard draws.
+    data = json.loads(stats.text, parse_constant=lambda name: pytest.fail(f"{name} in /v1/stats"))
+    assert data["ready"] and data["queue"]["depth"] == 0 and data["queue"]["max"] == 32
+    assert data["recent"][-1]["size"] == SIZE and data["recent"][-1]["per_image_ms"] > 0
+    assert data["latency"]["per_image_ms"]["p95"] >= data["latency"]["per_image_ms"]["p50"] > 0
+    assert len(data["last_steps_ms"]) == STEPS and data["counts"]["completed"] >= 1
+    assert data["pipeline"]["calls"] >= 1  # pipe.stats(), warm-up excluded
+    page = client.get("/")
+    assert page.status_code == 200 and "<canvas" in page.text and "dashboard.js" in page.text
+    assert "http://" not in page.text and "https://" not in page.text  # no CDN
+    assert client.get("/dashboard.js").headers["content-type"].startswith("text/javascript")
+
+
+def test_metrics_parse_as_prometheus_text(client):
+    client.post(URL, json=body(seed=2))
+    client.post(URL, json=body(n=0))
+    text = client.get("/metrics").text
+    families = {family.name: family for family in text_string_to_metric_families(text)}
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
+    assert samples[("zimage_ready", ())] == 1.0
+    assert samples[("zimage_queue_depth", ())] == 0.0
+    assert samples[("zimage_request_seconds_count", ())] >= 1
+    assert samples[("zimage_stage_seconds_count", (("stage", "denoise"),))] >= 1
+    assert samples[("zimage_step_seconds_count", ())] >= STEPS
+    assert samples[("zimage_http_requests_total", (("status", "422"),))] >= 1
+    assert not any(name.startswith("zimage_gpu") for name in families)  # no GPU here, no GPU series
+
+
+def test_gpu_readings_become_gauges_in_their_units(tiny_cpu_pipe):
+    class FakeSampler:  # what runtime/telemetry.GpuSampler reads from NVML on a GPU
+        available, gpu_name = True, "H100"
+
+        def sample(self):
+            return {"sm_clock_mhz": 1980.0, "temperature_c": 61.0, "power_w": 512.5, "gpu_util_pct": 97.0,
+                    "memory_used_mib": 1024.0}
+
+    service = make_service(tiny_cpu_pipe)
+    service._sampler = FakeSampler()
+    families = {f.name: f for f in text_string_to_metric_families(service.metrics.render().decode())}
+    value = {name: families[name].samples[0].value for name in families if name.startswith("zimage_gpu")}
+    assert value == {"zimage_gpu_sm_clock_hertz": 1.98e9, "zimage_gpu_temperature_celsius": 61.0,
+                     "zimage_gpu_power_watts": 512.5, "zimage_gpu_utilization_ratio": 0.97,
+                     "zimage_gpu_memory_used_bytes": 2**30}
+    assert families["zimage_gpu_power_watts"].samples[0].labels == {"gpu": "H100"}
+    assert service.stats()["gpu"]["temperature_c"] == 61.0
+
+
+# -- the API key -----------------------------------------------------------------------------------
+def test_with_a_key_the_api_needs_the_bearer_token(tiny_cpu_pipe, monkeypatch):
+    compared = []
+    real_compare = app_module.hmac.compare_digest
+    monkeypatch.setattr(app_module.hmac, "compare_digest", lambda a, b: compared.append(1) or real_compare(a, b))
+    service = make_service(tiny_cpu_pipe)
+    with TestClient(create_app(service, AppSettings(api_key=KEY))) as keyed:
+        assert service.wait_ready(WAIT_S)
+        for path, method in ((URL, "post"), ("/v1/stats", "get"), ("/metrics", "get")):
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+                response = getattr(keyed, method)(path, headers=headers, **({"json": body()} if method == "post" else {}))
+                assert response.status_code == 401, (path, headers)
+                assert response.headers["www-authenticate"] == "Bearer"
+                assert "Authorization: Bearer" in response.json()["error"]["message"]
+        good = {"Authorization": f"Bearer {KEY}"}
+        assert keyed.get("/v1/stats", headers=good).status_code == 200
+        assert keyed.post(URL, json=body(), headers=good).status_code == 200
+        assert compared  # constant-time comparison
+        # Probes and the (static) page stay open.
+        assert keyed.get("/healthz").status_code == 200 and keyed.get("/readyz").status_code == 200
+        assert keyed.get("/").status_code == 200
+
+
+def test_bind_rule_and_key_files(tmp_path):
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost") and is_loopback("127.8.0.1")
+    assert not is_loopback("0.0.0.0") and not is_loopback("example.org") and not is_loopback("192.168.1.4")
+    check_bind("127.0.0.1", None)
+    check_bind("0.0.0.0", KEY)
+    with pytest.raises(ServeConfigError, match="refusing to listen on 0.0.0.0 without an API key.*--api-key-file"):
+        check_bind("0.0.0.0", None)
+    key_file = tmp_path / "key"
+    key_file.write_text(KEY + "\n")
+    assert read_api_key(str(key_file), environ={}) == KEY
+    assert read_api_key(None, environ={"ZIMAGE_TRT_API_KEY": KEY}) == KEY
+    assert read_api_key(None, environ={}) is None
+    key_file.write_text("short\n")
+    with pytest.raises(ServeConfigError, match="at least 16 characters"):
+        read_api_key(str(key_file), environ={})
+    with pytest.raises(ServeConfigError, match="cannot read the API key file"):
+        read_api_key(str(tmp_path / "missing"), environ={})
+
+
+def test_serve_refuses_a_public_address_without_a_key(capsys, monkeypatch):
+    from zimage_trt.cli import main
+
+    monkeypatch.delenv("ZIMAGE_TRT_API_KEY", raising=False)
+    assert main(["serve", "--tiny", "--device", "cpu", "--host", "0.0.0.0"]) == 2
+    err = capsys.readouterr().err
+    assert "refusing to listen on 0.0.0.0 without an API key" in err
+
+
+# -- queue, time-outs, shutdown, failures ----------------------------------------------------------
+def _post_in_thread(client, results: list, payload: dict, index: int) -> threading.Thread:
+    def run():
+        results[index] = client.post(URL, json=payload)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def _wait_for(predicate, what: str) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def test_a_full_queue_is_429_with_retry_after_and_the_others_still_finish(tiny_cpu_pipe):
+    gated = GatedPipe(tiny_cpu_pipe)
+    service = make_service(gated, max_queue=1)
+    with TestClient(create_app(service)) as gclient:
+        assert service.wait_ready(WAIT_S)
+        gated.gate.clear()
+        gated.entered.clear()
+        results = [None, None]
+        threads = [_post_in_thread(gclient, results, body(seed=1), 0)]
+        _wait_for(gated.entered.is_set, "the first request to run")
+        threads.append(_post_in_thread(gclient, results, body(seed=2), 1))
+        _wait_for(lambda: service.queue_depth == 1, "the second request to wait")
+        full = gclient.post(URL, json=body(seed=3))
+        assert full.status_code == 429
+        assert int(full.headers["retry-after"]) >= 1
+        assert full.json()["error"]["type"] == "queue_full"
+        waiting = gclient.get("/v1/stats").json()["queue"]
+        assert waiting["running"]["request_id"] and [w["position"] for w in waiting["waiting"]] == [0]
+        assert waiting["waiting"][0]["eta_start_s"] >= 0
+        gated.gate.set()
+        for thread in threads:
+            thread.join(WAIT_S)
+        assert [r.status_code for r in results] == [200, 200]
+        assert [r.json()["data"][0]["seed"] for r in results] == [1, 2]
+
+
+def test_a_request_past_its_time_out_is_504_and_never_runs(tiny_cpu_pipe):
+    gated = GatedPipe(tiny_cpu_pipe)
+    service = make_service(gated, timeout_s=0.5)
+    with TestClient(create_app(service)) as gclient:
+        assert service.wait_ready(WAIT_S)
+        gated.gate.clear()
+        gated.entered.clear()
+        results = [None]
+        first = _post_in_thread(gclient, results, body(seed=1), 0)
+        _wait_for(gated.entered.is_set, "the first request to run")
+        calls = gated.calls
+        late = gclient.post(URL, json=body(seed=2))  # waits behind the held one, past 0.5 s
+        assert late.status_code == 504 and late.json()["error"]["type"] == "timeout"
+        gated.gate.set()
+        first.join(WAIT_S)
+        assert results[0].status_code == 504  # held past its own time-out too: stopped at its next step
+        assert gated.calls == calls  # the waiting one never ran
+        assert gclient.get("/v1/stats").json()["counts"]["timed_out"] == 2
+        assert gclient.post(URL, json=body(seed=3)).status_code == 200  # and the service goes on
+
+
+def test_shutdown_answers_waiting_requests_503_and_finishes_the_running_one(tiny_cpu_pipe):
+    gated = GatedPipe(tiny_cpu_pipe)
+    service = make_service(gated)
+    with TestClient(create_app(service)) as gclient:
+        assert service.wait_ready(WAIT_S)
+        gated.gate.clear()
+        gated.entered.clear()
+        results = [None] * 3
+        threads = [_post_in_thread(gclient, results, body(seed=1), 0)]
+        _wait_for(gated.entered.is_set, "the first request to run")
+        threads += [_post_in_thread(gclient, results, body(seed=s), s) for s in (1, 2)]
+        _wait_for(lambda: service.queue_depth == 2, "two waiting requests")
+        service.begin_shutdown()
+        for thread in threads[1:]:
+            thread.join(WAIT_S)
+        assert [r.status_code for r in results[1:]] == [503, 503]
+        assert results[1].json()["error"]["type"] == "shutting_down" and results[1].headers["retry-after"]
+        assert gclient.post(URL, json=body()).status_code == 503  # nothing new is accepted
+        assert gclient.get("/readyz").status_code == 503
+        gated.gate.set()
+        threads[0].join(WAIT_S)
+        assert results[0].status_code == 200
+    assert service.state == "stopped"
+
+
+def test_a_failure_is_logged_with_the_request_id_and_never_shown(tiny_cpu_pipe, caplog):
+    gated = GatedPipe(tiny_cpu_pipe, fail_with=RuntimeError("secret detail /srv/models/x"))
+    service = make_service(gated)
+    with TestClient(create_app(service)) as gclient, caplog.at_level(logging.ERROR, "zimage_trt.serving"):
+        assert service.wait_ready(WAIT_S)
+        for url in (URL, URL + "?stream=true"):
+            response = gclient.post(url, json=body())
+            text = response.text
+            assert "secret" not in text and "Traceback" not in text and "/srv" not in text
+            rid = response.headers["x-request-id"]
+            assert rid in text
+            if url == URL:
+                assert response.status_code == 500 and response.json()["error"]["type"] == "internal_error"
+            else:
+                assert sse_events(text)[-1] == ("error", {"status": 500, "type": "internal_error", "request_id": rid,
+                                                          "message": sse_events(text)[-1][1]["message"]})
+            assert any(rid in record.getMessage() and record.exc_info for record in caplog.records)
+
+
+def test_not_ready_until_warm(tiny_cpu_pipe):
+    release = threading.Event()
+
+    def slow_factory():
+        assert release.wait(WAIT_S)
+        return tiny_cpu_pipe
+
+    service = make_service(slow_factory)
+    with TestClient(create_app(service)) as gclient:
+        assert gclient.get("/healthz").status_code == 200
+        assert gclient.get("/readyz").status_code == 503
+        response = gclient.post(URL, json=body())
+        assert response.status_code == 503 and response.json()["error"]["type"] == "not_ready"
+        release.set()
+        assert service.wait_ready(WAIT_S)
+        assert gclient.get("/readyz").status_code == 200
+
+
+def test_the_pipelines_own_checks_run_before_queueing(tiny_cpu_pipe):
+    # What the schema would let through (here: a model built without validation) still meets the
+    # pipeline's own argument checks (request.check_request), before the request takes a queue slot.
+    from zimage_trt.serving.schema import ImageGenerationRequest
+    from zimage_trt.serving.service import ServiceError
+
+    service = make_service(tiny_cpu_pipe)
+    service.start(background=False)
+    try:
+        req = ImageGenerationRequest.model_construct(**body(prompt="a fox \ud800"), n=1, guidance_scale=0.0,
+                                                     negative_prompt=None, response_format="b64_json", model=None)
+        with pytest.raises(ServiceError) as refused:
+            service.submit(req)
+        assert refused.value.status == 422
+        [problem] = refused.value.errors
+        assert problem["field"] == "prompt" and "not valid Unicode" in problem["allowed"]
+        assert problem["value"] == "a fox \\ud800"
+        assert service.stats()["counts"]["submitted"] == 0
+    finally:
+        service.close()
