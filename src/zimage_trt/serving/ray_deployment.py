@@ -147,7 +147,9 @@ def _proxy_host() -> str | None:
 class ImageReplica:
     """One Serve replica: load and warm one pipeline, then serve `create_app`'s API over it."""
 
-    async def __init__(self, args: argparse.Namespace, app_name: str = APP_NAME):
+    async def __init__(self, args: argparse.Namespace, app_name: str = APP_NAME, pipeline=None):
+        """`pipeline`: a zero-argument function that makes the pipeline here, in the replica (e.g. other
+        weights, or LoRA); by default it is loaded from `args` as `zimage-trt serve` does."""
         from ray import serve
 
         self.replica = serve.get_replica_context().replica_tag
@@ -157,7 +159,7 @@ class ImageReplica:
             check_bind(host, None)  # raises: the same refusal as the one-GPU server's
         reporter = _Reporter(board_actor(app_name), self.replica)
         base = build_service(args)  # the checked sizes and limits; its pipeline is never loaded
-        self.service = ClusterImageService(pipeline_factory(args), base.settings, reporter)
+        self.service = ClusterImageService(pipeline or pipeline_factory(args), base.settings, reporter)
         # Load and warm here, in a thread: Serve routes nothing to a replica before its constructor returns.
         await asyncio.to_thread(self.service.start, False)
         if not self.service.ready:
@@ -197,8 +199,9 @@ def replica_resources(args: argparse.Namespace, cluster_gpus: float | None = Non
     return replica_args, options
 
 
-def deployment(args: argparse.Namespace, ray_actor_options: dict, app_name: str = APP_NAME):
-    """The bound Serve application: `args.replicas` replicas of `ImageReplica` over `args`."""
+def deployment(args: argparse.Namespace, ray_actor_options: dict, app_name: str = APP_NAME, pipeline=None):
+    """The bound Serve application: `args.replicas` replicas of `ImageReplica` over `args` (and `pipeline`,
+    a picklable zero-argument function making each replica's pipeline, when given)."""
     from ray import serve
 
     if args.replicas < 1 or args.max_ongoing_requests < 1 or args.max_queued_requests < 1:
@@ -216,7 +219,7 @@ def deployment(args: argparse.Namespace, ray_actor_options: dict, app_name: str 
         # A stopping replica first finishes what it holds (the running request at most `timeout`).
         graceful_shutdown_timeout_s=args.timeout + 30.0,
     )
-    return replica.bind(args, app_name)
+    return replica.bind(args, app_name, pipeline)
 
 
 def _parser() -> argparse.ArgumentParser:
