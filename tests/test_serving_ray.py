@@ -84,9 +84,16 @@ def _call(base: str, path: str, body: dict | None = None, timeout: float = DEADL
     return status, data, time.perf_counter() - started
 
 
-def _generate(base: str, seed: int, steps: int = STEPS):
-    return _call(base, "/v1/images/generations",
-                 {"prompt": "a red fox in fresh snow", "size": f"{SIZE}x{SIZE}", "seed": seed, "num_inference_steps": steps})
+def _generate(base: str, seed: int, steps: int = STEPS, admit: bool = False):
+    """One generation; `admit`: retry the proxy's 503 for a full queue (a burst can fill its queue for the
+    few milliseconds the router takes to place requests, before any replica is full)."""
+    body = {"prompt": "a red fox in fresh snow", "size": f"{SIZE}x{SIZE}", "seed": seed, "num_inference_steps": steps}
+    for _ in range(50):
+        result = _call(base, "/v1/images/generations", body)
+        if not (admit and result[0] == 503 and "backpressure" in str(result[1])):
+            return result
+        time.sleep(0.2)
+    return result
 
 
 def _concurrently(fn, count: int) -> list:
@@ -113,7 +120,7 @@ def _pixels(body: dict) -> np.ndarray:
 
 def test_both_replicas_answer_and_match_solo_runs(cluster):
     seeds = list(range(REPLICAS * MAX_ONGOING))  # all admitted at once (no backpressure here)
-    results = _concurrently(lambda i: _generate(cluster, seeds[i]), len(seeds))
+    results = _concurrently(lambda i: _generate(cluster, seeds[i], admit=True), len(seeds))
     assert all(not isinstance(r, Exception) and r[0] == 200 for r in results), results
 
     pipe = ZImageTRTPipeline.from_components(**make_tiny_components(seed=0), device="cpu")
@@ -127,6 +134,9 @@ def test_both_replicas_answer_and_match_solo_runs(cluster):
         # Same weights and seed in another process: equal up to rounding (8-bit pixels, float maths).
         assert np.abs(_pixels(body) - solo[seed]).max() <= 2, f"seed {seed}: replica and solo run differ"
     assert np.abs(solo[0] - solo[1]).max() > 10  # the comparison can fail: seeds do change the image
+
+    # What a replica reads to apply the API-key rule: Serve's HTTP address (a private Ray API, so checked).
+    assert ray_deployment._proxy_host() == "127.0.0.1"
 
     status, stats, _ = _call(cluster, "/v1/stats")
     assert status == 200
@@ -174,17 +184,25 @@ def test_killed_replica_fails_only_its_requests_and_comes_back(cluster):
                   if a["name"].startswith(f"SERVE_REPLICA::{ray_deployment.APP_NAME}#"))
     count = REPLICAS * MAX_ONGOING  # all admitted: what fails is the kill's doing, not backpressure
     started = time.perf_counter()
-    killer = threading.Timer(1.0, lambda: ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]),
-                                                   no_restart=True))
+    killed_at = []
+
+    def kill():
+        killed_at.append(time.perf_counter())
+        ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]), no_restart=True)
+
+    killer = threading.Timer(1.5, kill)  # each request takes a few seconds: all are in flight by then
     killer.start()
-    results = _concurrently(lambda i: _generate(cluster, 200 + i, steps=20), count)
+    results = _concurrently(lambda i: (*_generate(cluster, 200 + i, steps=20, admit=True), time.perf_counter()),
+                            count)
     killer.join()
     assert not any(isinstance(r, Exception) for r in results), results  # every request answered
     statuses = [r[0] for r in results]
-    assert all(s == 200 or 500 <= s < 600 for s in statuses), statuses
-    assert statuses.count(200) >= 1 and any(s >= 500 for s in statuses), statuses
-    print(f"\nkill mid-load: {statuses} {[r[1] for r in results if r[0] >= 500]}, slowest answer "
-          f"{max(r[2] for r in results):.1f}s")
+    assert set(statuses) <= {200, 500}, statuses  # an image, or the proxy's 500 for the dead replica
+    assert statuses.count(200) >= 1 and statuses.count(500) >= 1, statuses
+    failed_after_kill = [r[3] - killed_at[0] for r in results if r[0] == 500]
+    print(f"\nkill mid-load: {statuses} {[r[1] for r in results if r[0] >= 500]}; the 500s came "
+          f"{max(failed_after_kill):.2f}s after the kill at most; all answered "
+          f"{max(r[3] for r in results) - started:.1f}s after the load started")
 
     # Serve's controller replaces the dead replica; the new one serves, and reports under a new id.
     deadline = time.perf_counter() + 120.0
@@ -195,7 +213,7 @@ def test_killed_replica_fails_only_its_requests_and_comes_back(cluster):
         time.sleep(1.0)
     else:
         pytest.fail(f"the killed replica did not come back: {state.replica_states}")
-    back_after = time.perf_counter() - started
+    back_after = time.perf_counter() - killed_at[0]
     deadline = time.perf_counter() + 30.0
     while time.perf_counter() < deadline:
         after = {r["replica"] for r in _call(cluster, "/v1/stats")[1]["replicas"]}
@@ -203,6 +221,6 @@ def test_killed_replica_fails_only_its_requests_and_comes_back(cluster):
             break
         time.sleep(1.0)
     assert len(after) == REPLICAS and len(after & before) == REPLICAS - 1, (before, after)
-    results = _concurrently(lambda i: _generate(cluster, 300 + i), 4)
+    results = _concurrently(lambda i: _generate(cluster, 300 + i, admit=True), 4)
     assert [r[0] for r in results] == [200] * 4
-    print(f"replica back and serving {back_after:.1f}s after the load started")
+    print(f"a new replica running {back_after:.1f}s after the kill; it serves")
