@@ -118,6 +118,8 @@ def test_app_builder_takes_the_serve_options_and_refuses_unknown_ones():
     assert deployment.name == ray_deployment.DEPLOYMENT_NAME
     assert (deployment.num_replicas, deployment.max_ongoing_requests, deployment.max_queued_requests) == (3, 2, 7)
     assert deployment.ray_actor_options == {"num_cpus": 1.0}
+    backpressure = deployment.backpressure_config  # a full proxy queue: 429 + Retry-After, as on one GPU
+    assert (backpressure.status_code, backpressure.retry_after_s) == (429, ray_deployment.BACKPRESSURE_RETRY_AFTER_S)
     replica_args = deployment.init_args[0]
     assert replica_args.device == "cpu" and replica_args.size == ["256x256"] and replica_args.tiny is True
     with pytest.raises(ServeConfigError, match="unknown argument 'replica'.*replicas"):

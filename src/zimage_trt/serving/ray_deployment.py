@@ -10,7 +10,7 @@ one-GPU server (`create_app`), so the HTTP API is unchanged; Ray Serve's proxy s
   only once it has loaded and warmed every served size (its constructor waits for that).
 - Backpressure is Ray Serve's: a replica holds at most `max_ongoing_requests` requests (one runs, the
   others wait in its queue); at most `max_queued_requests` more wait in the proxy for a free replica;
-  beyond that the proxy answers 503 at once.
+  beyond that the proxy answers 429 with Retry-After at once (as the one-GPU server does when full).
 - A replica that dies (process killed, GPU lost): the proxy answers its in-flight requests 500 at
   once (none hangs), routes the others to the live replicas, and Serve's controller starts a new one.
 - `/v1/stats` and `/metrics` cover every replica (`cluster_stats.py`: each replica reports to a small
@@ -43,6 +43,7 @@ log = logging.getLogger("zimage_trt.serving")
 APP_NAME = "zimage-trt"
 DEPLOYMENT_NAME = "ImageReplica"
 BOARD_NAMESPACE = "zimage-trt"
+BACKPRESSURE_RETRY_AFTER_S = 5.0  # about a few images' time on one GPU
 
 
 # -- one replica -----------------------------------------------------------------------------------
@@ -214,6 +215,8 @@ def deployment(args: argparse.Namespace, ray_actor_options: dict, app_name: str 
         ray_actor_options=ray_actor_options,
         max_ongoing_requests=args.max_ongoing_requests,
         max_queued_requests=args.max_queued_requests,
+        # Over max_queued_requests: 429 with Retry-After, as the one-GPU server answers a full queue.
+        backpressure_config={"status_code": 429, "retry_after_s": BACKPRESSURE_RETRY_AFTER_S},
         health_check_period_s=args.health_check_period,
         health_check_timeout_s=max(30.0, 3 * args.health_check_period),
         # A stopping replica first finishes what it holds (the running request at most `timeout`).

@@ -15,7 +15,8 @@ def add_ray_arguments(ap: argparse.ArgumentParser) -> None:
     group.add_argument("--max-ongoing-requests", type=int, default=4,
                        help="requests one replica holds at once (one runs, the rest wait in its queue)")
     group.add_argument("--max-queued-requests", type=int, default=64,
-                       help="requests waiting in Ray Serve's proxy for a free replica; more are answered 503")
+                       help="requests waiting in Ray Serve's proxy for a free replica; more are answered 429 "
+                            "with Retry-After")
     group.add_argument("--health-check-period", type=float, default=5.0,
                        help="seconds between Ray Serve's health checks of a replica")
     group.add_argument("--cpus-per-replica", type=float, default=1.0,
