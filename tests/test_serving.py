@@ -449,3 +449,48 @@ def test_the_pipelines_own_checks_run_before_queueing(tiny_cpu_pipe):
         assert service.stats()["counts"]["submitted"] == 0
     finally:
         service.close()
+
+
+def test_served_sizes_come_from_the_engine_manifests(tmp_path):
+    import argparse
+
+    from zimage_trt.engines.manifest import EngineShape, FileRecord, Manifest
+    from zimage_trt.serving.command import build_service
+    from zimage_trt.serving.service import served_sizes
+    from zimage_trt.serving.settings import add_arguments
+
+    def manifest(name, component, shapes):
+        return Manifest(name=name, component=component, backend="torch-compiled", backend_version="2.13",
+                        precision="fp16", shapes=[EngineShape(r, b, 512) for r, b in shapes],
+                        files=[FileRecord(name + ".bin", "0" * 64, 1)], compute_capabilities=["9.0"],
+                        torch_version="2.13", model={})
+
+    manifest("denoiser-a", "denoiser", [("1024x1024", 1), ("768x1344", 1), ("1024x1024", 2)]).write(tmp_path)
+    manifest("denoiser-b", "denoiser", [("512x512", 1), ("1024x1024", 1)]).write(tmp_path)
+    manifest("vae", "vae_decoder", [("2048x2048", 1)]).write(tmp_path)
+    assert served_sizes(tmp_path) == ["1024x1024", "768x1344", "512x512"]  # batch-1 denoiser shapes, once each
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    service = build_service(parser.parse_args(["--model", "m", "--engine-dir", str(tmp_path)]))
+    assert service.limits.sizes == ("1024x1024", "768x1344", "512x512") and not service.limits.any_size
+    assert build_service(parser.parse_args(["--tiny"])).limits.sizes == ("256x256",)
+    chosen = build_service(parser.parse_args(["--tiny", "--size", "512x768", "--size", "256", "--max-n", "2"]))
+    assert chosen.limits.sizes == ("512x768", "256x256") and chosen.limits.max_n == 2
+    with pytest.raises(ServeConfigError, match="no denoiser engine manifests"):
+        build_service(parser.parse_args(["--model", "m", "--engine-dir", str(tmp_path / "empty")]))
+    with pytest.raises(ServeConfigError, match="pass --model"):
+        build_service(parser.parse_args([]))
+
+
+def test_with_fallback_any_valid_size_is_served(tiny_cpu_pipe):
+    service = make_service(tiny_cpu_pipe, limits=ServingLimits(sizes=(SIZE,), any_size=True))
+    with TestClient(create_app(service)) as fclient:
+        assert service.wait_ready(WAIT_S)
+        response = fclient.post(URL, json=body(size="256x384"))
+        assert response.status_code == 200
+        assert decode(response.json()["data"][0]["b64_json"]).shape == (256, 384, 3)
+        response = fclient.post(URL, json=body(size="1000x1024"))
+        assert response.status_code == 422
+        [problem] = response.json()["error"]["errors"]
+        assert problem["field"] == "size" and "multiple of 16" in problem["allowed"]

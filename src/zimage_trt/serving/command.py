@@ -7,6 +7,7 @@ closes the connections, the app's shutdown closes the service, and the process e
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 
 import uvicorn
@@ -34,7 +35,11 @@ class _GracefulServer(uvicorn.Server):
     def handle_exit(self, sig, frame) -> None:
         # A signal handler may interrupt a thread holding the service's lock: do the work in another.
         threading.Thread(target=self._service.begin_shutdown, name="zimage-trt-shutdown", daemon=True).start()
-        super().handle_exit(sig, frame)
+        # As uvicorn's, without re-raising the signal after the shutdown: a graceful stop exits 0.
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True
+        else:
+            self.should_exit = True
 
 
 def pipeline_factory(args):
@@ -62,8 +67,7 @@ def build_service(args) -> ImageService:
     limits = ServingLimits(sizes=tuple(sizes), any_size=args.allow_fallback, max_n=args.max_n,
                            max_steps=args.max_steps, max_prompt_chars=args.max_prompt_chars,
                            max_body_bytes=args.max_body_bytes)
-    settings = ServiceSettings(limits=limits, max_queue=args.max_queue, timeout_s=args.timeout,
-                               engine_dir=args.engine_dir)
+    settings = ServiceSettings(limits=limits, max_queue=args.max_queue, timeout_s=args.timeout)
     return ImageService(pipeline_factory(args), settings)
 
 

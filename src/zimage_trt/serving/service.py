@@ -72,7 +72,6 @@ class ServiceSettings:
     warm_steps: int = 2  # denoising steps of each warm-up generation (the graphs do not depend on it)
     history: int = 500  # requests kept for the dashboard's charts and the latency summaries
     png_compress_level: int = 1  # fast: the PNG is a transport, not an archive
-    engine_dir: str | None = None  # where to read the served sizes from when `limits.sizes` is not given
 
 
 @dataclass

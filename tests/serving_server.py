@@ -1,0 +1,43 @@
+"""A real HTTP server over loopback for the browser and load tests: uvicorn in a thread of the test
+process, in front of the tiny model's service (no second copy of torch to import)."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+
+import uvicorn
+
+from zimage_trt.serving.app import AppSettings, create_app
+from zimage_trt.serving.schema import ServingLimits
+from zimage_trt.serving.service import ImageService, ServiceSettings
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(pipe, sizes=("256x256",), api_key=None, wait_s: float = 120.0, **settings):
+    """Yields (base url, service); stops the server and the service on exit."""
+    service = ImageService(pipe, ServiceSettings(limits=ServingLimits(sizes=tuple(sizes)), warm_steps=1, **settings))
+    app = create_app(service, AppSettings(api_key=api_key))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="test-uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + wait_s
+    while not (server.started and service.ready):
+        if service.state == "failed" or not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            raise RuntimeError(f"test server did not start: state {service.state}, {service.failure}")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}", service
+    finally:
+        server.should_exit = True
+        thread.join(wait_s)
