@@ -26,7 +26,7 @@ import time
 import urllib.error
 import urllib.request
 
-from zimage_trt.benchmark.common import PROMPT_160, environment
+from zimage_trt.benchmark.common import PROMPT_160
 from zimage_trt.runtime.telemetry import summarize
 from zimage_trt.serving import ray_deployment
 from zimage_trt.serving.cluster_stats import REPORT_PERIOD_S
@@ -64,6 +64,17 @@ class _Pipeline:
 
     def __call__(self):
         return full_size_pipeline(self.engine_dir, self.precision)
+
+
+def _versions() -> dict:
+    """Versions and date, without touching CUDA here (benchmark.common.environment would open a context
+    on GPU 0 in this driver process); the replicas report their GPU's name through /v1/stats."""
+    import diffusers
+    import ray
+    import torch
+
+    return {"torch": torch.__version__, "diffusers": diffusers.__version__, "ray": ray.__version__,
+            "date": time.strftime("%Y-%m-%d")}
 
 
 def _free_port() -> int:
@@ -131,7 +142,7 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     engine_dir = os.path.abspath(args.engine_dir)  # the replicas' working folder is not ours
     side = 256 if args.tiny else 1024
-    results = {"env": environment(), "args": vars(args), "size": f"{side}x{side}"}
+    results = {"env": _versions(), "args": vars(args), "size": f"{side}x{side}"}
     if args.tiny:
         ray.init(num_cpus=args.max_replicas, num_gpus=0, include_dashboard=False, object_store_memory=80 * 2**20)
     else:
@@ -140,7 +151,7 @@ def main(argv=None) -> int:
         if gpus < args.max_replicas:
             print(f"need {args.max_replicas} GPUs, Ray sees {gpus}", file=sys.stderr)
             return 2
-    print(results["env"], f"ray {ray.__version__}, up in {time.perf_counter() - started:.1f}s", flush=True)
+    print(results["env"], f"Ray up in {time.perf_counter() - started:.1f}s", flush=True)
 
     pipeline = None
     serve_argv = ["--size", f"{side}x{side}", "--max-ongoing-requests", str(args.per_replica + 1),
@@ -182,6 +193,7 @@ def main(argv=None) -> int:
     stats = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/stats", timeout=60).read())
     results["per_replica_completed"] = {r["replica"]: r["counts"]["completed"] for r in stats["replicas"]}
     results["gpus"] = [g.get("name") for g in stats.get("gpus", [])]
+    print(f"replicas' GPUs (NVML): {results['gpus'] or 'none'}", flush=True)
     results["rounds"] = rounds
     if args.max_replicas >= 2:
         results["ratio"] = rounds[args.max_replicas]["images_per_s"] / rounds[1]["images_per_s"]
