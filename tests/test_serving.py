@@ -199,6 +199,28 @@ def test_not_json_is_400_and_a_big_body_is_413(client):
     assert response.status_code == 413 and "65536 bytes" in response.json()["error"]["message"]
 
 
+def test_only_json_bodies_are_taken(client):
+    # A form or text/plain post needs no CORS preflight: another site's page could send one blind.
+    for content_type in ("text/plain", "application/x-www-form-urlencoded", None):
+        headers = {"content-type": content_type} if content_type else {}
+        response = client.post(URL, content=json.dumps(body()).encode(), headers=headers)
+        assert response.status_code == 415, content_type
+        assert "Content-Type: application/json" in response.json()["error"]["message"]
+
+
+def test_without_a_key_only_loopback_host_names_are_answered(tiny_cpu_pipe):
+    service = make_service(tiny_cpu_pipe)
+    settings = AppSettings(allowed_hosts=("localhost", "127.0.0.1", "::1"))
+    with TestClient(create_app(service, settings), base_url="http://127.0.0.1:8000") as local:
+        assert local.get("/healthz").status_code == 200
+        for host in ("localhost:8000", "[::1]:8000", "127.0.0.1"):
+            assert local.get("/healthz", headers={"host": host}).status_code == 200, host
+        for host in ("evil.example:8000", "evil.example", "127.0.0.1.evil.example", ""):
+            response = local.get("/v1/stats", headers={"host": host})
+            assert response.status_code == 421, host
+            assert response.json()["error"]["type"] == "unknown_host"
+
+
 def test_health_ready_stats_and_dashboard(client):
     assert client.get("/healthz").json()["status"] == "ok"
     ready = client.get("/readyz")
@@ -364,6 +386,7 @@ def test_a_request_past_its_time_out_is_504_and_never_runs(tiny_cpu_pipe):
         assert results[0].status_code == 504  # held past its own time-out too: stopped at its next step
         assert gated.calls == calls  # the waiting one never ran
         assert gclient.get("/v1/stats").json()["counts"]["timed_out"] == 2
+        service.settings.timeout_s = WAIT_S  # (0.5 s is too short for an image on a busy runner)
         assert gclient.post(URL, json=body(seed=3)).status_code == 200  # and the service goes on
 
 
@@ -494,3 +517,71 @@ def test_with_fallback_any_valid_size_is_served(tiny_cpu_pipe):
         assert response.status_code == 422
         [problem] = response.json()["error"]["errors"]
         assert problem["field"] == "size" and "multiple of 16" in problem["allowed"]
+
+
+def test_closing_while_loading_stops_the_loader_before_it_warms(tiny_cpu_pipe):
+    release = threading.Event()
+
+    def slow_factory():
+        assert release.wait(WAIT_S)
+        return GatedPipe(tiny_cpu_pipe)
+
+    service = make_service(slow_factory)
+    service.start()
+    threading.Timer(0.3, release.set).start()
+    service.close()  # waits for the loader, which sees the shutdown and does not warm
+    assert not service._loader.is_alive() and service.state == "stopped" and not service.ready
+    assert service.pipe.calls == 0  # no warm-up ran
+
+
+def test_the_app_takes_a_service_factory(tiny_cpu_pipe):
+    # How a Ray Serve replica (or any host that builds the service late) uses the app.
+    made = []
+
+    def factory():
+        made.append(make_service(tiny_cpu_pipe))
+        return made[-1]
+
+    app = create_app(factory)
+    assert made == []  # nothing loads before the app starts
+    with TestClient(app) as fclient:
+        assert len(made) == 1 and made[0].wait_ready(WAIT_S)
+        assert fclient.post(URL, json=body(seed=4)).json()["data"][0]["seed"] == 4
+    assert made[0].state == "stopped"
+
+
+@pytest.mark.slow  # a fresh interpreter importing the whole CLI: 10-30 s on a busy runner
+def test_serve_help_shows_every_option_and_needs_no_serve_extra():
+    # The CLI's parser (all commands) must not import the serve extra: block it and ask for the help.
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "for name in ('fastapi', 'uvicorn', 'sse_starlette', 'prometheus_client', 'starlette', 'pydantic'):\n"
+            "    sys.modules[name] = None\n"
+            "from zimage_trt.cli import main\n"
+            "main(['serve', '--help'])\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**__import__("os").environ, "COLUMNS": "200"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    for option in ("--model", "--tiny", "--engine-dir", "--precision", "--device", "--size", "--allow-fallback",
+                   "--host", "--port", "--api-key-file", "--max-queue", "--max-n", "--max-steps",
+                   "--max-prompt-chars", "--max-body-bytes", "--timeout", "--log-level"):
+        assert option in out.stdout, option
+    assert "(default: 127.0.0.1)" in out.stdout and "(default: 8000)" in out.stdout
+    assert out.stdout.count("(default:") >= 17  # every option shows its default
+
+
+def test_a_request_no_engine_runs_is_a_422_that_does_not_show_the_servers_folders(tiny_cpu_pipe, caplog):
+    from zimage_trt.engines.select import EngineNotFound
+
+    gated = GatedPipe(tiny_cpu_pipe, fail_with=EngineNotFound("no engine in /srv/engines fits 256x256 batch 2"))
+    service = make_service(gated)
+    with TestClient(create_app(service)) as gclient, caplog.at_level(logging.WARNING, "zimage_trt.serving"):
+        assert service.wait_ready(WAIT_S)
+        response = gclient.post(URL, json=body(guidance_scale=2.0))
+        assert response.status_code == 422
+        error = response.json()["error"]
+        assert error["type"] == "no_engine" and "/srv" not in response.text
+        assert "guidance_scale > 0" in error["message"] and "use guidance_scale 0" in error["message"]
+        assert any("/srv/engines" in record.getMessage() for record in caplog.records)  # the operator sees it

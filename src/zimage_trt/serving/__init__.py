@@ -4,6 +4,7 @@
   so `zimage-trt --help` needs none of the `serve` extra);
 - `schema.py`: the OpenAI-shaped request/response models and their 422 bodies (pydantic);
 - `service.py`: `ImageService`, one pipeline and its `GenerationQueue`, async `generate` / `stream`;
+- `outcome.py`: the errors a client sees (`ServiceError`), the pipeline's checks before queueing, PNG/JSON;
 - `metrics.py`: Prometheus metrics (prometheus-client), GPU readings through NVML;
 - `app.py`: `create_app`, the ASGI app (FastAPI) with the dashboard (`dashboard.html`, `dashboard.js`);
 - `command.py`: `run_server`, what `zimage-trt serve` runs (uvicorn, graceful SIGTERM);

@@ -43,6 +43,9 @@ class AppSettings:
     api_key: str | None = None  # None: no key (only allowed on a loopback address; see settings.check_bind)
     max_body_bytes: int | None = None  # default: the service's limits.max_body_bytes
     sse_ping_s: float = 15.0  # keeps proxies from closing a stream that waits in the queue
+    # Host names the server answers to (None: any). Without a key on loopback, a web page whose own
+    # name is rebound to 127.0.0.1 (DNS rebinding) would otherwise reach the API from the browser.
+    allowed_hosts: tuple[str, ...] | None = None
 
 
 def error_body(status: int, type: str, message: str, request_id: str, errors: list | None = None) -> dict:
@@ -59,8 +62,9 @@ class _RequestIdAndBodyLimit:
     """ASGI middleware: a request id for every request (in `scope["state"]` and `X-Request-ID`), and a
     413 for a body over the limit (declared or streamed), before the app reads it."""
 
-    def __init__(self, app, max_body_bytes: int):
+    def __init__(self, app, max_body_bytes: int, allowed_hosts: tuple[str, ...] | None = None):
         self.app, self.max_body_bytes = app, max_body_bytes
+        self.allowed_hosts = {h.lower().strip("[]") for h in allowed_hosts} if allowed_hosts is not None else None
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -79,6 +83,10 @@ class _RequestIdAndBodyLimit:
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
             await send(message)
 
+        if self.allowed_hosts is not None and _host_name(headers.get(b"host", b"")) not in self.allowed_hosts:
+            refused = JSONResponse(error_body(421, "unknown_host", "this server answers only to the host names "
+                                              f"{sorted(self.allowed_hosts)}", request_id), status_code=421)
+            return await refused(scope, receive, send_with_id)
         limit = self.max_body_bytes
         too_large = JSONResponse(error_body(413, "body_too_large", f"the request body is over {limit} bytes",
                                             request_id), status_code=413)
@@ -107,6 +115,14 @@ class _BodyTooLarge(Exception):
     pass
 
 
+def _host_name(header: bytes) -> str:
+    """The name in a Host header, without the port: 'localhost:8000' -> 'localhost', '[::1]:80' -> '::1'."""
+    host = header.decode("latin-1").strip().lower()
+    if host.startswith("["):
+        return host[1:host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
 def create_app(service: ImageService | Callable[[], ImageService], settings: AppSettings | None = None) -> FastAPI:
     """The ASGI app over `service` (or a factory of one, called at startup). The app starts the service
     (load and warm in a thread: /readyz says when done) and closes it gracefully at shutdown."""
@@ -129,7 +145,7 @@ def create_app(service: ImageService | Callable[[], ImageService], settings: App
     first = holder["service"]
     limits = first.limits if first is not None else None
     max_body = settings.max_body_bytes or (limits.max_body_bytes if limits is not None else 64 * 1024)
-    app.add_middleware(_RequestIdAndBodyLimit, max_body_bytes=max_body)
+    app.add_middleware(_RequestIdAndBodyLimit, max_body_bytes=max_body, allowed_hosts=settings.allowed_hosts)
     models: dict = {}
 
     def current() -> ImageService:
@@ -137,6 +153,15 @@ def create_app(service: ImageService | Callable[[], ImageService], settings: App
 
     def request_id(request: Request) -> str:
         return request.scope.get("state", {}).get("request_id") or uuid.uuid4().hex
+
+    def refused(request: Request) -> JSONResponse | None:
+        """401 without the key; 503 while a service factory has not run yet."""
+        if (denied := unauthorized(request)) is not None:
+            return denied
+        if current() is None:
+            return JSONResponse(error_body(503, "not_ready", "the service is loading; retry later", request_id(request)),
+                                status_code=503, headers={"Retry-After": "5"})
+        return None
 
     def unauthorized(request: Request) -> JSONResponse | None:
         if key is None:
@@ -178,13 +203,13 @@ def create_app(service: ImageService | Callable[[], ImageService], settings: App
 
     @app.get("/v1/stats")
     async def stats(request: Request):
-        if (denied := unauthorized(request)) is not None:
+        if (denied := refused(request)) is not None:
             return denied
         return await asyncio.to_thread(current().stats)
 
     @app.get("/metrics")
     async def metrics(request: Request):
-        if (denied := unauthorized(request)) is not None:
+        if (denied := refused(request)) is not None:
             return denied
         body = await asyncio.to_thread(current().metrics.render)
         return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
@@ -200,7 +225,7 @@ def create_app(service: ImageService | Callable[[], ImageService], settings: App
     @app.post("/v1/images/generations")
     async def generations(request: Request, stream: bool = False):
         rid = request_id(request)
-        if (denied := unauthorized(request)) is not None:
+        if (denied := refused(request)) is not None:
             return denied
         service = current()
         response = await _generations(request, service, rid, stream, models, settings)
@@ -212,6 +237,10 @@ def create_app(service: ImageService | Callable[[], ImageService], settings: App
 
 async def _generations(request: Request, service: ImageService, rid: str, stream: bool, models: dict,
                        settings: AppSettings) -> Response:
+    if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+        # Also what keeps another site's page from posting here: a JSON body needs a CORS preflight.
+        return JSONResponse(error_body(415, "unsupported_media_type", "send the body as JSON with "
+                                       "'Content-Type: application/json'", rid), status_code=415)
     raw = await request.body()
     try:
         body = json.loads(raw)

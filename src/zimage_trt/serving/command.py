@@ -76,7 +76,9 @@ def run_server(args) -> int:
     check_bind(args.host, api_key)  # before anything is loaded: a refusal is immediate
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     service = build_service(args)
-    app = create_app(service, AppSettings(api_key=api_key))
+    # Without a key the server is reachable only from this machine, and only by its loopback names.
+    hosts = None if api_key else ("localhost", "127.0.0.1", "::1", args.host)
+    app = create_app(service, AppSettings(api_key=api_key, allowed_hosts=hosts))
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=args.timeout + 30.0)
     server = _GracefulServer(config, service)

@@ -18,8 +18,6 @@ PNG encoding happens off the worker thread, so the GPU goes on with the next req
 from __future__ import annotations
 
 import asyncio
-import base64
-import io
 import logging
 import math
 import secrets
@@ -34,32 +32,19 @@ from typing import Any, AsyncIterator, Callable
 import torch
 
 from ..engines.manifest import Manifest, find_manifests
+from ..engines.select import EngineNotFound
 from ..errors import GenerationOOMError, NonFiniteOutputError
-from ..request import DEFAULT_MAX_SEQUENCE_LENGTH, RequestLimits, check_request
 from ..runtime.queue import GenerationQueue, QueueClosedError, QueueFullError
 from ..runtime.telemetry import GpuSampler, summarize
 from .metrics import ServiceMetrics
-from .schema import ImageGenerationRequest, ServingLimits, StreamEvent, safe_value
+from .outcome import ServiceError, check_with_pipeline, encode_png, json_finite
+from .schema import ImageGenerationRequest, ServingLimits, StreamEvent
+
+__all__ = ["ImageService", "ServiceSettings", "ServiceError"]
 
 log = logging.getLogger("zimage_trt.serving")
 
 WARM_PROMPT = "warm-up"
-# How the pipeline's own argument names appear in the API (its errors start with the argument's name).
-_API_FIELD = {"prompt": "prompt", "negative_prompt": "negative_prompt", "height": "size", "width": "size",
-              "num_inference_steps": "num_inference_steps", "guidance_scale": "guidance_scale"}
-
-
-class ServiceError(Exception):
-    """An answer other than an image: an HTTP status, an error type, a message safe to show a client."""
-
-    def __init__(self, status: int, type: str, message: str, retry_after: float | None = None,
-                 errors: list[dict] | None = None):
-        super().__init__(message)
-        self.status, self.type, self.message = status, type, message
-        self.retry_after = retry_after
-        self.errors = errors or []
-
-
 class _Aborted(Exception):
     """Raised from the step callback to stop a running request (time-out, shutdown, client gone)."""
 
@@ -109,23 +94,6 @@ def served_sizes(engine_dir) -> list[str]:
             if shape.batch == 1 and shape.resolution not in sizes:
                 sizes.append(shape.resolution)
     return sizes
-
-
-def encode_png(image, compress_level: int = 1) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", compress_level=compress_level)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def _finite(value):
-    """JSON has no NaN: empty summaries become null."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
 
 
 class ImageService:
@@ -186,8 +154,13 @@ class ImageService:
                 self.pipe.set_progress_bar_config(disable=True)
             if not self.limits.sizes and not self.limits.any_size:
                 raise ValueError("no sizes to serve")
-            self.state = "warming"
+            with self._lock:
+                if self.state != "loading":  # closed while loading
+                    return
+                self.state = "warming"
             for size in self.limits.sizes:
+                if self.state != "warming":  # closed meanwhile
+                    return
                 self._warm(size)
             telemetry = getattr(self.pipe, "telemetry", None)
             if telemetry is not None:  # warm-up timings (compilation, graph capture) are not service latency
@@ -228,6 +201,11 @@ class ImageService:
     def close(self, graceful: bool = True, timeout: float | None = None) -> None:
         """Stop: graceful lets the running request finish; otherwise it stops at its next step."""
         self.begin_shutdown()
+        loader = self._loader
+        if loader is not None and loader.is_alive() and threading.current_thread() is not loader:
+            # Loading or warming: let it stop (it checks the state between sizes) rather than leave a
+            # thread running torch while the interpreter exits.
+            loader.join(timeout)
         if not graceful and self._running is not None:
             self._abort(self._running, "shutdown")
         if self._queue is not None:
@@ -241,7 +219,7 @@ class ImageService:
         if self.state != "ready":
             raise ServiceError(503, "not_ready" if self.state in ("created", "loading", "warming") else "shutting_down",
                                f"the service is {self.state}; retry later", retry_after=5.0)
-        self._check_with_pipeline(req)
+        check_with_pipeline(self.pipe, req)
         seed = req.seed if req.seed is not None else secrets.randbelow(2**62)
         job = _Job(req, request_id, [seed + i for i in range(req.n)], estimate_ms=self._estimate_ms(req))
         if listen:
@@ -349,36 +327,19 @@ class ImageService:
             return ServiceError(503, "out_of_memory", str(error), retry_after=10.0)
         if isinstance(error, NonFiniteOutputError):
             return ServiceError(500, "non_finite_output", str(error))
+        if isinstance(error, EngineNotFound):
+            # Its message names the server's folders: the client gets what to change instead.
+            log.warning("request %s: %s", job.request_id, error)
+            req = job.request
+            cfg = " with guidance_scale > 0 (classifier-free guidance runs 2 images per engine call)" \
+                if req.guidance_scale > 0 else ""
+            return ServiceError(422, "no_engine", f"no engine on this server runs {req.size}{cfg}; "
+                                f"{'use guidance_scale 0, or ' if cfg else ''}ask for a size it serves")
         if isinstance(error, (ValueError, TypeError)):
             return ServiceError(422, "invalid_request", str(error))
         log.error("request %s failed", job.request_id, exc_info=error)
         return ServiceError(500, "internal_error", f"the generation failed; the server log has the details "
                             f"under request id {job.request_id}")
-
-    def _check_with_pipeline(self, req: ImageGenerationRequest) -> None:
-        """The pipeline's own argument checks, run before queueing (so a bad request costs no queue slot)."""
-        pipe = self.pipe
-        try:
-            limits = RequestLimits(pipe.caption_feature_dim, pipe.max_caption_tokens, pipe.latent_channels,
-                                   pipe.image_processor.config.vae_scale_factor)
-        except AttributeError:  # not a ZImageTRTPipeline (e.g. a stand-in): it checks its own calls
-            return
-        resolution = req.resolution
-        try:
-            check_request(limits, prompt=req.prompt, negative_prompt=req.negative_prompt, prompt_embeds=None,
-                          negative_prompt_embeds=None, height=resolution.height, width=resolution.width,
-                          num_inference_steps=req.num_inference_steps, sigmas=None, guidance_scale=req.guidance_scale,
-                          cfg_normalization=False, cfg_truncation=1.0, num_images_per_prompt=1,
-                          max_sequence_length=DEFAULT_MAX_SEQUENCE_LENGTH, output_type="pil",
-                          callback_on_step_end=None, callback_on_step_end_tensor_inputs=[], generator=None,
-                          latents=None)
-        except (ValueError, TypeError) as error:
-            message = safe_value(str(error))
-            name = message.split(" ", 1)[0]
-            api_name = _API_FIELD.get(name, "(body)")
-            value = getattr(req, api_name, None) if api_name != "(body)" else None
-            raise ServiceError(422, "invalid_request", message, errors=[{
-                "field": api_name, "value": safe_value(value), "allowed": message, "message": message}]) from None
 
     def _abort(self, job: _Job, reason: str) -> None:
         """Drop a waiting request (its Future is cancelled) or stop a running one at its next step."""
@@ -499,7 +460,7 @@ class ImageService:
 
     def _job_timings(self, job: _Job) -> dict:
         first = job.timings[0] if job.timings else None
-        return _finite({
+        return json_finite({
             "queue_wait_ms": (job.started - job.submitted) * 1000.0 if job.started else None,
             "run_ms": sum(t.total_ms for t in job.timings),
             "per_image_ms": [t.total_ms for t in job.timings],
@@ -549,7 +510,7 @@ class ImageService:
             "gpu": self.gpu_sample(),
             "pipeline": pipe.stats() if pipe is not None and hasattr(pipe, "stats") else {},
         }
-        return _finite(result)
+        return json_finite(result)
 
     def gpu_sample(self) -> dict:
         sampler = self._sampler
