@@ -44,6 +44,7 @@ APP_NAME = "zimage-trt"
 DEPLOYMENT_NAME = "ImageReplica"
 BOARD_NAMESPACE = "zimage-trt"
 BACKPRESSURE_RETRY_AFTER_S = 5.0  # about a few images' time on one GPU
+BOARD_TIMEOUT_S = 10.0
 
 
 # -- one replica -----------------------------------------------------------------------------------
@@ -82,10 +83,10 @@ class _Reporter:
         """Every live replica's report, this one's fresh (called in a worker thread: ray.get blocks)."""
         import ray
 
-        try:
-            ray.get(self._report())
-            return ray.get(self.board.collect.remote(STALE_AFTER_S))
-        except Exception:  # noqa: BLE001 - the board is gone: answer with this replica alone
+        try:  # bounded: a board that does not answer must not hang /v1/stats
+            ray.get(self._report(), timeout=BOARD_TIMEOUT_S)
+            return ray.get(self.board.collect.remote(STALE_AFTER_S), timeout=BOARD_TIMEOUT_S)
+        except Exception:  # noqa: BLE001 - the board is gone or stuck: answer with this replica alone
             log.warning("stats board unreachable; answering with replica %s alone", self.replica, exc_info=True)
             service = self.service
             return [(self.replica, 0.0, service.own_stats(), service.metrics.own_text().decode())]
