@@ -96,6 +96,17 @@ def _generate(base: str, seed: int, steps: int = STEPS, admit: bool = False):
     return result
 
 
+def _settled_stats(base: str, condition, within_s: float = 10.0) -> dict:
+    """/v1/stats once `condition` holds: other replicas' reports are up to a report period old."""
+    deadline = time.perf_counter() + within_s
+    while True:
+        status, stats, *_ = _call(base, "/v1/stats")
+        assert status == 200, stats
+        if condition(stats) or time.perf_counter() > deadline:
+            return stats
+        time.sleep(0.25)
+
+
 def _concurrently(fn, count: int) -> list:
     results: list = [None] * count
 
@@ -141,8 +152,7 @@ def test_both_replicas_answer_and_match_solo_runs(cluster):
     # What a replica reads to apply the API-key rule: Serve's HTTP address (a private Ray API, so checked).
     assert ray_deployment._proxy_host() == "127.0.0.1"
 
-    status, stats, *_ = _call(cluster, "/v1/stats")
-    assert status == 200
+    stats = _settled_stats(cluster, lambda st: sum(r["counts"]["completed"] for r in st["replicas"]) >= len(seeds))
     assert stats["totals"]["replicas"] == REPLICAS and stats["totals"]["ready_replicas"] == REPLICAS
     per_replica = {r["replica"]: r["counts"]["completed"] for r in stats["replicas"]}
     assert len(per_replica) == REPLICAS and sum(per_replica.values()) >= len(seeds)
@@ -188,21 +198,27 @@ def test_killed_replica_fails_only_its_requests_and_comes_back(cluster):
     from ray import serve
 
     before = {r["replica"] for r in _call(cluster, "/v1/stats")[1]["replicas"]}
-    victim = next(a for a in ray.util.list_named_actors(all_namespaces=True)
-                  if a["name"].startswith(f"SERVE_REPLICA::{ray_deployment.APP_NAME}#"))
+    board = ray.get_actor(f"stats:{ray_deployment.APP_NAME}", namespace=ray_deployment.BOARD_NAMESPACE)
     count = REPLICAS * MAX_ONGOING  # all admitted: what fails is the kill's doing, not backpressure
     started = time.perf_counter()
-    killed_at = []
+    killed_at, victims = [], []
 
     def kill():
+        # A replica that reports a running request (reports are read from the board directly, so this
+        # takes no replica's request slot); its second request waits behind it, a request lasts seconds.
+        while time.perf_counter() - started < DEADLINE_S and not victims:
+            victims.extend(r for r, _, stats, _ in ray.get(board.collect.remote(5.0)) if stats["queue"]["running"])
+            time.sleep(0.05)
         killed_at.append(time.perf_counter())
-        ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]), no_restart=True)
+        actor = f"SERVE_REPLICA::{ray_deployment.APP_NAME}#{ray_deployment.DEPLOYMENT_NAME}#{victims[0]}"
+        ray.kill(ray.get_actor(actor, namespace="serve"), no_restart=True)
 
-    killer = threading.Timer(1.5, kill)  # each request takes a few seconds: all are in flight by then
+    killer = threading.Thread(target=kill)
     killer.start()
-    results = _concurrently(lambda i: (*_generate(cluster, 200 + i, steps=20, admit=True), time.perf_counter()),
+    results = _concurrently(lambda i: (*_generate(cluster, 200 + i, steps=50, admit=True), time.perf_counter()),
                             count)
     killer.join()
+    assert victims, "no replica was seen running a request"
     assert not any(isinstance(r, Exception) for r in results), results  # every request answered
     statuses = [r[0] for r in results]
     assert set(statuses) <= {200, 500}, statuses  # an image, or the proxy's 500 for the dead replica
@@ -212,6 +228,7 @@ def test_killed_replica_fails_only_its_requests_and_comes_back(cluster):
           f"{max(failed_after_kill):.2f}s after the kill at most; all answered "
           f"{max(r[4] for r in results) - started:.1f}s after the load started")
 
+    assert victims[0] in before
     # Serve's controller replaces the dead replica. A replica reports only once it has loaded and warmed:
     # two reports again, one of them new, means the new replica serves.
     deadline = time.perf_counter() + 120.0
@@ -224,7 +241,7 @@ def test_killed_replica_fails_only_its_requests_and_comes_back(cluster):
     else:
         pytest.fail(f"the killed replica did not come back: {before} -> {after}")
     back_after = time.perf_counter() - killed_at[0]
-    assert len(after & before) == REPLICAS - 1, (before, after)
+    assert after & before == before - {victims[0]}, (before, victims, after)
     for _ in range(40):  # Serve marks it RUNNING once its app has started, just after its first report
         state = serve.status().applications[ray_deployment.APP_NAME].deployments[ray_deployment.DEPLOYMENT_NAME]
         if state.replica_states.get("RUNNING", 0) == REPLICAS:
@@ -233,4 +250,14 @@ def test_killed_replica_fails_only_its_requests_and_comes_back(cluster):
     assert state.replica_states.get("RUNNING", 0) == REPLICAS, state.replica_states
     results = _concurrently(lambda i: _generate(cluster, 300 + i, admit=True), 4)
     assert [r[0] for r in results] == [200] * 4
+
+    # The stats board itself lost: /v1/stats still answers (that replica alone), and the replicas make
+    # a new board that fills again with both.
+    ray.kill(ray.get_actor(f"stats:{ray_deployment.APP_NAME}", namespace=ray_deployment.BOARD_NAMESPACE))
+    status, stats, *_ = _call(cluster, "/v1/stats")
+    assert status == 200 and 1 <= stats["totals"]["replicas"] <= REPLICAS
+    deadline = time.perf_counter() + 30.0
+    while _call(cluster, "/v1/stats")[1]["totals"]["replicas"] != REPLICAS and time.perf_counter() < deadline:
+        time.sleep(0.5)
+    assert _call(cluster, "/v1/stats")[1]["totals"]["replicas"] == REPLICAS
     print(f"a new replica loaded, warmed and serving {back_after:.1f}s after the kill")

@@ -51,8 +51,9 @@ BOARD_TIMEOUT_S = 10.0
 class _Reporter:
     """Sends this replica's stats to the board every `REPORT_PERIOD_S`, and reads everyone's back."""
 
-    def __init__(self, board, replica: str):
-        self.board, self.replica = board, replica
+    def __init__(self, app_name: str, replica: str):
+        self.app_name, self.replica = app_name, replica
+        self.board = board_actor(app_name)
         self.service: "ClusterImageService | None" = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="zimage-trt-stats-report", daemon=True)
@@ -72,12 +73,22 @@ class _Reporter:
         service = self.service
         return self.board.put.remote(self.replica, service.own_stats(), service.metrics.own_text().decode())
 
+    def _reconnect(self) -> None:
+        """A new board if the old one died (its node went away, or someone killed it); reports refill it."""
+        try:
+            self.board = board_actor(self.app_name)
+        except Exception:  # noqa: BLE001 - Ray itself is going away: the next report tries again
+            log.warning("replica %s could not reach the stats board", self.replica, exc_info=True)
+
     def _loop(self) -> None:
+        import ray
+
         while not self._stop.wait(REPORT_PERIOD_S):
             try:
-                self._report()
+                ray.get(self._report(), timeout=BOARD_TIMEOUT_S)
             except Exception:  # noqa: BLE001 - one lost report is harmless; the next comes in a second
                 log.warning("replica %s could not report its stats", self.replica, exc_info=True)
+                self._reconnect()
 
     def collect(self) -> list[tuple[str, float, dict, str]]:
         """Every live replica's report, this one's fresh (called in a worker thread: ray.get blocks)."""
@@ -88,6 +99,7 @@ class _Reporter:
             return ray.get(self.board.collect.remote(STALE_AFTER_S), timeout=BOARD_TIMEOUT_S)
         except Exception:  # noqa: BLE001 - the board is gone or stuck: answer with this replica alone
             log.warning("stats board unreachable; answering with replica %s alone", self.replica, exc_info=True)
+            self._reconnect()
             service = self.service
             return [(self.replica, 0.0, service.own_stats(), service.metrics.own_text().decode())]
 
@@ -159,7 +171,7 @@ class ImageReplica:
         host = await asyncio.to_thread(_proxy_host)
         if host is not None and self.api_key is None and not is_loopback(host):
             check_bind(host, None)  # raises: the same refusal as the one-GPU server's
-        reporter = _Reporter(board_actor(app_name), self.replica)
+        reporter = _Reporter(app_name, self.replica)
         base = build_service(args)  # the checked sizes and limits; its pipeline is never loaded
         self.service = ClusterImageService(pipeline or pipeline_factory(args), base.settings, reporter)
         # Load and warm here, in a thread: Serve routes nothing to a replica before its constructor returns.
