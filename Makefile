@@ -16,7 +16,7 @@ $(VENV)/.installed: setup.py
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[rtx,test,telemetry,serve,lora]"
+	$(PY) -m pip install -q -e ".[rtx,test,telemetry,serve,lora,ray]"
 	touch $@
 
 demo: setup
@@ -32,7 +32,7 @@ browser:
 	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q chromium chromium-driver; }
 
 test-slow: setup browser
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m slow -n 2 tests
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m slow -n 2 --dist loadgroup tests
 
 clean:
 	rm -rf out engines/*.json engines/*.plan engines/*.bin engines/onnx

@@ -27,6 +27,9 @@ setup(
         "lora": ["peft>=0.17"],  # PEFT's rank/alpha pattern matching for adapters with metadata
         "serve": ["fastapi>=0.115", "uvicorn>=0.30", "sse-starlette>=2.1", "prometheus-client>=0.20", "pydantic>=2.7",
                   "nvidia-ml-py>=12"],
+        # `zimage-trt serve --ray`: ray[serve] brings fastapi, uvicorn, pydantic and prometheus-client too.
+        # 2.60: the late-bound ingress app (`__serve_build_asgi_app__`) the replicas build after loading.
+        "ray": ["ray[serve]>=2.60,<3", "sse-starlette>=2.1", "nvidia-ml-py>=12"],
         # (tests make LoRAs with PEFT; Starlette's TestClient uses httpx2; the dashboard test drives chromium)
         "test": ["pytest>=8", "pytest-xdist>=3.5", "peft>=0.17", "httpx2>=2", "selenium>=4.20", "psutil>=5.9"],
     },

@@ -14,6 +14,7 @@ from .demo import demo
 from .model.precision import DEFAULT_PRECISION_RULE, PRECISIONS, default_precision, precision_dtype
 from .pipeline import ZImageTRTPipeline
 from . import serving
+from .serving import ray_settings
 from .serving import settings as serve_settings
 
 PRECISION_HELP = f"default: {DEFAULT_PRECISION_RULE}, the same rule for build and generate"
@@ -151,7 +152,8 @@ def main(argv=None) -> int:
     sv = sub.add_parser("serve", help="HTTP service with a live dashboard in front of one pipeline (needs the serve extra)",
                         formatter_class=defaults)
     serve_settings.add_arguments(sv)
-    sv.set_defaults(func=lambda args: serving.run_server(args))
+    ray_settings.add_ray_arguments(sv)
+    sv.set_defaults(func=lambda args: serving.run_ray_server(args) if args.ray else serving.run_server(args))
 
     args = ap.parse_args(argv)
     started = time.perf_counter()

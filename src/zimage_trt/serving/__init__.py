@@ -7,12 +7,16 @@
 - `outcome.py`: the errors a client sees (`ServiceError`), the pipeline's checks before queueing, PNG/JSON;
 - `metrics.py`: Prometheus metrics (prometheus-client), GPU readings through NVML;
 - `app.py`: `create_app`, the ASGI app (FastAPI) with the dashboard (`dashboard.html`, `dashboard.js`);
-- `command.py`: `run_server`, what `zimage-trt serve` runs (uvicorn, graceful SIGTERM).
+- `command.py`: `run_server`, what `zimage-trt serve` runs (uvicorn, graceful SIGTERM);
+- `ray_deployment.py`: the same app as a Ray Serve deployment, one replica per GPU (`zimage-trt serve --ray`,
+  `serve run`), with `cluster_stats.py` merging the replicas' stats and metrics and `ray_settings.py` its
+  options (the `ray` extra).
 
 Everything but `settings` needs `pip install zimage_trt[serve]`; the names below are imported when first used.
 """
 
-__all__ = ["create_app", "ImageService", "ServiceSettings", "ServingLimits", "ImageGenerationRequest", "run_server"]
+__all__ = ["create_app", "ImageService", "ServiceSettings", "ServingLimits", "ImageGenerationRequest", "run_server",
+           "run_ray_server"]
 
 
 def __getattr__(name):
@@ -32,4 +36,8 @@ def __getattr__(name):
         from .command import run_server
 
         return run_server
+    if name == "run_ray_server":
+        from .ray_deployment import run_ray_server
+
+        return run_ray_server
     raise AttributeError(f"module 'zimage_trt.serving' has no attribute {name!r}")
