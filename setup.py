@@ -23,6 +23,10 @@ setup(
         "rtx": ["tensorrt-rtx-cu13>=1.7,<1.8"],
         "trt": ["tensorrt>=10"],
         "telemetry": ["nvidia-ml-py>=12"],
+        # FlashAttention-3 forward kernels for Hopper (fp16, bf16, FP8); model/attention.py finds either.
+        "fa3": ["tokenspeed-fa3>=3.0.0.post20260810"],
+        # the FP8 peer of `zimage-trt bench --precision fp8 --compare diffusers`
+        "bench": ["torchao>=0.18"],
         "test": ["pytest>=8", "pytest-xdist>=3.5"],
     },
     entry_points={"console_scripts": ["zimage-trt=zimage_trt.cli:main"]},

@@ -13,6 +13,7 @@ import contextlib
 import copy
 import fcntl
 import gc
+import logging
 import os
 import shutil
 import time
@@ -26,6 +27,7 @@ from ..engines import contract, torch_compiled
 from ..engines.manifest import MANIFEST_SUFFIX, EngineShape, Manifest, ManifestError, record_file
 from ..engines.tensorrt.library import available_flavors, parse_compute_capability, rtx_supported_compute_capabilities
 from ..files import PARTIAL_SUFFIX, check_writable_dir, publish, sha256_file, staged
+from ..model.attention import resolve_attention_backend
 from ..model.denoiser import StaticZImageDenoiser
 from ..model.precision import check_precision, precision_dtype
 from ..model.shapes import Resolution, check_caption_capacity
@@ -34,7 +36,9 @@ from . import tensorrt_build
 from .export import export_denoiser
 from .fp16_calibration import calibrate_downscale, calibration_inputs
 from .fp8_onnx import quantize_onnx_fp8
+from .fp8_policy import check_fp8_keep_policy, choose_fp8_keep, fp8_sensitivity
 
+log = logging.getLogger("zimage_trt")
 BACKEND_NAMES = ("auto", "torch-compiled", "tensorrt", "tensorrt-rtx")
 DEFAULT_CAPTION_CAPACITY = 512  # diffusers' max_sequence_length
 
@@ -73,7 +77,8 @@ def _model_record(transformer, fingerprint: str) -> dict:
 def build_engines(model, resolutions, out_dir="engines", *, backend: str = "auto", precision: str = "fp16",
                   batch: int = 1, caption_capacity: int = DEFAULT_CAPTION_CAPACITY, device=None,
                   compute_capabilities=None, name: str | None = None, fp16_downscale_log2=None,
-                  keep_onnx: bool = True, progress: bool = True, vae=None) -> BuildResult:
+                  keep_onnx: bool = True, progress: bool = True, vae=None, attention_backend: str = "auto",
+                  fp8_keep: str = "auto", fused_kernels: bool = True) -> BuildResult:
     """Build one denoiser engine holding every requested resolution (weights stored once).
 
     model: a diffusers-format folder, a hub id (at a user's site) or an in-memory
@@ -81,6 +86,11 @@ def build_engines(model, resolutions, out_dir="engines", *, backend: str = "auto
     vae (torch-compiled engines): an `AutoencoderKL` whose compiled decoder kernels are stored with the
     engine, so the pipeline's first image skips compiling them (~20 s at full size). None: the
     `vae/` of a local model folder, on CUDA builds; False: never. The VAE is copied, never modified.
+    attention_backend, fused_kernels (torch-compiled engines): the attention kernel ('auto': FA3 where
+    it runs, else SDPA; model/attention.py) and the fused Triton kernels (CUDA) compiled into the engine.
+    fp8_keep (FP8 torch-compiled engines): 'auto' measures each block's sensitivity to FP8 and keeps the
+    outliers bf16, 'none', or a comma-separated list of block names (compiler/fp8_policy.py).
+    All are recorded in the manifest.
     """
     started = time.perf_counter()
     shapes_res = sorted({Resolution.parse(r) for r in ([resolutions] if isinstance(resolutions, str) else resolutions)})
@@ -96,12 +106,18 @@ def build_engines(model, resolutions, out_dir="engines", *, backend: str = "auto
     if precision == "fp8":
         compute_capabilities = _fp8_targets(backend, compute_capabilities)
     out_dir = check_writable_dir(out_dir)
+    attention_backend = resolve_attention_backend(attention_backend, device) if backend == "torch-compiled" else "sdpa"
+    fp8_keep = check_fp8_keep_policy(fp8_keep)
+    if fp8_keep != "none" and precision == "fp8" and backend != "torch-compiled" and fp8_keep != "auto":
+        raise ValueError(f"--fp8-keep {fp8_keep!r} applies to torch-compiled FP8 engines; {backend} FP8 engines "
+                         "quantise every block (use --fp8-keep none or auto)")
     plan = BuildPlan(
         model=model, out_dir=out_dir, name=name or f"denoiser-{backend}-{precision}", backend=backend,
         precision=precision, target_dtype=target_dtype, device=device,
         shapes=[EngineShape(r.key, batch, caption_capacity) for r in shapes_res],
         compute_capabilities=compute_capabilities, fp16_downscale_log2=fp16_downscale_log2,
-        keep_onnx=keep_onnx, progress=progress, vae=vae,
+        keep_onnx=keep_onnx, progress=progress, vae=vae, attention_backend=attention_backend,
+        fp8_keep=fp8_keep, fused_kernels=bool(fused_kernels) and backend == "torch-compiled" and device.type == "cuda",
     )
     with _exclusive_build(plan.out_dir, plan.name):
         return _build_locked(plan, started)
@@ -124,6 +140,9 @@ class BuildPlan:
     keep_onnx: bool
     progress: bool
     vae: object = None
+    attention_backend: str = "sdpa"
+    fp8_keep: str = "auto"
+    fused_kernels: bool = False
 
 
 def _build_locked(plan: BuildPlan, started: float) -> BuildResult:
@@ -153,8 +172,19 @@ def _build_locked(plan: BuildPlan, started: float) -> BuildResult:
         downscale = given if given is not None else calibrate_downscale(denoiser)
         denoiser.set_downscale(downscale)
     torch.nn.Module.to(transformer, plan.target_dtype)  # (diffusers' own .to() warns needlessly)
+    keep, sensitivity = [], {}
     if precision == "fp8" and backend == "torch-compiled":
-        denoiser.quantize_fp8()
+        # 3. FP8 quality policy: measured on this model's own weights, before quantising.
+        names = [n for n, _ in denoiser.named_blocks()]
+        if plan.fp8_keep == "auto":
+            with torch.no_grad():
+                sensitivity = fp8_sensitivity(denoiser, calibration_inputs(denoiser))
+        keep = choose_fp8_keep(plan.fp8_keep, sensitivity, names)
+        denoiser.quantize_fp8(keep=keep)
+        log.info("FP8 policy %s: %d of %d blocks kept bf16 %s", plan.fp8_keep, len(keep), len(names), keep)
+    if backend == "torch-compiled":
+        denoiser.set_attention_backend(plan.attention_backend)
+        denoiser.set_fused_kernels(plan.fused_kernels)
     bar.update()
 
     # 3-4. The engine itself.
@@ -176,6 +206,8 @@ def _build_locked(plan: BuildPlan, started: float) -> BuildResult:
         shapes=shapes, files=[record_file(p) for p in engine_files], compute_capabilities=ccs,
         torch_version=torch.__version__, model=_model_record(transformer, fingerprint),
         fp16_downscale_log2={k: list(v) for k, v in downscale.items()}, onnx_sha256=details.get("onnx_sha256"),
+        attention_backend=plan.attention_backend, fused_kernels=plan.fused_kernels, fp8_keep=keep,
+        fp8_sensitivity={k: round(v, 6) for k, v in sensitivity.items()},
         build_seconds=round(time.perf_counter() - started, 3),
     )
     previous = _previous_files(out_dir, name)
