@@ -134,7 +134,7 @@ def test_an_engine_is_opened_once_for_all_its_shapes(tmp_path, monkeypatch):
     transformer = make_tiny_components(seed=0)["transformer"]
     make_manifest(tmp_path, shapes=[EngineShape("256x256", 1, 64), EngineShape("256x384", 1, 64)])
     opened = []
-    monkeypatch.setattr(engines, "_open", lambda m, folder, tr, device: opened.append(m.name) or object())
+    monkeypatch.setattr(engines, "_open", lambda m, folder, tr, device, *rest: opened.append(m.name) or object())
     cache = {}
     first = open_denoiser(transformer, tmp_path, "cpu", torch.float32, "256x256", 1, cache=cache)
     second = open_denoiser(transformer, tmp_path, "cpu", torch.float32, "256x384", 1, cache=cache)

@@ -11,6 +11,7 @@ from pathlib import Path
 from .benchmark import pipeline_speed
 from .compiler.build import BACKEND_NAMES, DEFAULT_CAPTION_CAPACITY, build_engines
 from .demo import demo
+from .model.attention import BACKENDS as ATTENTION_BACKENDS
 from .model.precision import DEFAULT_PRECISION_RULE, PRECISIONS, default_precision, precision_dtype
 from .pipeline import ZImageTRTPipeline
 from . import serving
@@ -50,6 +51,12 @@ def add_build_arguments(ap: argparse.ArgumentParser) -> None:
                     help="TensorRT-RTX target GPU, e.g. 8.9 or 12.0; repeat for several (default: this GPU, else all "
                          "that TensorRT-RTX supports)")
     ap.add_argument("--name", default=None, help="engine name (default: denoiser-BACKEND-PRECISION)")
+    ap.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS,
+                    help="torch-compiled engines: auto = FlashAttention-3 where it runs (pip install zimage_trt[fa3], "
+                         "Hopper), else SDPA; fa3-fp8 = FA3 on e4m3 q, k, v")
+    ap.add_argument("--fp8-keep", default="auto",
+                    help="FP8 engines: blocks kept bf16. auto = measure each block's sensitivity to FP8 on this "
+                         "checkpoint and keep the outliers; none; or names such as layers.29,noise_refiner.0")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     ap.add_argument("--refittable", action="store_true",
                     help="TensorRT: let LoRA replace the weights later without a rebuild (a refit); costs a larger "
@@ -61,11 +68,15 @@ def run_build(args) -> int:
         args.model, args.resolution, args.out, backend=args.backend, precision=args.precision, batch=args.batch,
         caption_capacity=args.caption_capacity, compute_capabilities=args.compute_capability, name=args.name,
         progress=not args.quiet, refittable=args.refittable,
+        attention_backend=args.attention_backend, fp8_keep=args.fp8_keep,
     )
     m = result.manifest
     shapes = ", ".join(s.resolution for s in m.shapes)
     print(f"built {m.name}: {m.backend} {m.backend_version}, {m.precision}, {shapes}, "
           f"{sum(f.bytes for f in m.files) / 2**20:.1f} MiB in {result.seconds:.1f}s")
+    if m.backend == "torch-compiled":
+        print(f"attention: {m.attention_backend}; fused kernels: {m.fused_kernels}"
+              + (f"; FP8 blocks kept bf16: {m.fp8_keep or 'none'}" if m.precision == "fp8" else ""))
     print(f"manifest: {result.manifest_path}")
     return 0
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .model.attention import BACKENDS as ATTENTION_BACKENDS
 from .model.precision import check_precision, default_precision, precision_dtype
 from .runtime.placement import default_dtype, resolve_device
 
@@ -37,6 +38,9 @@ class PipelineOptions:
     precision: str | None = None
     weights_fingerprint: str | None = None  # checked against engine manifests when known
     text_encoder_fp8: bool | None = None  # None: FP8 when precision is "fp8" on a GPU
+    # Attention kernel of torch-compiled engines: None = the one the engine was built with where it runs
+    # here (else SDPA); "auto" | "sdpa" | "fa3" | "fa3-fp8" (model/attention.py).
+    attention_backend: str | None = None
 
     @classmethod
     def from_keywords(cls, options: "PipelineOptions | None" = None, **keywords) -> "PipelineOptions":
@@ -58,6 +62,9 @@ class PipelineOptions:
         device = resolve_device(self.device)
         if self.precision is not None:
             check_precision(self.precision)
+        if self.attention_backend is not None and self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend {self.attention_backend!r} is not one of {ATTENTION_BACKENDS} "
+                             "(None: the engine's own)")
         return dataclasses.replace(
             self,
             device=device,

@@ -35,7 +35,7 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.z_image.pipeline_z_image import calculate_shift, get_default_z_image_sigmas
 from diffusers.utils.torch_utils import randn_tensor
 
-from .engines.select import open_denoiser
+from .engines.select import fp8_keep_in, open_denoiser
 from .engines.torch_compiled import compile_vae_decoder
 from .errors import GenerationOOMError, NonFiniteOutputError, PromptTruncatedWarning
 from .lora.pipeline_mixin import LoraPipelineMixin
@@ -108,7 +108,7 @@ class ZImageTRTPipeline(LoraPipelineMixin):
         self.text_encoder_fp8 = place_components(
             transformer, vae, text_encoder, device=self.device, dtype=self.dtype,
             text_encoder_device=self.text_encoder_device, precision=opts.precision,
-            text_encoder_fp8=opts.text_encoder_fp8)
+            text_encoder_fp8=opts.text_encoder_fp8, fp8_keep=fp8_keep_in(opts.engine_dir) if opts.precision == "fp8" else ())
         self.transformer, self.vae, self.text_encoder = transformer, vae, text_encoder
         self.tokenizer, self.scheduler = tokenizer, scheduler
         self.latent_channels = int(transformer.config.in_channels)
@@ -257,7 +257,7 @@ class ZImageTRTPipeline(LoraPipelineMixin):
             engine = open_denoiser(
                 self.transformer, self.engine_dir, self.device, self.dtype, resolution.key, model_batch,
                 allow_fallback=opts.allow_fallback, precision=self.precision, cache=self._engines,
-                weights_fingerprint=opts.weights_fingerprint,
+                weights_fingerprint=opts.weights_fingerprint, attention_backend=opts.attention_backend,
             )
             # One engine may serve several shapes (optimisation profiles); keep one loop per engine.
             loop = next((known for known in self._loops.values() if known.engine is engine), None)

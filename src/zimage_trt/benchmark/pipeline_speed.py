@@ -20,17 +20,22 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..compiler.build import build_engines
 from ..files import atomic_write_text
+from ..model.attention import BACKENDS as ATTENTION_BACKENDS
 from ..model.precision import precision_dtype
 from ..pipeline import ZImageTRTPipeline
 from ..runtime.telemetry import summarize
 from ..testing.tiny import make_tiny_components
-from .common import PROMPT_160, environment, full_size_components, full_size_transformer
+from .common import PROMPT_160, environment, full_size_components, full_size_text_encoder, full_size_transformer
+
+SGLANG_H100_BF16_MS = 906  # SGLang-Diffusion's published single-H100 bf16 figure (perf_baselines/h100.json)
+QUALITY_SEED = 4321
 
 NEIGHBOUR = """
 import sys, time, torch
@@ -70,11 +75,34 @@ def row(name, stats, base=None):
             f"p95 {stats['p95']:8.1f}  cv {100 * stats['cv']:5.2f}%{ratio}")
 
 
+def torchao_peer(peer, peer_tr, call, n, ours, eager, results) -> dict:
+    """diffusers' transformer quantised by torchao (FP8 e4m3 weights and dynamic activations, one scale
+    per row) + compile_repeated_blocks + the compiled VAE: the FP8 peer in this process."""
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+    start = time.perf_counter()
+    quantize_(peer_tr, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
+    peer_tr.compile_repeated_blocks(fullgraph=True)
+    per_image_ms(peer, 2, **call)
+    results["torchao_quantise_compile_s"] = time.perf_counter() - start
+    stats = summarize(per_image_ms(peer, n, **call)[0])
+    print(row("diffusers + torchao FP8 (PerRow) + compile", stats, eager["mean"]) +
+          f"  (quantise + compile + 2 warm-up images {results['torchao_quantise_compile_s']:.0f}s)", flush=True)
+    print(f"ours fp8 vs torchao FP8 peer: {stats['mean'] / ours['mean']:.2f}x", flush=True)
+    return stats
+
+
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--out", default="engines/bench", help="where the benchmark builds its engines")
     ap.add_argument("--images", type=int, default=20, help="images timed for our pipeline, after warm-up")
     ap.add_argument("--peer-images", type=int, default=10, help="images timed for each diffusers peer")
-    ap.add_argument("--precision", default="fp16", choices=("fp16", "bf16", "fp32"), help="engine precision")
+    ap.add_argument("--precision", default="fp16", choices=("fp16", "bf16", "fp32", "fp8"),
+                    help="engine precision (fp8: the FP8 peer is diffusers + torchao, see --compare)")
+    ap.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS,
+                    help="attention kernel compiled into our engine (auto: FlashAttention-3 where it runs)")
+    ap.add_argument("--fp8-keep", default="auto", help="FP8 quality policy of our build: auto, none or block names")
+    ap.add_argument("--skip-cold-start", action="store_true", help="do not measure the fresh-process cold start")
+    ap.add_argument("--skip-neighbour", action="store_true", help="do not measure next to a noisy neighbour")
     ap.add_argument("--extra-resolutions", default="512x512,768x1344",
                     help="comma-separated HEIGHTxWIDTH also built and timed (empty: none)")
     ap.add_argument("--json", default=None, help="also write every figure to this JSON file")
@@ -82,7 +110,10 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--tiny", action="store_true", help="the tiny random model on the CPU: a smoke test of the script")
     ap.add_argument("--skip-peers", action="store_true", help="time ours only, not diffusers' pipelines")
     ap.add_argument("--compare", default="diffusers", choices=("diffusers", "none"),
-                    help="'none' is --skip-peers (the older spelling)")
+                    help="diffusers: its ZImagePipeline in this process, eager and with compile_repeated_blocks + "
+                         "compiled VAE (bf16), and for --precision fp8 its transformer quantised by torchao "
+                         "(Float8DynamicActivationFloat8WeightConfig, PerRow) + the same compilation; "
+                         "'none' is --skip-peers")
 
 
 def main(argv=None) -> int:
@@ -104,10 +135,24 @@ def run(args) -> int:
     size = {"height": side, "width": side}
 
     parts = components(args.tiny, device, dtype)
+    fp8 = args.precision == "fp8"
+    reference = None
+    if fp8:
+        # The 16-bit reference for FP8's deviation: our eager bf16 pipeline on the same weights and seed,
+        # before the FP8 build converts the shared transformer in place.
+        ref_pipe = ZImageTRTPipeline.from_components(**parts, engine_dir=None, device=device, torch_dtype=dtype,
+                                                     compile_vae=False)
+        ref_pipe.set_progress_bar_config(disable=True)
+        with torch.no_grad():
+            ref_lat = ref_pipe(PROMPT_160, generator=torch.Generator(device).manual_seed(QUALITY_SEED), output_type="latent",
+                               **size).images
+            reference = (ref_lat, ref_pipe.decode_latents(ref_lat, "np")[0])
+        del ref_pipe
     start = time.perf_counter()
     build_engines(parts["transformer"], [main_res, *extra], args.out, backend="torch-compiled",
                   precision=args.precision, caption_capacity=512 if not args.tiny else 64, batch=max(1, args.batch),
-                  progress=False, vae=parts["vae"] if device == "cuda" else False)
+                  progress=False, vae=parts["vae"] if device == "cuda" else False,
+                  attention_backend=args.attention_backend, fp8_keep=args.fp8_keep)
     results["build_s"] = time.perf_counter() - start
     print(f"engine build ({main_res} + {extra}): {results['build_s']:.1f}s", flush=True)
 
@@ -115,9 +160,12 @@ def run(args) -> int:
     # made in memory (not counted), then engine files -> first image. The same process then measures
     # peak GPU memory of steady generation, with no build in it: allocated by tensors, and reserved
     # (what the process holds from the GPU, CUDA graph pools included: what must fit the card).
+    manifest = json.loads(next(Path(args.out).glob("*.manifest.json")).read_text())
+    results["engine"] = {k: manifest.get(k) for k in ("attention_backend", "fused_kernels", "fp8_keep")}
+    print(f"engine: {results['engine']}", flush=True)
     caches = tempfile.mkdtemp(prefix="zimage-cold-")
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": f"{caches}/inductor", "TRITON_CACHE_DIR": f"{caches}/triton"}
-    cold = subprocess.run([sys.executable, "-c", f"""
+    cold = subprocess.CompletedProcess([], 0, "", "skipped") if args.skip_cold_start else subprocess.run([sys.executable, "-c", f"""
 import json, time, torch, sys
 sys.argv = ['x'] + {['--tiny'] if args.tiny else []!r}
 from zimage_trt.benchmark.pipeline_speed import components, PROMPT_160
@@ -128,7 +176,7 @@ parts = components({args.tiny}, {device!r}, dtype)
 if torch.cuda.is_available():
     torch.cuda.reset_peak_memory_stats()
 t0 = time.perf_counter()
-pipe = ZImageTRTPipeline.from_components(**parts, engine_dir={args.out!r}, device={device!r}, torch_dtype=dtype)
+pipe = ZImageTRTPipeline.from_components(**parts, engine_dir={args.out!r}, device={device!r}, torch_dtype=dtype, precision={args.precision!r})
 pipe.set_progress_bar_config(disable=True)
 t1 = time.perf_counter()
 first = pipe(PROMPT_160, height={side}, width={side}, generator=torch.Generator({device!r}).manual_seed(0))
@@ -150,10 +198,11 @@ if torch.cuda.is_available():
         if "PEAK_GIB" in cold.stdout:
             results["fresh_process_peak_gib"] = json.loads(cold.stdout.split("PEAK_GIB")[1].splitlines()[0])
             print(f"peak GPU memory, fresh process, 6 images: {results['fresh_process_peak_gib']}", flush=True)
-    else:
+    elif not args.skip_cold_start:
         print("cold start run failed:", cold.stderr[-2000:], flush=True)
 
-    pipe = ZImageTRTPipeline.from_components(**parts, engine_dir=args.out, device=device, torch_dtype=dtype)
+    pipe = ZImageTRTPipeline.from_components(**parts, engine_dir=args.out, device=device, torch_dtype=dtype,
+                                             precision=args.precision)
     pipe.set_progress_bar_config(disable=True)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -171,6 +220,19 @@ if torch.cuda.is_available():
         stats["text_encode_ms"]["mean"], stats["denoise_ms"]["mean"], stats["step_ms"]["mean"],
         stats["vae_decode_ms"]["mean"], results["ours"].get("peak_gpu_gib", 0.0)), flush=True)
 
+    if reference is not None:
+        with torch.no_grad():
+            lat = pipe(PROMPT_160, generator=torch.Generator(device).manual_seed(QUALITY_SEED), output_type="latent",
+                       **size).images
+            image = pipe.decode_latents(lat, "np")[0]
+        mse = float(np.mean((image - reference[1]) ** 2))
+        results["fp8_vs_bf16"] = {
+            "rel_l2_latents": float((lat.float() - reference[0].float()).norm() / reference[0].float().norm()),
+            "psnr_db": 10 * np.log10(1 / mse) if mse > 0 else float("inf"), "fp8_keep": results["engine"]["fp8_keep"]}
+        print(f"FP8 vs bf16 (same weights, seed): latents rel L2 {results['fp8_vs_bf16']['rel_l2_latents']:.4f}, "
+              f"image PSNR {results['fp8_vs_bf16']['psnr_db']:.1f} dB, blocks kept bf16 {results['engine']['fp8_keep']}",
+              flush=True)
+
     if args.batch > 1:
         # Throughput: one call making `batch` images (torch-compiled engines take any batch).
         per_image_ms(pipe, 1, num_images_per_prompt=args.batch, **size)
@@ -186,11 +248,11 @@ if torch.cuda.is_available():
         results[f"ours_{res}"] = r
         print(row(f"ours {args.precision} {res}", r), flush=True)
 
-    if device == "cuda":
+    if device == "cuda" and not args.skip_neighbour:
         # Latency next to a noisy neighbour: another process running large matmuls on the same GPU.
         for priority in (0, -1):
             pipe_p = ZImageTRTPipeline.from_components(**parts, engine_dir=args.out, device=device, torch_dtype=dtype,
-                                                       stream_priority=priority)
+                                                       stream_priority=priority, precision=args.precision)
             pipe_p.set_progress_bar_config(disable=True)
             per_image_ms(pipe_p, 1, **size)
             neighbour = subprocess.Popen([sys.executable, "-c", NEIGHBOUR, "60"], stdout=subprocess.PIPE, text=True)
@@ -206,7 +268,9 @@ if torch.cuda.is_available():
         from diffusers import ZImagePipeline
 
         peer_tr = full_size_transformer(device, torch.bfloat16) if not args.tiny else parts["transformer"]
-        peer = ZImagePipeline(scheduler=parts["scheduler"], vae=parts["vae"], text_encoder=parts["text_encoder"],
+        # (an FP8 run converted the shared text encoder to FP8 in place: the peers get a bf16 one)
+        peer_te = full_size_text_encoder(device) if fp8 and not args.tiny else parts["text_encoder"]
+        peer = ZImagePipeline(scheduler=parts["scheduler"], vae=parts["vae"], text_encoder=peer_te,
                               tokenizer=parts["tokenizer"], transformer=peer_tr)
         peer.set_progress_bar_config(disable=True)
         call = dict(num_inference_steps=8, guidance_scale=0.0, output_type="np", **size)
@@ -219,13 +283,17 @@ if torch.cuda.is_available():
             results["diffusers_eager_peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
         print(row("diffusers ZImagePipeline eager", eager), flush=True)
         print(row(f"ours {args.precision}", ours, eager["mean"]), flush=True)
+        print(f"ours vs SGLang-Diffusion's published H100 bf16 figure ({SGLANG_H100_BF16_MS} ms): "
+              f"{SGLANG_H100_BF16_MS / ours['mean']:.2f}x (not measured here)", flush=True)
         # Same seed, same weights (ours in {precision}, diffusers in bf16): how far apart are the images?
         ref = peer(PROMPT_160, generator=torch.Generator(device).manual_seed(100 + args.images - 1), **call).images[0]
         mine = np.asarray(ours_out.images[0], dtype=np.float32) / 255.0
         mse = float(np.mean((mine - ref) ** 2))
         results["psnr_vs_diffusers_db"] = 10 * np.log10(1.0 / mse) if mse > 0 else float("inf")
         print(f"image PSNR ours vs diffusers (same seed): {results['psnr_vs_diffusers_db']:.1f} dB", flush=True)
-        if device == "cuda":
+        if device == "cuda" and fp8:
+            results["diffusers_torchao_fp8"] = torchao_peer(peer, peer_tr, call, args.peer_images, ours, eager, results)
+        elif device == "cuda":
             start = time.perf_counter()
             peer_tr.compile_repeated_blocks(fullgraph=True)
             parts["vae"].decoder.compile()  # (already compiled by our pipeline: the same module)

@@ -13,6 +13,7 @@ import contextlib
 import copy
 import fcntl
 import gc
+import logging
 import os
 import shutil
 import time
@@ -27,6 +28,7 @@ from ..engines.manifest import MANIFEST_SUFFIX, EngineShape, Manifest, ManifestE
 from ..engines.tensorrt import refit
 from ..engines.tensorrt.library import available_flavors, parse_compute_capability, rtx_supported_compute_capabilities
 from ..files import PARTIAL_SUFFIX, check_writable_dir, publish, sha256_file, staged
+from ..model.attention import resolve_attention_backend
 from ..model.denoiser import StaticZImageDenoiser
 from ..model.precision import check_precision, default_precision, precision_dtype
 from ..model.shapes import Resolution, check_caption_capacity, check_fits_rope
@@ -35,7 +37,9 @@ from . import tensorrt_build
 from .export import export_denoiser
 from .fp16_calibration import calibrate_downscale, calibration_inputs
 from .fp8_onnx import quantize_onnx_fp8
+from .fp8_policy import check_fp8_keep_policy, choose_fp8_keep, fp8_sensitivity
 
+log = logging.getLogger("zimage_trt")
 BACKEND_NAMES = ("auto", "torch-compiled", "tensorrt", "tensorrt-rtx")
 DEFAULT_CAPTION_CAPACITY = 512  # diffusers' max_sequence_length
 # The ONNX graph TensorRT builds from has dynamic latent sides starting at 16 latent pixels (compiler/export.py:
@@ -82,7 +86,8 @@ def _model_record(transformer, fingerprint: str) -> dict:
 def build_engines(model, resolutions, out_dir="engines", *, backend: str = "auto", precision: str | None = None,
                   batch: int = 1, caption_capacity: int = DEFAULT_CAPTION_CAPACITY, device=None,
                   compute_capabilities=None, name: str | None = None, fp16_downscale_log2=None,
-                  keep_onnx: bool = True, progress: bool = True, vae=None, refittable: bool = False) -> BuildResult:
+                  keep_onnx: bool = True, progress: bool = True, vae=None, refittable: bool = False,
+                  attention_backend: str = "auto", fp8_keep: str = "auto", fused_kernels: bool = True) -> BuildResult:
     """Build one denoiser engine holding every requested resolution (weights stored once).
 
     model: a diffusers-format folder, a hub id (at a user's site) or an in-memory
@@ -94,6 +99,11 @@ def build_engines(model, resolutions, out_dir="engines", *, backend: str = "auto
     `vae/` of a local model folder, on CUDA builds; False: never. The VAE is copied, never modified.
     refittable (TensorRT): weights can be replaced later without a rebuild (LoRA, `update_weights`); the
     plan is larger and TensorRT may skip weight-specialised kernels. Not for fp8 or torch-compiled.
+    attention_backend, fused_kernels (torch-compiled engines): the attention kernel ('auto': FA3 where
+    it runs, else SDPA; model/attention.py) and the fused Triton kernels (CUDA) compiled into the engine.
+    fp8_keep (FP8 torch-compiled engines): 'auto' measures each block's sensitivity to FP8 and keeps the
+    outliers bf16, 'none', or a comma-separated list of block names (compiler/fp8_policy.py).
+    All are recorded in the manifest.
     """
     started = time.perf_counter()
     shapes_res = sorted({Resolution.parse(r) for r in ([resolutions] if isinstance(resolutions, str) else resolutions)})
@@ -121,12 +131,19 @@ def build_engines(model, resolutions, out_dir="engines", *, backend: str = "auto
         raise ValueError("refittable FP8 engines are not supported: their weights are stored quantised with scales "
                          "computed at build time; build fp16/bf16 for adapters, or rebuild the FP8 engine")
     out_dir = check_writable_dir(out_dir)
+    attention_backend = resolve_attention_backend(attention_backend, device) if backend == "torch-compiled" else "sdpa"
+    fp8_keep = check_fp8_keep_policy(fp8_keep)
+    if fp8_keep != "none" and precision == "fp8" and backend != "torch-compiled" and fp8_keep != "auto":
+        raise ValueError(f"--fp8-keep {fp8_keep!r} applies to torch-compiled FP8 engines; {backend} FP8 engines "
+                         "quantise every block (use --fp8-keep none or auto)")
     plan = BuildPlan(
         model=model, out_dir=out_dir, name=name or f"denoiser-{backend}-{precision}", backend=backend,
         precision=precision, target_dtype=target_dtype, device=device,
         shapes=[EngineShape(r.key, batch, caption_capacity) for r in shapes_res],
         compute_capabilities=compute_capabilities, fp16_downscale_log2=fp16_downscale_log2,
         keep_onnx=keep_onnx, progress=progress, vae=vae, refittable=bool(refittable),
+        attention_backend=attention_backend,
+        fp8_keep=fp8_keep, fused_kernels=bool(fused_kernels) and backend == "torch-compiled" and device.type == "cuda",
     )
     with _exclusive_build(plan.out_dir, plan.name):
         return _build_locked(plan, started)
@@ -150,6 +167,9 @@ class BuildPlan:
     progress: bool
     vae: object = None
     refittable: bool = False
+    attention_backend: str = "sdpa"
+    fp8_keep: str = "auto"
+    fused_kernels: bool = False
 
 
 def _build_locked(plan: BuildPlan, started: float) -> BuildResult:
@@ -181,8 +201,19 @@ def _build_locked(plan: BuildPlan, started: float) -> BuildResult:
         downscale = given if given is not None else calibrate_downscale(denoiser)
         denoiser.set_downscale(downscale)
     torch.nn.Module.to(transformer, plan.target_dtype)  # (diffusers' own .to() warns needlessly)
+    keep, sensitivity = [], {}
     if precision == "fp8" and backend == "torch-compiled":
-        denoiser.quantize_fp8()
+        # 3. FP8 quality policy: measured on this model's own weights, before quantising.
+        names = [n for n, _ in denoiser.named_blocks()]
+        if plan.fp8_keep == "auto":
+            with torch.no_grad():
+                sensitivity = fp8_sensitivity(denoiser, calibration_inputs(denoiser))
+        keep = choose_fp8_keep(plan.fp8_keep, sensitivity, names)
+        denoiser.quantize_fp8(keep=keep)
+        log.info("FP8 policy %s: %d of %d blocks kept bf16 %s", plan.fp8_keep, len(keep), len(names), keep)
+    if backend == "torch-compiled":
+        denoiser.set_attention_backend(plan.attention_backend)
+        denoiser.set_fused_kernels(plan.fused_kernels)
     bar.update()
 
     # 3-4. The engine itself.
@@ -204,6 +235,8 @@ def _build_locked(plan: BuildPlan, started: float) -> BuildResult:
         shapes=shapes, files=[record_file(p) for p in engine_files], compute_capabilities=ccs,
         torch_version=torch.__version__, model=_model_record(transformer, fingerprint),
         fp16_downscale_log2={k: list(v) for k, v in downscale.items()}, onnx_sha256=details.get("onnx_sha256"),
+        attention_backend=plan.attention_backend, fused_kernels=plan.fused_kernels, fp8_keep=keep,
+        fp8_sensitivity={k: round(v, 6) for k, v in sensitivity.items()},
         build_seconds=round(time.perf_counter() - started, 3),
         refittable=bool(details.get("refit_weights")), refit_weights=details.get("refit_weights", {}),
     )

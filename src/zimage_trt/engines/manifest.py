@@ -55,6 +55,13 @@ class Manifest:
     torch_version: str
     model: dict  # class, config sha256, weights fingerprint
     fp16_downscale_log2: dict = field(default_factory=dict)
+    # torch-compiled engines: the attention kernel the build compiled for (model/attention.py), whether
+    # the fused Triton kernels were on, and for FP8 the blocks kept bf16 by the quality policy with the
+    # sensitivity that chose them (compiler/fp8_policy.py). The runtime applies the same.
+    attention_backend: str = "sdpa"
+    fused_kernels: bool = False
+    fp8_keep: list = field(default_factory=list)
+    fp8_sensitivity: dict = field(default_factory=dict)
     onnx_sha256: str | None = None
     build_seconds: float = 0.0
     # TensorRT engines built with refittable=True: {engine weight name: [[diffusers names], "" | "T"]}, the
@@ -123,6 +130,8 @@ def validate(raw) -> None:
     optional = {
         "fp16_downscale_log2": dict, "onnx_sha256": (str, type(None)), "build_seconds": (int, float),
         "created": str, "format_version": int, "refittable": bool, "refit_weights": dict,
+        "attention_backend": str, "fused_kernels": bool,
+        "fp8_keep": list, "fp8_sensitivity": dict,
     }
     unknown = sorted(set(raw) - set(required) - set(optional))
     if unknown:

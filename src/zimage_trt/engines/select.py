@@ -4,12 +4,14 @@ in every refusal; `allow_fallback=True` runs eager torch with a warning instead.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..model import attention
 from ..model.denoiser import StaticZImageDenoiser
 from ..model.precision import precision_of
 from ..model.weights import config_fingerprint
@@ -19,6 +21,9 @@ from .manifest import Manifest, ManifestError, find_manifests
 from .tensorrt.denoiser import TensorRTDenoiserEngine
 from .tensorrt.library import available_flavors, flavor_versions
 
+
+
+log = logging.getLogger("zimage_trt")
 
 
 class EngineNotFound(RuntimeError):
@@ -88,7 +93,8 @@ def runnable_backends(device: torch.device) -> set[str]:
 
 def open_denoiser(transformer, engine_dir, device, dtype: torch.dtype, resolution: str, batch: int,
                   *, precision: str | None = None, weights_fingerprint: str | None = None,
-                  allow_fallback: bool = False, downscale_log2=None, cache: dict | None = None) -> DenoiserEngine:
+                  allow_fallback: bool = False, downscale_log2=None, cache: dict | None = None,
+                  attention_backend: str | None = None) -> DenoiserEngine:
     """The engine to run `transformer` at `resolution` x `batch` on `device`.
 
     With no engine_dir the eager static denoiser is the engine (CPU tests, the demo). `cache` (a dict the
@@ -128,7 +134,7 @@ def open_denoiser(transformer, engine_dir, device, dtype: torch.dtype, resolutio
         if cache is not None and key in cache:
             return cache[key]
         manifest.verify_files(engine_dir)  # checksum before anything is loaded
-        engine = _open(manifest, Path(engine_dir), transformer, device)
+        engine = _open(manifest, Path(engine_dir), transformer, device, attention_backend)
         if cache is not None:
             cache[key] = engine
         return engine
@@ -148,17 +154,49 @@ def _no_engine(message, allow_fallback, transformer, downscale_log2, precision) 
     return TorchDenoiserEngine(_static(transformer, downscale_log2, precision))
 
 
-def _static(transformer, downscale_log2, precision: str) -> StaticZImageDenoiser:
+def _static(transformer, downscale_log2, precision: str, fp8_keep=()) -> StaticZImageDenoiser:
     denoiser = StaticZImageDenoiser(transformer, downscale_log2)
     if precision == "fp8":
-        denoiser.quantize_fp8()
+        denoiser.quantize_fp8(keep=fp8_keep)
     return denoiser
 
 
-def _open(manifest: Manifest, folder: Path, transformer, device) -> DenoiserEngine:
+def fp8_keep_in(engine_dir) -> list[str]:
+    """Blocks that the FP8 torch-compiled engines in `engine_dir` keep bf16 (their quality policy), so
+    that the runtime leaves those blocks unquantised when it converts the model on its way to the GPU."""
+    keep: set[str] = set()
+    if engine_dir is not None and Path(engine_dir).is_dir():
+        for path in find_manifests(engine_dir):
+            try:
+                manifest = Manifest.read(path)
+            except ManifestError:
+                continue  # reported when an engine is chosen
+            if manifest.precision == "fp8" and manifest.backend == "torch-compiled":
+                keep.update(manifest.fp8_keep)
+    return sorted(keep)
+
+
+def runtime_attention_backend(requested: str | None, built: str, device) -> str:
+    """The attention kernel to run: the one asked for (an error if it cannot run here), else the one
+    the engine was built with where it can run here, else SDPA."""
+    if requested not in (None, "auto"):
+        return attention.resolve_attention_backend(requested, device)
+    if built != "sdpa" and attention.fa3_unavailable_reason(torch.device(device)) is None:
+        return built
+    return attention.resolve_attention_backend(requested, device) if requested == "auto" else "sdpa"
+
+
+def _open(manifest: Manifest, folder: Path, transformer, device, attention_backend: str | None = None) -> DenoiserEngine:
     downscale = {k: tuple(v) for k, v in manifest.fp16_downscale_log2.items()}
     if manifest.backend == "torch-compiled":
         torch_compiled.load_artifacts(manifest.file_path(folder, manifest.files[0]).read_bytes())
         # FP8 weights are quantised again from the model's own (deterministic): the engine stores none.
-        return torch_compiled.CompiledDenoiserEngine(_static(transformer, downscale, manifest.precision))
+        denoiser = _static(transformer, downscale, manifest.precision, manifest.fp8_keep)
+        backend = runtime_attention_backend(attention_backend, manifest.attention_backend, device)
+        denoiser.set_attention_backend(backend)
+        denoiser.set_fused_kernels(manifest.fused_kernels)
+        log.info("%s; fused kernels %s%s", attention.describe(backend, denoiser.dtype),
+                 "on" if manifest.fused_kernels else "off",
+                 f"; FP8 blocks kept bf16: {manifest.fp8_keep}" if manifest.fp8_keep else "")
+        return torch_compiled.CompiledDenoiserEngine(denoiser)
     return TensorRTDenoiserEngine(manifest.file_path(folder, manifest.files[0]), manifest, device)

@@ -33,7 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fp8 import quantize_block_fp8
+from . import attention as attention_backends
+from .attention import sdpa_attention
+from . import fused_kernels
+from .fp8 import Fp8Linear, quantize_block_fp8
 from .shapes import PATCH_SIZE, SEQ_MULTI_OF
 
 
@@ -61,16 +64,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.flatten(-2).to(x.dtype)
 
 
-def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """q, k, v: [B, S, H, D]; mask: bool [B, 1, 1, S] (True = attend) or None. Returns [B, S, H, D].
-
-    The [B, S, H, D] layout is the one every attention op of a block takes (`StaticBlock.attention_op`):
-    it is FlashAttention's own layout, and the one a sequence-parallel all-to-all splits.
-    """
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
-    return out.transpose(1, 2)
-
-
 class StaticBlock(nn.Module):
     """One `ZImageTransformerBlock`, same weights, tensor-only forward with optional fp16 downscaling."""
 
@@ -81,30 +74,64 @@ class StaticBlock(nn.Module):
         # attention-backend switch and wrapped by sequence parallelism, both without touching the block.
         self.attention_op = sdpa_attention
         self.set_downscale(attn_log2, ffn_log2)
+        self.set_fused_kernels(False)
 
     def set_downscale(self, attn_log2: int, ffn_log2: int) -> None:
         self.attn_log2, self.ffn_log2 = int(attn_log2), int(ffn_log2)
         self.attn_scale = 2.0 ** -self.attn_log2
         self.ffn_scale = 2.0 ** -self.ffn_log2
 
+    def set_fused_kernels(self, on: bool) -> None:
+        """Hand-written Triton kernels (model/fused_kernels.py) for q/k RMSNorm + RoPE and, in FP8
+        blocks, SiLU gate + quantisation; used only on CUDA tensors when Triton is there."""
+        self.fused = bool(on)
+        attn = self.block.attention
+        # Static FP8 scales for q and k: after RMSNorm a head vector has norm sqrt(D) times at most
+        # max|weight|, and RoPE rotates pairs (norm-preserving), so no element exceeds that bound (1%
+        # margin for the 16-bit roundings). No amax pass is needed; e4m3 is floating point, so a loose
+        # bound costs range at the small end only (elements under ~1e-5 of the bound).
+        self.q_fp8_scale = self.k_fp8_scale = None
+        if self.fused and attn.norm_q is not None and attn.norm_k is not None and attn.norm_q.weight is not None:
+            head_dim = attn.norm_q.weight.shape[0]
+            for name, norm in (("q_fp8_scale", attn.norm_q), ("k_fp8_scale", attn.norm_k)):
+                bound = math.sqrt(head_dim) * float(norm.weight.detach().abs().max()) * 1.01
+                setattr(self, name, max(bound, 1e-6) / attention_backends.FP8_MAX)
+
     def attention(self, x, cos, sin, mask):
         attn = self.block.attention
         q = attn.to_q(x).unflatten(-1, (attn.heads, -1))
         k = attn.to_k(x).unflatten(-1, (attn.heads, -1))
         v = attn.to_v(x).unflatten(-1, (attn.heads, -1))
-        if attn.norm_q is not None:
-            q = rms_norm(attn.norm_q, q)
-        if attn.norm_k is not None:
-            k = rms_norm(attn.norm_k, k)
-        q = apply_rope(q, cos, sin)
-        k = apply_rope(k, cos, sin)
-        out = self.attention_op(q, k, v, mask).flatten(2).to(x.dtype)
+        op = self.attention_op
+        if self.fused and self.q_fp8_scale is not None and fused_kernels.usable(q):
+            if mask is None and getattr(op, "takes_fp8_qk", False):
+                q = fused_kernels.qk_norm_rope(q, attn.norm_q.weight, attn.norm_q.eps, cos, sin)
+                k = fused_kernels.qk_norm_rope(k, attn.norm_k.weight, attn.norm_k.eps, cos, sin)
+                q8 = fused_kernels.quantize_static_fp8(q, self.q_fp8_scale)
+                k8 = fused_kernels.quantize_static_fp8(k, self.k_fp8_scale)
+                out = op.fp8_qk(q8, self.q_fp8_scale, k8, self.k_fp8_scale, v, x.dtype)
+            else:
+                q = fused_kernels.qk_norm_rope(q, attn.norm_q.weight, attn.norm_q.eps, cos, sin)
+                k = fused_kernels.qk_norm_rope(k, attn.norm_k.weight, attn.norm_k.eps, cos, sin)
+                out = op(q, k, v, mask)
+        else:
+            if attn.norm_q is not None:
+                q = rms_norm(attn.norm_q, q)
+            if attn.norm_k is not None:
+                k = rms_norm(attn.norm_k, k)
+            q = apply_rope(q, cos, sin)
+            k = apply_rope(k, cos, sin)
+            out = op(q, k, v, mask)
+        out = out.flatten(2).to(x.dtype)
         if self.attn_log2:
             out = out * self.attn_scale  # exact power-of-two shrink; attention_norm2 undoes it
         return attn.to_out[0](out)
 
     def feed_forward(self, x):
         ff = self.block.feed_forward
+        if self.fused and not self.ffn_log2 and isinstance(ff.w2, Fp8Linear) and fused_kernels.usable(x):
+            quantised, row_scale = fused_kernels.silu_mul_quant_fp8(ff.w1(x), ff.w3(x))
+            return ff.w2.forward_quantised(quantised, row_scale, x.shape[:-1])
         gate = F.silu(ff.w1(x))
         up = ff.w3(x * self.ffn_scale) if self.ffn_log2 else ff.w3(x)
         return ff.w2(gate * up)
@@ -157,6 +184,8 @@ class StaticZImageDenoiser(nn.Module):
         self.context_refiner = nn.ModuleList(StaticBlock(b) for b in transformer.context_refiner)
         self.layers = nn.ModuleList(StaticBlock(b) for b in transformer.layers)
         self.set_downscale(downscale_log2 or {})
+        self.attention_backend = "sdpa"
+        self.fused_kernels = False
 
         # Timestep frequencies as diffusers computes them (fp32).
         device = self.x_pad_token.device
@@ -186,19 +215,40 @@ class StaticZImageDenoiser(nn.Module):
         for name, block in names.items():
             block.set_downscale(*downscale_log2.get(name, (0, 0)))
 
+    def set_attention_backend(self, backend: str) -> None:
+        """Every block's attention op becomes the resolved backend's ('sdpa', 'fa3' or 'fa3-fp8'; see
+        model/attention.py). Resolve 'auto' first with `attention.resolve_attention_backend`."""
+        op = attention_backends.attention_op(backend)
+        for _, block in self.named_blocks():
+            block.attention_op = op
+        self.attention_backend = backend
+
+    def set_fused_kernels(self, on: bool) -> None:
+        """Triton kernels for the element-wise chains Inductor leaves slow (see model/fused_kernels.py)."""
+        for _, block in self.named_blocks():
+            block.set_fused_kernels(on)
+        self.fused_kernels = bool(on)
+
     def downscale(self) -> dict[str, tuple[int, int]]:
         return {n: (b.attn_log2, b.ffn_log2) for n, b in self.named_blocks() if b.attn_log2 or b.ffn_log2}
 
-    def quantize_fp8(self) -> None:
-        """FP8 (e4m3) weights and activations for every block's projections; the rest stays 16-bit.
+    def quantize_fp8(self, keep=()) -> None:
+        """FP8 (e4m3) weights and activations for every block's projections but those of the blocks
+        named in `keep` (kept bf16: the FP8 quality policy, compiler/fp8_policy.py); the rest stays 16-bit.
 
         Converts the shared transformer's blocks in place: the 16-bit projection weights are dropped.
         """
         if self.dtype != torch.bfloat16:
             raise ValueError(f"FP8 engines keep their 16-bit parts in bfloat16; the model is {self.dtype}")
-        for _, block in self.named_blocks():
-            quantize_block_fp8(block.block)
+        names = dict(self.named_blocks())
+        unknown = sorted(set(keep) - set(names))
+        if unknown:
+            raise ValueError(f"fp8 keep list names unknown blocks {unknown}; blocks are {list(names)}")
+        for name, block in names.items():
+            if name not in keep:
+                quantize_block_fp8(block.block)
             block.set_downscale(0, 0)  # bf16 range: no fp16 downscaling needed
+        self.fp8_keep = sorted(keep)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -52,21 +52,33 @@ class Fp8Linear(nn.Module):
         rows = x.reshape(-1, x.shape[-1])
         row_scale = rows.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX  # [M, 1]
         quantised = (rows.float() / row_scale).to(torch.float8_e4m3fn)
+        return self.forward_quantised(quantised, row_scale, x.shape[:-1])
+
+    def forward_quantised(self, quantised: torch.Tensor, row_scale: torch.Tensor, lead_shape) -> torch.Tensor:
+        """The product for an input already quantised per token (e.g. by a fused kernel that made it):
+        quantised [M, K] e4m3, row_scale [M, 1] fp32; the output takes the shape lead_shape + [N]."""
         # Fast accumulation (fewer partial-sum bits kept between promotions): faster, and no less exact
         # than the slow path on Z-Image's shapes (bench/fp8_gemm.py; figures in BENCHMARKS.md).
         out = torch._scaled_mm(quantised, self.weight_fp8.t(), scale_a=row_scale, scale_b=self.weight_scale,
                                bias=self.bias, out_dtype=self.out_dtype, use_fast_accum=True)
-        return out.reshape(*x.shape[:-1], self.out_features)
+        return out.reshape(*lead_shape, self.out_features)
+
+
+def block_projections(block: nn.Module) -> list[tuple[nn.Module, str]]:
+    """(owner, attribute) of a ZImageTransformerBlock's seven big projections, the ones FP8 replaces."""
+    attn, ff = block.attention, block.feed_forward
+    return [(attn, "to_q"), (attn, "to_k"), (attn, "to_v"), (attn.to_out, "0"), (ff, "w1"), (ff, "w2"), (ff, "w3")]
 
 
 def quantize_block_fp8(block: nn.Module) -> None:
     """Swap a ZImageTransformerBlock's big projections for Fp8Linear, in place (frees the 16-bit copies)."""
-    attn, ff = block.attention, block.feed_forward
-    for owner, name in ((attn, "to_q"), (attn, "to_k"), (attn, "to_v"), (ff, "w1"), (ff, "w2"), (ff, "w3")):
+    for owner, name in block_projections(block):
         if isinstance(getattr(owner, name), nn.Linear):
             setattr(owner, name, Fp8Linear(getattr(owner, name)))
-    if isinstance(attn.to_out[0], nn.Linear):
-        attn.to_out[0] = Fp8Linear(attn.to_out[0])
+
+
+def is_fp8_block(block: nn.Module) -> bool:
+    return any(isinstance(getattr(owner, name), Fp8Linear) for owner, name in block_projections(block))
 
 
 def quantize_text_encoder_fp8(text_encoder: nn.Module) -> int:

@@ -47,7 +47,8 @@ def wants_fp8_text_encoder(flag, precision: str | None, text_encoder, device: to
 
 
 def place_components(transformer, vae, text_encoder, *, device: torch.device, dtype: torch.dtype,
-                     text_encoder_device: torch.device, precision: str | None, text_encoder_fp8: bool | None) -> bool:
+                     text_encoder_device: torch.device, precision: str | None, text_encoder_fp8: bool | None,
+                     fp8_keep=()) -> bool:
     """Move (not copy) the parts to their devices in `dtype`, converting to FP8 on the way where asked.
 
     Returns whether the text encoder runs in FP8. The denoiser's blocks are converted here only on a
@@ -57,7 +58,10 @@ def place_components(transformer, vae, text_encoder, *, device: torch.device, dt
     if text_fp8:
         check_fp8_device(text_encoder_device, "text_encoder_fp8")
     if precision == "fp8" and device.type == "cuda":
-        place_converting(transformer, transformer_blocks(transformer), device, quantize_block_fp8)
+        # Blocks the engine's FP8 quality policy keeps bf16 (fp8_keep, names as "layers.3") are not converted.
+        kept = {id(block) for name, block in named_transformer_blocks(transformer) if name in set(fp8_keep)}
+        place_converting(transformer, transformer_blocks(transformer), device,
+                         lambda block: None if id(block) in kept else quantize_block_fp8(block))
     if text_fp8 and text_encoder_device.type == "cuda":
         place_converting(text_encoder, getattr(text_encoder, "layers", []), text_encoder_device, quantize_text_encoder_fp8)
     move(transformer, device, dtype)
@@ -69,7 +73,12 @@ def place_components(transformer, vae, text_encoder, *, device: torch.device, dt
 
 
 def transformer_blocks(transformer) -> list:
-    return [block for group in ("noise_refiner", "context_refiner", "layers") for block in getattr(transformer, group, [])]
+    return [block for _, block in named_transformer_blocks(transformer)]
+
+
+def named_transformer_blocks(transformer) -> list:
+    return [(f"{group}.{i}", block) for group in ("noise_refiner", "context_refiner", "layers")
+            for i, block in enumerate(getattr(transformer, group, []))]
 
 
 def place_converting(module, blocks, device: torch.device, convert) -> None:

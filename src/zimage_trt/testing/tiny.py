@@ -256,3 +256,18 @@ def save_tiny_pipeline(
             old.unlink()
         pipe.transformer.save_pretrained(transformer_dir, safe_serialization=True, max_shard_size=shard_size)
     return path
+
+
+# Widths whose FP8 products the GPU can run (torch._scaled_mm wants every dimension divisible by 16;
+# the default tiny feed-forward is 170 wide): dim 192 -> feed-forward 512, 3 heads of 64.
+FP8_GPU_TINY = {"dim": 192, "n_heads": 3, "n_kv_heads": 3, "axes_dims": [16, 24, 24]}
+
+
+def make_tiny_transformer(seed: int = 0, dtype: torch.dtype = torch.float32, **config) -> nn.Module:
+    """A tiny random ``ZImageTransformer2DModel`` with `config` overriding `tiny_transformer_config()`."""
+    from diffusers import ZImageTransformer2DModel
+
+    with torch.random.fork_rng(devices=[]):
+        model = ZImageTransformer2DModel(**{**tiny_transformer_config(), **config})
+    _randomize_(model, torch.Generator().manual_seed(seed))
+    return model.to(dtype).eval().requires_grad_(False)

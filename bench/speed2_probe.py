@@ -1,0 +1,309 @@
+"""Speed II probe (issue 10), one GPU, one process: attention kernels alone, a compiled denoiser step per
+attention backend and precision, and where a step's time goes (torch.profiler kernel totals by kind).
+
+    python bench/speed2_probe.py [--parts attn,step,profile] [--json out.json]
+
+Shapes: 1024x1024 (4096 image tokens + a 160-token caption padded to 160 = 4256), 30 heads x 128.
+"""
+
+import argparse
+import json
+import re
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from zimage_trt.benchmark.common import cuda_time_ms, full_size_transformer
+from zimage_trt.engines.torch_compiled import CompiledDenoiserEngine
+from zimage_trt.model import attention
+from zimage_trt.model.denoiser import StaticZImageDenoiser
+from zimage_trt.runtime.telemetry import summarize
+
+CATEGORIES = (
+    ("gemm", re.compile(r"gemm|cutlass|xmma|nvjet|sm90_|cublas|scaled_mm", re.I)),
+    ("attention", re.compile(r"flash|fmha|cudnn|attn|attention", re.I)),
+    ("inductor (element-wise/norm)", re.compile(r"^triton_", re.I)),
+)
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def graphed(fn):
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graph.output = fn()
+    return graph
+
+
+def attn_part(results):
+    torch.manual_seed(0)
+    B, S, H, D = 1, 4256, 30, 128
+    flops = 4 * B * H * S * S * D
+    found = {}
+    for name, _ in attention.FA3_MODULES:
+        try:
+            mod = __import__(name)
+            found[name] = mod.flash_attn_func
+        except Exception as exc:  # report what did not import
+            print(f"{name}: does not import ({type(exc).__name__}: {str(exc)[:200]})", flush=True)
+    rows = {}
+    for dtype in (torch.bfloat16, torch.float16):
+        q, k, v = (torch.randn(B, S, H, D, device="cuda", dtype=dtype) for _ in range(3))
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            q.float().transpose(1, 2), k.float().transpose(1, 2), v.float().transpose(1, 2)).transpose(1, 2)
+        cands = {"sdpa": lambda: attention.sdpa_attention(q, k, v, None)}
+        for name, func in found.items():
+            op16 = attention.make_fa3(func, dict(attention.FA3_MODULES)[name])
+            op8 = attention.make_fa3_fp8(func)
+            cands[f"{name}"] = (lambda op=op16: op(q, k, v, None))
+            cands[f"{name} fp8 (with quantisation)"] = (lambda op=op8: op(q, k, v, None))
+            q8, qs = attention.quantize_heads_fp8(q)
+            k8, ks = attention.quantize_heads_fp8(k)
+            v8, vs = attention.quantize_heads_fp8(v)
+            cands[f"{name} fp8 kernel only"] = (lambda f=func, q8=q8, k8=k8, v8=v8, qs=qs, ks=ks, vs=vs:
+                                                attention._first(f(q8, k8, v8, q_descale=qs, k_descale=ks, v_descale=vs)))
+        for cname, fn in cands.items():
+            try:
+                with torch.no_grad():
+                    out = fn()
+                    err = rel(out, ref)
+                    ms = summarize(cuda_time_ms(fn, warmup=5, iters=50))["p50"]
+                rows[f"{dtype} {cname}"] = dict(ms=ms, tflops=flops / ms / 1e9, rel_err=err)
+                print(f"attn {str(dtype):<15} {cname:<36} {ms:7.3f} ms  {flops / ms / 1e9:6.0f} TFLOP/s  rel err {err:.1e}",
+                      flush=True)
+            except Exception as exc:
+                print(f"attn {dtype} {cname}: failed {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+    results["attention_kernels"] = rows
+
+
+def kernel_table(prof, steps=1):
+    totals, names = {}, {}
+    for evt in prof.key_averages():
+        t = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
+        if not t or evt.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        cat = next((c for c, rx in CATEGORIES if rx.search(evt.key)), "other")
+        totals[cat] = totals.get(cat, 0.0) + t / 1e3 / steps
+        names[evt.key] = (cat, t / 1e3 / steps, evt.count // steps)
+    return totals, names
+
+
+def step_part(results, variants, do_profile, caption=160):
+    torch._dynamo.config.cache_size_limit = 64
+    out = {}
+    x = torch.randn(1, 16, 128, 128, device="cuda")
+    t = torch.tensor([0.5], device="cuda")
+    lens = torch.tensor([caption], device="cuda")
+    models = {}
+    refs = {}
+    for variant in variants:
+        precision, backend, *flags = variant.split(":")
+        dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+        key = precision
+        if key not in models:
+            models.clear()
+            torch.cuda.empty_cache()
+            models[key] = full_size_transformer("cuda", dtype)
+            if precision == "fp8":
+                # a 16-bit reference on the same weights, taken before quantisation
+                den16 = StaticZImageDenoiser(models[key])
+                den16.set_attention_backend("sdpa")
+                cap = torch.randn(1, caption, 2560, device="cuda", dtype=dtype, generator=torch.Generator("cuda").manual_seed(1))
+                with torch.no_grad():
+                    refs["bf16-eager"] = den16(x, t, cap, lens, mask_caption_keys=False).clone()
+                del den16
+        model = models[key]
+        cap = torch.randn(1, caption, 2560, device="cuda", dtype=dtype, generator=torch.Generator("cuda").manual_seed(1))
+        torch._dynamo.reset()
+        den = StaticZImageDenoiser(model)
+        if precision == "fp8" and not getattr(model, "_q", False):
+            den.quantize_fp8()
+            model._q = True
+        den.set_attention_backend(backend)
+        den.set_fused_kernels("fused" in flags)
+        start = time.perf_counter()
+        engine = CompiledDenoiserEngine(den)
+        run = lambda: engine.run(x, t, cap, lens, masked=False)  # noqa: E731
+        try:
+            with torch.no_grad():
+                o = run().clone()
+                compile_s = time.perf_counter() - start
+                base = refs.setdefault(precision, o)
+                g = graphed(run)
+                stats = summarize(cuda_time_ms(g.replay, warmup=3, iters=20))
+                row = dict(step_ms=stats["p50"], cv=stats["cv"], rel_vs_sdpa=rel(o, base), compile_s=compile_s)
+                if "bf16-eager" in refs and precision == "fp8":
+                    row["rel_vs_bf16"] = rel(o, refs["bf16-eager"])
+                print(f"step {variant:<16} p50 {stats['p50']:7.2f} ms  cv {100 * stats['cv']:.2f}%  rel vs first {row['rel_vs_sdpa']:.2e}"
+                      + (f"  rel vs bf16 {row['rel_vs_bf16']:.3f}" if "rel_vs_bf16" in row else "")
+                      + f"  (compile {compile_s:.0f}s)", flush=True)
+                if do_profile and ("fused" in flags or precision == "fp16"):
+                    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                        for _ in range(3):
+                            g.replay()
+                        torch.cuda.synchronize()
+                    totals, names = kernel_table(prof, steps=3)
+                    row["profile_ms"] = totals
+                    print(f"  profile {variant}: " + "  ".join(f"{c} {v:.2f}" for c, v in sorted(totals.items(), key=lambda kv: -kv[1]))
+                          + f"  sum {sum(totals.values()):.2f}", flush=True)
+                    top = sorted(names.items(), key=lambda kv: -kv[1][1])[:40]
+                    row["top_kernels"] = [(n[:160], c, ms, cnt) for n, (c, ms, cnt) in top]
+                    for n, (c, ms, cnt) in top[:22]:
+                        print(f"    {ms:7.3f} ms  x{cnt:<4} {c[:9]:<9} {n[:110]}", flush=True)
+                del g
+        except Exception as exc:
+            print(f"step {variant}: failed {type(exc).__name__}: {str(exc)[:500]}", flush=True)
+            row = dict(error=str(exc)[:500])
+        out[variant] = row
+        engine = den = None
+    results["steps"] = out
+
+
+def kernels_part(results):
+    """Parity and speed of each fused Triton kernel against the unfused torch maths (compiled)."""
+    from zimage_trt.model import fused_kernels
+    from zimage_trt.model.denoiser import apply_rope, rms_norm
+
+    out = {}
+    B, S, H, D = 1, 4256, 30, 128
+    for dtype in (torch.float16, torch.bfloat16):
+        norm = torch.nn.RMSNorm(D, eps=1e-5, device="cuda", dtype=dtype)
+        with torch.no_grad():
+            norm.weight.copy_(1 + 0.3 * torch.randn(D, device="cuda"))
+        x = torch.randn(B, S, H, D, device="cuda", dtype=dtype) * 3
+        ang = torch.rand(B, S, 1, D // 2, device="cuda") * 6.28
+        cos, sin = ang.cos(), ang.sin()
+        unfused = torch.compile(lambda x: apply_rope(rms_norm(norm, x), cos, sin), fullgraph=True)
+        fused = lambda x: fused_kernels.qk_norm_rope(x, norm.weight, norm.eps, cos, sin)  # noqa: E731
+        with torch.no_grad():
+            ref = apply_rope(rms_norm(norm, x), cos, sin)
+            got = fused(x)
+            e = rel(got, ref)
+            maxulp = (got.float() - ref.float()).abs().max().item()
+            t_ref = summarize(cuda_time_ms(lambda: unfused(x), warmup=5, iters=50))["p50"]
+            t_got = summarize(cuda_time_ms(lambda: fused(x), warmup=5, iters=50))["p50"]
+            scale = (D ** 0.5) * norm.weight.abs().max().item() * 1.01 / 448
+            q8 = fused_kernels.quantize_static_fp8(fused_kernels.qk_norm_rope(x, norm.weight, norm.eps, cos, sin), scale)
+            e8 = rel(q8.float() * scale, ref)
+        out[f"qk_norm_rope {dtype}"] = dict(rel=e, max_abs=maxulp, ms_compiled_torch=t_ref, ms_triton=t_got, fp8_rel=e8)
+        print(f"kernel qk_norm_rope {dtype}: rel {e:.1e} max|d| {maxulp:.1e}  compiled torch {t_ref:.3f} ms  triton {t_got:.3f} ms"
+              f"  (fp8 out rel {e8:.1e})", flush=True)
+    from zimage_trt.model.fp8 import FP8_MAX
+    a = torch.randn(4256, 10240, device="cuda", dtype=torch.bfloat16) * 2
+    b = torch.randn_like(a)
+
+    def unfused_sq(a, b):
+        rows = torch.nn.functional.silu(a) * b
+        s = rows.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
+        return (rows.float() / s).to(torch.float8_e4m3fn), s
+
+    cu = torch.compile(unfused_sq, fullgraph=True)
+    with torch.no_grad():
+        rq, rs = unfused_sq(a, b)
+        gq, gs = fused_kernels.silu_mul_quant_fp8(a, b)
+        e = rel(gq.float() * gs, rq.float() * rs)
+        mism = (gq.float() != rq.float()).float().mean().item()
+        t_ref = summarize(cuda_time_ms(lambda: cu(a, b), warmup=5, iters=50))["p50"]
+        t_got = summarize(cuda_time_ms(lambda: fused_kernels.silu_mul_quant_fp8(a, b), warmup=5, iters=50))["p50"]
+    out["silu_mul_quant"] = dict(rel=e, mismatch=mism, ms_compiled_torch=t_ref, ms_triton=t_got)
+    print(f"kernel silu_mul_quant: rel {e:.1e} fp8 codes differing {mism:.1e}  compiled torch {t_ref:.3f} ms  triton {t_got:.3f} ms",
+          flush=True)
+    results["kernels"] = out
+
+
+def policy_part(results, plant: bool):
+    """FP8 sensitivity pass on the full-size model (random weights, optionally planted outliers), the
+    auto keep list, and the deviation from bf16 and step time with and without it."""
+    from zimage_trt.compiler.fp8_policy import choose_fp8_keep, fp8_sensitivity
+
+    torch._dynamo.reset()
+    model = full_size_transformer("cuda", torch.bfloat16)
+    planted = []
+    if plant:
+        gen = torch.Generator("cuda").manual_seed(3)
+        with torch.no_grad():
+            for name in ("noise_refiner.1", "layers.7", "layers.22"):
+                group, i = name.split(".")
+                blk = getattr(model, group)[int(i)]
+                ch = torch.randperm(blk.attention_norm1.weight.numel(), device="cuda", generator=gen)[:4]
+                blk.attention_norm1.weight[ch] *= 1000
+                blk.ffn_norm1.weight[ch] *= 1000
+                rows = torch.randperm(blk.feed_forward.w1.weight.shape[0], device="cuda", generator=gen)[:8]
+                blk.feed_forward.w1.weight[rows] *= 30
+                blk.feed_forward.w3.weight[rows] *= 30
+                planted.append(name)
+    den = StaticZImageDenoiser(model)
+    gen = torch.Generator("cuda").manual_seed(7)
+    # calibration: 512x512 latents, two timesteps, a 160-token caption (small: the pass is 35 forwards)
+    calib = (torch.randn(2, 16, 64, 64, device="cuda", generator=gen), torch.tensor([0.25, 0.75], device="cuda"),
+             torch.randn(2, 160, 2560, device="cuda", dtype=torch.bfloat16, generator=gen), torch.tensor([160, 160], device="cuda"))
+    start = time.perf_counter()
+    sens = fp8_sensitivity(den, calib)
+    pass_s = time.perf_counter() - start
+    keep = choose_fp8_keep("auto", sens, [n for n, _ in den.named_blocks()])
+    top = sorted(sens.items(), key=lambda kv: -kv[1])[:6]
+    print(f"policy plant={plant}: sensitivity pass {pass_s:.1f}s; planted {planted}; auto keeps {keep}; "
+          f"top {[(n, round(v, 4)) for n, v in top]}; median {sorted(sens.values())[len(sens) // 2]:.4f}", flush=True)
+    x = torch.randn(1, 16, 128, 128, device="cuda", generator=gen)
+    t = torch.tensor([0.5], device="cuda")
+    cap = torch.randn(1, 160, 2560, device="cuda", dtype=torch.bfloat16, generator=gen)
+    lens = torch.tensor([160], device="cuda")
+    with torch.no_grad():
+        ref = den(x, t, cap, lens, mask_caption_keys=False).clone()
+    row = dict(planted=planted, keep=keep, sensitivity=sens, pass_s=pass_s)
+    import copy
+    for label, kept in (("all fp8", []), ("policy", keep)):
+        if label == "policy" and not kept:
+            continue
+        m = copy.deepcopy(model)
+        d = StaticZImageDenoiser(m)
+        d.quantize_fp8(keep=kept)
+        d.set_attention_backend("fa3" if attention.find_fa3() else "sdpa")
+        d.set_fused_kernels(True)
+        torch._dynamo.reset()
+        engine = CompiledDenoiserEngine(d)
+        with torch.no_grad():
+            o = engine.run(x, t, cap, lens, masked=False).clone()
+            g = graphed(lambda: engine.run(x, t, cap, lens, masked=False))
+            ms = summarize(cuda_time_ms(g.replay, warmup=3, iters=20))["p50"]
+        row[label] = dict(rel_vs_bf16=rel(o, ref), step_ms=ms)
+        print(f"  {label:<8} keep {len(kept)} blocks: rel vs bf16 {rel(o, ref):.4f}  step {ms:.2f} ms", flush=True)
+        g = engine = d = m = None
+        torch.cuda.empty_cache()
+    results[f"policy_plant_{plant}"] = row
+
+
+def main():
+    ap = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--parts", default="attn,step", help="which parts to run")
+    ap.add_argument("--variants", default="fp16:sdpa,fp16:fa3,fp16:fa3:fused,fp16:fa3-fp8:fused,bf16:fa3:fused,"
+                    "fp8:fa3,fp8:fa3:fused,fp8:fa3-fp8:fused",
+                    help="precision:attention-backend pairs for the step part")
+    ap.add_argument("--profile", action="store_true", help="kernel totals for each step variant")
+    ap.add_argument("--json", default=None, help="write every figure here")
+    args = ap.parse_args()
+    results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
+    parts = args.parts.split(",")
+    if "kernels" in parts:
+        kernels_part(results)
+    if "attn" in parts:
+        attn_part(results)
+    if "step" in parts:
+        step_part(results, args.variants.split(","), args.profile)
+    for plant in [p for p in (False, True) if f"policy{'-plant' if p else ''}" in parts]:
+        policy_part(results, plant)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()

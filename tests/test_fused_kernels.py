@@ -1,0 +1,95 @@
+"""Fused Triton kernels (model/fused_kernels.py) against the unfused torch maths they replace (GPU)."""
+
+import pytest
+import torch
+
+from zimage_trt.model import fused_kernels
+from zimage_trt.model.denoiser import StaticZImageDenoiser, apply_rope, rms_norm
+from zimage_trt.model.fp8 import FP8_MAX
+from zimage_trt.testing.tiny import FP8_GPU_TINY, make_tiny_components, make_tiny_transformer
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def test_blocks_use_the_torch_maths_on_the_cpu_even_when_asked_to_fuse():
+    tr = make_tiny_components(seed=4)["transformer"]
+    den = StaticZImageDenoiser(tr)
+    gen = torch.Generator().manual_seed(0)
+    x, t = torch.randn(1, 16, 16, 16, generator=gen), torch.tensor([0.3])
+    cap, lens = torch.randn(1, 32, 32, generator=gen), torch.tensor([32])
+    with torch.no_grad():
+        plain = den(x, t, cap, lens)
+        den.set_fused_kernels(True)
+        fused = den(x, t, cap, lens)
+    assert den.fused_kernels and all(b.fused for _, b in den.named_blocks())
+    assert torch.equal(plain, fused)  # the same torch ops ran: CPU tensors never reach Triton
+    # the static FP8 scale bounds every element of q after RMSNorm + RoPE
+    block = den.layers[0]
+    attn = block.block.attention
+    q = attn.to_q(torch.randn(1, 40, 64, generator=gen) * 100).unflatten(-1, (attn.heads, -1))
+    idx = torch.arange(40)
+    cos, sin = den.rope(0, idx)[0][None, :, None, :4], den.rope(0, idx)[1][None, :, None, :4]
+    d = q.shape[-1]
+    cos = torch.cat([cos] * (d // 8), dim=-1)
+    sin = torch.cat([sin] * (d // 8), dim=-1)
+    roped = apply_rope(rms_norm(attn.norm_q, q), cos, sin)
+    assert roped.abs().max().item() <= block.q_fp8_scale * FP8_MAX
+
+
+gpu_triton = pytest.mark.skipif(not fused_kernels.AVAILABLE, reason="Triton is not installed")
+
+
+@pytest.mark.gpu
+@gpu_triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 4256, 30, 128), (2, 77, 3, 64)])
+def test_qk_norm_rope_matches_the_unfused_maths(dtype, shape):
+    B, S, H, D = shape
+    norm = torch.nn.RMSNorm(D, eps=1e-5, device="cuda", dtype=dtype)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.3 * torch.randn(D, device="cuda"))
+    x = torch.randn(B, S, H, D, device="cuda", dtype=dtype) * 3
+    ang = torch.rand(B, S, 1, D // 2, device="cuda") * 6.28
+    cos, sin = ang.cos(), ang.sin()
+    ref = apply_rope(rms_norm(norm, x), cos, sin)
+    out = torch.full_like(x, float("nan"))
+    out.copy_(fused_kernels.qk_norm_rope(x, norm.weight, norm.eps, cos, sin))
+    assert torch.isfinite(out).all()
+    assert rel(out, ref) < 2e-3  # same roundings; only the fp32 sum order differs
+    scale = (D ** 0.5) * norm.weight.abs().max().item() * 1.01 / FP8_MAX
+    q8 = fused_kernels.quantize_static_fp8(out, scale)
+    assert q8.dtype == torch.float8_e4m3fn
+    assert rel(q8.float() * scale, ref) < 6e-2
+
+
+@pytest.mark.gpu
+@gpu_triton
+@pytest.mark.parametrize("n", [10240, 1000])
+def test_silu_mul_quant_matches_the_unfused_maths(n):
+    a = torch.randn(333, n, device="cuda", dtype=torch.bfloat16) * 2
+    b = torch.randn_like(a)
+    rows = torch.nn.functional.silu(a) * b
+    scale = rows.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
+    ref = (rows.float() / scale).to(torch.float8_e4m3fn)
+    q, s = fused_kernels.silu_mul_quant_fp8(a, b)
+    assert torch.allclose(s, scale, rtol=1e-6)
+    assert rel(q.float() * s, ref.float() * scale) < 1e-2
+    assert (q.float() != ref.float()).float().mean().item() < 1e-2  # codes agree bar rounding ties
+
+
+@pytest.mark.gpu
+@gpu_triton
+def test_fp8_block_with_fused_kernels_tracks_the_unfused_block():
+    tr = make_tiny_transformer(seed=4, **FP8_GPU_TINY).to("cuda", torch.bfloat16)
+    den = StaticZImageDenoiser(tr)
+    den.quantize_fp8()
+    gen = torch.Generator().manual_seed(0)
+    x, t = torch.randn(1, 16, 32, 32, generator=gen).cuda(), torch.tensor([0.3], device="cuda")
+    cap, lens = torch.randn(1, 64, 32, generator=gen).cuda().bfloat16(), torch.tensor([64], device="cuda")
+    with torch.no_grad():
+        plain = den(x, t, cap, lens, mask_caption_keys=False)
+        den.set_fused_kernels(True)
+        fused = den(x, t, cap, lens, mask_caption_keys=False)
+    assert rel(fused, plain) < 1e-2
