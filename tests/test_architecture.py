@@ -21,14 +21,15 @@ ALLOWED = {
     "model": {"model"},
     "engines": {"engines", "model", "files", "errors"},
     "compiler": {"compiler", "engines", "model", "files", "errors"},
-    "runtime": {"runtime", "engines", "model", "errors"},
+    "runtime": {"runtime", "parallel", "engines", "model", "errors"},
+    "parallel": {"parallel", "engines", "model", "errors"},
     "testing": {"testing", "model"},
     "request": {"model"},
     "options": {"model", "runtime"},
-    "pipeline": {"runtime", "engines", "model", "request", "options", "errors"},
+    "pipeline": {"runtime", "parallel", "engines", "model", "request", "options", "errors"},
     "benchmark": {"benchmark", "pipeline", "compiler", "runtime", "engines", "model", "testing", "files"},
     "demo": {"pipeline", "compiler", "engines", "model", "testing"},
-    "cli": {"benchmark", "pipeline", "compiler", "demo", "model"},
+    "cli": {"benchmark", "pipeline", "parallel", "compiler", "demo", "model"},
 }
 FP8_HOME = "model/fp8.py"
 PRECISION_HOME = "model/precision.py"

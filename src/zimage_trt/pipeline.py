@@ -41,6 +41,8 @@ from .errors import GenerationOOMError, NonFiniteOutputError, PromptTruncatedWar
 from .model.shapes import Resolution
 from .model.weights import load_pipeline_parts, load_transformer, weights_fingerprint
 from .options import PipelineOptions
+from .parallel import SequenceParallelError
+from .parallel import start as start_sequence_parallel
 from .request import (
     DEFAULT_MAX_SEQUENCE_LENGTH,
     DEFAULT_SIDE,
@@ -83,6 +85,10 @@ class ZImageTRTPipeline:
         """The parts are moved (not copied) to their devices, and converted to FP8 where asked."""
         self.options = opts = PipelineOptions.from_keywords(options, **option_keywords)
         self.device, self.dtype = opts.device, opts.torch_dtype
+        # Sequence parallelism: the degree checked against the model's heads, then the process group joined.
+        self._parallel = None if opts.sequence_parallel == 1 else start_sequence_parallel(
+            transformer, opts.sequence_parallel, self.device, timeout_s=opts.sequence_parallel_timeout_s,
+            cuda_graph=opts.sequence_parallel_cuda_graph)
         self.engine_dir, self.precision = opts.engine_dir, opts.precision
         self.text_encoder_device = opts.text_encoder_device
         self.text_encoder_fp8 = place_components(
@@ -194,6 +200,8 @@ class ZImageTRTPipeline:
                 allow_fallback=opts.allow_fallback, precision=self.precision, cache=self._engines,
                 weights_fingerprint=opts.weights_fingerprint,
             )
+            if self._parallel is not None:
+                engine = self._parallel.shard(engine)  # its share of each step, on this rank
             # One engine may serve several shapes (optimisation profiles); keep one loop per engine.
             loop = next((known for known in self._loops.values() if known.engine is engine), None)
             self._loops[key] = loop or DenoiseLoop(
@@ -235,6 +243,9 @@ class ZImageTRTPipeline:
         the argument, its value and the rule.
         """
         started = time.perf_counter()
+        if self._parallel is not None and not self._parallel.is_main:
+            raise SequenceParallelError("this is not rank 0 of the sequence-parallel group: call pipe.serve() "
+                                        "here, and the pipeline itself on rank 0 (pipe.is_main_process)")
         request = check_request(
             self._limits, prompt=prompt, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
             negative_prompt_embeds=negative_prompt_embeds, height=height, width=width,
@@ -268,6 +279,8 @@ class ZImageTRTPipeline:
         initial = self.prepare_latents(request.images, request.resolution, generator, latents)
         timesteps, sigmas = self.schedule(request.steps, initial, request.sigmas)
         loop = self.denoise_loop(request.resolution, request.images, request.cfg)
+        if self._parallel is not None:  # the other ranks get this loop's inputs and run it with us
+            loop = self._parallel.lead(loop, request.resolution.key, request.images, request.cfg, callback is not None)
         step_callback = self._step_callback(callback, request.tensor_inputs, timings)
         with self._stage(timings, "denoise_ms"):
             final = loop(
@@ -365,6 +378,20 @@ class ZImageTRTPipeline:
         # A worker thread starts on CUDA device 0; make ours current for the whole call.
         return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
 
+    # -- several processes for one image (sequence_parallel > 1) --------------------------------
+    @property
+    def is_main_process(self) -> bool:
+        """True on rank 0 (the one to call), and whenever sequence parallelism is off."""
+        return self._parallel is None or self._parallel.is_main
+
+    def serve(self) -> int:
+        """Ranks other than 0: run each call's share until rank 0 closes its pipeline; returns the calls served."""
+        if self.is_main_process:
+            raise SequenceParallelError("serve() is for ranks other than 0 of a sequence-parallel pipeline; "
+                                        "on this one, call the pipeline")
+        with torch.no_grad(), self._on_device():
+            return self._parallel.serve(lambda key, images, cfg: self.denoise_loop(Resolution.parse(key), images, cfg))
+
     # -- serving and statistics ------------------------------------------------------------------
     def submit(self, **kwargs):
         """Queue a generation for the pipeline's single GPU worker thread; returns a Future."""
@@ -384,6 +411,8 @@ class ZImageTRTPipeline:
             queue, self._queue = self._queue, None
         if queue is not None:
             queue.close()
+        if self._parallel is not None:
+            self._parallel.close()  # rank 0: releases the other ranks' serve()
 
     def __enter__(self) -> "ZImageTRTPipeline":
         return self

@@ -1,0 +1,221 @@
+"""Sequence parallelism on the CPU (gloo): several processes make one output, equal to one process's.
+
+The tiny model here has 6 heads (degrees 2, 3 and 6 are valid) and an image of 36 tokens, padded by
+the model to 64, so that degree 3 needs padding of its own (64 -> 66 image tokens, 64 -> 66 caption
+rows): the masked-padding path is exercised as well as the padding-free one of degree 2.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from zimage_trt.model.denoiser import StaticZImageDenoiser
+from zimage_trt.parallel import SequenceParallelError, SequenceShardedDenoiser, check_degree, join, shard_engine
+from zimage_trt.testing.tiny import _randomize_, make_tiny_components, save_tiny_pipeline, tiny_transformer_config
+
+ROOT = Path(__file__).resolve().parents[1]
+HEADS = 6
+TOLERANCE = 1e-5  # fp32; the sharded path sums attention over the same keys in another order
+
+
+def six_head_transformer(seed: int = 0):
+    from diffusers import ZImageTransformer2DModel
+
+    config = {**tiny_transformer_config(), "n_heads": HEADS, "n_kv_heads": HEADS, "dim": 32 * HEADS}
+    with torch.random.fork_rng(devices=[]):
+        transformer = ZImageTransformer2DModel(**config)
+    _randomize_(transformer, torch.Generator().manual_seed(seed))
+    return transformer.eval()
+
+
+def six_head_components(seed: int = 0) -> dict:
+    parts = make_tiny_components(seed=seed)
+    parts["transformer"] = six_head_transformer(seed)
+    return parts
+
+
+def denoiser_inputs(batch: int = 2, side: int = 12, capacity: int = 64):
+    gen = torch.Generator().manual_seed(5)
+    latents = torch.randn(batch, 16, side, side, generator=gen)
+    timestep = torch.rand(batch, generator=gen)
+    feats = torch.randn(batch, capacity, 32, generator=gen)
+    lens = torch.tensor([capacity - 3, 20][:batch])
+    return latents, timestep, feats, lens
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def as_torchrun_rank(rank: int, world: int, port: int) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+
+
+def spawn(fn, world: int, *args) -> None:
+    # fork: the ranks inherit the imported diffusers (importing it afresh takes longer than the test).
+    mp.start_processes(fn, args=(world, free_port(), *args), nprocs=world, join=True, start_method="fork")
+
+
+# -- the sharded denoiser ------------------------------------------------------------------------------
+def _denoiser_parity(rank, world, port, transformer, compiled):
+    as_torchrun_rank(rank, world, port)
+    inputs = denoiser_inputs()
+    reference = StaticZImageDenoiser(transformer).eval()
+    group = join(world, torch.device("cpu"), timeout_s=60)
+    try:
+        engine_cls = __import__("zimage_trt.engines.torch_compiled", fromlist=["x"]).CompiledDenoiserEngine if compiled \
+            else __import__("zimage_trt.engines.base", fromlist=["x"]).TorchDenoiserEngine
+        engine = shard_engine(engine_cls(StaticZImageDenoiser(transformer)), group)
+        assert isinstance(engine.denoiser, SequenceShardedDenoiser) and not engine.supports_cuda_graph
+        with torch.no_grad():
+            for masked in (True, False):
+                if not masked:  # without the key mask every caption must fill the capacity
+                    inputs = (*inputs[:3], torch.full_like(inputs[3], inputs[2].shape[1]))
+                expected = reference(*inputs, mask_caption_keys=masked)
+                got = engine.run(*inputs, masked=masked)
+                assert got.shape == expected.shape and got.dtype == torch.float32
+                err = (got - expected).abs().max().item()
+                assert err <= TOLERANCE * max(1.0, expected.abs().max().item()), (rank, masked, err)
+                assert expected.abs().max() > 0.1  # not a trivially small output
+    finally:
+        group.close()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sharded_denoiser_equals_one_process(world):
+    spawn(_denoiser_parity, world, six_head_transformer(), False)
+
+
+@pytest.mark.slow
+def test_sharded_compiled_engine_equals_one_process():
+    spawn(_denoiser_parity, 2, six_head_transformer(), True)
+
+
+# -- degree and process-group checks (one process) ---------------------------------------------------
+def test_a_degree_that_does_not_divide_the_heads_is_refused():
+    with pytest.raises(ValueError, match=r"sequence_parallel=4 does not divide the model's 6 attention heads.*"
+                                         r"valid degrees for this model: 2, 3, 6"):
+        check_degree(4, HEADS)
+    assert check_degree(3, HEADS) == 3
+    with pytest.raises(ValueError, match="int >= 1"):
+        check_degree(0, HEADS)
+
+
+def test_the_pipeline_refuses_a_wrong_degree_before_joining_any_group():
+    from zimage_trt.pipeline import ZImageTRTPipeline
+
+    with pytest.raises(ValueError, match="valid degrees for this model: 2, 3, 6"):
+        ZImageTRTPipeline.from_components(**six_head_components(), device="cpu", sequence_parallel=5)
+
+
+def test_without_torchrun_the_error_says_how_to_start(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(SequenceParallelError, match="torchrun --nproc-per-node 2"):
+        join(2, torch.device("cpu"))
+
+
+# -- the pipeline: rank 0 is called, the other ranks serve -------------------------------------------
+@pytest.fixture(scope="module")
+def parts():
+    return six_head_components()
+
+
+CALLS = [dict(prompt="a red fox in snow", height=256, width=256, num_inference_steps=2),
+         # CFG (the model batch doubles) and a step callback on rank 0 that changes the latents
+         dict(prompt="a tower", negative_prompt="blur", guidance_scale=2.0, height=256, width=320,
+              num_inference_steps=2, callback_on_step_end=lambda pipe, i, t, kw: {"latents": kw["latents"] * 0.9})]
+
+
+def run_calls(pipe) -> list[torch.Tensor]:
+    pipe.set_progress_bar_config(disable=True)
+    return [pipe(generator=torch.Generator("cpu").manual_seed(11), output_type="latent", **call).images for call in CALLS]
+
+
+def _pipeline_parity(rank, world, port, parts, expected):
+    from zimage_trt.pipeline import ZImageTRTPipeline
+
+    as_torchrun_rank(rank, world, port)
+    pipe = ZImageTRTPipeline.from_components(**parts, device="cpu", sequence_parallel=world,
+                                             sequence_parallel_timeout_s=60, pad_prompts_to_max_length=False)
+    try:
+        if not pipe.is_main_process:
+            with pytest.raises(SequenceParallelError, match="call pipe.serve"):
+                pipe("x")
+            assert pipe.serve() == len(CALLS)
+            return
+        for got, want in zip(run_calls(pipe), expected):
+            err = (got - want).abs().max().item()
+            assert err <= TOLERANCE * max(1.0, want.abs().max().item()), err
+    finally:
+        pipe.close()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_pipeline_over_ranks_equals_one_process(parts, world):
+    from zimage_trt.pipeline import ZImageTRTPipeline
+
+    expected = run_calls(ZImageTRTPipeline.from_components(**parts, device="cpu", pad_prompts_to_max_length=False))
+    spawn(_pipeline_parity, world, parts, expected)
+
+
+def _one_rank_fails(rank, world, port, parts, who_dies, who_hangs, timeout_s):
+    from zimage_trt.pipeline import ZImageTRTPipeline
+
+    as_torchrun_rank(rank, world, port)
+    pipe = ZImageTRTPipeline.from_components(**parts, device="cpu", sequence_parallel=world,
+                                             sequence_parallel_timeout_s=timeout_s, pad_prompts_to_max_length=False)
+    if rank == who_dies:
+        os._exit(3)  # no goodbye: as a crashed or killed process leaves
+    if rank == who_hangs:
+        time.sleep(timeout_s + 20)  # alive, but never joins the call
+        os._exit(4)
+    time.sleep(0.5)
+    started = time.monotonic()
+    try:
+        if pipe.is_main_process:
+            run_calls(pipe)
+        else:
+            pipe.serve()
+    except SequenceParallelError as error:
+        assert f"rank {rank} of 2: " in str(error) and "failed; another rank died" in str(error), error
+        assert time.monotonic() - started < timeout_s + 10
+        print(f"rank {rank} raised, {time.monotonic() - started:.1f} s after the call: {error}"[:400], flush=True)
+        os._exit(0)
+    os._exit(1)  # it should have failed
+
+
+def run_failing_ranks(parts, who_dies=None, who_hangs=None, timeout_s=10.0) -> list[int]:
+    # (Not mp.spawn: it terminates the other ranks as soon as one fails, before they could show anything.)
+    context, port = mp.get_context("fork"), free_port()
+    ranks = [context.Process(target=_one_rank_fails, args=(rank, 2, port, parts, who_dies, who_hangs, timeout_s))
+             for rank in range(2)]
+    for process in ranks:
+        process.start()
+    for process in ranks:
+        process.join(timeout_s + 60)
+    return [p.exitcode for p in ranks]
+
+
+@pytest.mark.parametrize("who_dies", [1, 0])
+def test_a_rank_that_dies_makes_the_others_fail_clearly(parts, who_dies):
+    assert run_failing_ranks(parts, who_dies=who_dies) == [3 if rank == who_dies else 0 for rank in range(2)]
+
+
+@pytest.mark.slow
+def test_a_rank_that_hangs_makes_rank_0_fail_within_the_timeout(parts):
+    assert run_failing_ranks(parts, who_hangs=1, timeout_s=5.0) == [0, 4]
