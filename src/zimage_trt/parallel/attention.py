@@ -44,8 +44,12 @@ class UlyssesAttention:
         return out.permute(1, 2, 0, 3, 4).reshape(batch, local, heads, dim)
 
 
+# (torch 2.13 renamed all_gather_tensor; older releases have only the old name)
+_all_gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
+
+
 def gather_tokens(x: torch.Tensor, group: dist.ProcessGroup, degree: int) -> torch.Tensor:
     """[B, S/P, F] on each rank -> [B, S, F] on every rank (rank 0's tokens first)."""
     batch, local, features = x.shape
-    gathered = funcol.all_gather_tensor(x.contiguous(), 0, group)  # [P * B, S/P, F]
+    gathered = _all_gather(x.contiguous(), 0, group)  # [P * B, S/P, F]
     return gathered.view(degree, batch, local, features).transpose(0, 1).reshape(batch, degree * local, features)
