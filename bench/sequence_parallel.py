@@ -20,7 +20,6 @@ writes JSON to --json (default: $OUT/sequence_parallel.json when $OUT is set).
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import time
@@ -83,77 +82,89 @@ def serve_or_measure(pipe, fn):
         pipe.close()
 
 
-def run_precision(args, precision: str, results: dict) -> None:
-    rank, world = dist.get_rank(), dist.get_world_size()
+def prepare(args, precision: str, results: dict) -> dict:
+    """This precision's components on every rank; rank 0 builds the engine while the others wait."""
     dtype = precision_dtype(precision)
     parts_dtype = torch.bfloat16 if precision == "fp8" else dtype
     parts = components(args.tiny, args.device_obj, parts_dtype)
     if args.tiny and parts_dtype != torch.float32:
         for key in ("transformer", "vae", "text_encoder"):
             torch.nn.Module.to(parts[key], parts_dtype)
-    sides = args.resolutions
     if args.engine == "compiled":
-        if rank == 0:
+        if dist.get_rank() == 0:
             start = time.perf_counter()
-            build_engines(parts["transformer"], sides, args.out, backend="torch-compiled", precision=precision,
-                          caption_capacity=64 if args.tiny else 512, device=args.device_obj, progress=False,
-                          vae=False if args.tiny else parts["vae"])
+            build_engines(parts["transformer"], args.resolutions, args.out, backend="torch-compiled",
+                          precision=precision, caption_capacity=64 if args.tiny else 512, device=args.device_obj,
+                          progress=False, vae=False if args.tiny else parts["vae"])
             results[f"{precision}_build_s"] = time.perf_counter() - start
-            log(f"[{precision}] engine build {sides}: {results[f'{precision}_build_s']:.1f}s")
+            log(f"[{precision}] engine build {args.resolutions}: {results[f'{precision}_build_s']:.1f}s")
         dist.barrier()
+    return parts
 
-    one_gpu = {}
-    if rank == 0:  # phase 1: one GPU, the others wait at the barrier below
-        pipe = make_pipe(parts, args, dtype, precision)
-        for res in sides:
+
+def images_for(args, res: str) -> int:
+    h, w = (int(v) for v in res.split("x"))
+    return args.images if h * w <= 1024 * 1024 or args.tiny else args.large_images
+
+
+def measure_one_gpu(args, parts, precision: str, results: dict, references: dict) -> None:
+    """Rank 0 alone (the others wait at the barrier after it)."""
+    if dist.get_rank() == 0:
+        pipe = make_pipe(parts, args, precision_dtype(precision), precision)
+        for res in args.resolutions:
             h, w = (int(v) for v in res.split("x"))
             size = {"height": h, "width": w}
             start = time.perf_counter()
             timed_images(pipe, args.warmup, size)
             warm_s = time.perf_counter() - start
-            figures, _ = timed_images(pipe, args.images, size)
+            figures, _ = timed_images(pipe, images_for(args, res), size)
             ref = pipe(PROMPT_160, generator=torch.Generator(pipe.device).manual_seed(7), output_type="np", **size)
-            one_gpu[res] = (figures, ref.images[0])
+            references[(precision, res)] = ref.images[0]
             results[f"{precision}_{res}_one_gpu"] = {**figures, "warmup_s": warm_s}
-            log(f"[{precision} {res}] one GPU: {figures['per_image_ms']['mean']:.1f} ms/image "
-                f"(warm-up {warm_s:.1f}s)")
+            log(f"[{precision} {res}] one GPU: {figures['per_image_ms']['mean']:.1f} ms/image (warm-up {warm_s:.1f}s)")
+            save(args, results)
         pipe.close()
         del pipe
     dist.barrier()
 
-    variants = [False, True] if args.cuda_graph == "both" else [args.cuda_graph == "on"]
-    for graphs in variants:
-        label = f"sp{world}" + ("_graphs" if graphs else "")
-        pipe = make_pipe(parts, args, dtype, precision, sequence_parallel=world, sequence_parallel_cuda_graph=graphs,
-                         sequence_parallel_timeout_s=args.timeout)
 
-        def measure(pipe):
-            for res in sides:
-                h, w = (int(v) for v in res.split("x"))
-                size = {"height": h, "width": w}
-                start = time.perf_counter()
-                timed_images(pipe, args.warmup, size)
-                warm_s = time.perf_counter() - start
-                figures, _ = timed_images(pipe, args.images, size)
-                image = pipe(PROMPT_160, generator=torch.Generator(pipe.device).manual_seed(7), output_type="np",
-                             **size).images[0]
-                base, ref = one_gpu[res]
-                entry = {**figures, "warmup_s": warm_s, "psnr_vs_one_gpu_db": psnr(image, ref),
-                         "e2e_ratio_vs_one_gpu": figures["per_image_ms"]["mean"] / base["per_image_ms"]["mean"]}
-                if figures["step_ms"] and base["step_ms"]:
-                    entry["step_ratio_vs_one_gpu"] = figures["step_ms"]["mean"] / base["step_ms"]["mean"]
-                results[f"{precision}_{res}_{label}"] = entry
-                log(f"[{precision} {res}] {label}: {figures['per_image_ms']['mean']:.1f} ms/image, "
-                    f"{entry['e2e_ratio_vs_one_gpu']:.3f}x one GPU, PSNR {entry['psnr_vs_one_gpu_db']:.1f} dB "
-                    f"(warm-up incl. compile {warm_s:.1f}s)")
+def measure_parallel(args, parts, precision: str, graphs: bool, results: dict, references: dict) -> None:
+    world = dist.get_world_size()
+    label = f"sp{world}" + ("_graphs" if graphs else "")
+    pipe = make_pipe(parts, args, precision_dtype(precision), precision, sequence_parallel=world,
+                     sequence_parallel_cuda_graph=graphs, sequence_parallel_timeout_s=args.timeout)
 
-        serve_or_measure(pipe, measure)
-        del pipe
-        dist.barrier()
-    del parts
-    gc.collect()
-    if args.device_obj.type == "cuda":
-        torch.cuda.empty_cache()
+    def measure(pipe):
+        for res in args.resolutions:
+            h, w = (int(v) for v in res.split("x"))
+            size = {"height": h, "width": w}
+            start = time.perf_counter()
+            timed_images(pipe, args.warmup, size)
+            warm_s = time.perf_counter() - start
+            figures, _ = timed_images(pipe, images_for(args, res), size)
+            image = pipe(PROMPT_160, generator=torch.Generator(pipe.device).manual_seed(7), output_type="np",
+                         **size).images[0]
+            base = results[f"{precision}_{res}_one_gpu"]
+            entry = {**figures, "warmup_s": warm_s, "psnr_vs_one_gpu_db": psnr(image, references[(precision, res)]),
+                     "e2e_ratio_vs_one_gpu": figures["per_image_ms"]["mean"] / base["per_image_ms"]["mean"]}
+            if figures["step_ms"] and base["step_ms"]:
+                entry["step_ratio_vs_one_gpu"] = figures["step_ms"]["mean"] / base["step_ms"]["mean"]
+            results[f"{precision}_{res}_{label}"] = entry
+            log(f"[{precision} {res}] {label}: {figures['per_image_ms']['mean']:.1f} ms/image, "
+                f"{entry['e2e_ratio_vs_one_gpu']:.3f}x one GPU, PSNR {entry['psnr_vs_one_gpu_db']:.1f} dB "
+                f"(warm-up incl. compile {warm_s:.1f}s)")
+            save(args, results)
+
+    serve_or_measure(pipe, measure)
+    del pipe
+    dist.barrier()
+
+
+def save(args, results: dict) -> None:
+    """Rank 0 writes what it has so far (a run cut short by a time limit still leaves its figures)."""
+    if args.json and dist.get_rank() == 0:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(args.json, json.dumps(results, indent=2, default=float))
 
 
 def table(results: dict, precisions, sides, world: int) -> str:
@@ -180,7 +191,8 @@ def main() -> int:
     ap.add_argument("--out", default="engines/bench-sp", help="where rank 0 builds the engines")
     ap.add_argument("--resolutions", default="1024x1024,2048x2048", help="comma-separated HEIGHTxWIDTH")
     ap.add_argument("--precisions", default="fp16,fp8", help="comma-separated engine precisions")
-    ap.add_argument("--images", type=int, default=3, help="images timed per (precision, size, variant)")
+    ap.add_argument("--images", type=int, default=3, help="images timed per (precision, size, variant) up to 1024²")
+    ap.add_argument("--large-images", type=int, default=2, help="images timed per (precision, size, variant) above 1024²")
     ap.add_argument("--warmup", type=int, default=1, help="untimed images first (compiles the SP graphs)")
     ap.add_argument("--cuda-graph", default="both", choices=("off", "on", "both"),
                     help="sequence-parallel steps captured in CUDA graphs (NCCL collectives included)")
@@ -208,20 +220,28 @@ def main() -> int:
     world = dist.get_world_size()
     results = {"env": environment(), "world": world, "args": {k: str(v) for k, v in vars(args).items()}}
     log(results["env"], f"world {world}")
+    args.json = args.json or (str(Path(os.environ["OUT"]) / "sequence_parallel.json") if os.environ.get("OUT") else None)
     started = time.perf_counter()
     try:
+        # Without CUDA graphs first, for every precision; steps captured with their collectives last, so
+        # that a capture failing cannot cost the other figures.
+        parts, references = {}, {}
         for precision in precisions:
-            run_precision(args, precision, results)
+            parts[precision] = prepare(args, precision, results)
+            measure_one_gpu(args, parts[precision], precision, results, references)
+            if args.cuda_graph != "on":
+                measure_parallel(args, parts[precision], precision, False, results, references)
+        if args.cuda_graph != "off":
+            for precision in precisions:
+                measure_parallel(args, parts[precision], precision, True, results, references)
     finally:
         results["total_s"] = time.perf_counter() - started
         if dist.get_rank() == 0:
             print(table(results, precisions, args.resolutions, world), flush=True)
             print(f"total {results['total_s']:.0f}s", flush=True)
-            target = args.json or (str(Path(os.environ["OUT"]) / "sequence_parallel.json") if os.environ.get("OUT") else None)
-            if target:
-                Path(target).parent.mkdir(parents=True, exist_ok=True)
-                atomic_write_text(target, json.dumps(results, indent=2, default=float))
-                print(f"wrote {target}", flush=True)
+            save(args, results)
+            if args.json:
+                print(f"wrote {args.json}", flush=True)
         dist.destroy_process_group()
     return 0
 

@@ -47,7 +47,7 @@ class LoopCall:
     step_sync: bool  # rank 0 has a step callback: the latents are sent after each step
 
 
-def _pack(call: LoopCall) -> tuple[dict, torch.Tensor]:
+def _pack(call: LoopCall, device: torch.device) -> tuple[dict, torch.Tensor]:
     tensors = [call.latents, *call.positive, *(call.negative or []), call.timesteps, call.sigmas]
     header = {
         "stop": False, "resolution": call.resolution, "images": call.images, "cfg": call.cfg,
@@ -57,7 +57,8 @@ def _pack(call: LoopCall) -> tuple[dict, torch.Tensor]:
         "guidance_scale": float(call.guidance_scale), "cfg_normalization": call.cfg_normalization,
         "cfg_truncation": call.cfg_truncation, "step_sync": call.step_sync,
     }
-    return header, torch.cat([t.reshape(-1).float() for t in tensors])
+    # (the embeddings may come from a text encoder on another device)
+    return header, torch.cat([t.reshape(-1).to(device, torch.float32) for t in tensors])
 
 
 def _unpack(header: dict, payload: torch.Tensor) -> LoopCall:
@@ -134,10 +135,10 @@ class Coordinator:
         return LeadingLoop(self, loop, resolution, images, cfg, step_sync)
 
     def send(self, call: LoopCall) -> None:
-        header, payload = _pack(call)
+        header, payload = _pack(call, self.group.device)
         with collective_errors(self.group, "sending a call's inputs to the other ranks"):
             self._send_header(header)
-            dist.broadcast(payload.to(self.group.device), 0, group=self.group.data)
+            dist.broadcast(payload, 0, group=self.group.data)
 
     def stop(self) -> None:
         """Release the other ranks from `serve` (once)."""
