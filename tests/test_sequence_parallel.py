@@ -82,7 +82,7 @@ def _denoiser_parity(rank, world, port, transformer, compiled):
         engine = shard_engine(engine_cls(StaticZImageDenoiser(transformer)), group)
         assert isinstance(engine.denoiser, SequenceShardedDenoiser) and not engine.supports_cuda_graph
         with torch.no_grad():
-            for masked in (True, False):
+            for masked in (True,) if compiled else (True, False):  # (each compiled variant costs a compile)
                 if not masked:  # without the key mask every caption must fill the capacity
                     inputs = (*inputs[:3], torch.full_like(inputs[3], inputs[2].shape[1]))
                 expected = reference(*inputs, mask_caption_keys=masked)
