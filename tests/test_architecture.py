@@ -22,7 +22,7 @@ ALLOWED = {
     "engines": {"engines", "model", "files", "errors"},
     "compiler": {"compiler", "engines", "model", "files", "errors"},
     "runtime": {"runtime", "parallel", "engines", "model", "errors"},
-    "parallel": {"parallel", "engines", "model", "errors"},
+    "parallel": {"parallel", "engines", "model", "files", "errors"},
     "testing": {"testing", "model"},
     "request": {"model"},
     "options": {"model", "runtime"},

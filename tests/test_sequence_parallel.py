@@ -7,6 +7,7 @@ rows): the masked-padding path is exercised as well as the padding-free one of d
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -115,11 +116,11 @@ def test_a_degree_that_does_not_divide_the_heads_is_refused():
         check_degree(0, HEADS)
 
 
-def test_the_pipeline_refuses_a_wrong_degree_before_joining_any_group():
+def test_the_pipeline_refuses_a_wrong_degree_before_joining_any_group(parts):
     from zimage_trt.pipeline import ZImageTRTPipeline
 
     with pytest.raises(ValueError, match="valid degrees for this model: 2, 3, 6"):
-        ZImageTRTPipeline.from_components(**six_head_components(), device="cpu", sequence_parallel=5)
+        ZImageTRTPipeline.from_components(**parts, device="cpu", sequence_parallel=5)
 
 
 def test_without_torchrun_the_error_says_how_to_start(monkeypatch):
@@ -267,3 +268,22 @@ def test_torchrun_generate_equals_one_process(six_head_folder, tmp_path, world):
     assert one.std() > 1.0
     # Latents agree within 1e-5 (the pipeline test above); through 8-bit pixels one level may flip.
     assert np.abs(one - many).max() <= 1
+
+
+# -- the compiled kernels kept beside the engine -----------------------------------------------------
+@pytest.mark.slow  # (a compile: ~20 s on a busy 2-core machine)
+def test_sequence_parallel_kernels_are_kept_whole_and_loaded_only_when_they_match(tmp_path):
+    from zimage_trt.parallel import artifacts
+
+    torch.compile(lambda x: x * 2 + 1)(torch.randn(8))  # something compiled in this process
+    path = artifacts.save(tmp_path, 2, "256x256-b1")
+    assert path is not None and path.is_file()
+    record = json.loads(artifacts.record_path(path).read_text())
+    assert record["degree"] == 2 and record["shape"] == "256x256-b1" and record["bytes"] == path.stat().st_size
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staged leftovers
+    assert artifacts.load(tmp_path, 2) == ["256x256-b1"]
+    assert artifacts.load(tmp_path, 3) == []  # another degree: other graphs
+    path.write_bytes(path.read_bytes()[:-1] + b"x")  # tampered or torn: refused
+    with pytest.warns(UserWarning, match="does not match its record's sha256"):
+        assert artifacts.load(tmp_path, 2) == []
+    assert artifacts.load(tmp_path / "missing", 2) == []

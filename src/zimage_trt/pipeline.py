@@ -88,7 +88,7 @@ class ZImageTRTPipeline:
         # Sequence parallelism: the degree checked against the model's heads, then the process group joined.
         self._parallel = None if opts.sequence_parallel == 1 else start_sequence_parallel(
             transformer, opts.sequence_parallel, self.device, timeout_s=opts.sequence_parallel_timeout_s,
-            cuda_graph=opts.sequence_parallel_cuda_graph)
+            cuda_graph=opts.sequence_parallel_cuda_graph, engine_dir=opts.engine_dir)
         self.engine_dir, self.precision = opts.engine_dir, opts.precision
         self.text_encoder_device = opts.text_encoder_device
         self.text_encoder_fp8 = place_components(

@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from . import artifacts
 from .denoiser import shard_engine
 from .group import DEFAULT_TIMEOUT_S, ParallelGroup, SequenceParallelError, check_degree, join
 
@@ -81,18 +82,25 @@ def _unpack(header: dict, payload: torch.Tensor) -> LoopCall:
 
 
 def start(transformer, degree: int, device: torch.device, *, timeout_s: float = DEFAULT_TIMEOUT_S,
-          cuda_graph: bool = False) -> "Coordinator":
-    """Check `degree` against the model's heads, then join the process group (one process per GPU)."""
+          cuda_graph: bool = False, engine_dir=None) -> "Coordinator":
+    """Check `degree` against the model's heads, then join the process group (one process per GPU).
+
+    With an engine folder, the sequence-parallel kernels compiled by an earlier run are loaded from it
+    (and rank 0 keeps those of each new shape there)."""
     check_degree(degree, int(transformer.config.n_heads))
-    return Coordinator(join(degree, device, timeout_s=timeout_s), cuda_graph=cuda_graph)
+    coordinator = Coordinator(join(degree, device, timeout_s=timeout_s), cuda_graph=cuda_graph, engine_dir=engine_dir)
+    coordinator.kept_shapes.update(artifacts.load(engine_dir, degree))
+    return coordinator
 
 
 class Coordinator:
     """Rank 0's side (`lead`, `stop`) and the other ranks' side (`serve`) of each call."""
 
-    def __init__(self, group: ParallelGroup, *, cuda_graph: bool = False):
+    def __init__(self, group: ParallelGroup, *, cuda_graph: bool = False, engine_dir=None):
         self.group = group
         self.cuda_graph = cuda_graph
+        self.engine_dir = engine_dir
+        self.kept_shapes: set[str] = set()  # shapes whose compiled kernels are in engine_dir
         self.stopped = False
 
     @property
@@ -171,6 +179,13 @@ class Coordinator:
                      progress=False)
             served += 1
 
+    def keep_compiled(self, engine, shape_key: str) -> None:
+        """Rank 0, after a shape's first call: keep the kernels compiled for it (torch-compiled engines)."""
+        if (self.group.is_main and self.engine_dir is not None and engine.kind == "torch-compiled"
+                and shape_key not in self.kept_shapes):
+            self.kept_shapes.add(shape_key)
+            artifacts.save(self.engine_dir, self.group.degree, shape_key)
+
     def _follow_latents(self, index, timestep, latents: torch.Tensor) -> torch.Tensor:
         received = latents.clone()
         dist.broadcast(received, 0, group=self.group.data)
@@ -200,9 +215,12 @@ class LeadingLoop:
         if self.step_sync:
             callback = _sending_latents(callback, group)
         with collective_errors(group, "a denoising step with the other ranks"):
-            return self.loop(latents, prompt_embeds, negative_prompt_embeds, timesteps, sigmas,
-                             guidance_scale=guidance_scale, cfg_normalization=cfg_normalization,
-                             cfg_truncation=cfg_truncation, callback=callback, progress=progress)
+            result = self.loop(latents, prompt_embeds, negative_prompt_embeds, timesteps, sigmas,
+                               guidance_scale=guidance_scale, cfg_normalization=cfg_normalization,
+                               cfg_truncation=cfg_truncation, callback=callback, progress=progress)
+        batch = self.images * (2 if self.cfg else 1)
+        self.coordinator.keep_compiled(self.loop.engine, f"{self.resolution}-b{batch}")
+        return result
 
 
 def _sending_latents(callback, group: ParallelGroup):
