@@ -128,6 +128,10 @@ def test_without_torchrun_the_error_says_how_to_start(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(SequenceParallelError, match="torchrun --nproc-per-node 2"):
         join(2, torch.device("cpu"))
+    from zimage_trt.pipeline import ZImageTRTPipeline
+
+    with pytest.raises(SequenceParallelError, match="torchrun --nproc-per-node 3"):  # before any loading
+        ZImageTRTPipeline.from_pretrained("/nonexistent/model", device="cpu", sequence_parallel=3)
 
 
 # -- the pipeline: rank 0 is called, the other ranks serve -------------------------------------------
@@ -236,9 +240,13 @@ def generate_args(folder, output, *extra):
             "--output", str(output), *extra]
 
 
-def test_the_command_line_refuses_a_wrong_degree(six_head_folder, tmp_path, capsys):
+def test_the_command_line_refuses_a_wrong_degree(six_head_folder, tmp_path, capsys, monkeypatch):
     from zimage_trt.cli import main
 
+    # As torchrun --nproc-per-node 4 starts rank 0 (the degree is refused before any group is joined).
+    for name, value in dict(RANK="0", WORLD_SIZE="4", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                            MASTER_PORT=str(free_port())).items():
+        monkeypatch.setenv(name, value)
     code = main(generate_args(six_head_folder, tmp_path / "x.png", "--sequence-parallel", "4"))
     assert code == 2
     assert "valid degrees for this model: 2, 3, 6" in capsys.readouterr().err

@@ -41,7 +41,7 @@ from .errors import GenerationOOMError, NonFiniteOutputError, PromptTruncatedWar
 from .model.shapes import Resolution
 from .model.weights import load_pipeline_parts, load_transformer, weights_fingerprint
 from .options import PipelineOptions
-from .parallel import SequenceParallelError
+from .parallel import SequenceParallelError, check_launch
 from .parallel import start as start_sequence_parallel
 from .request import (
     DEFAULT_MAX_SEQUENCE_LENGTH,
@@ -128,6 +128,7 @@ class ZImageTRTPipeline:
         `text_encoder_device` puts the text encoder elsewhere (e.g. "cpu" to save GPU memory).
         """
         opts = PipelineOptions.from_keywords(engine_dir=engine_dir, **options)
+        check_launch(opts.sequence_parallel)  # before loading gigabytes: is this a torchrun process?
         # Load on the CPU; the constructor moves each part once (the text encoder may live elsewhere).
         parts = load_pipeline_parts(model, torch_dtype=opts.torch_dtype, device="cpu")
         # FP8: on the CPU too, so that it is converted block by block on its way to the GPU.

@@ -49,6 +49,18 @@ def rank_device(device) -> torch.device:
     return device
 
 
+def check_launch(degree: int) -> None:
+    """A SequenceParallelError unless this process was started for a group (torchrun, or a group already up);
+    cheap, so a caller can check before loading a model."""
+    if degree == 1 or (dist.is_available() and dist.is_initialized()):
+        return
+    missing = [v for v in TORCHRUN_VARIABLES if v not in os.environ]
+    if missing:
+        raise SequenceParallelError(
+            f"sequence_parallel={degree} runs one process per GPU: start it with "
+            f"`torchrun --nproc-per-node {degree} ...` (the environment lacks {', '.join(missing)})")
+
+
 @dataclass
 class ParallelGroup:
     """The ranks that make one image together."""
@@ -75,13 +87,9 @@ def join(degree: int, device: torch.device, *, timeout_s: float = DEFAULT_TIMEOU
     """Join (or start) torch.distributed for `degree` processes; the world must be exactly `degree`."""
     if not dist.is_available():
         raise SequenceParallelError("sequence_parallel needs torch.distributed, which this torch build lacks")
+    check_launch(degree)
     owns = False
     if not dist.is_initialized():
-        missing = [v for v in TORCHRUN_VARIABLES if v not in os.environ]
-        if missing:
-            raise SequenceParallelError(
-                f"sequence_parallel={degree} runs one process per GPU: start it with "
-                f"`torchrun --nproc-per-node {degree} ...` (the environment lacks {', '.join(missing)})")
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(device)
