@@ -41,14 +41,6 @@ def check_degree(degree, heads: int) -> int:
     return degree
 
 
-def rank_device(device) -> torch.device:
-    """This rank's device: a CUDA device without an index becomes cuda:LOCAL_RANK (one GPU per process)."""
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return device
-
-
 def check_launch(degree: int) -> None:
     """A SequenceParallelError unless this process was started for a group (torchrun, or a group already up);
     cheap, so a caller can check before loading a model."""
