@@ -21,16 +21,17 @@ ALLOWED = {
     "model": {"model"},
     "engines": {"engines", "model", "files", "errors"},
     "compiler": {"compiler", "engines", "model", "files", "errors"},
-    "runtime": {"runtime", "engines", "model", "errors"},
+    "runtime": {"runtime", "parallel", "engines", "model", "errors"},
+    "parallel": {"parallel", "engines", "model", "files", "errors"},
     "testing": {"testing", "model"},
     "lora": {"lora", "model"},
     "request": {"model"},
     "options": {"model", "runtime"},
-    "pipeline": {"runtime", "engines", "model", "request", "options", "errors", "lora"},
+    "pipeline": {"runtime", "parallel", "engines", "model", "request", "options", "errors", "lora"},
     "benchmark": {"benchmark", "pipeline", "compiler", "runtime", "engines", "model", "testing", "files", "lora"},
     "demo": {"pipeline", "compiler", "engines", "model", "testing"},
     "serving": {"serving", "pipeline", "request", "options", "runtime", "engines", "model", "errors", "files", "testing"},
-    "cli": {"benchmark", "pipeline", "compiler", "demo", "model", "serving"},
+    "cli": {"benchmark", "pipeline", "parallel", "compiler", "demo", "model", "serving"},
 }
 FP8_HOME = "model/fp8.py"
 PRECISION_HOME = "model/precision.py"

@@ -97,10 +97,15 @@ def run_generate(args) -> int:
     precision = generate_precision(args.precision, args.device)
     pipe = ZImageTRTPipeline.from_pretrained(args.model, engine_dir=args.engines, device=args.device,
                                              torch_dtype=precision_dtype(precision), precision=precision,
-                                             allow_fallback=args.allow_fallback)
-    generator = torch.Generator(pipe.device).manual_seed(args.seed)
-    out = pipe(args.prompt, height=args.height, width=args.width, num_inference_steps=args.steps,
-               guidance_scale=args.guidance, negative_prompt=args.negative_prompt, generator=generator)
+                                             allow_fallback=args.allow_fallback,
+                                             sequence_parallel=args.sequence_parallel)
+    with pipe:  # (closing releases the other ranks of a sequence-parallel run)
+        if not pipe.is_main_process:
+            pipe.serve()  # rank 0 writes the image; this rank computes its share of each step
+            return 0
+        generator = torch.Generator(pipe.device).manual_seed(args.seed)
+        out = pipe(args.prompt, height=args.height, width=args.width, num_inference_steps=args.steps,
+                   guidance_scale=args.guidance, negative_prompt=args.negative_prompt, generator=generator)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     out.images[0].save(args.output)
     print(f"wrote {args.output} in {out.timings.total_ms:.0f} ms "
@@ -143,6 +148,10 @@ def main(argv=None) -> int:
     g.add_argument("--allow-fallback", action="store_true",
                    help="run eager PyTorch if no engine fits (slower; eager fp16 may overflow: add --precision bf16)")
     g.add_argument("--output", default="out/image.png", help="PNG file to write")
+    g.add_argument("--sequence-parallel", type=int, default=1,
+                   help="processes making the image together, one per GPU: run under "
+                        "`torchrun --nproc-per-node N -m zimage_trt.cli generate ... --sequence-parallel N`; "
+                        "N must divide the model's attention heads (30: 2, 3, 5, 6)")
     g.set_defaults(func=run_generate)
 
     be = sub.add_parser("bench", help="our pipeline against diffusers' on this GPU (full-size, random weights)",

@@ -7,6 +7,7 @@ them on as one object, so a new option is written once, here.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +42,11 @@ class PipelineOptions:
     # Attention kernel of torch-compiled engines: None = the one the engine was built with where it runs
     # here (else SDPA); "auto" | "sdpa" | "fa3" | "fa3-fp8" (model/attention.py).
     attention_backend: str | None = None
+    # > 1: this many processes (torchrun, one per GPU) make each image together (parallel/, README
+    # "Several GPUs for one image"); a CUDA device without an index becomes cuda:LOCAL_RANK.
+    sequence_parallel: int = 1
+    sequence_parallel_timeout_s: float = 300.0  # a collective waiting longer: another rank died or hung
+    sequence_parallel_cuda_graph: bool = False  # capture steps (NCCL collectives included) in CUDA graphs
 
     @classmethod
     def from_keywords(cls, options: "PipelineOptions | None" = None, **keywords) -> "PipelineOptions":
@@ -59,7 +65,10 @@ class PipelineOptions:
 
     def resolved(self) -> "PipelineOptions":
         """Defaults filled in (a concrete device and dtype) and values checked."""
-        device = resolve_device(self.device)
+        device = self.device
+        if self.sequence_parallel != 1 and torch.cuda.is_available() and str(device or "cuda") == "cuda":
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"  # torchrun: one GPU per process
+        device = resolve_device(device)
         if self.precision is not None:
             check_precision(self.precision)
         if self.attention_backend is not None and self.attention_backend not in ATTENTION_BACKENDS:

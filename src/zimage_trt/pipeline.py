@@ -43,6 +43,8 @@ from .model.shapes import Resolution
 from .model.single_file import DEFAULT_CONFIG as SINGLE_FILE_DEFAULT_CONFIG, load_single_file_transformer
 from .model.weights import load_pipeline_parts, load_transformer, weights_fingerprint
 from .options import PipelineOptions
+from .parallel import SequenceParallelError, check_launch
+from .parallel import start as start_sequence_parallel
 from .request import (
     CALLBACK_TENSOR_INPUTS,
     DEFAULT_MAX_SEQUENCE_LENGTH,
@@ -103,6 +105,10 @@ class ZImageTRTPipeline(LoraPipelineMixin):
         """The parts are moved (not copied) to their devices, and converted to FP8 where asked."""
         self.options = opts = PipelineOptions.from_keywords(options, **option_keywords)
         self.device, self.dtype = opts.device, opts.torch_dtype
+        # Sequence parallelism: the degree checked against the model's heads, then the process group joined.
+        self._parallel = None if opts.sequence_parallel == 1 else start_sequence_parallel(
+            transformer, opts.sequence_parallel, self.device, timeout_s=opts.sequence_parallel_timeout_s,
+            cuda_graph=opts.sequence_parallel_cuda_graph, engine_dir=opts.engine_dir)
         self.engine_dir, self.precision = opts.engine_dir, opts.precision
         self.text_encoder_device = opts.text_encoder_device
         self.text_encoder_fp8 = place_components(
@@ -148,6 +154,7 @@ class ZImageTRTPipeline(LoraPipelineMixin):
         `text_encoder_device` puts the text encoder elsewhere (e.g. "cpu" to save GPU memory).
         """
         opts = PipelineOptions.from_keywords(engine_dir=engine_dir, **options)
+        check_launch(opts.sequence_parallel)  # before loading gigabytes: is this a torchrun process?
         # Load on the CPU; the constructor moves each part once (the text encoder may live elsewhere).
         parts = load_pipeline_parts(model, torch_dtype=opts.torch_dtype, device="cpu")
         # FP8: on the CPU too, so that it is converted block by block on its way to the GPU.
@@ -259,6 +266,8 @@ class ZImageTRTPipeline(LoraPipelineMixin):
                 allow_fallback=opts.allow_fallback, precision=self.precision, cache=self._engines,
                 weights_fingerprint=opts.weights_fingerprint, attention_backend=opts.attention_backend,
             )
+            if self._parallel is not None:
+                engine = self._parallel.shard(engine)  # its share of each step, on this rank
             # One engine may serve several shapes (optimisation profiles); keep one loop per engine.
             loop = next((known for known in self._loops.values() if known.engine is engine), None)
             if loop is None:
@@ -312,6 +321,9 @@ class ZImageTRTPipeline(LoraPipelineMixin):
         the argument, its value and the rule.
         """
         started = time.perf_counter()
+        if self._parallel is not None and not self._parallel.is_main:
+            raise SequenceParallelError("this is not rank 0 of the sequence-parallel group: call pipe.serve() "
+                                        "here, and the pipeline itself on rank 0 (pipe.is_main_process)")
         request = check_request(
             self._limits, prompt=prompt, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
             negative_prompt_embeds=negative_prompt_embeds, height=height, width=width,
@@ -350,6 +362,8 @@ class ZImageTRTPipeline(LoraPipelineMixin):
         timesteps, sigmas = self.schedule(request.steps, initial, request.sigmas)
         self._num_timesteps = len(timesteps)
         loop = self.denoise_loop(request.resolution, request.images, request.cfg)
+        if self._parallel is not None:  # the other ranks get this loop's inputs and run it with us
+            loop = self._parallel.lead(loop, request.resolution.key, request.images, request.cfg, callback is not None)
         step_callback = self._step_callback(callback, request.tensor_inputs, timings)
         with self._stage(timings, "denoise_ms"):
             final = loop(
@@ -448,6 +462,20 @@ class ZImageTRTPipeline(LoraPipelineMixin):
         # A worker thread starts on CUDA device 0; make ours current for the whole call.
         return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
 
+    # -- several processes for one image (sequence_parallel > 1) --------------------------------
+    @property
+    def is_main_process(self) -> bool:
+        """True on rank 0 (the one to call), and whenever sequence parallelism is off."""
+        return self._parallel is None or self._parallel.is_main
+
+    def serve(self) -> int:
+        """Ranks other than 0: run each call's share until rank 0 closes its pipeline; returns the calls served."""
+        if self.is_main_process:
+            raise SequenceParallelError("serve() is for ranks other than 0 of a sequence-parallel pipeline; "
+                                        "on this one, call the pipeline")
+        with torch.no_grad(), self._on_device():
+            return self._parallel.serve(lambda key, images, cfg: self.denoise_loop(Resolution.parse(key), images, cfg))
+
     # -- serving and statistics ------------------------------------------------------------------
     def submit(self, **kwargs):
         """Queue a generation for the pipeline's single GPU worker thread; returns a Future."""
@@ -467,6 +495,8 @@ class ZImageTRTPipeline(LoraPipelineMixin):
             queue, self._queue = self._queue, None
         if queue is not None:
             queue.close()
+        if self._parallel is not None:
+            self._parallel.close()  # rank 0: releases the other ranks' serve()
 
     def __enter__(self) -> "ZImageTRTPipeline":
         return self
