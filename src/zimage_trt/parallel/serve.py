@@ -208,10 +208,13 @@ class LeadingLoop:
                  cfg_normalization=False, cfg_truncation=1.0, callback=None, progress=True):
         group = self.coordinator.group
         latents = latents.to(group.device, torch.float32)
+        # A callable guidance (the pipeline's, which a step callback may change) goes out as its value now:
+        # only a step callback changes it, and then the latents rank 0 computed are sent after every step.
+        guidance_now = guidance_scale() if callable(guidance_scale) else guidance_scale
         self.coordinator.send(LoopCall(
             self.resolution, self.images, self.cfg, latents, list(prompt_embeds),
             None if negative_prompt_embeds is None else list(negative_prompt_embeds), timesteps.float(), sigmas.float(),
-            guidance_scale, cfg_normalization, cfg_truncation, self.step_sync))
+            guidance_now, cfg_normalization, cfg_truncation, self.step_sync))
         if self.step_sync:
             callback = _sending_latents(callback, group)
         with collective_errors(group, "a denoising step with the other ranks"):
