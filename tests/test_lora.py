@@ -23,14 +23,15 @@ TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "w1", "w2", "w3"]
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
-def make_lora(seed: int, rank: int, alpha: float, targets=TARGETS):
-    """(PEFT state dict without prefix, LoraConfig) of a random LoRA on the tiny transformer."""
+def make_lora(seed: int, rank: int, alpha: float, targets=TARGETS, transformer_config=None):
+    """(PEFT state dict without prefix, LoraConfig) of a random LoRA on the tiny transformer
+    (`transformer_config` overrides entries of its config, as in save_tiny_pipeline)."""
     from diffusers import ZImageTransformer2DModel
     from peft import LoraConfig, get_peft_model_state_dict
 
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        transformer = ZImageTransformer2DModel.from_config(tiny_transformer_config())
+        transformer = ZImageTransformer2DModel.from_config({**tiny_transformer_config(), **(transformer_config or {})})
         config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=False)
         transformer.add_adapter(config, adapter_name="made")
         state = get_peft_model_state_dict(transformer, adapter_name="made")

@@ -184,10 +184,11 @@ def _randomize_(module: nn.Module, generator: torch.Generator) -> None:
         param.copy_(values.to(param.dtype))
 
 
-def make_tiny_components(seed: int = 0, dtype: torch.dtype = torch.float32) -> dict:
+def make_tiny_components(seed: int = 0, dtype: torch.dtype = torch.float32, transformer_config: dict | None = None) -> dict:
     """Tiny random ``ZImagePipeline`` components: transformer, vae, text_encoder, tokenizer, scheduler.
 
-    Deterministic in ``seed``; the global torch RNG state is preserved.
+    Deterministic in ``seed``; the global torch RNG state is preserved. ``transformer_config`` overrides
+    entries of `tiny_transformer_config()` (e.g. FP8_GPU_TINY).
     """
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
     from transformers import Qwen3Config, Qwen3Model
@@ -198,7 +199,7 @@ def make_tiny_components(seed: int = 0, dtype: torch.dtype = torch.float32) -> d
     # Module constructors run their default init on the global RNG; fork it so that
     # building tiny models has no side effect on the caller's randomness.
     with torch.random.fork_rng(devices=[]):
-        transformer = ZImageTransformer2DModel(**tiny_transformer_config())
+        transformer = ZImageTransformer2DModel(**{**tiny_transformer_config(), **(transformer_config or {})})
         vae = AutoencoderKL(**tiny_vae_config())
         text_config = Qwen3Config(
             **tiny_text_encoder_config(len(tokenizer)),
@@ -224,11 +225,11 @@ def make_tiny_components(seed: int = 0, dtype: torch.dtype = torch.float32) -> d
     }
 
 
-def make_tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
+def make_tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, transformer_config: dict | None = None):
     """An in-memory ``diffusers.ZImagePipeline`` over :func:`make_tiny_components`."""
     from diffusers import ZImagePipeline
 
-    return ZImagePipeline(**make_tiny_components(seed=seed, dtype=dtype))
+    return ZImagePipeline(**make_tiny_components(seed=seed, dtype=dtype, transformer_config=transformer_config))
 
 
 def save_tiny_pipeline(
@@ -236,6 +237,7 @@ def save_tiny_pipeline(
     seed: int = 0,
     shard_size: int | str | None = None,
     dtype: torch.dtype = torch.float32,
+    transformer_config: dict | None = None,
 ) -> Path:
     """Write a diffusers-format tiny pipeline folder (safetensors only) and return its path.
 
@@ -246,7 +248,7 @@ def save_tiny_pipeline(
     the layout of the real checkpoint.
     """
     path = Path(path)
-    pipe = make_tiny_pipeline(seed=seed, dtype=dtype)
+    pipe = make_tiny_pipeline(seed=seed, dtype=dtype, transformer_config=transformer_config)
     pipe.save_pretrained(path, safe_serialization=True)
 
     if shard_size is not None:
