@@ -22,12 +22,25 @@ from zimage_trt.engines import contract
 from zimage_trt.engines.manifest import Manifest
 from zimage_trt.engines.tensorrt import refit
 from zimage_trt.engines.tensorrt.denoiser import TensorRTDenoiserEngine, check_engine_against_manifest
-from zimage_trt.engines.tensorrt.library import EngineBuildError, TensorRTBackendError, get_logger, import_backend
+from zimage_trt.engines.tensorrt.library import (
+    BackendUnavailableError,
+    EngineBuildError,
+    TensorRTBackendError,
+    get_logger,
+    import_backend,
+)
 from zimage_trt.engines.tensorrt.runtime import TensorRTEngine
 from zimage_trt.testing.tiny import make_tiny_components
 
 pytestmark = pytest.mark.slow
-_, RTX = import_backend("tensorrt-rtx")
+try:
+    _, RTX = import_backend("tensorrt-rtx")
+except BackendUnavailableError as exc:
+    # CI (no GPU) installs the rtx extra and must run this module; a GPU machine without TensorRT-RTX
+    # (the lent H100s carry none) skips it rather than failing `pytest -m gpu` at collection.
+    if not torch.cuda.is_available():
+        raise
+    pytest.skip(f"TensorRT-RTX is not installed here: {exc}", allow_module_level=True)
 RESOLUTIONS = ["256x256", "256x384"]
 
 
