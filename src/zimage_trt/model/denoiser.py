@@ -345,17 +345,26 @@ class StaticZImageDenoiser(nn.Module):
             img_keys = torch.ones(batch, n_img + n_pad, dtype=torch.bool, device=device)
             unified_mask = torch.cat([img_keys, cap_keys], dim=1)[:, None, None, :]
 
+        hidden = self.run_blocks(x, cap, (img_cos, img_sin), (cap_cos, cap_sin), None, cap_mask, unified_mask, adaln)
+        return unpatchify(self.final_layer(hidden[:, :n_img], c=adaln), batch, channels, height, width)
+
+    def run_blocks(self, x, cap, img_rope, cap_rope, img_mask, cap_mask, unified_mask, adaln):
+        """The block schedule: the noise refiner over the image tokens, the context refiner over the caption
+        rows, then the main layers over [image | caption]. Sequence parallelism runs it on its shards."""
+        (img_cos, img_sin), (cap_cos, cap_sin) = img_rope, cap_rope
         for block in self.noise_refiner:
-            x = block(x, img_cos, img_sin, None, adaln)
+            x = block(x, img_cos, img_sin, img_mask, adaln)
         for block in self.context_refiner:
             cap = block(cap, cap_cos, cap_sin, cap_mask)
-
         hidden = torch.cat([x, cap], dim=1)
         cos, sin = torch.cat([img_cos, cap_cos], dim=1), torch.cat([img_sin, cap_sin], dim=1)
         for block in self.layers:
             hidden = block(hidden, cos, sin, unified_mask, adaln)
+        return hidden
 
-        out = self.final_layer(hidden[:, :n_img], c=adaln)
-        # Unpatchify "(h w) (ph pw c) -> c (h ph) (w pw)".
-        out = out.reshape(batch, ht, wt, PATCH_SIZE, PATCH_SIZE, channels).permute(0, 5, 1, 3, 2, 4)
-        return out.reshape(batch, channels, height, width).float()
+
+def unpatchify(out: torch.Tensor, batch: int, channels: int, height: int, width: int) -> torch.Tensor:
+    """Final-layer tokens [B, h*w, p*p*C] -> latents [B, C, H, W] float32: "(h w) (ph pw c) -> c (h ph) (w pw)"."""
+    ht, wt = height // PATCH_SIZE, width // PATCH_SIZE
+    out = out.reshape(batch, ht, wt, PATCH_SIZE, PATCH_SIZE, channels).permute(0, 5, 1, 3, 2, 4)
+    return out.reshape(batch, channels, height, width).float()

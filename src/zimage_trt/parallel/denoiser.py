@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..model.denoiser import StaticZImageDenoiser
+from ..model.denoiser import StaticZImageDenoiser, unpatchify
 from ..model.shapes import PATCH_SIZE, SEQ_MULTI_OF, round_up
 from .attention import UlyssesAttention, gather_tokens
 from .group import ParallelGroup, check_degree
@@ -110,21 +110,10 @@ class SequenceShardedDenoiser(nn.Module):
                         for j in range(p)]
             unified_mask = torch.cat(per_rank, dim=1)[:, None, None, :]
 
-        for block in d.noise_refiner:
-            x = block(x, img_cos, img_sin, img_mask, adaln)
-        for block in d.context_refiner:
-            cap = block(cap, cap_cos, cap_sin, cap_mask)
-
-        hidden = torch.cat([x, cap], dim=1)
-        cos, sin = torch.cat([img_cos, cap_cos], dim=1), torch.cat([img_sin, cap_sin], dim=1)
-        for block in d.layers:
-            hidden = block(hidden, cos, sin, unified_mask, adaln)
-
+        hidden = d.run_blocks(x, cap, (img_cos, img_sin), (cap_cos, cap_sin), img_mask, cap_mask, unified_mask, adaln)
         out = d.final_layer(hidden[:, :img_local], c=adaln)
         out = gather_tokens(out, self.process_group, p)[:, :n_img]
-        # Unpatchify "(h w) (ph pw c) -> c (h ph) (w pw)".
-        out = out.reshape(batch, ht, wt, PATCH_SIZE, PATCH_SIZE, channels).permute(0, 5, 1, 3, 2, 4)
-        return out.reshape(batch, channels, height, width).float()
+        return unpatchify(out, batch, channels, height, width)
 
 
 def shard_engine(engine, group: ParallelGroup, *, cuda_graph: bool = False):
@@ -132,7 +121,7 @@ def shard_engine(engine, group: ParallelGroup, *, cuda_graph: bool = False):
 
     The engine keeps its own way of running (compiled blocks, attention-kernel choice); only the
     denoiser it calls is swapped for the sharded one. `cuda_graph`: whether the runtime may capture a
-    step, collectives included, in a CUDA graph (off until measured faster).
+    step, collectives included, in a CUDA graph (the pipeline's default: on, measured faster).
     """
     if isinstance(getattr(engine, "denoiser", None), SequenceShardedDenoiser):
         return engine
