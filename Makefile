@@ -1,6 +1,6 @@
 # make demo: set up a virtual environment and run the offline demo (tiny random model, CPU is fine).
-# make test: set up and run the test suite without the slow cases (under 10 minutes on 2 cores).
-# make test-slow: the slow cases (engine builds, compiles, fresh processes), two at a time.
+# make test: set up and run the test suite without the slow cases, two at a time (about 3 minutes on 2 cores).
+# make test-slow: the slow cases (engine builds, compiles, fresh processes, browser, Ray), two at a time (~9 min).
 # CI (.ci/run) runs both: every test counts there.
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -23,7 +23,7 @@ demo: setup
 	HF_HUB_OFFLINE=1 $(PY) -m zimage_trt.cli demo --out out/demo
 
 test: setup
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow" tests
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow" -n 2 tests
 
 # The dashboard's browser test drives Debian's chromium + chromedriver; installed when missing.
 browser:

@@ -46,7 +46,9 @@ class PipelineOptions:
     # "Several GPUs for one image"); a CUDA device without an index becomes cuda:LOCAL_RANK.
     sequence_parallel: int = 1
     sequence_parallel_timeout_s: float = 300.0  # a collective waiting longer: another rank died or hung
-    sequence_parallel_cuda_graph: bool = False  # capture steps (NCCL collectives included) in CUDA graphs
+    # Capture steps, NCCL collectives included, in CUDA graphs: measured faster on 2 GPUs (BENCHMARKS.md,
+    # sequence parallelism; FP8 1024²: 414 vs 466 ms an image), equal at 2048².
+    sequence_parallel_cuda_graph: bool = True
 
     @classmethod
     def from_keywords(cls, options: "PipelineOptions | None" = None, **keywords) -> "PipelineOptions":
