@@ -32,7 +32,7 @@ browser:
 	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q chromium chromium-driver; }
 
 test-slow: setup browser
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m slow -n 2 --dist loadgroup tests
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m slow -n 2 --dist loadfile tests
 
 clean:
 	rm -rf out engines/*.json engines/*.plan engines/*.bin engines/onnx
