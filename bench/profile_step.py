@@ -12,22 +12,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from zimage_trt.engines.torch_compiled import CompiledDenoiserEngine
-from zimage_trt.benchmark.common import cuda_time_ms, format_row, full_size_transformer
+from zimage_trt.benchmark.common import cuda_time_ms, format_row, full_size_transformer, graphed
 from zimage_trt.runtime.telemetry import summarize
 from zimage_trt.model.denoiser import StaticZImageDenoiser
-
-
-def graphed(fn):
-    """`fn` captured in a CUDA graph after one warm-up run on a side stream; `.output` is its static result."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        graph.output = fn()
-    return graph
 
 
 def main():

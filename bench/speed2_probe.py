@@ -14,7 +14,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from zimage_trt.benchmark.common import cuda_time_ms, full_size_transformer
+from zimage_trt.benchmark.common import cuda_time_ms, full_size_transformer, graphed
 from zimage_trt.engines.torch_compiled import CompiledDenoiserEngine
 from zimage_trt.model import attention
 from zimage_trt.model.denoiser import StaticZImageDenoiser
@@ -29,18 +29,6 @@ CATEGORIES = (
 
 def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-
-def graphed(fn):
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        graph.output = fn()
-    return graph
 
 
 def attn_part(results):

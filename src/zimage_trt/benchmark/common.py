@@ -138,3 +138,16 @@ def environment() -> dict:
         except Exception:  # NVML absent: the driver version is simply not reported
             pass
     return info
+
+
+def graphed(fn):
+    """`fn` captured in a CUDA graph after one warm-up run on a side stream; `.output` is its static result."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graph.output = fn()
+    return graph
