@@ -129,8 +129,10 @@ def test_truncation_warning_names_dropped_tokens(pipe):
 
 def test_text_encoding_matches_diffusers(pipe, reference):
     # The weights must be the very same numbers (bitwise); the features are computed by two separately
-    # loaded models, whose CPU kernels may differ with memory alignment: compare those with a tolerance.
+    # loaded models, whose CPU kernels may differ with memory alignment, and (the default) on the real
+    # tokens + 1 pad token where diffusers pads to 512: compare those with a tolerance.
     assert_same_weights(pipe.text_encoder, reference.text_encoder)
+    assert pipe._prompts.padded_length([19, 40], 512) == 41  # one pad token keeps the attention mask in play
     prompts = ["", "a red fox", LONG_PROMPT]
     theirs = reference._encode_prompt(list(prompts), device="cpu", max_sequence_length=512)
     ours = pipe.encode_prompt(prompts, 512)
@@ -141,20 +143,47 @@ def test_text_encoding_matches_diffusers(pipe, reference):
         torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_text_encoding_on_real_tokens_matches_diffusers(tiny_path, reference):
-    """pad_prompts_to_max_length=False runs the encoder on the real tokens (+1 pad), not on 512."""
-    short = ZImageTRTPipeline.from_pretrained(
-        tiny_path, device="cpu", torch_dtype=torch.float32, pad_prompts_to_max_length=False
+def test_padding_to_max_length_is_diffusers_exact_path(tiny_path, reference):
+    """pad_prompts_to_max_length=True runs the encoder on 512 tokens as diffusers does: on the very same
+    text encoder, bitwise diffusers' features (the same computation on the same tensors)."""
+    from zimage_trt.runtime.text_encoder import PromptEncoder
+
+    full = ZImageTRTPipeline.from_pretrained(
+        tiny_path, device="cpu", torch_dtype=torch.float32, pad_prompts_to_max_length=True
     )
+    assert full._prompts.padded_length([19, 40], 512) == 512
+    same_model = PromptEncoder(reference.text_encoder, reference.tokenizer, torch.device("cpu"), pad_to_max_length=True)
     prompts = ["", "a red fox", LONG_PROMPT]
     theirs = reference._encode_prompt(list(prompts), device="cpu", max_sequence_length=512)
-    ours = short.encode_prompt(prompts, 512)
-    assert len(ours) == len(theirs) == len(prompts)
-    for mine, ref in zip(ours, theirs, strict=True):
-        assert mine.shape == ref.shape
-        # Same maths; only the matmul blocking differs with the sequence length (fp32 rounding).
-        torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-5)
-    assert short._prompts.padded_length([19, 40], 512) == 41  # one pad token keeps the attention mask in play
+    for name, encode in (("pipeline", full.encode_prompt), ("same model", same_model.encode)):
+        ours = encode(list(prompts), 512)
+        assert len(ours) == len(theirs) == len(prompts)
+        for mine, ref in zip(ours, theirs, strict=True):
+            assert mine.shape == ref.shape
+            if name == "same model":
+                assert torch.equal(mine, ref)
+            else:  # a separately loaded model: CPU kernels may round differently with memory alignment
+                torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_bucketed_prompt_lengths_give_diffusers_images(tiny_path, reference, monkeypatch):
+    """The GPU default (prompts rounded up to 64-token buckets for the CUDA graphs), taken here on the
+    CPU by letting the eager forward stand in for the graph replay: diffusers' images."""
+    bucketed = ZImageTRTPipeline.from_pretrained(tiny_path, device="cpu", torch_dtype=torch.float32)
+    bucketed.set_progress_bar_config(disable=True)
+    runner, seen = bucketed._prompts.runner, []
+
+    def forward(input_ids, mask):
+        seen.append(input_ids.shape[1])
+        return runner.eager(input_ids, mask)
+
+    monkeypatch.setattr(runner, "use_cuda_graph", True)
+    monkeypatch.setattr(runner, "hidden_states", forward)
+    kwargs = dict(prompt=["a red fox", "a lighthouse on a cliff at dusk, oil painting"],
+                  negative_prompt=["blurry", "low quality"], guidance_scale=3.0, height=256, width=256)
+    assert_same_images(run_ours(bucketed, **kwargs).images, run_reference(reference, **kwargs))
+    assert seen and all(length % 64 == 0 and length < 512 for length in seen), seen
+    bucketed.close()
 
 
 def test_given_latents_and_generator_list_match_diffusers(pipe, reference):

@@ -6,9 +6,10 @@
 
 The numbers match diffusers' pipeline (same seed -> same image, up to the engine's precision):
 
-1. text: each prompt goes through the tokenizer's chat template (`enable_thinking=True`), padding to
-   `max_sequence_length`, the encoder's `hidden_states[-2]`, and only the real (unmasked) tokens are
-   kept, as diffusers does (`pad_prompts_to_max_length=False` skips most of the padding);
+1. text: each prompt goes through the tokenizer's chat template (`enable_thinking=True`), right
+   padding, the encoder's `hidden_states[-2]`, and only the real (unmasked) tokens are kept, as
+   diffusers does; diffusers pads to `max_sequence_length`, we to the real tokens + 1 (rounded up to
+   64 under CUDA graphs): same features within rounding (`pad_prompts_to_max_length=True`: bitwise);
 2. latents: `randn_tensor` with the caller's generator, float32, [B, 16, 2*(H//16), 2*(W//16)];
 3. schedule: diffusers' `FlowMatchEulerDiscreteScheduler.set_timesteps(sigmas=linspace(1, 1/n, n), mu=...)`;
 4. denoise: the runtime's `DenoiseLoop` (engine per step, CFG and the Euler update on the GPU);

@@ -3,7 +3,9 @@
 Qwen3-4B on a 512-token prompt is a few ms of GPU work, but eager PyTorch launches ~500 kernels for
 it and the GPU waits on Python; replayed from a graph it runs at the GPU's pace, and steadier, with
 bitwise the same features (bench/stage_probe.py; figures in BENCHMARKS.md). diffusers pads every
-prompt to 512 tokens, so one graph per batch size serves every prompt.
+prompt to 512 tokens; we run the encoder on the prompt's own tokens rounded up to a bucket of
+`PROMPT_BUCKET` tokens, so a few graphs (one per bucket and batch size) serve every prompt and a
+typical 20-150-token prompt costs a fraction of 512 tokens' work (`PromptEncoder.padded_length`).
 
 transformers builds the attention mask with host-side checks, except while a CUDA stream is being
 captured (`is_tracing` covers capture), when it always builds the explicit mask: the same mask it
@@ -19,9 +21,18 @@ import torch
 
 from ..errors import NonFiniteOutputError, PromptTruncatedWarning
 
-# Distinct (batch, tokens) shapes kept captured; the oldest is dropped past this (each holds its
-# activations, ~0.2 GiB at 512 tokens).
-MAX_GRAPHS = 8
+# Prompts run on their tokens rounded up to a multiple of this (on a GPU with CUDA graphs), so
+# max_sequence_length=512 makes 8 shapes per batch size, each captured once. 64: a multiple of the
+# matmul and attention kernels' tiles (shorter tails waste tensor-core work anyway), at most 63 pad
+# tokens of extra work, and few enough buckets that capturing them all stays cheap.
+PROMPT_BUCKET = 64
+
+# Distinct (batch, tokens) shapes kept captured; the least recently used is dropped past this. 32 =
+# the 8 buckets of 512 tokens for batch 1 to 4 (positive and negative prompts are encoded in separate
+# calls whose batch is the number of distinct prompts), so bucketed prompts never evict each other.
+# All graphs share one memory pool: an extra graph keeps its output [B, L, F] and its kernel list,
+# not another set of activations.
+MAX_GRAPHS = 32
 
 
 class TextEncoderRunner:
@@ -98,16 +109,18 @@ class TextEncoderRunner:
 
 
 class PromptEncoder:
-    """Prompts -> caption features exactly as diffusers' `ZImagePipeline.encode_prompt` makes them: the
-    tokenizer's chat template (`enable_thinking=True`), padding to `max_sequence_length`, the encoder's
-    `hidden_states[-2]`, and only the real (unmasked) tokens kept.
+    """Prompts -> caption features as diffusers' `ZImagePipeline.encode_prompt` makes them: the
+    tokenizer's chat template (`enable_thinking=True`), right padding, the encoder's `hidden_states[-2]`,
+    and only the real (unmasked) tokens kept.
 
-    `pad_to_max_length=False` runs the encoder on the real tokens plus one pad token instead: far less
-    work for a CPU text encoder, equal features up to rounding (see `padded_length`).
+    By default the encoder runs on the real tokens plus one pad token, rounded up to `PROMPT_BUCKET`
+    where CUDA graphs replay it: equal features up to rounding, far less work than diffusers' 512
+    (see `padded_length`). `pad_to_max_length=True` pads to `max_sequence_length` as diffusers does
+    (bitwise its features).
     """
 
     def __init__(self, text_encoder, tokenizer, device: torch.device, *, use_cuda_graph: bool = True,
-                 pad_to_max_length: bool = True):
+                 pad_to_max_length: bool = False):
         self.tokenizer = tokenizer
         self.device = device
         self.pad_to_max_length = pad_to_max_length
@@ -153,13 +166,26 @@ class PromptEncoder:
 
         With causal attention, padding never reaches the real tokens, so fewer pad tokens leave their
         features mathematically unchanged; numerically, kernels chosen by sequence length may round
-        differently. One pad token is always kept: with none, transformers drops the mask and SDPA's
-        causal kernel rounds differently again. On a GPU the default is diffusers' full padding: every
-        prompt then has one shape, so one CUDA graph serves them all, bitwise diffusers' features.
-        Left padding would shift the real tokens' positions, so it always keeps the full padding.
+        differently (equal within rounding, not bitwise). One pad token is always kept: with none,
+        transformers drops the mask and SDPA's causal kernel rounds differently again. Where CUDA
+        graphs replay the encoder the length is rounded up to `PROMPT_BUCKET`, so a handful of captured
+        shapes serve every prompt; elsewhere (CPU, graphs off) nothing is gained by rounding.
+        `pad_to_max_length` keeps diffusers' full padding (bitwise its features). Left padding would
+        shift the real tokens' positions, so it always keeps the full padding.
         """
-        full = self.pad_to_max_length or getattr(self.tokenizer, "padding_side", "right") != "right"
-        return max_sequence_length if full else min(max_sequence_length, max(lengths) + 1)
+        if self.pad_to_max_length or getattr(self.tokenizer, "padding_side", "right") != "right":
+            return max_sequence_length
+        bucket = PROMPT_BUCKET if self.runner.use_cuda_graph else 1
+        return encoder_length(lengths, max_sequence_length, bucket)
+
+
+def encoder_length(lengths: list[int], max_sequence_length: int, bucket: int = 1) -> int:
+    """The longest prompt's tokens plus one pad token, rounded up to a multiple of `bucket`, at most
+    `max_sequence_length` (a prompt that long or longer is cut there, as diffusers cuts it)."""
+    if bucket < 1:
+        raise ValueError(f"bucket must be a positive number of tokens, got {bucket}")
+    needed = max(lengths) + 1
+    return min(max_sequence_length, -(-needed // bucket) * bucket)
 
 
 def _warn_if_truncated(lengths: list[int], max_sequence_length: int, side: str) -> bool:
