@@ -2,7 +2,8 @@
 does vs the default (real tokens + 1 pad, rounded up to 64-token buckets, one CUDA graph per bucket).
 
 Times `PromptEncoder.encode` (chat template, tokenizer, graph replay, the copies the pipeline keeps),
-per prompt length, after every graph is captured; prints how many graphs each setting captured and the
+per prompt length, after its graph is captured (the first call, capture included, is printed apart:
+what the first prompt of a new bucket pays); prints how many graphs each setting captured and the
 bucketed features' largest difference from the 512-padded ones (relative to their largest value).
 
     python bench/prompt_buckets.py [--precision bf16|fp16] [--fp8]
@@ -11,6 +12,7 @@ About 1-2 minutes on an H100 (building the random 4B model included).
 """
 
 import argparse
+import time
 
 import torch
 
@@ -55,7 +57,12 @@ def main():
             features = {}
             baseline = None
             for name, encoder in encoders.items():
+                torch.cuda.synchronize()
+                started = time.perf_counter()
                 features[name] = [f.clone() for f in encoder.encode([text], 512)]
+                torch.cuda.synchronize()
+                # A new shape's first call: one eager run + the capture (what a first prompt in a bucket pays).
+                print(f"  {name}: first call {1000 * (time.perf_counter() - started):.1f} ms", flush=True)
                 stats = summarize(cuda_time_ms(lambda e=encoder: e.encode([text], 512), iters=args.iters))
                 print(format_row(f"  {name}", stats, baseline), flush=True)
                 baseline = baseline or stats["mean"]
