@@ -116,7 +116,7 @@ def step_part(results, variants, do_profile, caption=160):
             den.quantize_fp8()
             model._q = True
         den.set_attention_backend(backend)
-        den.set_fused_kernels("fused" in flags)
+        den.set_fused_kernels("fused" in flags or "fused-qk" in flags, residual_norms="fused-qk" not in flags)
         start = time.perf_counter()
         engine = CompiledDenoiserEngine(den)
         run = lambda: engine.run(x, t, cap, lens, masked=False)  # noqa: E731
@@ -133,7 +133,7 @@ def step_part(results, variants, do_profile, caption=160):
                 print(f"step {variant:<16} p50 {stats['p50']:7.2f} ms  cv {100 * stats['cv']:.2f}%  rel vs first {row['rel_vs_sdpa']:.2e}"
                       + (f"  rel vs bf16 {row['rel_vs_bf16']:.3f}" if "rel_vs_bf16" in row else "")
                       + f"  (compile {compile_s:.0f}s)", flush=True)
-                if do_profile and ("fused" in flags or precision == "fp16"):
+                if do_profile and ("fused" in flags or "fused-qk" in flags or precision == "fp16"):
                     with profile(activities=[ProfilerActivity.CUDA]) as prof:
                         for _ in range(3):
                             g.replay()
@@ -204,6 +204,50 @@ def kernels_part(results):
     out["silu_mul_quant"] = dict(rel=e, mismatch=mism, ms_compiled_torch=t_ref, ms_triton=t_got)
     print(f"kernel silu_mul_quant: rel {e:.1e} fp8 codes differing {mism:.1e}  compiled torch {t_ref:.3f} ms  triton {t_got:.3f} ms",
           flush=True)
+    n = 3840
+    for dtype, quant in ((torch.bfloat16, True), (torch.bfloat16, False), (torch.float16, False)):
+        x = torch.randn(1, 4256, n, device="cuda").to(dtype) * 3
+        y = torch.randn(1, 4256, n, device="cuda").to(dtype) * 40
+        post, nxt = (torch.nn.RMSNorm(n, eps=1e-5, device="cuda", dtype=dtype) for _ in range(2))
+        gate = torch.randn(1, 1, n, device="cuda").tanh().to(dtype)
+        mod = (1 + 0.2 * torch.randn(1, 1, n, device="cuda")).to(dtype)
+
+        def unfused_rn(x, y, quant=quant):
+            x = x + gate * rms_norm(post, y)
+            h = rms_norm(nxt, x) * mod
+            if quant:
+                rows = h.reshape(-1, n)
+                s = rows.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
+                return x, (rows.float() / s).to(torch.float8_e4m3fn), s
+            return x, h
+
+        def fused_rn(x, y, quant=quant):
+            return fused_kernels.residual_norm(x, y, post.weight, post.eps, gate[:, 0], nxt.weight, nxt.eps,
+                                               mod[:, 0], quant=quant)
+
+        cu = torch.compile(unfused_rn, fullgraph=True)
+        with torch.no_grad():
+            ref = unfused_rn(x, y)
+            got = fused_rn(x, y)
+            e = rel(got[0], ref[0])
+            t_ref = summarize(cuda_time_ms(lambda: cu(x, y), warmup=5, iters=50))["p50"]
+            t_got = summarize(cuda_time_ms(lambda: fused_rn(x, y), warmup=5, iters=50))["p50"]
+        key = f"residual_norm {dtype}{' +fp8' if quant else ''}"
+        out[key] = dict(rel_x=e, ms_compiled_torch=t_ref, ms_triton=t_got)
+        print(f"kernel {key}: rel x {e:.1e}  compiled torch {t_ref:.3f} ms  triton {t_got:.3f} ms", flush=True)
+    v = torch.randn(1, 4256, 30, 128, device="cuda", dtype=torch.bfloat16)
+
+    def unfused_v(v):
+        amax = v.reshape(1, -1).abs().amax(dim=1).float().clamp(min=1e-12)
+        s = amax / FP8_MAX
+        return (v.float() / s[:, None, None, None]).to(torch.float8_e4m3fn), s
+
+    cu = torch.compile(unfused_v, fullgraph=True)
+    with torch.no_grad():
+        t_ref = summarize(cuda_time_ms(lambda: cu(v), warmup=5, iters=50))["p50"]
+        t_got = summarize(cuda_time_ms(lambda: fused_kernels.quantize_per_item_fp8(v), warmup=5, iters=50))["p50"]
+    out["quantize_per_item"] = dict(ms_compiled_torch=t_ref, ms_triton=t_got)
+    print(f"kernel quantize_per_item (v): compiled torch {t_ref:.3f} ms  triton {t_got:.3f} ms", flush=True)
     results["kernels"] = out
 
 

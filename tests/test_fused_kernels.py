@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from zimage_trt.model import fused_kernels
+from zimage_trt.model import attention, fused_kernels
 from zimage_trt.model.denoiser import StaticZImageDenoiser, apply_rope, rms_norm
 from zimage_trt.model.fp8 import FP8_MAX
 from zimage_trt.testing.tiny import FP8_GPU_TINY, make_tiny_components, make_tiny_transformer
@@ -59,9 +59,11 @@ def test_qk_norm_rope_matches_the_unfused_maths(dtype, shape):
     assert torch.isfinite(out).all()
     assert rel(out, ref) < 2e-3  # same roundings; only the fp32 sum order differs
     scale = (D ** 0.5) * norm.weight.abs().max().item() * 1.01 / FP8_MAX
-    q8 = fused_kernels.quantize_static_fp8(out, scale)
+    q8 = fused_kernels.qk_norm_rope(x, norm.weight, norm.eps, cos, sin, scale)  # e4m3 straight from the kernel
     assert q8.dtype == torch.float8_e4m3fn
     assert rel(q8.float() * scale, ref) < 6e-2
+    ref8 = fused_kernels.quantize_static_fp8(ref, scale)
+    assert (q8.float() != ref8.float()).float().mean().item() < 1e-2  # codes agree bar 16-bit rounding ties
 
 
 @pytest.mark.gpu
@@ -93,3 +95,93 @@ def test_fp8_block_with_fused_kernels_tracks_the_unfused_block():
         den.set_fused_kernels(True)
         fused = den(x, t, cap, lens, mask_caption_keys=False)
     assert rel(fused, plain) < 1e-2
+
+
+@pytest.mark.gpu
+@gpu_triton
+@pytest.mark.skipif(attention.find_fa3() is None, reason="no FlashAttention-3 module imports")
+def test_fp8_attention_with_static_qk_scales_tracks_the_16bit_attention():
+    tr = make_tiny_transformer(seed=4, **FP8_GPU_TINY).to("cuda", torch.bfloat16)
+    den = StaticZImageDenoiser(tr)
+    den.quantize_fp8()
+    den.set_fused_kernels(True)
+    gen = torch.Generator().manual_seed(0)
+    x, t = torch.randn(1, 16, 32, 32, generator=gen).cuda(), torch.tensor([0.3], device="cuda")
+    cap, lens = torch.randn(1, 64, 32, generator=gen).cuda().bfloat16(), torch.tensor([64], device="cuda")
+    with torch.no_grad():
+        den.set_attention_backend("fa3")
+        sixteen = den(x, t, cap, lens, mask_caption_keys=False)
+        den.set_attention_backend("fa3-fp8")  # e4m3 q, k from the q/k kernel, v from quantize_per_item_fp8
+        eight = den(x, t, cap, lens, mask_caption_keys=False)
+    assert torch.isfinite(eight).all()
+    assert 0 < rel(eight, sixteen) < 8e-2
+
+
+@pytest.mark.gpu
+@gpu_triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n", [3840, 192])
+def test_residual_norm_matches_the_unfused_maths(dtype, n):
+    B, S = 2, 333
+    gen = torch.Generator("cuda").manual_seed(0)
+    x = torch.randn(B, S, n, device="cuda", generator=gen).to(dtype) * 3
+    y = torch.randn(B, S, n, device="cuda", generator=gen).to(dtype) * 40
+    post, nxt = (torch.nn.RMSNorm(n, eps=1e-5, device="cuda", dtype=dtype) for _ in range(2))
+    with torch.no_grad():
+        for norm in (post, nxt):
+            norm.weight.copy_(1 + 0.3 * torch.randn(n, device="cuda", generator=gen))
+    gate = torch.randn(B, n, device="cuda", generator=gen).tanh().to(dtype)
+    mod = (1 + 0.2 * torch.randn(B, n, device="cuda", generator=gen)).to(dtype)
+    eps_scale = 2.0 ** -6  # a downscaled fp16 block's norm eps
+    with torch.no_grad():
+        ref_x = x + gate[:, None] * rms_norm(post, y, eps_scale)
+        ref_h = rms_norm(nxt, ref_x) * mod[:, None]
+        got_x, got_h = fused_kernels.residual_norm(x, y, post.weight, post.eps * eps_scale, gate, nxt.weight, nxt.eps, mod)
+        assert got_x.shape == x.shape and got_h.dtype == dtype
+        assert rel(got_x, ref_x) < 2e-3 and rel(got_h, ref_h) < 4e-3  # same roundings; fp32 sum order differs
+        only_h = fused_kernels.residual_norm(x, w_next=nxt.weight, eps_next=nxt.eps, mod=mod)
+        assert rel(only_h, rms_norm(nxt, x) * mod[:, None]) < 2e-3
+        only_x = fused_kernels.residual_norm(x, y, post.weight, post.eps, gate)
+        assert rel(only_x, x + gate[:, None] * rms_norm(post, y)) < 2e-3
+        _, rows = fused_kernels.residual_norm(x, y, post.weight, post.eps * eps_scale, gate, nxt.weight, nxt.eps, mod,
+                                              quant=True)
+    flat = ref_h.reshape(-1, n)
+    scale = flat.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
+    assert rows.values.dtype == torch.float8_e4m3fn and rows.lead_shape == (B, S)
+    assert torch.allclose(rows.scales, scale, rtol=2e-2)
+    assert rel(rows.values.float() * rows.scales, flat) < 6e-2
+
+
+@pytest.mark.gpu
+@gpu_triton
+def test_quantize_per_item_fp8_has_one_scale_per_item():
+    v = torch.randn(2, 4256, 30, 128, device="cuda", dtype=torch.bfloat16)
+    v[1] *= 50
+    q, scale = fused_kernels.quantize_per_item_fp8(v)
+    amax = v.reshape(2, -1).abs().amax(dim=1).float()
+    assert torch.equal(scale, amax / FP8_MAX)  # the amax is exact (max of the same values)
+    assert rel(q.float() * scale[:, None, None, None], v) < 6e-2
+    ref = (v.float() / scale[:, None, None, None]).to(torch.float8_e4m3fn)
+    assert (q.float() != ref.float()).float().mean().item() < 1e-2
+
+
+@pytest.mark.gpu
+@gpu_triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16bit_blocks_with_fused_kernels_track_the_unfused_blocks_compiled(dtype):
+    tr = make_tiny_transformer(seed=4, **FP8_GPU_TINY).to("cuda", dtype)
+    den = StaticZImageDenoiser(tr)
+    if dtype == torch.float16:
+        den.set_downscale({"layers.0": (2, 3)})  # fp16 range protection: scaled eps in the fused norms
+    gen = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 16, 32, 32, generator=gen).cuda(), torch.tensor([0.3, 0.7], device="cuda")
+    cap, lens = torch.randn(2, 64, 32, generator=gen).cuda().to(dtype), torch.tensor([64, 64], device="cuda")
+    with torch.no_grad():
+        plain = den(x, t, cap, lens, mask_caption_keys=False)
+        den.set_fused_kernels(True)
+        fused = den(x, t, cap, lens, mask_caption_keys=False)
+        for _, block in den.named_blocks():
+            block.compile(fullgraph=True)  # the custom ops inside Inductor graphs, as engines run them
+        compiled = den(x, t, cap, lens, mask_caption_keys=False)
+    assert rel(fused, plain) < 1e-2
+    assert rel(compiled, fused) < 1e-2

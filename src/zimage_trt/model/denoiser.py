@@ -36,7 +36,7 @@ from torch import nn
 from . import attention as attention_backends
 from .attention import sdpa_attention
 from . import fused_kernels
-from .fp8 import Fp8Linear, quantize_block_fp8
+from .fp8 import Fp8Linear, Fp8Rows, quantize_block_fp8
 from .shapes import PATCH_SIZE, SEQ_MULTI_OF
 
 
@@ -64,6 +64,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.flatten(-2).to(x.dtype)
 
 
+def project(linear: nn.Module, x) -> torch.Tensor:
+    """linear(x), where x may be an `Fp8Rows` (already quantised for an `Fp8Linear`, by a fused kernel)."""
+    if isinstance(x, Fp8Rows):
+        return linear.forward_quantised(x.values, x.scales, x.lead_shape)
+    return linear(x)
+
+
 class StaticBlock(nn.Module):
     """One `ZImageTransformerBlock`, same weights, tensor-only forward with optional fp16 downscaling."""
 
@@ -81,11 +88,16 @@ class StaticBlock(nn.Module):
         self.attn_scale = 2.0 ** -self.attn_log2
         self.ffn_scale = 2.0 ** -self.ffn_log2
 
-    def set_fused_kernels(self, on: bool) -> None:
-        """Hand-written Triton kernels (model/fused_kernels.py) for q/k RMSNorm + RoPE and, in FP8
-        blocks, SiLU gate + quantisation; used only on CUDA tensors when Triton is there."""
+    def set_fused_kernels(self, on: bool, residual_norms: bool = True) -> None:
+        """Hand-written Triton kernels (model/fused_kernels.py) for q/k RMSNorm + RoPE, the gate +
+        residual + RMSNorm + modulation chains (`residual_norms`; with the per-token quantisation in FP8
+        blocks) and, in FP8 blocks, SiLU gate + quantisation; used only on CUDA tensors with Triton."""
         self.fused = bool(on)
         attn = self.block.attention
+        # The residual/norm kernel needs every norm of the block to have a 16-bit weight (Z-Image's do).
+        norms = (self.block.attention_norm1, self.block.attention_norm2, self.block.ffn_norm1, self.block.ffn_norm2)
+        self.fusable_norms = residual_norms and all(
+            n.weight is not None and n.weight.dtype in (torch.float16, torch.bfloat16) for n in norms)
         # Static FP8 scales for q and k: after RMSNorm a head vector has norm sqrt(D) times at most
         # max|weight|, and RoPE rotates pairs (norm-preserving), so no element exceeds that bound (1%
         # margin for the 16-bit roundings). No amax pass is needed; e4m3 is floating point, so a loose
@@ -98,18 +110,17 @@ class StaticBlock(nn.Module):
                 setattr(self, name, max(bound, 1e-6) / attention_backends.FP8_MAX)
 
     def attention(self, x, cos, sin, mask):
+        """x: the normed, modulated tokens [B, S, N], or an `Fp8Rows` of them (fused FP8 blocks)."""
         attn = self.block.attention
-        q = attn.to_q(x).unflatten(-1, (attn.heads, -1))
-        k = attn.to_k(x).unflatten(-1, (attn.heads, -1))
-        v = attn.to_v(x).unflatten(-1, (attn.heads, -1))
+        q = project(attn.to_q, x).unflatten(-1, (attn.heads, -1))
+        k = project(attn.to_k, x).unflatten(-1, (attn.heads, -1))
+        v = project(attn.to_v, x).unflatten(-1, (attn.heads, -1))
         op = self.attention_op
         if self.fused and self.q_fp8_scale is not None and fused_kernels.usable(q):
             if mask is None and getattr(op, "takes_fp8_qk", False):
-                q = fused_kernels.qk_norm_rope(q, attn.norm_q.weight, attn.norm_q.eps, cos, sin)
-                k = fused_kernels.qk_norm_rope(k, attn.norm_k.weight, attn.norm_k.eps, cos, sin)
-                q8 = fused_kernels.quantize_static_fp8(q, self.q_fp8_scale)
-                k8 = fused_kernels.quantize_static_fp8(k, self.k_fp8_scale)
-                out = op.fp8_qk(q8, self.q_fp8_scale, k8, self.k_fp8_scale, v, x.dtype)
+                q8 = fused_kernels.qk_norm_rope(q, attn.norm_q.weight, attn.norm_q.eps, cos, sin, self.q_fp8_scale)
+                k8 = fused_kernels.qk_norm_rope(k, attn.norm_k.weight, attn.norm_k.eps, cos, sin, self.k_fp8_scale)
+                out = op.fp8_qk(q8, self.q_fp8_scale, k8, self.k_fp8_scale, v, v.dtype)
             else:
                 q = fused_kernels.qk_norm_rope(q, attn.norm_q.weight, attn.norm_q.eps, cos, sin)
                 k = fused_kernels.qk_norm_rope(k, attn.norm_k.weight, attn.norm_k.eps, cos, sin)
@@ -122,22 +133,44 @@ class StaticBlock(nn.Module):
             q = apply_rope(q, cos, sin)
             k = apply_rope(k, cos, sin)
             out = op(q, k, v, mask)
-        out = out.flatten(2).to(x.dtype)
+        out = out.flatten(2).to(v.dtype)
         if self.attn_log2:
             out = out * self.attn_scale  # exact power-of-two shrink; attention_norm2 undoes it
         return attn.to_out[0](out)
 
     def feed_forward(self, x):
+        """x: the normed, modulated tokens [B, S, N], or an `Fp8Rows` of them (fused FP8 blocks)."""
         ff = self.block.feed_forward
-        if self.fused and not self.ffn_log2 and isinstance(ff.w2, Fp8Linear) and fused_kernels.usable(x):
-            quantised, row_scale = fused_kernels.silu_mul_quant_fp8(ff.w1(x), ff.w3(x))
-            return ff.w2.forward_quantised(quantised, row_scale, x.shape[:-1])
-        gate = F.silu(ff.w1(x))
-        up = ff.w3(x * self.ffn_scale) if self.ffn_log2 else ff.w3(x)
+        rows = x if isinstance(x, Fp8Rows) else None
+        if self.fused and not self.ffn_log2 and isinstance(ff.w2, Fp8Linear) and fused_kernels.usable(rows.values if rows else x):
+            lead_shape = rows.lead_shape if rows else x.shape[:-1]
+            quantised, row_scale = fused_kernels.silu_mul_quant_fp8(project(ff.w1, x), project(ff.w3, x))
+            return ff.w2.forward_quantised(quantised, row_scale, lead_shape)
+        gate = F.silu(project(ff.w1, x))
+        up = ff.w3(x * self.ffn_scale) if self.ffn_log2 else project(ff.w3, x)
         return ff.w2(gate * up)
+
+    def fused_forward(self, x, cos, sin, mask, adaln):
+        """`forward` of a modulated block with its element-wise chains in three fused kernels (CUDA)."""
+        b = self.block
+        mod = b.adaLN_modulation(adaln)  # [B, 4N]
+        scale_msa, gate_msa, scale_mlp, gate_mlp = mod.chunk(4, dim=1)
+        gate_msa, gate_mlp = gate_msa.tanh(), gate_mlp.tanh()
+        scale_msa, scale_mlp = 1.0 + scale_msa, 1.0 + scale_mlp
+        attn_in = fused_kernels.residual_norm(x, w_next=b.attention_norm1.weight, eps_next=b.attention_norm1.eps,
+                                              mod=scale_msa, quant=isinstance(b.attention.to_q, Fp8Linear))
+        attn_out = self.attention(attn_in, cos, sin, mask)
+        x, ffn_in = fused_kernels.residual_norm(
+            x, attn_out, b.attention_norm2.weight, b.attention_norm2.eps * self.attn_scale**2, gate_msa,
+            b.ffn_norm1.weight, b.ffn_norm1.eps, scale_mlp,
+            quant=isinstance(b.feed_forward.w1, Fp8Linear) and not self.ffn_log2)
+        ffn_out = self.feed_forward(ffn_in)
+        return fused_kernels.residual_norm(x, ffn_out, b.ffn_norm2.weight, b.ffn_norm2.eps * self.ffn_scale**2, gate_mlp)
 
     def forward(self, x, cos, sin, mask=None, adaln=None):
         b = self.block
+        if self.fused and b.modulation and fused_kernels.usable(x) and self.fusable_norms:
+            return self.fused_forward(x, cos, sin, mask, adaln)
         attn_eps, ffn_eps = self.attn_scale**2, self.ffn_scale**2
         if b.modulation:
             mod = b.adaLN_modulation(adaln).unsqueeze(1)
@@ -223,10 +256,11 @@ class StaticZImageDenoiser(nn.Module):
             block.attention_op = op
         self.attention_backend = backend
 
-    def set_fused_kernels(self, on: bool) -> None:
-        """Triton kernels for the element-wise chains Inductor leaves slow (see model/fused_kernels.py)."""
+    def set_fused_kernels(self, on: bool, residual_norms: bool = True) -> None:
+        """Triton kernels for the element-wise chains Inductor leaves slow (see model/fused_kernels.py);
+        `residual_norms=False` leaves the gate/residual/norm chains to Inductor (to measure the kernel)."""
         for _, block in self.named_blocks():
-            block.set_fused_kernels(on)
+            block.set_fused_kernels(on, residual_norms)
         self.fused_kernels = bool(on)
 
     def downscale(self) -> dict[str, tuple[int, int]]:

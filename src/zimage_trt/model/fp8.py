@@ -7,10 +7,19 @@ norms, modulation and the embedders stay 16-bit. Used by the engines (the static
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+class Fp8Rows(NamedTuple):
+    """Activations already quantised per token for an FP8 projection (`Fp8Linear.forward_quantised`)."""
+    values: torch.Tensor  # [M, K] e4m3
+    scales: torch.Tensor  # [M, 1] fp32
+    lead_shape: tuple  # the shape of the 16-bit activations minus their last dimension
 
 
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
