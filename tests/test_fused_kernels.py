@@ -83,18 +83,24 @@ def test_silu_mul_quant_matches_the_unfused_maths(n):
 
 @pytest.mark.gpu
 @gpu_triton
-def test_fp8_block_with_fused_kernels_tracks_the_unfused_block():
+def test_fp8_blocks_with_fused_kernels_are_as_close_to_bf16_as_the_unfused_ones():
+    # Two FP8 computations that round differently part by a few percent (a 16-bit rounding flip moves an
+    # e4m3 code by up to 1/16, and random weights carry it on): measured on the full-size model, fused
+    # and unfused FP8 steps differ by ~5% while both are 0.082 from bf16 (BENCHMARKS.md, Speed II). So the
+    # check is against bf16: fusing must not make FP8 worse.
     tr = make_tiny_transformer(seed=4, **FP8_GPU_TINY).to("cuda", torch.bfloat16)
     den = StaticZImageDenoiser(tr)
-    den.quantize_fp8()
     gen = torch.Generator().manual_seed(0)
     x, t = torch.randn(1, 16, 32, 32, generator=gen).cuda(), torch.tensor([0.3], device="cuda")
     cap, lens = torch.randn(1, 64, 32, generator=gen).cuda().bfloat16(), torch.tensor([64], device="cuda")
     with torch.no_grad():
+        bf16 = den(x, t, cap, lens, mask_caption_keys=False)
+        den.quantize_fp8()
         plain = den(x, t, cap, lens, mask_caption_keys=False)
         den.set_fused_kernels(True)
         fused = den(x, t, cap, lens, mask_caption_keys=False)
-    assert rel(fused, plain) < 1e-2
+    assert rel(fused, plain) < 6e-2
+    assert rel(fused, bf16) < 1.2 * rel(plain, bf16) + 2e-3
 
 
 @pytest.mark.gpu
@@ -145,11 +151,13 @@ def test_residual_norm_matches_the_unfused_maths(dtype, n):
         assert rel(only_x, x + gate[:, None] * rms_norm(post, y)) < 2e-3
         _, rows = fused_kernels.residual_norm(x, y, post.weight, post.eps * eps_scale, gate, nxt.weight, nxt.eps, mod,
                                               quant=True)
-    flat = ref_h.reshape(-1, n)
-    scale = flat.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
     assert rows.values.dtype == torch.float8_e4m3fn and rows.lead_shape == (B, S)
-    assert torch.allclose(rows.scales, scale, rtol=2e-2)
-    assert rel(rows.values.float() * rows.scales, flat) < 6e-2
+    flat = got_h.reshape(-1, n)  # the kernel's own 16-bit h, quantised as Fp8Linear.forward does
+    scale = flat.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
+    assert torch.allclose(rows.scales, scale, rtol=1e-6)
+    codes = (flat.float() / scale).to(torch.float8_e4m3fn)
+    assert (rows.values.float() != codes.float()).float().mean().item() < 1e-3  # bar division ulps at ties
+    assert rel(rows.values.float() * rows.scales, ref_h.reshape(-1, n)) < 6e-2
 
 
 @pytest.mark.gpu
