@@ -34,6 +34,10 @@ def test_auto_picks_fa3_where_it_can_run():
     cannot = lambda device: "no FlashAttention-3 module imports"  # noqa: E731
     dev = torch.device("cpu")
     assert attention.resolve_attention_backend("auto", dev, unavailable=can) == "fa3"
+    assert attention.resolve_attention_backend("auto", dev, precision="fp8", unavailable=can) == "fa3-fp8"
+    assert attention.resolve_attention_backend("auto", dev, precision="fp16", unavailable=can) == "fa3"
+    assert attention.resolve_attention_backend("fa3", dev, precision="fp8", unavailable=can) == "fa3"  # asked for
+    assert attention.resolve_attention_backend("auto", dev, precision="fp8", unavailable=cannot) == "sdpa"
     assert attention.resolve_attention_backend("fa3-fp8", dev, unavailable=can) == "fa3-fp8"
     assert attention.resolve_attention_backend("auto", dev, unavailable=cannot) == "sdpa"
     with pytest.raises(RuntimeError, match="no FlashAttention-3 module imports.*'sdpa' or 'auto'"):

@@ -53,7 +53,7 @@ def add_build_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--name", default=None, help="engine name (default: denoiser-BACKEND-PRECISION)")
     ap.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS,
                     help="torch-compiled engines: auto = FlashAttention-3 where it runs (pip install zimage_trt[fa3], "
-                         "Hopper), else SDPA; fa3-fp8 = FA3 on e4m3 q, k, v")
+                         "Hopper; on e4m3 q, k, v in FP8 engines), else SDPA; fa3-fp8 = FA3 on e4m3 q, k, v")
     ap.add_argument("--fp8-keep", default="auto",
                     help="FP8 engines: blocks kept bf16. auto = measure each block's sensitivity to FP8 on this "
                          "checkpoint and keep the outliers; none; or names such as layers.29,noise_refiner.0")

@@ -131,7 +131,8 @@ def build_engines(model, resolutions, out_dir="engines", *, backend: str = "auto
         raise ValueError("refittable FP8 engines are not supported: their weights are stored quantised with scales "
                          "computed at build time; build fp16/bf16 for adapters, or rebuild the FP8 engine")
     out_dir = check_writable_dir(out_dir)
-    attention_backend = resolve_attention_backend(attention_backend, device) if backend == "torch-compiled" else "sdpa"
+    attention_backend = (resolve_attention_backend(attention_backend, device, precision=precision)
+                         if backend == "torch-compiled" else "sdpa")
     fp8_keep = check_fp8_keep_policy(fp8_keep)
     if fp8_keep != "none" and precision == "fp8" and backend != "torch-compiled" and fp8_keep != "auto":
         raise ValueError(f"--fp8-keep {fp8_keep!r} applies to torch-compiled FP8 engines; {backend} FP8 engines "

@@ -176,14 +176,14 @@ def fp8_keep_in(engine_dir) -> list[str]:
     return sorted(keep)
 
 
-def runtime_attention_backend(requested: str | None, built: str, device) -> str:
+def runtime_attention_backend(requested: str | None, built: str, device, precision: str | None = None) -> str:
     """The attention kernel to run: the one asked for (an error if it cannot run here), else the one
     the engine was built with where it can run here, else SDPA."""
     if requested not in (None, "auto"):
         return attention.resolve_attention_backend(requested, device)
     if built != "sdpa" and attention.fa3_unavailable_reason(torch.device(device)) is None:
         return built
-    return attention.resolve_attention_backend(requested, device) if requested == "auto" else "sdpa"
+    return attention.resolve_attention_backend(requested, device, precision=precision) if requested == "auto" else "sdpa"
 
 
 def _open(manifest: Manifest, folder: Path, transformer, device, attention_backend: str | None = None) -> DenoiserEngine:
@@ -192,7 +192,7 @@ def _open(manifest: Manifest, folder: Path, transformer, device, attention_backe
         torch_compiled.load_artifacts(manifest.file_path(folder, manifest.files[0]).read_bytes())
         # FP8 weights are quantised again from the model's own (deterministic): the engine stores none.
         denoiser = _static(transformer, downscale, manifest.precision, manifest.fp8_keep)
-        backend = runtime_attention_backend(attention_backend, manifest.attention_backend, device)
+        backend = runtime_attention_backend(attention_backend, manifest.attention_backend, device, manifest.precision)
         denoiser.set_attention_backend(backend)
         denoiser.set_fused_kernels(manifest.fused_kernels)
         log.info("%s; fused kernels %s%s", attention.describe(backend, denoiser.dtype),

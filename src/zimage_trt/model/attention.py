@@ -5,7 +5,8 @@
               has fp16 and bf16 kernels; `fa3_fwd_interface` (`fa3-fwd`) has bf16 only, so an fp16
               model runs its attention in bf16 there (q, k, v rounded to bf16, output back to fp16).
     fa3-fp8   FlashAttention-3 with q, k, v quantised to float8 e4m3, one scale per (item, head).
-    auto      fa3 where it can run, else sdpa.
+    auto      fa3 where it can run (fa3-fp8 in FP8 engines: as fast a step less ~3 ms for no measured
+              image-quality cost, BENCHMARKS.md "Speed II"), else sdpa.
 
 FlashAttention takes no key mask. A block's op is called with mask=None whenever every caption fills
 the engine's caption capacity (the runtime's usual case: see `mask_caption_keys`); with a mask the FA3
@@ -75,9 +76,11 @@ def fa3_unavailable_reason(device: torch.device) -> str | None:
     return None
 
 
-def resolve_attention_backend(name: str | None, device, *, unavailable=fa3_unavailable_reason) -> str:
-    """The backend that will run: 'auto'/None picks fa3 where it can run, else sdpa; an explicit fa3 or
-    fa3-fp8 that cannot run here is an error saying why (no silent downgrade of what was asked)."""
+def resolve_attention_backend(name: str | None, device, *, precision: str | None = None,
+                              unavailable=fa3_unavailable_reason) -> str:
+    """The backend that will run: 'auto'/None picks fa3 where it can run (fa3-fp8 for an engine of
+    `precision` 'fp8'), else sdpa; an explicit fa3 or fa3-fp8 that cannot run here is an error saying
+    why (no silent downgrade of what was asked)."""
     name = "auto" if name is None else name
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose one of {BACKENDS}")
@@ -85,7 +88,7 @@ def resolve_attention_backend(name: str | None, device, *, unavailable=fa3_unava
         return name
     reason = unavailable(torch.device(device))
     if name == "auto":
-        return "sdpa" if reason else "fa3"
+        return "sdpa" if reason else "fa3-fp8" if precision == "fp8" else "fa3"
     if reason:
         raise RuntimeError(f"attention backend {name!r} cannot run: {reason}. Use attention_backend='sdpa' or 'auto'.")
     return name
