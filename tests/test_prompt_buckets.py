@@ -144,3 +144,35 @@ def test_bucketed_graphs_equal_the_512_padded_eager_run_and_share_a_graph():
         graphs_after.append(len(graphed.runner._graphs))
     assert graphs_after == [1, 1, 2, 2]  # same bucket, same graph; a longer prompt adds one
     assert sorted(key[0] for key in graphed.runner._graphs) == [(1, 64), (1, 128)]
+
+
+def test_warm_up_runs_every_bucket_once_per_batch_size(parts, monkeypatch):
+    assert prompt_encoder(parts).warm_up(MAX) == []  # no graphs (CPU): nothing is kept, nothing to warm
+    graphed = prompt_encoder(parts)
+    monkeypatch.setattr(graphed.runner, "use_cuda_graph", True)
+    seen = []
+    monkeypatch.setattr(graphed.runner, "hidden_states", lambda ids, mask: seen.append((tuple(ids.shape), mask.sum(1).tolist())))
+    shapes = graphed.warm_up(MAX, batch_sizes=(1, 2))
+    assert shapes == [(b, n) for b in (1, 2) for n in range(64, MAX + 1, 64)]
+    assert [s for s, _ in seen] == shapes
+    assert all(counts == [n - 1] * b for ((b, n), counts) in seen)  # the one pad token encode() keeps
+    # every length encode() can ask for is among them
+    for real in (1, 40, 63, 64, 200, 511, 700):
+        assert graphed.padded_length([real], MAX) in {n for _, n in shapes}
+    full = prompt_encoder(parts, pad_to_max_length=True)
+    monkeypatch.setattr(full.runner, "use_cuda_graph", True)
+    monkeypatch.setattr(full.runner, "hidden_states", lambda ids, mask: None)
+    assert full.warm_up(MAX) == [(1, MAX)]
+
+
+@pytest.mark.gpu
+def test_after_warm_up_no_prompt_captures_a_graph():
+    cuda = torch.device("cuda")
+    parts = make_tiny_components(seed=0)
+    parts["text_encoder"].to(cuda)
+    encoder = PromptEncoder(parts["text_encoder"], parts["tokenizer"], cuda)
+    assert len(encoder.warm_up(MAX)) == MAX // PROMPT_BUCKET
+    captured = dict(encoder.runner._graphs)
+    for prompts in (["a red fox"], [PROMPTS[2]], ["x " * 300]):
+        encoder.encode(prompts, MAX)
+    assert encoder.runner._graphs.keys() == captured.keys()

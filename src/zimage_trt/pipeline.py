@@ -227,6 +227,14 @@ class ZImageTRTPipeline(LoraPipelineMixin):
         with self._lock:  # the text encoder's graph output is shared: one encoding at a time
             return self._prompts.encode(prompts, max_sequence_length)
 
+    def warm_up_text_encoder(self, max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH, batch_sizes=(1,)) -> int:
+        """Capture the text encoder's graph for every prompt-length bucket now (first-call cost out of the
+        way, e.g. before a service reports ready); returns how many shapes ran (0 without CUDA graphs)."""
+        if self.text_encoder is None or self.tokenizer is None:
+            return 0
+        with self._lock:
+            return len(self._prompts.warm_up(max_sequence_length, batch_sizes))
+
     # -- 2. latents ------------------------------------------------------------------------------
     def latent_shape(self, images: int, resolution: Resolution) -> tuple[int, int, int, int]:
         return self._limits.latent_shape(images, resolution)

@@ -162,6 +162,9 @@ class ImageService:
                 if self.state != "warming":  # closed meanwhile
                     return
                 self._warm(size)
+            warm_text = getattr(self.pipe, "warm_up_text_encoder", None)
+            if warm_text is not None:  # every prompt-length bucket's graph, so no request pays a capture
+                warm_text()
             telemetry = getattr(self.pipe, "telemetry", None)
             if telemetry is not None:  # warm-up timings (compilation, graph capture) are not service latency
                 telemetry.clear()
