@@ -142,7 +142,8 @@ class StaticBlock(nn.Module):
         """x: the normed, modulated tokens [B, S, N], or an `Fp8Rows` of them (fused FP8 blocks)."""
         ff = self.block.feed_forward
         rows = x if isinstance(x, Fp8Rows) else None
-        if self.fused and not self.ffn_log2 and isinstance(ff.w2, Fp8Linear) and fused_kernels.usable(rows.values if rows else x):
+        tokens = rows.values if rows else x
+        if self.fused and not self.ffn_log2 and isinstance(ff.w2, Fp8Linear) and fused_kernels.usable(tokens):
             lead_shape = rows.lead_shape if rows else x.shape[:-1]
             quantised, row_scale = fused_kernels.silu_mul_quant_fp8(project(ff.w1, x), project(ff.w3, x))
             return ff.w2.forward_quantised(quantised, row_scale, lead_shape)
