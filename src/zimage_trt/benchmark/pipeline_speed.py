@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ..compiler.build import build_engines
-from ..files import atomic_write_text
+from ..files import atomic_path, atomic_write_text
 from ..model.attention import BACKENDS as ATTENTION_BACKENDS
 from ..model.precision import precision_dtype
 from ..pipeline import ZImageTRTPipeline
@@ -69,6 +69,19 @@ def per_image_ms(pipe, n, **call):
     return times, last
 
 
+def save_png(folder, name: str, image) -> None:
+    """An image (PIL, or float array in [0, 1] HxWx3) as folder/name.png, written whole or not at all."""
+    if folder is None:
+        return
+    from PIL import Image
+
+    if not isinstance(image, Image.Image):
+        image = Image.fromarray((np.clip(np.asarray(image), 0, 1) * 255).round().astype(np.uint8))
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    with atomic_path(Path(folder) / f"{name}.png") as tmp:
+        image.save(tmp, format="PNG")
+
+
 def row(name, stats, base=None):
     ratio = f"  {base / stats['mean']:5.2f}x vs eager" if base else ""
     return (f"{name:<46} mean {stats['mean']:8.1f}  std {stats['std']:6.1f}  p50 {stats['p50']:8.1f}  "
@@ -106,6 +119,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--extra-resolutions", default="512x512,768x1344",
                     help="comma-separated HEIGHTxWIDTH also built and timed (empty: none)")
     ap.add_argument("--json", default=None, help="also write every figure to this JSON file")
+    ap.add_argument("--save-images", default=None, metavar="DIR",
+                    help="also save the images behind each PSNR figure here as PNG (ours and diffusers' at the "
+                         "same seed; for fp8 our FP8 and bf16 images at the quality seed)")
     ap.add_argument("--batch", type=int, default=4, help="also measure images/s at this batch (1: skip)")
     ap.add_argument("--tiny", action="store_true", help="the tiny random model on the CPU: a smoke test of the script")
     ap.add_argument("--skip-peers", action="store_true", help="time ours only, not diffusers' pipelines")
@@ -147,6 +163,7 @@ def run(args) -> int:
             ref_lat = ref_pipe(PROMPT_160, generator=torch.Generator(device).manual_seed(QUALITY_SEED), output_type="latent",
                                **size).images
             reference = (ref_lat, ref_pipe.decode_latents(ref_lat, "np")[0])
+        save_png(args.save_images, f"quality-seed{QUALITY_SEED}-ours-bf16", reference[1])
         del ref_pipe
     start = time.perf_counter()
     build_engines(parts["transformer"], [main_res, *extra], args.out, backend="torch-compiled",
@@ -225,6 +242,7 @@ if torch.cuda.is_available():
             lat = pipe(PROMPT_160, generator=torch.Generator(device).manual_seed(QUALITY_SEED), output_type="latent",
                        **size).images
             image = pipe.decode_latents(lat, "np")[0]
+        save_png(args.save_images, f"quality-seed{QUALITY_SEED}-ours-{args.precision}", image)
         mse = float(np.mean((image - reference[1]) ** 2))
         results["fp8_vs_bf16"] = {
             "rel_l2_latents": float((lat.float() - reference[0].float()).norm() / reference[0].float().norm()),
@@ -287,7 +305,12 @@ if torch.cuda.is_available():
               f"{SGLANG_H100_BF16_MS / ours['mean']:.2f}x (not measured here)", flush=True)
         # Same seed, same weights (ours in {precision}, diffusers in bf16): how far apart are the images?
         ref = peer(PROMPT_160, generator=torch.Generator(device).manual_seed(100 + args.images - 1), **call).images[0]
-        mine = np.asarray(ours_out.images[0], dtype=np.float32) / 255.0
+        mine = np.asarray(ours_out.images[0], dtype=np.float64) / 255.0
+        # Ours is a PIL image (8 bits): compare it with diffusers' rounded to 8 bits the same way
+        # (numpy_to_pil's x * 255, round). Against the float image, the rounding alone reads 58.9 dB.
+        ref = np.round(np.clip(ref, 0, 1) * 255) / 255
+        save_png(args.save_images, f"seed{100 + args.images - 1}-diffusers-bf16", ref)
+        save_png(args.save_images, f"seed{100 + args.images - 1}-ours-{args.precision}", ours_out.images[0])
         mse = float(np.mean((mine - ref) ** 2))
         results["psnr_vs_diffusers_db"] = 10 * np.log10(1.0 / mse) if mse > 0 else float("inf")
         print(f"image PSNR ours vs diffusers (same seed): {results['psnr_vs_diffusers_db']:.1f} dB", flush=True)
