@@ -5,8 +5,8 @@
               has fp16 and bf16 kernels; `fa3_fwd_interface` (`fa3-fwd`) has bf16 only, so an fp16
               model runs its attention in bf16 there (q, k, v rounded to bf16, output back to fp16).
     fa3-fp8   FlashAttention-3 with q, k, v quantised to float8 e4m3, one scale per (item, head).
-    auto      fa3 where it can run (fa3-fp8 in FP8 engines: as fast a step less ~3 ms for no measured
-              image-quality cost, BENCHMARKS.md "Speed II"), else sdpa.
+    auto      fa3 where it can run (fa3-fp8 in FP8 engines: ~3 ms a step faster for no measured
+              image-quality cost, BENCHMARKS.md "Speed II, second pass"), else sdpa.
 
 FlashAttention takes no key mask. A block's op is called with mask=None whenever every caption fills
 the engine's caption capacity (the runtime's usual case: see `mask_caption_keys`); with a mask the FA3

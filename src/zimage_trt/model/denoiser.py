@@ -151,13 +151,15 @@ class StaticBlock(nn.Module):
         up = ff.w3(x * self.ffn_scale) if self.ffn_log2 else project(ff.w3, x)
         return ff.w2(gate * up)
 
+    def modulation(self, adaln):
+        """(scale_msa, gate_msa, scale_mlp, gate_mlp), each [B, N]: 1 + scale, tanh(gate), as diffusers."""
+        scale_msa, gate_msa, scale_mlp, gate_mlp = self.block.adaLN_modulation(adaln).chunk(4, dim=1)
+        return 1.0 + scale_msa, gate_msa.tanh(), 1.0 + scale_mlp, gate_mlp.tanh()
+
     def fused_forward(self, x, cos, sin, mask, adaln):
         """`forward` of a modulated block with its element-wise chains in three fused kernels (CUDA)."""
         b = self.block
-        mod = b.adaLN_modulation(adaln)  # [B, 4N]
-        scale_msa, gate_msa, scale_mlp, gate_mlp = mod.chunk(4, dim=1)
-        gate_msa, gate_mlp = gate_msa.tanh(), gate_mlp.tanh()
-        scale_msa, scale_mlp = 1.0 + scale_msa, 1.0 + scale_mlp
+        scale_msa, gate_msa, scale_mlp, gate_mlp = self.modulation(adaln)
         attn_in = fused_kernels.residual_norm(x, w_next=b.attention_norm1.weight, eps_next=b.attention_norm1.eps,
                                               mod=scale_msa, quant=isinstance(b.attention.to_q, Fp8Linear))
         attn_out = self.attention(attn_in, cos, sin, mask)
@@ -174,10 +176,7 @@ class StaticBlock(nn.Module):
             return self.fused_forward(x, cos, sin, mask, adaln)
         attn_eps, ffn_eps = self.attn_scale**2, self.ffn_scale**2
         if b.modulation:
-            mod = b.adaLN_modulation(adaln).unsqueeze(1)
-            scale_msa, gate_msa, scale_mlp, gate_mlp = mod.chunk(4, dim=2)
-            gate_msa, gate_mlp = gate_msa.tanh(), gate_mlp.tanh()
-            scale_msa, scale_mlp = 1.0 + scale_msa, 1.0 + scale_mlp
+            scale_msa, gate_msa, scale_mlp, gate_mlp = (m.unsqueeze(1) for m in self.modulation(adaln))
             attn_out = self.attention(rms_norm(b.attention_norm1, x) * scale_msa, cos, sin, mask)
             x = x + gate_msa * rms_norm(b.attention_norm2, attn_out, attn_eps)
             ffn_out = self.feed_forward(rms_norm(b.ffn_norm1, x) * scale_mlp)
