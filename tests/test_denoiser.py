@@ -103,3 +103,48 @@ def test_rejects_other_patch_sizes():
     cfg = dict(tiny_transformer_config(), all_patch_size=(4,))
     with pytest.raises(ValueError, match="patch size 2"):
         StaticZImageDenoiser(ZImageTransformer2DModel(**cfg))
+
+
+def test_controlnet_hints_are_added_after_their_places_as_diffusers_adds_block_samples(transformer):
+    """Hints [P, B, S, dim] join the stream after main layers `control_places` exactly as diffusers adds
+    `controlnet_block_samples[i]` after layer i (a batch of unequal captions: the capacity's extra rows
+    are masked keys, so only each item's own [image | padded caption] part of a hint matters)."""
+    from zimage_trt.engines import contract
+
+    gen = torch.Generator().manual_seed(5)
+    lens, latent_hw = [40, 70], (32, 48)
+    latents = torch.randn(2, 16, *latent_hw, generator=gen)
+    timestep = torch.tensor([0.3, 0.7])
+    feats = torch.randn(2, CAPACITY, CAP_DIM, generator=gen)
+    denoiser = StaticZImageDenoiser(transformer)
+    places = [len(denoiser.layers) - 1, 0]  # hint order need not follow layer order
+    denoiser.set_control_places(places)
+    shape = contract.hint_shape(len(places), 2, latent_hw, CAPACITY, denoiser.dim)
+    hints = torch.randn(shape, generator=gen)
+    with torch.no_grad():
+        got = denoiser(latents, timestep, feats, torch.tensor(lens), controlnet_hints=hints)
+        plain = denoiser(latents, timestep, feats, torch.tensor(lens))
+    n_img = (latent_hw[0] // 2) * (latent_hw[1] // 2)  # 384 tokens, a multiple of 32: no image padding
+    expected = []
+    for item, length in enumerate(lens):
+        joint = n_img + -(-length // 32) * 32
+        samples = {place: hints[k, item:item + 1, :joint] for k, place in enumerate(places)}
+        with torch.no_grad():
+            out = transformer([latents[item].unsqueeze(1)], timestep[item:item + 1], [feats[item, :length]],
+                              controlnet_block_samples=samples, return_dict=False)[0]
+        expected.append(out[0].squeeze(1))
+    expected = torch.stack(expected)
+    scale = expected.abs().max().item()
+    assert (got - expected).abs().max().item() / scale <= 1e-5
+    assert (got - plain).abs().max().item() / scale > 1e-2, "the hints changed nothing: the test proves nothing"
+
+
+def test_controlnet_hints_of_a_wrong_shape_or_places_are_refused(transformer):
+    denoiser = StaticZImageDenoiser(transformer)
+    with pytest.raises(ValueError, match="distinct main-layer indices"):
+        denoiser.set_control_places([0, len(denoiser.layers)])
+    denoiser.set_control_places([0])
+    latents, timestep = torch.zeros(1, 16, 32, 32), torch.tensor([0.5])
+    feats, lens = torch.zeros(1, 64, CAP_DIM), torch.tensor([10])
+    with pytest.raises(ValueError, match=r"controlnet_hints has shape .*expected \(1, 1, 320, "):
+        denoiser(latents, timestep, feats, lens, controlnet_hints=torch.zeros(1, 1, 300, denoiser.dim))

@@ -6,6 +6,12 @@
     cap_lens    [B]            int64     L per item, 1 <= L <= C
     ->  noise_pred [B, 16, h, w] float32 the model output
 
+A ControlNet-ready engine takes one more input (its variant; a plain engine pays nothing for it):
+
+    controlnet_hints [P, B, S, D] engine  one residual per control place (main layer index, in the
+                                          manifest), added after that layer; S = image tokens padded to
+                                          32 + C, D = the model's width
+
 The ONNX export, the TensorRT profiles, the engines, the runtime's buffers and the build's warm-up and
 calibration all take the names and shapes from here.
 """
@@ -14,12 +20,20 @@ from __future__ import annotations
 
 import torch
 
-from ..model.shapes import LATENT_CHANNELS
+from ..model.shapes import LATENT_CHANNELS, PATCH_SIZE, SEQ_MULTI_OF, round_up
 
 INPUT_NAMES = ("latents", "timestep", "cap_feats", "cap_lens")
 OUTPUT_NAMES = ("noise_pred",)
 LATENTS, TIMESTEP, CAPTION_FEATURES, CAPTION_LENGTHS = INPUT_NAMES
 (NOISE_PRED,) = OUTPUT_NAMES
+CONTROLNET_HINTS = "controlnet_hints"
+CONTROLNET_INPUT_NAMES = (*INPUT_NAMES, CONTROLNET_HINTS)
+
+
+def hint_shape(places: int, batch: int, latent_hw: tuple[int, int], caption_capacity: int, dim: int) -> tuple[int, ...]:
+    """The shape of `controlnet_hints` for one engine call: [places, batch, joint tokens, dim]."""
+    tokens = round_up((latent_hw[0] // PATCH_SIZE) * (latent_hw[1] // PATCH_SIZE), SEQ_MULTI_OF) + caption_capacity
+    return (places, batch, tokens, dim)
 
 
 def input_shapes(batch: int, latent_hw: tuple[int, int], caption_capacity: int, caption_dim: int,

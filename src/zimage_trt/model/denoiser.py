@@ -217,6 +217,9 @@ class StaticZImageDenoiser(nn.Module):
         self.context_refiner = nn.ModuleList(StaticBlock(b) for b in transformer.context_refiner)
         self.layers = nn.ModuleList(StaticBlock(b) for b in transformer.layers)
         self.set_downscale(downscale_log2 or {})
+        # Main layers after which a ControlNet's hints join the stream (diffusers' `controlnet_block_samples`
+        # keys); empty: no hints (text-to-image, and every engine built without a ControlNet).
+        self.control_places: tuple[int, ...] = ()
         self.attention_backend = "sdpa"
         self.fused_kernels = False
 
@@ -247,6 +250,16 @@ class StaticZImageDenoiser(nn.Module):
             raise ValueError(f"downscale_log2 names unknown blocks {unknown}; blocks are {list(names)}")
         for name, block in names.items():
             block.set_downscale(*downscale_log2.get(name, (0, 0)))
+
+    def set_control_places(self, places) -> None:
+        """The main layers whose output a ControlNet hint is added to, in hint order (a ControlNet's
+        `control_layers_places`); `()` takes no hints."""
+        places = tuple(int(p) for p in places)
+        bad = [p for p in places if not 0 <= p < len(self.layers)]
+        if bad or len(set(places)) != len(places):
+            raise ValueError(f"control places {list(places)} must be distinct main-layer indices in "
+                             f"0..{len(self.layers) - 1} (this transformer has {len(self.layers)} layers)")
+        self.control_places = places
 
     def set_attention_backend(self, backend: str) -> None:
         """Every block's attention op becomes the resolved backend's ('sdpa', 'fa3' or 'fa3-fp8'; see
@@ -343,10 +356,13 @@ class StaticZImageDenoiser(nn.Module):
             out.append(t[None, :, None, :].expand(batch, -1, -1, -1))
         return out[0], out[1]
 
-    def forward(self, latents, timestep, cap_feats, cap_lens, mask_caption_keys: bool = True):
+    def forward(self, latents, timestep, cap_feats, cap_lens, mask_caption_keys: bool = True, controlnet_hints=None):
         """`mask_caption_keys=False` skips the caption key mask: valid only when every item's padded
         caption length equals the caption capacity C (the GPU runtime calls it that way so attention
-        runs on the fastest fused kernels, which take no mask). Exported engines always mask."""
+        runs on the fastest fused kernels, which take no mask). Exported engines always mask.
+
+        `controlnet_hints`: [P, B, S, dim] in the model dtype, S = padded image tokens + C (the joint
+        sequence, image first); hint k is added to the stream after main layer `control_places[k]`."""
         batch, channels, height, width = latents.shape
         capacity = cap_feats.shape[1]
         ht, wt = height // PATCH_SIZE, width // PATCH_SIZE
@@ -379,12 +395,17 @@ class StaticZImageDenoiser(nn.Module):
             img_keys = torch.ones(batch, n_img + n_pad, dtype=torch.bool, device=device)
             unified_mask = torch.cat([img_keys, cap_keys], dim=1)[:, None, None, :]
 
-        hidden = self.run_blocks(x, cap, (img_cos, img_sin), (cap_cos, cap_sin), None, cap_mask, unified_mask, adaln)
+        if controlnet_hints is not None:
+            check_hints(controlnet_hints, len(self.control_places), batch, n_img + n_pad + capacity, self.dim)
+        hidden = self.run_blocks(x, cap, (img_cos, img_sin), (cap_cos, cap_sin), None, cap_mask, unified_mask, adaln,
+                                 hints=controlnet_hints)
         return unpatchify(self.final_layer(hidden[:, :n_img], c=adaln), batch, channels, height, width)
 
-    def run_blocks(self, x, cap, img_rope, cap_rope, img_mask, cap_mask, unified_mask, adaln):
+    def run_blocks(self, x, cap, img_rope, cap_rope, img_mask, cap_mask, unified_mask, adaln, hints=None):
         """The block schedule: the noise refiner over the image tokens, the context refiner over the caption
-        rows, then the main layers over [image | caption]. Sequence parallelism runs it on its shards."""
+        rows, then the main layers over [image | caption], a ControlNet hint (if any) added after each of
+        `control_places`, as diffusers adds `controlnet_block_samples[i]`. Sequence parallelism runs it on
+        its shards."""
         (img_cos, img_sin), (cap_cos, cap_sin) = img_rope, cap_rope
         for block in self.noise_refiner:
             x = block(x, img_cos, img_sin, img_mask, adaln)
@@ -392,9 +413,20 @@ class StaticZImageDenoiser(nn.Module):
             cap = block(cap, cap_cos, cap_sin, cap_mask)
         hidden = torch.cat([x, cap], dim=1)
         cos, sin = torch.cat([img_cos, cap_cos], dim=1), torch.cat([img_sin, cap_sin], dim=1)
-        for block in self.layers:
+        places = {place: k for k, place in enumerate(self.control_places)} if hints is not None else {}
+        for index, block in enumerate(self.layers):
             hidden = block(hidden, cos, sin, unified_mask, adaln)
+            if index in places:
+                hidden = hidden + hints[places[index]]
         return hidden
+
+
+def check_hints(hints, places: int, batch: int, tokens: int, dim: int) -> None:
+    """ControlNet hints are [places, batch, joint tokens, dim]: one residual per control place."""
+    expected = (places, batch, tokens, dim)
+    if tuple(hints.shape) != expected:
+        raise ValueError(f"controlnet_hints has shape {tuple(hints.shape)}, expected {expected} "
+                         f"(control places, batch, image tokens padded to 32 + caption capacity, model dim)")
 
 
 def unpatchify(out: torch.Tensor, batch: int, channels: int, height: int, width: int) -> torch.Tensor:
