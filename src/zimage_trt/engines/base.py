@@ -41,9 +41,17 @@ class DenoiserEngine(ABC):
         if self.holds_own_weights:
             raise NotImplementedError(f"{type(self).__name__} holds its own weights but cannot update them")
 
+    # Whether `run` takes `controlnet_hints` (contract.CONTROLNET_HINTS): the eager and torch-compiled
+    # engines run the model's own forward, which takes them; a TensorRT engine only in its ControlNet-ready
+    # variant (a build option).
+    takes_controlnet_hints = True
+
     @abstractmethod
-    def run(self, latents, timestep, cap_feats, cap_lens, masked: bool) -> torch.Tensor:
-        """Model output [B, 16, h, w] float32 for one call, enqueued on the current stream."""
+    def run(self, latents, timestep, cap_feats, cap_lens, masked: bool, controlnet_hints=None) -> torch.Tensor:
+        """Model output [B, 16, h, w] float32 for one call, enqueued on the current stream.
+
+        `controlnet_hints` [P, B, S, D] (see engines/contract.py) are added after the denoiser's
+        `control_places`; None for a plain (text-to-image) step, which then pays nothing for them."""
 
 
 class TorchDenoiserEngine(DenoiserEngine):
@@ -57,5 +65,6 @@ class TorchDenoiserEngine(DenoiserEngine):
         self.supports_cuda_graph = self.device.type == "cuda"
 
     @torch.no_grad()
-    def run(self, latents, timestep, cap_feats, cap_lens, masked: bool) -> torch.Tensor:
-        return self.denoiser(latents, timestep, cap_feats, cap_lens, mask_caption_keys=masked)
+    def run(self, latents, timestep, cap_feats, cap_lens, masked: bool, controlnet_hints=None) -> torch.Tensor:
+        return self.denoiser(latents, timestep, cap_feats, cap_lens, mask_caption_keys=masked,
+                             controlnet_hints=controlnet_hints)

@@ -60,9 +60,10 @@ class CompiledDenoiserEngine(DenoiserEngine):
         self._attention_ctx = lambda: sdpa_priority_context(self.device)
 
     @torch.no_grad()
-    def run(self, latents, timestep, cap_feats, cap_lens, masked: bool) -> torch.Tensor:
+    def run(self, latents, timestep, cap_feats, cap_lens, masked: bool, controlnet_hints=None) -> torch.Tensor:
         with self._attention_ctx():
-            return self.denoiser(latents, timestep, cap_feats, cap_lens, mask_caption_keys=masked)
+            return self.denoiser(latents, timestep, cap_feats, cap_lens, mask_caption_keys=masked,
+                                 controlnet_hints=controlnet_hints)
 
 
 def warm_up(engine: DenoiserEngine, shapes, cap_dim: int, progress=None) -> None:

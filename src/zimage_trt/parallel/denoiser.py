@@ -65,7 +65,10 @@ class SequenceShardedDenoiser(nn.Module):
     def device(self) -> torch.device:
         return self.denoiser.device
 
-    def forward(self, latents, timestep, cap_feats, cap_lens, mask_caption_keys: bool = True):
+    def forward(self, latents, timestep, cap_feats, cap_lens, mask_caption_keys: bool = True, controlnet_hints=None):
+        if controlnet_hints is not None:  # (hints would need the same sharding as the stream)
+            raise ValueError("sequence parallelism does not take ControlNet hints yet: run a ControlNet "
+                             "pipeline with sequence_parallel=1")
         d, p, r = self.denoiser, self.degree, self.rank
         batch, channels, height, width = latents.shape
         capacity = cap_feats.shape[1]

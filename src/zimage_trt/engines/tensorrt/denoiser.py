@@ -88,7 +88,12 @@ class TensorRTDenoiserEngine(DenoiserEngine):
             )
         return shape.caption_capacity, True
 
-    def run(self, latents, timestep, cap_feats, cap_lens, masked: bool) -> torch.Tensor:
+    takes_controlnet_hints = False  # the plain engine's network has no hint input
+
+    def run(self, latents, timestep, cap_feats, cap_lens, masked: bool, controlnet_hints=None) -> torch.Tensor:
+        if controlnet_hints is not None:
+            raise ValueError(f"this {self.kind} engine was built without ControlNet inputs; it cannot take "
+                             f"controlnet_hints")
         batch, capacity = latents.shape[0], cap_feats.shape[1]
         resolution_key = f"{latents.shape[-2] * 8}x{latents.shape[-1] * 8}"
         shape = self._profile(resolution_key, batch, capacity)
