@@ -14,20 +14,21 @@ import torch
 
 from zimage_trt import build_engines, open_denoiser
 from zimage_trt.benchmark.common import cuda_time_ms, environment, format_row, full_size_transformer
+from zimage_trt.model.shapes import Resolution
 from zimage_trt.runtime.telemetry import summarize
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="engines/bench")
-    ap.add_argument("--resolution", default="1024x1024")
+    ap.add_argument("--resolution", default="1024x1024", help="WIDTHxHEIGHT")
     ap.add_argument("--caption", type=int, default=160)
     ap.add_argument("--precision", default="fp16")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--json", default=None)
     ap.add_argument("--skip-peer-compile", action="store_true")
     args = ap.parse_args()
-    h, w = (int(v) for v in args.resolution.split("x"))
+    h, w = Resolution.parse(args.resolution).height, Resolution.parse(args.resolution).width
     results = {"env": environment(), "args": vars(args)}
     print(results["env"], flush=True)
 

@@ -199,7 +199,7 @@ def phase_oom(runner: Runner, report: Report, big_sizes, batch: int, tiny: bool)
     error, used = None, None
     for size in big_sizes:
         used = size
-        log(f"(b) OOM: {size[0]}x{size[1]} x {batch} images with "
+        log(f"(b) OOM: {Resolution(*size)} x {batch} images with "
             + ("a simulated OOM at step 2" if tiny else "a ballast leaving ~0.5 GiB free"))
         if tiny:
             guard = SimulatedOOM(pipe, size, batch)
@@ -224,7 +224,7 @@ def phase_oom(runner: Runner, report: Report, big_sizes, batch: int, tiny: bool)
         if error is not None:
             log(f"    failed after {elapsed:.2f}s: {type(error).__name__}: {str(error)[:400]}")
             break
-        log(f"    {size[0]}x{size[1]} x {batch} unexpectedly fit; trying a bigger request")
+        log(f"    {Resolution(*size)} x {batch} unexpectedly fit; trying a bigger request")
     clear = isinstance(error, GenerationOOMError) and "out of memory (OOM)" in str(error) and "smaller size" in str(error)
     report.check("(b) OOM mid-request fails with GenerationOOMError and advice", clear,
                  f"{type(error).__name__ if error else 'no error'}; cause {type(getattr(error, '__cause__', None)).__name__}")
@@ -247,7 +247,7 @@ def phase_oom(runner: Runner, report: Report, big_sizes, batch: int, tiny: bool)
         ok, detail = np.isfinite(out.images).all() and out.images.shape[0] == batch, f"{out.timings.total_ms:.0f} ms"
     except Exception as exc:  # noqa: BLE001
         ok, detail = False, f"{type(exc).__name__}: {exc}"[:300]
-    report.check(f"(b) the same {used[0]}x{used[1]} x {batch} request succeeds with memory back", ok, detail)
+    report.check(f"(b) the same {Resolution(*used)} x {batch} request succeeds with memory back", ok, detail)
     return error_name
 
 
@@ -337,7 +337,7 @@ def phase_load(runner: Runner, report: Report, sizes, threads_count=4, per_threa
     def spec(k):  # k -> (seed, size): 4 distinct requests, each asked 4 times
         return 200 + k % 4, sizes[k % 2]
 
-    log(f"(d) solo runs of the {4} distinct requests (also warms up {sizes[1][0]}x{sizes[1][1]})")
+    log(f"(d) solo runs of the {4} distinct requests (also warms up {Resolution(*sizes[1])})")
     solo = {}
     for k in range(4):
         seed, size = spec(k)
@@ -454,9 +454,9 @@ def main():
         runner = Runner(pipe, report, steps)
         runner.call(0, main_size)
         dtype = torch.bfloat16
-    log(f"warm-up image {main_size[0]}x{main_size[1]}: {time.perf_counter() - start:.1f}s")
+    log(f"warm-up image {Resolution(*main_size)}: {time.perf_counter() - start:.1f}s")
 
-    log(f"(a) 5 images at {main_size[0]}x{main_size[1]}")
+    log(f"(a) 5 images at {Resolution(*main_size)}")
     times_a, images_a = runner.timed(5, main_size)
     stats_a = summarize(times_a)
     log(f"    per image ms: mean {stats_a['mean']:.1f}  std {stats_a['std']:.1f}  p50 {stats_a['p50']:.1f}  "
@@ -464,7 +464,7 @@ def main():
 
     oom_error = phase_oom(runner, report, big_sizes, batch, args.tiny)
 
-    log(f"(c) 5 images at {main_size[0]}x{main_size[1]} after the fault")
+    log(f"(c) 5 images at {Resolution(*main_size)} after the fault")
     times_c, images_c = runner.timed(5, main_size)
     stats_c = summarize(times_c)
     ratio = stats_c["mean"] / stats_a["mean"]
@@ -491,7 +491,7 @@ def main():
     print(f"Reliability run: {'tiny model on CPU' if args.tiny else torch.cuda.get_device_name(device)}, "
           f"{str(dtype).replace('torch.', '')}, {steps} steps, total {time.perf_counter() - T0:.0f}s", flush=True)
     print(f"requests served: {report.served}   failed as expected (injected faults): {report.failed_as_expected}", flush=True)
-    print(f"{main_size[0]}x{main_size[1]} per image: before fault {stats_a['mean']:.1f} ms (p50 {stats_a['p50']:.1f}), "
+    print(f"{Resolution(*main_size)} per image: before fault {stats_a['mean']:.1f} ms (p50 {stats_a['p50']:.1f}), "
           f"after {stats_c['mean']:.1f} ms (p50 {stats_c['p50']:.1f}), ratio x{ratio:.3f}", flush=True)
     print(f"\n{'fault injected':<46} {'error raised':<24} survived", flush=True)
     for name, error, survived in report.faults:

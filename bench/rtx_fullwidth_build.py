@@ -250,7 +250,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, nargs="+", default=[2], help="main-layer counts to measure (refiners stay 2+2)")
     ap.add_argument("--resolution", default="1024x1024",
-                    help="HEIGHTxWIDTH; a comma-separated list builds one profile per resolution in one engine")
+                    help="WIDTHxHEIGHT; a comma-separated list builds one profile per resolution in one engine")
     ap.add_argument("--caption", type=int, default=512, help="caption capacity of every profile")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--cc", default="8.9", help="TensorRT-RTX target compute capability")

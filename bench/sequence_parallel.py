@@ -36,6 +36,7 @@ from zimage_trt.benchmark.common import PROMPT_160, environment
 from zimage_trt.benchmark.pipeline_speed import components
 from zimage_trt.files import atomic_write_text
 from zimage_trt.model.precision import precision_dtype
+from zimage_trt.model.shapes import Resolution
 from zimage_trt.runtime.telemetry import summarize
 
 
@@ -104,7 +105,7 @@ def prepare(args, precision: str, results: dict) -> dict:
 
 
 def images_for(args, res: str) -> int:
-    h, w = (int(v) for v in res.split("x"))
+    h, w = Resolution.parse(res).height, Resolution.parse(res).width
     return args.images if h * w <= 1024 * 1024 or args.tiny else args.large_images
 
 
@@ -113,7 +114,7 @@ def measure_one_gpu(args, parts, precision: str, results: dict, references: dict
     if dist.get_rank() == 0:
         pipe = make_pipe(parts, args, precision_dtype(precision), precision)
         for res in args.resolutions:
-            h, w = (int(v) for v in res.split("x"))
+            h, w = Resolution.parse(res).height, Resolution.parse(res).width
             size = {"height": h, "width": w}
             start = time.perf_counter()
             timed_images(pipe, args.warmup, size)
@@ -136,7 +137,7 @@ def measure_parallel(args, parts, precision: str, graphs: bool, results: dict, r
 
     def measure(pipe):
         for res in args.resolutions:
-            h, w = (int(v) for v in res.split("x"))
+            h, w = Resolution.parse(res).height, Resolution.parse(res).width
             size = {"height": h, "width": w}
             start = time.perf_counter()
             timed_images(pipe, args.warmup, size)
@@ -188,7 +189,7 @@ def table(results: dict, precisions, sides, world: int) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--out", default="engines/bench-sp", help="where rank 0 builds the engines")
-    ap.add_argument("--resolutions", default="1024x1024,2048x2048", help="comma-separated HEIGHTxWIDTH")
+    ap.add_argument("--resolutions", default="1024x1024,2048x2048", help="comma-separated WIDTHxHEIGHT")
     ap.add_argument("--precisions", default="fp16,fp8", help="comma-separated engine precisions")
     ap.add_argument("--images", type=int, default=3, help="images timed per (precision, size, variant) up to 1024²")
     ap.add_argument("--large-images", type=int, default=2, help="images timed per (precision, size, variant) above 1024²")

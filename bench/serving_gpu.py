@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 import uvicorn
 
+from zimage_trt.model.shapes import Resolution
 from zimage_trt.pipeline import ZImageTRTPipeline
 from zimage_trt.runtime.telemetry import summarize
 from zimage_trt.serving.app import create_app
@@ -45,7 +46,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--device", default="cuda", help="cuda or cpu")
     ap.add_argument("--tiny", action="store_true", help="the tiny random model instead of full-size random weights")
-    ap.add_argument("--size", default=None, help="HEIGHTxWIDTH (default: 1024x1024, 256x256 with --tiny)")
+    ap.add_argument("--size", default=None, help="WIDTHxHEIGHT (default: 1024x1024, 256x256 with --tiny)")
     ap.add_argument("--steps", type=int, default=8, help="denoising steps")
     ap.add_argument("--images", type=int, default=24, help="images per phase")
     ap.add_argument("--clients", type=int, default=4, help="concurrent HTTP clients")
@@ -53,7 +54,7 @@ def main() -> int:
     ap.add_argument("--out", default="bench/results/serving_gpu.json", help="JSON result file")
     args = ap.parse_args()
     size = args.size or ("256x256" if args.tiny else "1024x1024")
-    height, width = (int(v) for v in size.split("x"))
+    height, width = Resolution.parse(size).height, Resolution.parse(size).width  # size is WIDTHxHEIGHT
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(1)  # tiny tensors: thread fan-out only adds contention

@@ -154,7 +154,7 @@ def test_build_keeps_no_copy_of_the_weights_alive(tmp_path, monkeypatch):
 @pytest.mark.parametrize("resolution, message", [
     ("1000x1024", "not a multiple of 16"),
     ("0x256", "must be a positive multiple of 16"),
-    ("big", "cannot read resolution"),
+    ("big", "cannot read size .big.: write WIDTHxHEIGHT"),
 ])
 def test_bad_resolutions(tiny_folder, tmp_path, resolution, message):
     with pytest.raises(ValueError, match=message):
@@ -165,7 +165,7 @@ def test_bad_resolutions(tiny_folder, tmp_path, resolution, message):
 def test_resolution_past_the_rope_table_is_refused_before_any_engine(tiny_folder, tmp_path):
     # The tiny model's tables hold 512 tokens a side (8192 px), as Z-Image-Turbo's do.
     with pytest.raises(ValueError, match=r"width=8208 is 513 image tokens.*axes_lens\[2\]=512.*at most 8192 pixels"):
-        build_engines(tiny_folder, "256x8208", tmp_path, backend="torch-compiled", progress=False)
+        build_engines(tiny_folder, "8208x256", tmp_path, backend="torch-compiled", progress=False)  # WIDTHxHEIGHT
     assert not [p for p in tmp_path.iterdir() if not p.name.endswith(".lock")]
 
 

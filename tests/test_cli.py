@@ -59,3 +59,23 @@ def test_generate_with_fallback_writes_an_image(tmp_path, capsys):
                     generator=torch.Generator("cpu").manual_seed(3)).images[0]
     assert pixels.std() > 1.0  # not a flat image
     assert np.abs(pixels - np.asarray(expected).astype(int)).max() <= 1
+
+
+@pytest.mark.slow  # a torch-compiled build of two shapes on the CPU: ~35 s
+def test_build_then_generate_a_landscape_and_a_portrait_image(tmp_path, capsys):
+    from PIL import Image
+
+    model = save_tiny_pipeline(tmp_path / "tiny", seed=0)
+    engines = tmp_path / "engines"
+    assert main(["build", "--model", str(model), "--resolution", "384x256", "--resolution", "256x384",
+                 "--backend", "torch-compiled", "--caption-capacity", "64", "--out", str(engines), "--quiet"]) == 0
+    listing = capsys.readouterr().out
+    assert "384x256, 256x384" in listing  # the engine listing in WIDTHxHEIGHT, as typed
+    for width, height in ((384, 256), (256, 384)):
+        target = tmp_path / f"{width}x{height}.png"
+        # No --allow-fallback: the engine built for WIDTHxHEIGHT must be the one found for width/height.
+        assert main(["generate", "--model", str(model), "--engines", str(engines), "--prompt", "a fox",
+                     "--width", str(width), "--height", str(height), "--steps", "1", "--device", "cpu",
+                     "--output", str(target)]) == 0, capsys.readouterr().err
+        with Image.open(target) as image:
+            assert image.format == "PNG" and image.size == (width, height)

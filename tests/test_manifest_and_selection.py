@@ -39,7 +39,8 @@ def test_round_trip(tmp_path):
     (lambda m: m.update(precision="int4"), "precision"),
     (lambda m: m.update(extra=1), "unknown manifest keys"),
     (lambda m: m.pop("shapes"), "lacks 'shapes'"),
-    (lambda m: m["shapes"][0].update(resolution="1000x1000"), "multiple of 16"),
+    (lambda m: m["shapes"][0].update(width=1000), "width=1000 is not a multiple of 16"),
+    (lambda m: m["shapes"][0].update(resolution="256x256"), "must have exactly width, height, batch"),
     (lambda m: m["shapes"][0].update(caption_capacity=50), "multiple of 32"),
     (lambda m: m.update(compute_capabilities=["sm90"]), "compute capability"),
     (lambda m: m.update(fp16_downscale_log2={"layers.0": [99, 0]}), "two ints"),
@@ -51,6 +52,40 @@ def test_schema_rejects(tmp_path, mutate, message):
     path.write_text(json.dumps(raw))
     with pytest.raises(ManifestError, match=message):
         Manifest.read(path)
+
+
+def test_shapes_are_stored_as_width_and_height_by_name(tmp_path):
+    _, path, _ = make_manifest(tmp_path, shapes=[EngineShape("384x256", 1, 64), EngineShape("256x384", 1, 64)])
+    raw = json.loads(path.read_text())
+    assert raw["format_version"] == 2
+    assert [(s["width"], s["height"]) for s in raw["shapes"]] == [(384, 256), (256, 384)]
+    assert [s.resolution for s in Manifest.read(path).shapes] == ["384x256", "256x384"]  # WIDTHxHEIGHT
+
+
+def as_format_1(path, resolutions):
+    """Rewrite a manifest as engines built before sizes were WIDTHxHEIGHT wrote it ("HEIGHTxWIDTH")."""
+    raw = json.loads(path.read_text())
+    raw["format_version"] = 1
+    raw["shapes"] = [{"resolution": r, "batch": 1, "caption_capacity": 64} for r in resolutions]
+    path.write_text(json.dumps(raw))
+
+
+def test_an_old_square_manifest_still_loads(tmp_path):
+    _, path, _ = make_manifest(tmp_path)
+    as_format_1(path, ["256x256", "512x512"])
+    assert [s.resolution for s in Manifest.read(path).shapes] == ["256x256", "512x512"]  # same either way round
+
+
+def test_an_old_non_square_manifest_is_refused_with_the_size_to_rebuild(tmp_path):
+    _, path, _ = make_manifest(tmp_path)
+    as_format_1(path, ["256x256", "768x1344"])  # format 1: 768 tall, 1344 wide
+    expected = r"before sizes were written WIDTHxHEIGHT.*'768x1344' meant 768 tall and 1344 wide.*--resolution 1344x768"
+    with pytest.raises(ManifestError, match=expected):
+        Manifest.read(path)
+    # The runtime says the same, instead of running the engine the wrong way round.
+    transformer = make_tiny_components(seed=0)["transformer"]
+    with pytest.raises(EngineNotFound, match=expected):
+        open_denoiser(transformer, tmp_path, "cpu", torch.float32, "256x256", 1)
 
 
 def test_not_json(tmp_path):

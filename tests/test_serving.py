@@ -510,9 +510,11 @@ def test_with_fallback_any_valid_size_is_served(tiny_cpu_pipe):
     service = make_service(tiny_cpu_pipe, limits=ServingLimits(sizes=(SIZE,), any_size=True))
     with TestClient(create_app(service)) as fclient:
         assert service.wait_ready(WAIT_S)
-        response = fclient.post(URL, json=body(size="256x384"))
-        assert response.status_code == 200
-        assert decode(response.json()["data"][0]["b64_json"]).shape == (256, 384, 3)
+        for size, (width, height) in (("384x256", (384, 256)), ("256x384", (256, 384))):  # WIDTHxHEIGHT
+            response = fclient.post(URL, json=body(size=size))
+            assert response.status_code == 200
+            with Image.open(io.BytesIO(base64.b64decode(response.json()["data"][0]["b64_json"]))) as image:
+                assert image.format == "PNG" and image.size == (width, height)
         response = fclient.post(URL, json=body(size="1000x1024"))
         assert response.status_code == 422
         [problem] = response.json()["error"]["errors"]

@@ -156,9 +156,8 @@ def profile(batch, hw=(32, 32), capacity=32):
 
 def make(tmp_path, shapes, monkeypatch, **engine_kw):
     """A TensorRTDenoiserEngine over the stand-in, on the CPU, every call on one fake stream."""
-    cuda_engine = StandInCudaEngine([profile(s.batch, (int(s.resolution.split("x")[0]) // 8,
-                                                       int(s.resolution.split("x")[1]) // 8), s.caption_capacity)
-                                     for s in shapes], **engine_kw)
+    cuda_engine = StandInCudaEngine([profile(s.batch, s.size.latent_hw, s.caption_capacity) for s in shapes],
+                                    **engine_kw)
     wrapper = trt_runtime.TensorRTEngine.from_deserialized(RTX, cuda_engine, flavor="tensorrt-rtx", device="cpu",
                                                            runtime_cache_path=tmp_path / "e.plan.sm89.runtime-cache")
     stream = FakeStream(7, cuda_engine.log)
@@ -180,7 +179,7 @@ def calls_of(log, index):
     return [c[2:] for c in log if c[0] == "ctx" and c[1] == index]
 
 
-SHAPES = [EngineShape("256x256", 1, 32), EngineShape("256x384", 1, 32)]
+SHAPES = [EngineShape("256x256", 1, 32), EngineShape("384x256", 1, 32)]  # WIDTHxHEIGHT: 48 latent columns
 
 
 def test_binding_follows_the_documented_order(tmp_path, monkeypatch):

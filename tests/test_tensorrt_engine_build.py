@@ -88,8 +88,7 @@ def test_network_io_is_the_contract(built):
     assert dtypes == {"latents": "FLOAT", "timestep": "FLOAT", "cap_feats": "HALF", "cap_lens": "INT64",
                       "noise_pred": "FLOAT"}
     for shape, prof in zip(built["manifest"].shapes, engine["profiles"]):
-        h, w = (int(v) // 8 for v in shape.resolution.split("x"))
-        want = contract.input_shapes(2, (h, w), 64, prof["cap_feats"][-1])
+        want = contract.input_shapes(2, shape.size.latent_hw, 64, prof["cap_feats"][-1])
         assert {n: tuple(v) for n, v in prof.items()} == want
 
 

@@ -35,8 +35,9 @@ def add_build_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--model", required=True,
                     help="required: diffusers-format folder (with transformer/), or a hub id such as Tongyi-MAI/Z-Image-Turbo")
     ap.add_argument("--resolution", action="append", required=True,
-                    help="required: HEIGHTxWIDTH in pixels, multiples of 16 that the model's RoPE tables hold (8192 for "
-                         "Z-Image-Turbo), from 128 for TensorRT; repeat for several (one engine holds all)")
+                    help="required: WIDTHxHEIGHT in pixels (1344x768: 1344 wide, 768 tall), multiples of 16 that "
+                         "the model's RoPE tables hold (8192 for Z-Image-Turbo), from 128 for TensorRT; repeat for "
+                         "several (one engine holds all)")
     ap.add_argument("--out", default="engines", help="engine folder")
     ap.add_argument("--backend", default="auto", choices=BACKEND_NAMES,
                     help="auto: TensorRT where it runs, else the PyTorch-native compiled format")

@@ -29,6 +29,7 @@ from ..compiler.build import build_engines
 from ..files import atomic_path, atomic_write_text
 from ..model.attention import BACKENDS as ATTENTION_BACKENDS
 from ..model.precision import precision_dtype
+from ..model.shapes import Resolution
 from ..pipeline import ZImageTRTPipeline
 from ..runtime.telemetry import summarize
 from ..testing.tiny import make_tiny_components
@@ -117,7 +118,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--skip-cold-start", action="store_true", help="do not measure the fresh-process cold start")
     ap.add_argument("--skip-neighbour", action="store_true", help="do not measure next to a noisy neighbour")
     ap.add_argument("--extra-resolutions", default="512x512,768x1344",
-                    help="comma-separated HEIGHTxWIDTH also built and timed (empty: none)")
+                    help="comma-separated WIDTHxHEIGHT also built and timed (empty: none)")
     ap.add_argument("--json", default=None, help="also write every figure to this JSON file")
     ap.add_argument("--save-images", default=None, metavar="DIR",
                     help="also save the images behind each PSNR figure here as PNG (ours and diffusers' at the "
@@ -260,9 +261,9 @@ if torch.cuda.is_available():
               f"  -> {args.batch * 1000 / calls['mean']:.2f} images/s", flush=True)
 
     for res in extra:
-        h, w = (int(v) for v in res.split("x"))
-        per_image_ms(pipe, 1, height=h, width=w)
-        r = summarize(per_image_ms(pipe, 5, height=h, width=w)[0])
+        sides = Resolution.parse(res)
+        per_image_ms(pipe, 1, height=sides.height, width=sides.width)
+        r = summarize(per_image_ms(pipe, 5, height=sides.height, width=sides.width)[0])
         results[f"ours_{res}"] = r
         print(row(f"ours {args.precision} {res}", r), flush=True)
 

@@ -3,6 +3,11 @@
 Engines and manifests are files a user may have downloaded, so a manifest is checked field by field
 before anything it names is read: known keys and types only, file names that cannot leave the engine
 folder, and a sha256 for every file it names, checked before the file is loaded.
+
+Format 2 stores each shape's `width` and `height` as numbers, so no reader has to know which way round a
+size string goes. Format 1 stored a "HEIGHTxWIDTH" string (sizes are now written WIDTHxHEIGHT everywhere
+else): a format-1 manifest whose shapes are all square reads the same either way and is taken; one with
+a non-square shape is refused with the size to rebuild, rather than read as a guess.
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ from ..files import atomic_write_text, sha256_file
 from ..model.precision import PRECISIONS
 from ..model.shapes import Resolution, check_caption_capacity
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+HEIGHT_FIRST_FORMAT = 1  # shapes as {"resolution": "HEIGHTxWIDTH", ...}
 MANIFEST_SUFFIX = ".manifest.json"
 BACKENDS = ("tensorrt", "tensorrt-rtx", "torch-compiled")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
@@ -30,9 +36,25 @@ class ManifestError(ValueError):
 
 @dataclass
 class EngineShape:
-    resolution: str  # "HxW"
+    resolution: str  # Resolution.key, "WIDTHxHEIGHT" (stored as numbers: see to_json)
     batch: int
     caption_capacity: int
+
+    def __post_init__(self):
+        self.resolution = Resolution.parse(self.resolution).key
+
+    @property
+    def size(self) -> Resolution:
+        return Resolution.parse(self.resolution)
+
+    def to_dict(self) -> dict:
+        size = self.size
+        return {"width": size.width, "height": size.height, "batch": self.batch,
+                "caption_capacity": self.caption_capacity}
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "EngineShape":
+        return cls(Resolution(raw["height"], raw["width"]).key, raw["batch"], raw["caption_capacity"])
 
 
 @dataclass
@@ -73,7 +95,9 @@ class Manifest:
 
     # -- (de)serialisation ---------------------------------------------------------------------
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True)
+        raw = asdict(self)
+        raw["shapes"] = [shape.to_dict() for shape in self.shapes]
+        return json.dumps(raw, indent=2, sort_keys=True)
 
     def write(self, folder: str | Path) -> Path:
         self.created = self.created or time.strftime("%Y-%m-%dT%H:%M:%S%z")
@@ -94,7 +118,12 @@ class Manifest:
         except ManifestError as exc:
             raise ManifestError(f"{path}: {exc}") from None
         raw = dict(raw)
-        raw["shapes"] = [EngineShape(**s) for s in raw["shapes"]]
+        if raw.get("format_version", FORMAT_VERSION) == HEIGHT_FIRST_FORMAT:  # all square: see validate
+            raw["shapes"] = [{"width": Resolution.parse(s["resolution"]).width,
+                              "height": Resolution.parse(s["resolution"]).height, "batch": s["batch"],
+                              "caption_capacity": s["caption_capacity"]} for s in raw["shapes"]]
+            raw["format_version"] = FORMAT_VERSION
+        raw["shapes"] = [EngineShape.from_dict(s) for s in raw["shapes"]]
         raw["files"] = [FileRecord(**f) for f in raw["files"]]
         return cls(**raw)
 
@@ -141,8 +170,9 @@ def validate(raw) -> None:
             raise ManifestError(f"manifest lacks {key!r}")
         if key in raw and not isinstance(raw[key], kind):
             raise ManifestError(f"manifest field {key!r} has the wrong type {type(raw[key]).__name__}")
-    if raw.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:
-        raise ManifestError(f"manifest format {raw['format_version']} is not {FORMAT_VERSION}; rebuild the engine")
+    version = raw.get("format_version", FORMAT_VERSION)
+    if version not in (FORMAT_VERSION, HEIGHT_FIRST_FORMAT):
+        raise ManifestError(f"manifest format {version} is not {FORMAT_VERSION}; rebuild the engine")
     if not _SAFE_NAME.match(raw["name"]):
         raise ManifestError(f"engine name {raw['name']!r} is not a plain file name")
     if raw["component"] not in ("denoiser", "vae_decoder"):
@@ -163,11 +193,16 @@ def validate(raw) -> None:
             raise ManifestError(f"file {record['name']!r} has no valid sha256")
         if not isinstance(record["bytes"], int) or record["bytes"] < 0:
             raise ManifestError(f"file {record['name']!r} has an invalid size")
+    shape_keys = ("resolution",) if version == HEIGHT_FIRST_FORMAT else ("width", "height")
+    shape_keys += ("batch", "caption_capacity")
     for shape in raw["shapes"]:
-        if not isinstance(shape, dict) or set(shape) != {"resolution", "batch", "caption_capacity"}:
-            raise ManifestError(f"shape {shape!r} must have exactly resolution, batch, caption_capacity")
+        if not isinstance(shape, dict) or set(shape) != set(shape_keys):
+            raise ManifestError(f"shape {shape!r} must have exactly {', '.join(shape_keys)}")
         try:
-            Resolution.parse(shape["resolution"])
+            if version == HEIGHT_FIRST_FORMAT:
+                _check_height_first(shape["resolution"])
+            else:
+                Resolution(shape["height"], shape["width"])
             check_caption_capacity(shape["caption_capacity"])
         except (TypeError, ValueError) as exc:
             raise ManifestError(f"shape {shape!r}: {exc}") from None
@@ -183,6 +218,21 @@ def validate(raw) -> None:
     for block, pair in raw.get("fp16_downscale_log2", {}).items():
         if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(k, int) and 0 <= k <= 30 for k in pair)):
             raise ManifestError(f"fp16_downscale_log2[{block!r}] must be two ints in 0..30")
+
+
+def _check_height_first(text) -> None:
+    """A format-1 shape string ("HEIGHTxWIDTH"): square reads the same in either convention; anything else
+    is refused, naming the size in today's WIDTHxHEIGHT, so the engine is rebuilt instead of misread."""
+    if not isinstance(text, str):
+        raise TypeError(f"resolution must be a string, got {type(text).__name__}")
+    read = Resolution.parse(text)  # (as WIDTHxHEIGHT: only its sides matter below)
+    if read.height != read.width:
+        height, width = read.width, read.height  # format 1 wrote the height first
+        raise ValueError(
+            f"this engine was built before sizes were written WIDTHxHEIGHT (manifest format "
+            f"{HEIGHT_FIRST_FORMAT}), and its non-square shape {text!r} meant {height} tall and {width} wide; "
+            f"rebuild it with `zimage-trt build --resolution {width}x{height} ...` (format {FORMAT_VERSION} "
+            f"stores width and height by name)")
 
 
 def find_manifests(folder: str | Path) -> list[Path]:

@@ -30,7 +30,9 @@ def padded_caption_length(length: int) -> int:
 
 @dataclass(frozen=True, order=True)
 class Resolution:
-    """An image size in pixels (height first, as diffusers' ``height=``/``width=``)."""
+    """An image size in pixels. Python takes ``height``/``width`` (diffusers' order, and a ``(height, width)``
+    pair); text is ``WIDTHxHEIGHT``, as OpenAI's ``size``, A1111 and ComfyUI users write it, so ``key`` and
+    ``str()`` are ``"1344x768"`` for a landscape image 1344 wide and 768 tall."""
 
     height: int
     width: int
@@ -41,7 +43,8 @@ class Resolution:
 
     @classmethod
     def parse(cls, text: "str | Resolution | tuple[int, int]") -> "Resolution":
-        """'1024x768' (height x width), '1024' (square), a (height, width) pair or a Resolution."""
+        """'1344x768' (WIDTHxHEIGHT: 1344 wide, 768 tall), '1024' (square), a (height, width) pair or a
+        Resolution."""
         if isinstance(text, Resolution):
             return text
         if isinstance(text, (tuple, list)) and len(text) == 2:
@@ -49,11 +52,17 @@ class Resolution:
         match = re.fullmatch(r"\s*(\d+)\s*(?:[xX×*,]\s*(\d+))?\s*", str(text))
         if not match:
             raise ValueError(
-                f"cannot read resolution {text!r}: write HEIGHTxWIDTH in pixels, e.g. '1024x1024' or '768x1344'"
+                f"cannot read size {text!r}: write WIDTHxHEIGHT in pixels, e.g. '1024x1024', or '1344x768' "
+                f"for an image 1344 wide and 768 tall"
             )
-        height = int(match.group(1))
-        width = int(match.group(2) or height)
+        width = int(match.group(1))
+        height = int(match.group(2) or width)
         return cls(height, width)
+
+    @classmethod
+    def of_latents(cls, latents) -> "Resolution":
+        """The image size a latent tensor (..., height/8, width/8) decodes to."""
+        return cls(int(latents.shape[-2]) * VAE_SCALE, int(latents.shape[-1]) * VAE_SCALE)
 
     @property
     def latent_hw(self) -> tuple[int, int]:
@@ -74,7 +83,8 @@ class Resolution:
 
     @property
     def key(self) -> str:
-        return f"{self.height}x{self.width}"
+        """'WIDTHxHEIGHT', the one way a size is written for users, engine manifests' displays and lookups."""
+        return f"{self.width}x{self.height}"
 
     def __str__(self) -> str:
         return self.key

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from ..engines import contract
 from ..engines.base import DenoiserEngine
-from ..model.shapes import padded_caption_length
+from ..model.shapes import Resolution, padded_caption_length
 
 
 @dataclass
@@ -178,7 +178,7 @@ class DenoiseLoop:
             for i in range(steps):
                 embeds = prompt_embeds + negative_prompt_embeds if cfg_on[i] else prompt_embeds
                 lengths = [int(e.shape[0]) for e in embeds]
-                capacity, masked = self.engine.caption_layout(lengths, _res_key(latents), len(embeds))
+                capacity, masked = self.engine.caption_layout(lengths, Resolution.of_latents(latents).key, len(embeds))
                 new_slot = self._slot(current, embeds[0].shape[-1], capacity, len(embeds), cfg_on[i], normalization, masked)
                 if new_slot is not slot:
                     # Entering a slot: move the running latents and this step's captions into its buffers.
@@ -210,10 +210,6 @@ class DenoiseLoop:
         else:
             self.last_step_times_ms = []
         return result
-
-
-def _res_key(latents: torch.Tensor) -> str:
-    return f"{latents.shape[-2] * 8}x{latents.shape[-1] * 8}"
 
 
 def _fill_captions(slot: StepSlot, embeds: list[torch.Tensor], lengths: list[int]) -> None:

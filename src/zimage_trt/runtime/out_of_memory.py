@@ -33,7 +33,7 @@ def clear_frames(error: BaseException) -> None:
 def oom_message(error: BaseException, device: torch.device, *, images: int, height: int, width: int, cfg: bool) -> str:
     lines = str(error).strip().splitlines()
     detail = (lines[0] if lines else type(error).__name__)[:300]
-    size = f"{height}x{width}"
+    size = f"{width}x{height}"  # WIDTHxHEIGHT, as users write sizes
     advice = []
     if images > 1:
         advice.append(f"fewer images per call (this one made {images}: lower num_images_per_prompt "

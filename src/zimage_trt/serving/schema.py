@@ -48,7 +48,7 @@ class ServingLimits:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         if not self.sizes and not self.any_size:
-            raise ValueError("sizes is empty: name at least one HEIGHTxWIDTH the engines serve, or allow any size")
+            raise ValueError("sizes is empty: name at least one WIDTHxHEIGHT the engines serve, or allow any size")
         object.__setattr__(self, "sizes", tuple(Resolution.parse(s).key for s in self.sizes))
 
     @property
@@ -63,7 +63,7 @@ class ImageGenerationRequest(BaseModel):
 
     prompt: str = Field(min_length=1, max_length=4000, description="what to draw")
     negative_prompt: str | None = Field(None, max_length=4000, description="what to steer away from (needs guidance_scale > 0)")
-    size: str = Field("1024x1024", description="HEIGHTxWIDTH in pixels")
+    size: str = Field("1024x1024", description="WIDTHxHEIGHT in pixels, as OpenAI's size (1536x1024 is landscape)")
     n: int = Field(1, ge=1, le=4, description="images; image i uses seed + i")
     seed: int | None = Field(None, ge=0, le=MAX_SEED - 64, description="seed of the first image's noise; default: random")
     num_inference_steps: int = Field(TURBO_STEPS, ge=1, le=50, description="denoising steps (Turbo: 8)")
@@ -91,7 +91,7 @@ def request_model(limits: ServingLimits) -> type[ImageGenerationRequest]:
         __base__=ImageGenerationRequest,
         prompt=(str, Field(min_length=1, max_length=chars, description="what to draw")),
         negative_prompt=(str | None, Field(None, max_length=chars, description="what to steer away from")),
-        size=(size_type, Field(limits.default_size, description="HEIGHTxWIDTH in pixels")),
+        size=(size_type, Field(limits.default_size, description="WIDTHxHEIGHT in pixels")),
         n=(int, Field(1, ge=1, le=limits.max_n, description="images; image i uses seed + i")),
         num_inference_steps=(int, Field(TURBO_STEPS, ge=1, le=limits.max_steps, description="denoising steps")),
         guidance_scale=(float, Field(TURBO_GUIDANCE, ge=0.0, le=limits.max_guidance, allow_inf_nan=False,

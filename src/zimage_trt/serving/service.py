@@ -34,6 +34,7 @@ import torch
 from ..engines.manifest import Manifest, find_manifests
 from ..engines.select import EngineNotFound
 from ..errors import GenerationOOMError, NonFiniteOutputError
+from ..model.shapes import Resolution
 from ..runtime.queue import GenerationQueue, QueueClosedError, QueueFullError
 from ..runtime.telemetry import GpuSampler, summarize
 from .metrics import ServiceMetrics
@@ -183,9 +184,9 @@ class ImageService:
             self._ready.set()
 
     def _warm(self, size: str) -> None:
-        height, width = (int(side) for side in size.split("x"))
+        resolution = Resolution.parse(size)
         started = time.perf_counter()
-        out = self.pipe(WARM_PROMPT, height=height, width=width, num_inference_steps=self.settings.warm_steps,
+        out = self.pipe(WARM_PROMPT, height=resolution.height, width=resolution.width, num_inference_steps=self.settings.warm_steps,
                         generator=torch.Generator(self.pipe.device).manual_seed(0))
         log.info("warmed %s in %.0f ms", size, (time.perf_counter() - started) * 1000.0)
         self._learn(out.timings)

@@ -74,8 +74,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="engine precision; unset: bf16 on CUDA, fp32 on CPU")
     ap.add_argument("--device", default=None, help="cuda, cuda:1 or cpu; unset: cuda when available")
     ap.add_argument("--size", action="append", default=None,
-                    help="HEIGHTxWIDTH to serve; repeat for several; unset: every size the engines in "
-                         "--engine-dir were built for, 1024x1024 without engines, 256x256 with --tiny")
+                    help="WIDTHxHEIGHT to serve (1344x768: 1344 wide, 768 tall); repeat for several; unset: every "
+                         "size the engines in --engine-dir were built for, 1024x1024 without engines, 256x256 with "
+                         "--tiny")
     ap.add_argument("--allow-fallback", action="store_true",
                     help="serve any size, running eager torch where no engine fits (slow)")
     ap.add_argument("--host", default=DEFAULT_HOST,

@@ -95,7 +95,7 @@ class TensorRTDenoiserEngine(DenoiserEngine):
             raise ValueError(f"this {self.kind} engine was built without ControlNet inputs; it cannot take "
                              f"controlnet_hints")
         batch, capacity = latents.shape[0], cap_feats.shape[1]
-        resolution_key = f"{latents.shape[-2] * 8}x{latents.shape[-1] * 8}"
+        resolution_key = Resolution.of_latents(latents).key
         shape = self._profile(resolution_key, batch, capacity)
         if shape is None or shape.caption_capacity != capacity:
             raise ValueError(f"no profile of this {self.kind} engine takes {resolution_key} batch {batch} with "
