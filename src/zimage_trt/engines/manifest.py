@@ -16,8 +16,12 @@ from pathlib import Path
 from ..files import atomic_write_text, sha256_file
 from ..model.precision import PRECISIONS
 from ..model.shapes import Resolution, check_caption_capacity
+from . import contract
 
-FORMAT_VERSION = 1
+# 2: ControlNet-ready TensorRT engines (controlnet_places, controlnet_hint_shapes). A format-1 manifest
+# is still read: it has neither field, so it describes a plain engine.
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
 MANIFEST_SUFFIX = ".manifest.json"
 BACKENDS = ("tensorrt", "tensorrt-rtx", "torch-compiled")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
@@ -68,6 +72,12 @@ class Manifest:
     # transformer weights each engine weight holds (transposed where "T"), found by value at build time.
     refittable: bool = False
     refit_weights: dict = field(default_factory=dict)
+    # A ControlNet-ready TensorRT engine (`build_engines(..., controlnet=...)`): the main layers whose
+    # output each hint is added to, in hint order, and the `controlnet_hints` shape [P, B, S, D] of each
+    # entry of `shapes`, in that order. Both empty: a plain engine (every torch-compiled engine is one: it
+    # takes hints at run time).
+    controlnet_places: list = field(default_factory=list)
+    controlnet_hint_shapes: list = field(default_factory=list)
     created: str = ""
     format_version: int = FORMAT_VERSION
 
@@ -131,7 +141,7 @@ def validate(raw) -> None:
         "fp16_downscale_log2": dict, "onnx_sha256": (str, type(None)), "build_seconds": (int, float),
         "created": str, "format_version": int, "refittable": bool, "refit_weights": dict,
         "attention_backend": str, "fused_kernels": bool,
-        "fp8_keep": list, "fp8_sensitivity": dict,
+        "fp8_keep": list, "fp8_sensitivity": dict, "controlnet_places": list, "controlnet_hint_shapes": list,
     }
     unknown = sorted(set(raw) - set(required) - set(optional))
     if unknown:
@@ -141,8 +151,9 @@ def validate(raw) -> None:
             raise ManifestError(f"manifest lacks {key!r}")
         if key in raw and not isinstance(raw[key], kind):
             raise ManifestError(f"manifest field {key!r} has the wrong type {type(raw[key]).__name__}")
-    if raw.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:
-        raise ManifestError(f"manifest format {raw['format_version']} is not {FORMAT_VERSION}; rebuild the engine")
+    if raw.get("format_version", FORMAT_VERSION) not in READABLE_FORMATS:
+        raise ManifestError(f"manifest format {raw['format_version']} is not one this version reads "
+                            f"{list(READABLE_FORMATS)}; rebuild the engine")
     if not _SAFE_NAME.match(raw["name"]):
         raise ManifestError(f"engine name {raw['name']!r} is not a plain file name")
     if raw["component"] not in ("denoiser", "vae_decoder"):
@@ -173,6 +184,7 @@ def validate(raw) -> None:
             raise ManifestError(f"shape {shape!r}: {exc}") from None
         if not isinstance(shape["batch"], int) or not 1 <= shape["batch"] <= 64:
             raise ManifestError(f"shape {shape!r}: batch must be an int in 1..64")
+    _validate_controlnet(raw)
     for cc in raw["compute_capabilities"]:
         if not isinstance(cc, str) or not re.fullmatch(r"\d{1,2}\.\d", cc):
             raise ManifestError(f"compute capability {cc!r} is not like '9.0'")
@@ -183,6 +195,32 @@ def validate(raw) -> None:
     for block, pair in raw.get("fp16_downscale_log2", {}).items():
         if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(k, int) and 0 <= k <= 30 for k in pair)):
             raise ManifestError(f"fp16_downscale_log2[{block!r}] must be two ints in 0..30")
+
+
+def _validate_controlnet(raw: dict) -> None:
+    """Places: distinct layer indices; one hint shape per engine shape, the contract's for that shape."""
+    places, hint_shapes = raw.get("controlnet_places", []), raw.get("controlnet_hint_shapes", [])
+    if (places or hint_shapes) and raw.get("format_version", FORMAT_VERSION) < 2:
+        raise ManifestError("a format-1 manifest has no ControlNet fields; rebuild the engine")
+    if not all(isinstance(p, int) and not isinstance(p, bool) and p >= 0 for p in places) or len(set(places)) != len(places):
+        raise ManifestError(f"controlnet_places {places!r} must be distinct main-layer indices (ints >= 0)")
+    if not places:
+        if hint_shapes:
+            raise ManifestError("controlnet_hint_shapes given for an engine with no controlnet_places")
+        return
+    if raw["backend"] == "torch-compiled":
+        raise ManifestError("a torch-compiled engine takes ControlNet hints at run time: it records no controlnet_places")
+    if len(hint_shapes) != len(raw["shapes"]):
+        raise ManifestError(f"controlnet_hint_shapes has {len(hint_shapes)} entries for {len(raw['shapes'])} shapes")
+    dim = hint_shapes[0][-1] if isinstance(hint_shapes[0], list) and hint_shapes[0] else None
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0:
+        raise ManifestError(f"controlnet_hint_shapes {hint_shapes[0]!r} must be [places, batch, joint tokens, dim]")
+    for shape, hint in zip(raw["shapes"], hint_shapes):
+        want = list(contract.hint_shape(len(places), shape["batch"], Resolution.parse(shape["resolution"]).latent_hw,
+                                        shape["caption_capacity"], dim))
+        if hint != want:
+            raise ManifestError(f"controlnet_hint_shapes entry {hint!r} for shape {shape!r} is not [places, batch, "
+                                f"joint tokens, dim] = {want}")
 
 
 def find_manifests(folder: str | Path) -> list[Path]:
