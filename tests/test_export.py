@@ -27,6 +27,31 @@ def test_fp32_export_matches_torch_across_shapes(components, tmp_path):
     assert check_with_onnxruntime(den, tmp_path / "d.onnx", cases=[((34, 50), 160, 3)]) <= 1e-4
 
 
+def test_controlnet_ready_export_takes_hints_and_matches_torch(components, tmp_path):
+    """The variant's extra input: [P, batch, joint tokens, dim] with P and dim fixed, batch the other inputs'
+    symbol and the tokens symbolic; onnxruntime against torch with random hints, and zero hints against the
+    plain forward, on shapes the export never saw (fp32: the tolerance of the plain export)."""
+    from zimage_trt.engines import contract
+
+    den = StaticZImageDenoiser(components["transformer"])
+    den.set_control_places([1, 0])
+    info = export_denoiser(den, tmp_path / "c.onnx", verify=False)
+    assert info["controlnet_places"] == [1, 0]
+    model = onnx.load(str(tmp_path / "c.onnx"), load_external_data=False)
+    assert [i.name for i in model.graph.input] == list(contract.CONTROLNET_INPUT_NAMES)
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
+    places, batch, tokens, dim = dims[contract.CONTROLNET_HINTS]
+    assert (places, dim) == (2, den.dim) and batch == dims["latents"][0] and isinstance(tokens, str)
+    assert {i.name: i.type.tensor_type.elem_type for i in model.graph.input}[contract.CONTROLNET_HINTS] == \
+        onnx.TensorProto.FLOAT
+    # Batch 3 at 272x400 px (17x25 tokens, padded to 448) with 160 caption rows; batch 1 at 256x256.
+    assert check_with_onnxruntime(den, tmp_path / "c.onnx", cases=[((34, 50), 160, 3), ((32, 32), 64, 1)]) <= 1e-4
+    # The check can fail: an export whose hints join after other layers than torch's is caught.
+    den.set_control_places([0, 1])
+    with pytest.raises(RuntimeError, match="differs from torch"):
+        check_with_onnxruntime(den, tmp_path / "c.onnx", cases=[((32, 32), 64, 1)])
+
+
 @pytest.mark.slow
 def test_fp16_export_is_fp16_and_close(components, tmp_path):
     import copy

@@ -185,3 +185,129 @@ def test_batch_rules_per_backend():
     trt = Manifest(backend="tensorrt", **common)
     assert reasons_unfit(compiled, need_one, {"torch-compiled"}) == []  # any batch up to 4
     assert any("no shape 512x512 batch 1" in r for r in reasons_unfit(trt, need_one, {"tensorrt"}))  # exact profiles
+
+
+# ----------------------------------------------------------------------------- ControlNet-ready engines
+
+def trt_manifest(folder, name, places=(), dim=64, shapes=(EngineShape("256x256", 1, 64),)):
+    """A TensorRT-RTX manifest built on a CPU (so it fits this CPU machine), plain or ControlNet-ready."""
+    from zimage_trt.engines import contract
+    from zimage_trt.model.shapes import Resolution
+
+    engine = folder / f"{name}.plan"
+    engine.write_bytes(name.encode() * 100)
+    hint_shapes = [list(contract.hint_shape(len(places), s.batch, Resolution.parse(s.resolution).latent_hw,
+                                            s.caption_capacity, dim)) for s in shapes] if places else []
+    manifest = Manifest(name=name, component="denoiser", backend="tensorrt-rtx", backend_version="1.7",
+                        precision="fp16", shapes=list(shapes), files=[record_file(engine)], compute_capabilities=[],
+                        torch_version=torch.__version__, model={}, controlnet_places=list(places),
+                        controlnet_hint_shapes=hint_shapes)
+    return manifest, manifest.write(folder)
+
+
+def test_controlnet_fields_round_trip_and_old_manifests_read_as_plain(tmp_path):
+    manifest, path = trt_manifest(tmp_path, "cn", places=(0, 1))
+    again = Manifest.read(path)
+    assert again.controlnet_places == [0, 1] and again.controlnet_hint_shapes == [[2, 1, 320, 64]]
+    assert json.loads(path.read_text())["format_version"] == 2
+    _, old, _ = make_manifest(tmp_path)  # a manifest as format 1 wrote it: neither field, version 1
+    raw = json.loads(old.read_text())
+    for key in ("controlnet_places", "controlnet_hint_shapes"):
+        raw.pop(key)
+    raw["shapes"] = [{"resolution": f"{s.pop('height')}x{s.pop('width')}", **s} for s in raw["shapes"]]
+    old.write_text(json.dumps({**raw, "format_version": 1}))
+    plain = Manifest.read(old)
+    assert plain.controlnet_places == [] and plain.controlnet_hint_shapes == []  # (read as format 2: width, height by name)
+    assert plain.shapes[0].size == manifest.shapes[0].size
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda m: m.update(controlnet_places=[0, 0]), "distinct main-layer indices"),
+    (lambda m: m.update(controlnet_places=[0, -1]), "distinct main-layer indices"),
+    (lambda m: m.update(controlnet_places=[0, True]), "distinct main-layer indices"),
+    (lambda m: m.update(controlnet_places=[0, 1, 2]), r"entry \[2, 1, 320, 64\] .* = \[3, 1, 320, 64\]"),
+    (lambda m: m.update(controlnet_hint_shapes=[[2, 1, 256, 64]]), r"= \[2, 1, 320, 64\]"),  # no caption rows
+    (lambda m: m.update(controlnet_hint_shapes=[]), "0 entries for 1 shapes"),
+    (lambda m: m.update(controlnet_hint_shapes=[[2, 1, 320]]), r"= \[2, 1, 320, 320\]"),
+    (lambda m: m.update(controlnet_hint_shapes=[["x"]]), "must be"),
+    (lambda m: m.update(controlnet_places=[]), "no controlnet_places"),
+    (lambda m: m.update(backend="torch-compiled"), "takes ControlNet hints at run time"),
+    (lambda m: m.update(format_version=1), "format-1 manifest has no ControlNet fields"),
+    (lambda m: m.update(format_version=3), r"not one this version reads \[1, 2\]"),
+])
+def test_controlnet_schema_rejects(tmp_path, mutate, message):
+    _, path = trt_manifest(tmp_path, "cn", places=(0, 1))
+    raw = json.loads(path.read_text())
+    mutate(raw)
+    path.write_text(json.dumps(raw))
+    with pytest.raises(ManifestError, match=message):
+        Manifest.read(path)
+
+
+def test_reasons_for_refusing_an_engine_for_a_controlnet(tmp_path):
+    plain, _ = trt_manifest(tmp_path, "plain")
+    ready, _ = trt_manifest(tmp_path, "ready", places=(0,))
+    need = Need("256x256", 1, "fp16", None, None, controlnet_places=(0, 1))
+    runnable = {"tensorrt-rtx", "torch-compiled"}
+    [reason] = reasons_unfit(plain, need, runnable)
+    assert "a plain engine, which takes no ControlNet hints (need places [0, 1]" in reason
+    assert "--controlnet PATH" in reason and "--controlnet-places" in reason and "controlnet=" in reason
+    assert reasons_unfit(ready, need, runnable) == ["ControlNet-ready for places [0], need [0, 1]"]
+    assert reasons_unfit(ready, Need("256x256", 1, "fp16", None, None, controlnet_places=(0,)), runnable) == []
+    assert reasons_unfit(ready, Need("256x256", 1, "fp16", None, None), runnable) == []  # serves text-to-image
+    compiled = Manifest(**{**plain.__dict__, "backend": "torch-compiled"})
+    assert reasons_unfit(compiled, need, runnable) == []  # takes any ControlNet's hints at run time
+
+
+@pytest.fixture
+def tensorrt_runnable(monkeypatch):
+    """Selection as on a machine where TensorRT-RTX runs engines built on a CPU; `_open` records the choice."""
+    from zimage_trt.engines import select as engines
+
+    monkeypatch.setattr(engines, "runnable_backends", lambda device: {"tensorrt-rtx", "torch-compiled"})
+    monkeypatch.setattr(engines, "flavor_versions", lambda: {})
+    opened = []
+    monkeypatch.setattr(engines, "_open", lambda m, *rest: opened.append(m.name) or engines.TensorRTDenoiserEngine.__new__(
+        engines.TensorRTDenoiserEngine))
+    return opened
+
+
+def test_selection_picks_the_variant_each_request_needs(tmp_path, tensorrt_runnable):
+    transformer = make_tiny_components(seed=0)["transformer"]
+    trt_manifest(tmp_path, "plain")
+    trt_manifest(tmp_path, "ready", places=(0, 1))
+    args = (transformer, tmp_path, "cpu", torch.float16, "256x256", 1)
+    open_denoiser(*args)  # text-to-image: the plain engine (no zero hints added every step)
+    open_denoiser(*args, controlnet_places=[0, 1])
+    assert tensorrt_runnable == ["plain", "ready"]
+    (tmp_path / "plain.manifest.json").unlink()
+    open_denoiser(*args)  # only the ControlNet-ready one: it serves text-to-image too
+    assert tensorrt_runnable[-1] == "ready"
+
+
+def test_no_engine_for_a_controlnet_says_what_was_built(tmp_path, tensorrt_runnable):
+    transformer = make_tiny_components(seed=0)["transformer"]
+    trt_manifest(tmp_path, "plain")
+    trt_manifest(tmp_path, "ready", places=(1,))
+    with pytest.raises(EngineNotFound) as err:
+        open_denoiser(transformer, tmp_path, "cpu", torch.float16, "256x256", 1, controlnet_places=(0, 1))
+    text = str(err.value)
+    assert "taking ControlNet hints after main layers [0, 1]" in text
+    assert "plain.manifest.json: a plain engine, which takes no ControlNet hints" in text
+    assert "ready.manifest.json: ControlNet-ready for places [1], need [0, 1]" in text
+    assert "zimage-trt build --model MODEL --resolution 256x256 --precision fp16" in text
+    assert text.rstrip().endswith("--controlnet-places 0,1")
+    assert tensorrt_runnable == []
+
+
+def test_eager_and_compiled_engines_take_the_controlnet_places(tmp_path):
+    transformer = make_tiny_components(seed=0)["transformer"]
+    engine = open_denoiser(transformer, None, "cpu", torch.float32, "256x256", 1, controlnet_places=(1, 0))
+    assert engine.takes_controlnet_hints and engine.denoiser.control_places == (1, 0)
+    assert open_denoiser(transformer, None, "cpu", torch.float32, "256x256", 1).denoiser.control_places == ()
+    with pytest.warns(UserWarning, match="allow_fallback"):
+        fallback = open_denoiser(transformer, tmp_path, "cpu", torch.float32, "256x256", 1, allow_fallback=True,
+                                 controlnet_places=[1])
+    assert fallback.denoiser.control_places == (1,)
+    with pytest.raises(ValueError, match="distinct main-layer indices"):  # a ControlNet that does not fit
+        open_denoiser(transformer, None, "cpu", torch.float32, "256x256", 1, controlnet_places=(0, 7))

@@ -18,12 +18,14 @@ from zimage_trt.engines.manifest import EngineShape, Manifest
 from zimage_trt.engines.tensorrt import runtime as trt_runtime
 from zimage_trt.engines.tensorrt.denoiser import TensorRTDenoiserEngine, check_engine_against_manifest
 from zimage_trt.engines.tensorrt.library import ProfileError, TensorRTBackendError, get_logger, import_backend
+from zimage_trt.model.shapes import Resolution
 from zimage_trt.runtime.denoise_loop import DenoiseLoop
 
 _, RTX = import_backend("tensorrt-rtx")
 CAPTION_DIM = 8
+HINT_DIM = 4  # the stand-in model's width
 DTYPES = {"latents": RTX.float32, "timestep": RTX.float32, "cap_feats": RTX.float16, "cap_lens": RTX.int64,
-          "noise_pred": RTX.float32}
+          "noise_pred": RTX.float32, contract.CONTROLNET_HINTS: RTX.float16}
 
 
 class FakeStream:
@@ -59,7 +61,7 @@ class RecordingExecutionContext:
 
     def get_tensor_shape(self, name):
         self._record("get_tensor_shape", name)
-        if name == "noise_pred" and set(self.shapes) == set(contract.INPUT_NAMES):
+        if name == "noise_pred" and set(self.shapes) == set(self.engine.input_names):
             return self.shapes["latents"]
         return (-1, 16, -1, -1)
 
@@ -115,11 +117,13 @@ class StandInRuntimeCache:
 
 
 class StandInCudaEngine:
-    """Stands in for ICudaEngine: one fixed-shape profile per entry of `profiles` (contract names)."""
+    """Stands in for ICudaEngine: one fixed-shape profile per entry of `profiles` (contract names; with
+    `controlnet_hints` in them, the ControlNet-ready variant's inputs)."""
 
     def __init__(self, profiles, dtypes=DTYPES):
         self.log, self.contexts, self.profiles, self.dtypes = [], [], profiles, dtypes
-        self.names = [*contract.INPUT_NAMES, *contract.OUTPUT_NAMES]
+        self.input_names = list(profiles[0]) if profiles else list(contract.INPUT_NAMES)
+        self.names = [*self.input_names, *contract.OUTPUT_NAMES]
         self.capturable, self.enqueue_error, self.profile_error, self.compute = True, None, None, None
         self.device_memory_size_v2 = 1 << 12
         self.refittable = False
@@ -131,7 +135,7 @@ class StandInCudaEngine:
         return self.names[i]
 
     def get_tensor_mode(self, name):
-        return RTX.TensorIOMode.INPUT if name in contract.INPUT_NAMES else RTX.TensorIOMode.OUTPUT
+        return RTX.TensorIOMode.INPUT if name in self.input_names else RTX.TensorIOMode.OUTPUT
 
     def get_tensor_dtype(self, name):
         return self.dtypes[name]
@@ -150,13 +154,17 @@ class StandInCudaEngine:
         return context
 
 
-def profile(batch, hw=(32, 32), capacity=32):
+def profile(batch, hw=(32, 32), capacity=32, places=0):
+    if places:
+        return contract.controlnet_input_shapes(places, batch, hw, capacity, CAPTION_DIM, HINT_DIM)
     return contract.input_shapes(batch, hw, capacity, CAPTION_DIM)
 
 
-def make(tmp_path, shapes, monkeypatch, **engine_kw):
-    """A TensorRTDenoiserEngine over the stand-in, on the CPU, every call on one fake stream."""
-    cuda_engine = StandInCudaEngine([profile(s.batch, s.size.latent_hw, s.caption_capacity) for s in shapes],
+def make(tmp_path, shapes, monkeypatch, places=(), built_places=None, **engine_kw):
+    """A TensorRTDenoiserEngine over the stand-in, on the CPU, every call on one fake stream. `places`: the
+    manifest's ControlNet places; `built_places`: the network's (default: the same)."""
+    built = places if built_places is None else built_places
+    cuda_engine = StandInCudaEngine([profile(s.batch, s.size.latent_hw, s.caption_capacity, len(built)) for s in shapes],
                                     **engine_kw)
     wrapper = trt_runtime.TensorRTEngine.from_deserialized(RTX, cuda_engine, flavor="tensorrt-rtx", device="cpu",
                                                            runtime_cache_path=tmp_path / "e.plan.sm89.runtime-cache")
@@ -164,7 +172,9 @@ def make(tmp_path, shapes, monkeypatch, **engine_kw):
     monkeypatch.setattr(wrapper, "_current_stream", lambda: stream)
     manifest = Manifest(name="d", component="denoiser", backend="tensorrt-rtx", backend_version=RTX.__version__,
                         precision="fp16", shapes=list(shapes), files=[], compute_capabilities=["8.9"],
-                        torch_version=torch.__version__, model={})
+                        torch_version=torch.__version__, model={}, controlnet_places=list(places),
+                        controlnet_hint_shapes=[list(contract.hint_shape(len(places), s.batch, s.size.latent_hw,
+                                                                         s.caption_capacity, HINT_DIM)) for s in shapes] if places else [])
     engine = TensorRTDenoiserEngine(tmp_path / "e.plan", manifest, "cpu", trt_engine=wrapper)
     return engine, wrapper, cuda_engine
 
@@ -333,3 +343,125 @@ def test_cfg_truncation_runs_cfg_off_steps_in_the_cfg_profile(tmp_path, monkeypa
     assert len(cuda_engine.contexts) == 1  # every step, CFG on or off, in the one batch-2 binding
     binding = next(iter(wrapper._bindings.values()))
     assert torch.equal(binding.inputs["latents"][1], binding.inputs["latents"][0])  # padded with the last item
+
+
+# ----------------------------------------------------------------------------- ControlNet-ready variant
+
+PLACES = (1, 0)  # hint order need not follow layer order
+
+
+def hints_for(batch, hw=(32, 32), capacity=32, seed=0):
+    g = torch.Generator().manual_seed(100 + seed)
+    return torch.randn(contract.hint_shape(len(PLACES), batch, hw, capacity, HINT_DIM), generator=g).half()
+
+
+def computes_with_hints(wrapper, cuda_engine):
+    """The stand-in's maths plus, per item, the sum of what the engine reads from its hint buffer, so the
+    output shows which hints the enqueue saw."""
+    def compute(addresses):
+        tensors = {t.data_ptr(): t for b in wrapper._bindings.values() for t in b.tensors.values()}
+        x = {n: tensors[a] for n, a in addresses.items()}
+        extra = x[contract.CONTROLNET_HINTS].float().sum((0, 2, 3))[:, None, None, None]
+        x["noise_pred"].copy_(stand_in_maths(x["latents"], x["timestep"], x["cap_feats"]) + extra)
+
+    cuda_engine.compute = compute
+
+
+def test_controlnet_ready_engine_binds_its_hint_input_once(tmp_path, monkeypatch):
+    """The hint input is set (its contract shape) before the output shape is read and bound like every other
+    tensor; the hints of a call land in the persistent buffer the context was given."""
+    engine, wrapper, cuda_engine = make(tmp_path, SHAPES, monkeypatch, places=PLACES)
+    assert engine.takes_controlnet_hints and engine.control_places == PLACES
+    computes_with_hints(wrapper, cuda_engine)
+    latents, timestep, feats, lens = inputs(1)
+    hints = hints_for(1)
+    out = engine.run(latents, timestep, feats, lens, masked=True, controlnet_hints=hints)
+    calls = calls_of(cuda_engine.log, 0)
+    set_shapes = {c[1]: c[2] for c in calls if c[0] == "set_input_shape"}
+    assert set_shapes[contract.CONTROLNET_HINTS] == contract.hint_shape(2, 1, (32, 32), 32, HINT_DIM) == (2, 1, 288, 4)
+    names = [c[0] for c in calls]
+    assert names.index("get_tensor_shape") > max(i for i, c in enumerate(calls) if c[0] == "set_input_shape")
+    bound = {c[1]: c[2] for c in calls if c[0] == "set_tensor_address"}
+    assert sorted(bound) == sorted([*contract.CONTROLNET_INPUT_NAMES, *contract.OUTPUT_NAMES])
+    binding = next(iter(wrapper._bindings.values()))
+    buffer = binding.inputs[contract.CONTROLNET_HINTS]
+    assert bound[contract.CONTROLNET_HINTS] == buffer.data_ptr() and buffer.dtype is torch.float16
+    assert torch.equal(buffer, hints)
+    want = stand_in_maths(latents, timestep, feats) + hints.float().sum((0, 2, 3))[:, None, None, None]
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
+def test_hints_under_capture_record_only_the_enqueue(tmp_path, monkeypatch):
+    """A captured step with hints: the copies into the persistent buffers and the enqueue, nothing created,
+    set or allocated (the hint buffer keeps the address the context was given)."""
+    engine, wrapper, cuda_engine = make(tmp_path, SHAPES, monkeypatch, places=PLACES)
+    engine.run(*inputs(1), masked=True, controlnet_hints=hints_for(1))  # the warm-up before capture
+    binding = next(iter(wrapper._bindings.values()))
+    address = binding.inputs[contract.CONTROLNET_HINTS].data_ptr()
+    allocations = []
+    real_empty = wrapper._empty
+    monkeypatch.setattr(wrapper, "_empty", lambda *a: allocations.append(a) or real_empty(*a))
+    monkeypatch.setattr(trt_runtime, "stream_is_capturing", lambda stream: True)
+    before = len(cuda_engine.log)
+    second = hints_for(1, seed=1)
+    engine.run(*inputs(1, seed=1), masked=True, controlnet_hints=second)
+    assert cuda_engine.log[before:] == [("ctx", 0, "execute_async_v3", 7)] and allocations == []
+    assert binding.inputs[contract.CONTROLNET_HINTS].data_ptr() == address
+    assert torch.equal(binding.inputs[contract.CONTROLNET_HINTS], second)
+
+
+def test_hints_of_a_smaller_batch_run_padded_in_the_larger_profile(tmp_path, monkeypatch):
+    """Batch 1 in the batch-2 profile: the hints' batch is their second axis, padded with the last item as
+    the other inputs are, and the output is the exact-batch computation's."""
+    engine, wrapper, cuda_engine = make(tmp_path, [EngineShape("256x256", 2, 32)], monkeypatch, places=PLACES)
+    computes_with_hints(wrapper, cuda_engine)
+    latents, timestep, feats, lens = inputs(1)
+    hints = hints_for(1)
+    out = engine.run(latents, timestep, feats, lens, masked=True, controlnet_hints=hints)
+    buffer = next(iter(wrapper._bindings.values())).inputs[contract.CONTROLNET_HINTS]
+    assert buffer.shape == (2, 2, 288, HINT_DIM)
+    assert torch.equal(buffer[:, 0], hints[:, 0]) and torch.equal(buffer[:, 1], hints[:, 0])
+    want = stand_in_maths(latents, timestep, feats) + hints.float().sum((0, 2, 3))[:, None, None, None]
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
+def test_text_to_image_on_a_controlnet_ready_engine_zeroes_its_hints(tmp_path, monkeypatch):
+    """No hints after a call with hints: the buffer is zeroed, so the step is the plain model's."""
+    engine, wrapper, cuda_engine = make(tmp_path, SHAPES, monkeypatch, places=PLACES)
+    computes_with_hints(wrapper, cuda_engine)
+    engine.run(*inputs(1), masked=True, controlnet_hints=hints_for(1))
+    latents, timestep, feats, lens = inputs(1, seed=2)
+    out = engine.run(latents, timestep, feats, lens, masked=True)
+    assert not next(iter(wrapper._bindings.values())).inputs[contract.CONTROLNET_HINTS].any()
+    torch.testing.assert_close(out, stand_in_maths(latents, timestep, feats), rtol=1e-5, atol=1e-5)
+
+
+def test_plain_engine_asked_for_hints_names_the_build_option(tmp_path, monkeypatch):
+    engine, wrapper, cuda_engine = make(tmp_path, SHAPES, monkeypatch)
+    assert not engine.takes_controlnet_hints
+    with pytest.raises(ValueError, match=r"built without ControlNet inputs.*--controlnet PATH.*"
+                                         r"--controlnet-places.*build_engines\(\.\.\., controlnet=\.\.\.\)"):
+        engine.run(*inputs(1), masked=True, controlnet_hints=hints_for(1))
+    assert cuda_engine.contexts == []  # refused before any binding
+
+
+def test_hints_of_another_shape_are_refused(tmp_path, monkeypatch):
+    engine, wrapper, cuda_engine = make(tmp_path, SHAPES, monkeypatch, places=PLACES)
+    wrong = torch.zeros(1, 1, 288, HINT_DIM, dtype=torch.float16)  # one place short
+    with pytest.raises(ValueError, match=r"shape \(1, 1, 288, 4\), this engine takes \(2, 1, 288, 4\)"):
+        engine.run(*inputs(1), masked=True, controlnet_hints=wrong)
+
+
+def test_controlnet_variant_is_checked_against_its_manifest(tmp_path, monkeypatch):
+    """Manifest and network must agree on the variant, the hints' dtype and every hint shape."""
+    with pytest.raises(TensorRTBackendError, match=r"its manifest says ControlNet-ready \(places \[1, 0\]\)"):
+        make(tmp_path, SHAPES, monkeypatch, places=PLACES, built_places=())
+    with pytest.raises(TensorRTBackendError, match=r"its manifest says plain"):
+        make(tmp_path, SHAPES, monkeypatch, places=(), built_places=PLACES)
+    with pytest.raises(TensorRTBackendError, match=contract.CONTROLNET_HINTS):
+        make(tmp_path, SHAPES, monkeypatch, places=PLACES, dtypes={**DTYPES, contract.CONTROLNET_HINTS: RTX.float32})
+    engine, wrapper, _ = make(tmp_path, SHAPES, monkeypatch, places=PLACES)
+    other_dim = [[*s[:-1], HINT_DIM * 2] for s in engine.manifest.controlnet_hint_shapes]
+    wrong = Manifest(**{**engine.manifest.__dict__, "controlnet_hint_shapes": other_dim})
+    with pytest.raises(ProfileError, match="no profile"):
+        check_engine_against_manifest(wrapper, wrong)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .benchmark import pipeline_speed
 from .compiler.build import BACKEND_NAMES, DEFAULT_CAPTION_CAPACITY, build_engines
+from .compiler.controlnet_places import parse_places
 from .demo import demo
 from .model.attention import BACKENDS as ATTENTION_BACKENDS
 from .model.precision import DEFAULT_PRECISION_RULE, PRECISIONS, default_precision, precision_dtype
@@ -29,6 +30,14 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if action.required or "default:" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
+
+
+def places_argument(text: str) -> tuple[int, ...]:
+    """--controlnet-places: parse_places' own message instead of argparse's 'invalid value'."""
+    try:
+        return parse_places(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def add_build_arguments(ap: argparse.ArgumentParser) -> None:
@@ -62,6 +71,15 @@ def add_build_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--refittable", action="store_true",
                     help="TensorRT: let LoRA replace the weights later without a rebuild (a refit); costs a larger "
                          "engine file and possibly slower kernels (no weight-specialised ones); not for fp8")
+    control = ap.add_mutually_exclusive_group()
+    control.add_argument("--controlnet", default=None, metavar="PATH",
+                         help="TensorRT: build the ControlNet-ready engine for this ZImageControlNetModel (a diffusers "
+                              "folder, whose config.json gives control_layers_places, or one .safetensors file, "
+                              "recognised by diffusers' loader); torch-compiled engines take any ControlNet's hints "
+                              "at run time, so there it is only checked (default: a plain engine)")
+    control.add_argument("--controlnet-places", default=None, type=places_argument, metavar="0,2,...",
+                         help="TensorRT: build the ControlNet-ready engine for these main-layer places, in hint order "
+                              "(Union 2.x: 0,2,4,...,28) (default: a plain engine)")
 
 
 def run_build(args) -> int:
@@ -70,6 +88,7 @@ def run_build(args) -> int:
         caption_capacity=args.caption_capacity, compute_capabilities=args.compute_capability, name=args.name,
         progress=not args.quiet, refittable=args.refittable,
         attention_backend=args.attention_backend, fp8_keep=args.fp8_keep,
+        controlnet=args.controlnet if args.controlnet is not None else args.controlnet_places,
     )
     m = result.manifest
     shapes = ", ".join(s.resolution for s in m.shapes)
@@ -78,6 +97,10 @@ def run_build(args) -> int:
     if m.backend == "torch-compiled":
         print(f"attention: {m.attention_backend}; fused kernels: {m.fused_kernels}"
               + (f"; FP8 blocks kept bf16: {m.fp8_keep or 'none'}" if m.precision == "fp8" else ""))
+    if m.controlnet_places:
+        print(f"ControlNet-ready: hints after main layers {m.controlnet_places}")
+    elif result.details.get("controlnet"):
+        print(f"ControlNet: {result.details['controlnet']}")
     print(f"manifest: {result.manifest_path}")
     return 0
 

@@ -34,6 +34,7 @@ from ..model.precision import check_precision, default_precision, precision_dtyp
 from ..model.shapes import Resolution, check_caption_capacity, check_fits_rope
 from ..model.weights import WeightsError, config_fingerprint, load_transformer, load_vae, weights_fingerprint
 from . import tensorrt_build
+from .controlnet_places import control_places_of
 from .export import export_denoiser
 from .fp16_calibration import calibrate_downscale, calibration_inputs
 from .fp8_onnx import quantize_onnx_fp8
@@ -87,7 +88,8 @@ def build_engines(model, resolutions, out_dir="engines", *, backend: str = "auto
                   batch: int = 1, caption_capacity: int = DEFAULT_CAPTION_CAPACITY, device=None,
                   compute_capabilities=None, name: str | None = None, fp16_downscale_log2=None,
                   keep_onnx: bool = True, progress: bool = True, vae=None, refittable: bool = False,
-                  attention_backend: str = "auto", fp8_keep: str = "auto", fused_kernels: bool = True) -> BuildResult:
+                  attention_backend: str = "auto", fp8_keep: str = "auto", fused_kernels: bool = True,
+                  controlnet=None) -> BuildResult:
     """Build one denoiser engine holding every requested resolution (weights stored once).
 
     model: a diffusers-format folder, a hub id (at a user's site) or an in-memory
@@ -103,6 +105,11 @@ def build_engines(model, resolutions, out_dir="engines", *, backend: str = "auto
     it runs, else SDPA; model/attention.py) and the fused Triton kernels (CUDA) compiled into the engine.
     fp8_keep (FP8 torch-compiled engines): 'auto' measures each block's sensitivity to FP8 and keeps the
     outliers bf16, 'none', or a comma-separated list of block names (compiler/fp8_policy.py).
+    controlnet (TensorRT): build the ControlNet-ready variant, whose extra input `controlnet_hints` takes a
+    ControlNet's hints after these main layers: a `ZImageControlNetModel`, its diffusers-format folder, one
+    .safetensors file, or the places themselves ([0, 2, ...]; compiler/controlnet_places.py). A
+    torch-compiled engine takes any ControlNet's hints at run time, so there it is checked against the
+    model and changes nothing (the same command builds on a machine where `auto` means torch-compiled).
     All are recorded in the manifest.
     """
     started = time.perf_counter()
@@ -134,17 +141,20 @@ def build_engines(model, resolutions, out_dir="engines", *, backend: str = "auto
     attention_backend = (resolve_attention_backend(attention_backend, device, precision=precision)
                          if backend == "torch-compiled" else "sdpa")
     fp8_keep = check_fp8_keep_policy(fp8_keep)
+    control_places = control_places_of(controlnet)
     if fp8_keep != "none" and precision == "fp8" and backend != "torch-compiled" and fp8_keep != "auto":
         raise ValueError(f"--fp8-keep {fp8_keep!r} applies to torch-compiled FP8 engines; {backend} FP8 engines "
                          "quantise every block (use --fp8-keep none or auto)")
+    variant = f"-controlnet-{'-'.join(map(str, control_places))}" if control_places and backend != "torch-compiled" else ""
     plan = BuildPlan(
-        model=model, out_dir=out_dir, name=name or f"denoiser-{backend}-{precision}", backend=backend,
+        model=model, out_dir=out_dir, name=name or f"denoiser-{backend}-{precision}{variant}", backend=backend,
         precision=precision, target_dtype=target_dtype, device=device,
         shapes=[EngineShape(r.key, batch, caption_capacity) for r in shapes_res],
         compute_capabilities=compute_capabilities, fp16_downscale_log2=fp16_downscale_log2,
         keep_onnx=keep_onnx, progress=progress, vae=vae, refittable=bool(refittable),
         attention_backend=attention_backend,
         fp8_keep=fp8_keep, fused_kernels=bool(fused_kernels) and backend == "torch-compiled" and device.type == "cuda",
+        control_places=control_places,
     )
     with _exclusive_build(plan.out_dir, plan.name):
         return _build_locked(plan, started)
@@ -171,6 +181,7 @@ class BuildPlan:
     attention_backend: str = "sdpa"
     fp8_keep: str = "auto"
     fused_kernels: bool = False
+    control_places: tuple = ()
 
 
 def _build_locked(plan: BuildPlan, started: float) -> BuildResult:
@@ -193,6 +204,9 @@ def _build_locked(plan: BuildPlan, started: float) -> BuildResult:
                          f"({denoiser.max_caption_capacity})")
     for shape in shapes:
         check_fits_rope(Resolution.parse(shape.resolution), transformer.config.axes_lens)
+    denoiser.set_control_places(plan.control_places)  # (a ControlNet that does not fit is refused here)
+    if backend == "torch-compiled":
+        denoiser.set_control_places(())  # its engines take hints at run time: nothing to build for them
     bar.update()
 
     # 2. fp16 overflow protection, measured on this model's own weights.
@@ -218,7 +232,10 @@ def _build_locked(plan: BuildPlan, started: float) -> BuildResult:
     bar.update()
 
     # 3-4. The engine itself.
-    details: dict = {}
+    details: dict = {"controlnet_places": list(denoiser.control_places)}
+    if plan.control_places and backend == "torch-compiled":
+        details["controlnet"] = "torch-compiled engines take any ControlNet's hints at run time: nothing built for it"
+        log.info("%s: --controlnet checked against the model; %s", name, details["controlnet"])
     with torch.no_grad():
         if backend == "torch-compiled":
             vae = _vae_for_build(plan)
@@ -226,9 +243,10 @@ def _build_locked(plan: BuildPlan, started: float) -> BuildResult:
                                                                        plan.progress)
             details["vae_decoder_compiled"] = vae is not None
         else:
-            engine_files, backend_version, ccs, details = _build_tensorrt(
+            engine_files, backend_version, ccs, trt_details = _build_tensorrt(
                 denoiser, shapes, out_dir, name, backend, plan.compute_capabilities, plan.keep_onnx, plan.progress,
                 fp8=precision == "fp8", refit_from=transformer.state_dict() if plan.refittable else None)
+            details.update(trt_details)
     bar.update()
 
     manifest = Manifest(
@@ -240,6 +258,7 @@ def _build_locked(plan: BuildPlan, started: float) -> BuildResult:
         fp8_sensitivity={k: round(v, 6) for k, v in sensitivity.items()},
         build_seconds=round(time.perf_counter() - started, 3),
         refittable=bool(details.get("refit_weights")), refit_weights=details.get("refit_weights", {}),
+        controlnet_places=details["controlnet_places"], controlnet_hint_shapes=details.get("controlnet_hint_shapes", []),
     )
     previous = _previous_files(out_dir, name)
     path = manifest.write(out_dir)
@@ -353,17 +372,27 @@ def _build_tensorrt(denoiser, shapes, out_dir, name, flavor, compute_capabilitie
     # FP8: export 16-bit first, then write the Q/DQ graph as NAME.onnx.
     export_path = onnx_dir / f"{name}.fp16.onnx" if fp8 else onnx_path
     max_side = max(max(Resolution.parse(s.resolution).latent_hw) for s in shapes)
+    places = denoiser.control_places
     export_info = export_denoiser(denoiser, export_path, max_batch=max(16, shapes[0].batch),
                                   max_capacity=max(512, shapes[0].caption_capacity),
                                   max_latent_side=max(256, max_side), verify=denoiser.dtype == torch.float32)
     if fp8:
         # Q/DQ on the block projections, activation scales calibrated with onnxruntime on small inputs.
         latents, timestep, cap, lens = calibration_inputs(denoiser, caption_len=32)
-        feed = contract.as_feed((latents, timestep, cap.to(denoiser.dtype), lens))
+        # (ControlNet-ready: calibrated on zero hints, the text-to-image statistics; a ControlNet's own
+        # residuals are not known at build time.)
+        hints = None if not places else torch.zeros(contract.hint_shape(
+            len(places), latents.shape[0], tuple(latents.shape[-2:]), cap.shape[1], denoiser.dim), dtype=denoiser.dtype)
+        feed = contract.as_feed((latents, timestep, cap.to(denoiser.dtype), lens), controlnet_hints=hints)
         export_info["fp8"] = quantize_onnx_fp8(export_path, onnx_path, [{k: v.cpu().numpy() for k, v in feed.items()}])
         export_info["sha256"] = sha256_file(onnx_path)
-    profiles = [contract.input_shapes(s.batch, Resolution.parse(s.resolution).latent_hw, s.caption_capacity,
-                                      denoiser.caption_dim) for s in shapes]
+    if places:  # the ControlNet-ready variant: each profile also fixes the hints' shape
+        profiles = [contract.controlnet_input_shapes(len(places), s.batch, Resolution.parse(s.resolution).latent_hw,
+                                                     s.caption_capacity, denoiser.caption_dim, denoiser.dim)
+                    for s in shapes]
+    else:
+        profiles = [contract.input_shapes(s.batch, Resolution.parse(s.resolution).latent_hw, s.caption_capacity,
+                                          denoiser.caption_dim) for s in shapes]
     suffix = ".plan"
     info = {}
     refit_weights = {}
@@ -383,6 +412,8 @@ def _build_tensorrt(denoiser, shapes, out_dir, name, flavor, compute_capabilitie
         for f in onnx_dir.glob(onnx_path.name + "*"):
             f.unlink()
     details = {"onnx": export_info, "engine": info, "onnx_sha256": export_info["sha256"]}
+    if places:
+        details["controlnet_hint_shapes"] = [list(p[contract.CONTROLNET_HINTS]) for p in profiles]
     if refit_from is not None:
         details["refit_weights"] = refit_weights
         details["not_refittable"] = refit.unmapped_weights(refit_weights, refit_from)

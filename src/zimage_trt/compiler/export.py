@@ -5,6 +5,11 @@ engine's precision, so the export itself is fp16 or bf16, with fp32 kept where t
 in fp32 (timestep embedding, RoPE, RMSNorm statistics). One ONNX has symbolic batch, latent height and
 width and caption capacity, so one engine can hold one fixed-shape profile per resolution while
 storing the weights once. Past 2 GB the weights go to an external-data file beside the .onnx.
+
+A denoiser with `control_places` set (`StaticZImageDenoiser.set_control_places`) exports the
+ControlNet-ready variant: one more input, `controlnet_hints` [P, batch, joint tokens, dim], P and the
+places fixed in the graph, batch the same symbol as the other inputs', and the joint tokens (image
+tokens padded to 32, plus the caption capacity) a symbol the graph ties to the latent size and capacity.
 """
 
 from __future__ import annotations
@@ -41,9 +46,18 @@ def example_inputs(denoiser: StaticZImageDenoiser, latent_hw=(32, 32), capacity=
                                    caption_length=max(1, capacity - 7), channels=denoiser.in_channels)
 
 
+def example_hints(denoiser: StaticZImageDenoiser, latent_hw=(32, 32), capacity=64, batch=1, seed=0):
+    """Random hints for the ControlNet-ready variant (one per control place), or None for a plain denoiser."""
+    if not denoiser.control_places:
+        return None
+    return contract.example_hints(len(denoiser.control_places), batch, latent_hw, capacity, denoiser.dim,
+                                  denoiser.dtype, denoiser.device, generator=torch.Generator().manual_seed(seed))
+
+
 def export_denoiser(denoiser: StaticZImageDenoiser, onnx_path: str | Path, *, max_batch=16, max_capacity=512,
                     max_latent_side=256, verify: bool = True, external_data: bool | None = None) -> dict:
-    """Export with symbolic batch, latent size (even) and caption capacity (multiple of 32).
+    """Export with symbolic batch, latent size (even) and caption capacity (multiple of 32); with the
+    denoiser's `control_places` set, the ControlNet-ready variant (module doc).
 
     Writes `onnx_path` (plus `onnx_path.data` when weights go external) atomically: into a temporary
     folder first, moved into place only once the export and the checker succeeded.
@@ -56,17 +70,23 @@ def export_denoiser(denoiser: StaticZImageDenoiser, onnx_path: str | Path, *, ma
     half_h = Dim("latent_h_half", min=8, max=max_latent_side // 2)
     half_w = Dim("latent_w_half", min=8, max=max_latent_side // 2)
     cap_blocks = Dim("caption_blocks", min=1, max=max_capacity // 32)
+    places = list(denoiser.control_places)
+    # The hints' token axis is the graph's own joint length, round_up(h/2 * w/2, 32) + capacity: not an
+    # expression torch.export's Dims can spell, so AUTO lets the exporter derive (and name) it.
     dynamic = contract.as_feed(({0: batch, 2: 2 * half_h, 3: 2 * half_w}, {0: batch}, {0: batch, 1: 32 * cap_blocks},
-                                {0: batch}))
+                                {0: batch}), controlnet_hints={1: batch, 2: Dim.AUTO} if places else None)
     inputs = example_inputs(denoiser)
+    hints = example_hints(denoiser)
     n_params = sum(p.numel() * p.element_size() for p in denoiser.parameters())
     # protobuf caps a file at 2 GB: past ~1.8 GB of weights they go to NAME.onnx.data.
     external = n_params > 1.8e9 if external_data is None else external_data
     start = time.perf_counter()
-    _export_atomically(denoiser, inputs, onnx_path, input_names=list(contract.INPUT_NAMES),
+    _export_atomically(denoiser, inputs, onnx_path,
+                       input_names=list(contract.CONTROLNET_INPUT_NAMES if places else contract.INPUT_NAMES),
                        output_names=list(contract.OUTPUT_NAMES), dynamic_shapes=dynamic,
-                       external_data=external)
+                       external_data=external, kwargs=None if hints is None else {contract.CONTROLNET_HINTS: hints})
     info = {
+        "controlnet_places": places,
         "path": str(onnx_path),
         "seconds": time.perf_counter() - start,
         "external_data": external,
@@ -78,7 +98,7 @@ def export_denoiser(denoiser: StaticZImageDenoiser, onnx_path: str | Path, *, ma
     return info
 
 
-def _export_atomically(module, inputs, onnx_path: Path, **kwargs) -> None:
+def _export_atomically(module, inputs, onnx_path: Path, **options) -> None:
     """torch.onnx.export into a staged folder, onnx.checker, then publish the .onnx (and its external
     data): data first, graph last, so a failure never leaves a loadable half."""
     import onnx
@@ -86,7 +106,7 @@ def _export_atomically(module, inputs, onnx_path: Path, **kwargs) -> None:
     with staged(onnx_path.parent, f"{onnx_path.name}.export-", directory=True) as tmp_dir:
         tmp_path = tmp_dir / onnx_path.name
         with _quiet(), torch.no_grad():
-            torch.onnx.export(module, inputs, str(tmp_path), dynamo=True, opset_version=OPSET, verbose=False, **kwargs)
+            torch.onnx.export(module, inputs, str(tmp_path), dynamo=True, opset_version=OPSET, verbose=False, **options)
         onnx.checker.check_model(str(tmp_path))
         for item in sorted(tmp_dir.iterdir()):
             if item.name != onnx_path.name:
@@ -105,17 +125,24 @@ def onnxruntime_outputs(onnx_path: str | Path, inputs: tuple[torch.Tensor, ...],
 
 
 def check_with_onnxruntime(denoiser: StaticZImageDenoiser, onnx_path: str | Path, cases=None) -> float:
-    """Max relative error of onnxruntime against torch over a few shapes; raises past the tolerance."""
+    """Max relative error of onnxruntime against torch over a few shapes; raises past the tolerance.
+
+    The ControlNet-ready variant is checked twice per shape: with random hints against torch with the same
+    hints, and with zero hints against torch's plain (hint-free) forward."""
     precision = precision_of(denoiser.dtype)
     cases = cases or [((32, 32), 64, 1), ((34, 40), 96, 2)]
     worst = 0.0
     for latent_hw, capacity, batch in cases:
         inputs = example_inputs(denoiser, latent_hw, capacity, batch)
-        with torch.no_grad():
-            expected = denoiser(*inputs).float().cpu().numpy()
-        got = onnxruntime_outputs(onnx_path, inputs)[0].astype(np.float32)
-        scale = float(np.abs(expected).max()) or 1.0
-        worst = max(worst, float(np.abs(got - expected).max()) / scale)
+        hints = example_hints(denoiser, latent_hw, capacity, batch)
+        runs = [(hints, hints)] if hints is None else [(hints, hints), (torch.zeros_like(hints), None)]
+        for fed, in_torch in runs:
+            with torch.no_grad():
+                expected = denoiser(*inputs, controlnet_hints=in_torch).float().cpu().numpy()
+            names = contract.INPUT_NAMES if fed is None else contract.CONTROLNET_INPUT_NAMES
+            got = onnxruntime_outputs(onnx_path, inputs if fed is None else (*inputs, fed), names)[0].astype(np.float32)
+            scale = float(np.abs(expected).max()) or 1.0
+            worst = max(worst, float(np.abs(got - expected).max()) / scale)
     if not worst <= ORT_TOLERANCE[precision]:
         raise RuntimeError(
             f"onnxruntime output of {onnx_path} differs from torch by {worst:.2e} (relative), over the "

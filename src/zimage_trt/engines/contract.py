@@ -43,14 +43,31 @@ def input_shapes(batch: int, latent_hw: tuple[int, int], caption_capacity: int, 
         (batch, channels, *latent_hw), (batch,), (batch, caption_capacity, caption_dim), (batch,)), strict=True))
 
 
-def input_dtypes(feature_dtype: torch.dtype) -> dict[str, torch.dtype]:
-    """The dtype of each input: captions in the engine's dtype, the rest fixed."""
-    return dict(zip(INPUT_NAMES, (torch.float32, torch.float32, feature_dtype, torch.long), strict=True))
+def controlnet_input_shapes(places: int, batch: int, latent_hw: tuple[int, int], caption_capacity: int,
+                            caption_dim: int, dim: int, channels: int = LATENT_CHANNELS) -> dict[str, tuple[int, ...]]:
+    """The shape of each input of a ControlNet-ready engine (`places` hints) for one call, by name."""
+    return {**input_shapes(batch, latent_hw, caption_capacity, caption_dim, channels),
+            CONTROLNET_HINTS: hint_shape(places, batch, latent_hw, caption_capacity, dim)}
 
 
-def as_feed(inputs) -> dict[str, torch.Tensor]:
-    """(latents, timestep, cap_feats, cap_lens) -> {name: tensor}."""
-    return dict(zip(INPUT_NAMES, inputs, strict=True))
+def input_dtypes(feature_dtype: torch.dtype, controlnet: bool = False) -> dict[str, torch.dtype]:
+    """The dtype of each input: captions (and a ControlNet-ready engine's hints) in the engine's dtype, the
+    rest fixed."""
+    dtypes = dict(zip(INPUT_NAMES, (torch.float32, torch.float32, feature_dtype, torch.long), strict=True))
+    return {**dtypes, CONTROLNET_HINTS: feature_dtype} if controlnet else dtypes
+
+
+def as_feed(inputs, controlnet_hints=None) -> dict:
+    """(latents, timestep, cap_feats, cap_lens) [+ hints of a ControlNet-ready engine] -> {name: value}."""
+    feed = dict(zip(INPUT_NAMES, inputs, strict=True))
+    return feed if controlnet_hints is None else {**feed, CONTROLNET_HINTS: controlnet_hints}
+
+
+def example_hints(places: int, batch: int, latent_hw: tuple[int, int], caption_capacity: int, dim: int,
+                  dtype: torch.dtype, device, *, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Unit-normal `controlnet_hints` of the contract's shape (for export, warm-up and checks)."""
+    shape = hint_shape(places, batch, latent_hw, caption_capacity, dim)
+    return torch.randn(shape, generator=generator).to(device, dtype)
 
 
 def example_inputs(batch: int, latent_hw: tuple[int, int], caption_capacity: int, caption_dim: int,

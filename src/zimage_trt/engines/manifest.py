@@ -21,7 +21,11 @@ from pathlib import Path
 from ..files import atomic_write_text, sha256_file
 from ..model.precision import PRECISIONS
 from ..model.shapes import Resolution, check_caption_capacity
+from . import contract
 
+# 2: each shape's width and height by name (format 1 wrote "HEIGHTxWIDTH" strings: see _check_height_first),
+# and the ControlNet-ready TensorRT variant's controlnet_places, controlnet_hint_shapes. A format-1 manifest
+# has neither ControlNet field, so it describes a plain engine.
 FORMAT_VERSION = 2
 HEIGHT_FIRST_FORMAT = 1  # shapes as {"resolution": "HEIGHTxWIDTH", ...}
 MANIFEST_SUFFIX = ".manifest.json"
@@ -90,6 +94,12 @@ class Manifest:
     # transformer weights each engine weight holds (transposed where "T"), found by value at build time.
     refittable: bool = False
     refit_weights: dict = field(default_factory=dict)
+    # A ControlNet-ready TensorRT engine (`build_engines(..., controlnet=...)`): the main layers whose
+    # output each hint is added to, in hint order, and the `controlnet_hints` shape [P, B, S, D] of each
+    # entry of `shapes`, in that order. Both empty: a plain engine (every torch-compiled engine is one: it
+    # takes hints at run time).
+    controlnet_places: list = field(default_factory=list)
+    controlnet_hint_shapes: list = field(default_factory=list)
     created: str = ""
     format_version: int = FORMAT_VERSION
 
@@ -160,7 +170,7 @@ def validate(raw) -> None:
         "fp16_downscale_log2": dict, "onnx_sha256": (str, type(None)), "build_seconds": (int, float),
         "created": str, "format_version": int, "refittable": bool, "refit_weights": dict,
         "attention_backend": str, "fused_kernels": bool,
-        "fp8_keep": list, "fp8_sensitivity": dict,
+        "fp8_keep": list, "fp8_sensitivity": dict, "controlnet_places": list, "controlnet_hint_shapes": list,
     }
     unknown = sorted(set(raw) - set(required) - set(optional))
     if unknown:
@@ -171,8 +181,11 @@ def validate(raw) -> None:
         if key in raw and not isinstance(raw[key], kind):
             raise ManifestError(f"manifest field {key!r} has the wrong type {type(raw[key]).__name__}")
     version = raw.get("format_version", FORMAT_VERSION)
-    if version not in (FORMAT_VERSION, HEIGHT_FIRST_FORMAT):
-        raise ManifestError(f"manifest format {version} is not {FORMAT_VERSION}; rebuild the engine")
+    readable = [HEIGHT_FIRST_FORMAT, FORMAT_VERSION]
+    if version not in readable:
+        raise ManifestError(f"manifest format {version} is not one this version reads {readable}; rebuild the engine")
+    if version == HEIGHT_FIRST_FORMAT and (raw.get("controlnet_places") or raw.get("controlnet_hint_shapes")):
+        raise ManifestError("a format-1 manifest has no ControlNet fields; rebuild the engine")
     if not _SAFE_NAME.match(raw["name"]):
         raise ManifestError(f"engine name {raw['name']!r} is not a plain file name")
     if raw["component"] not in ("denoiser", "vae_decoder"):
@@ -208,6 +221,7 @@ def validate(raw) -> None:
             raise ManifestError(f"shape {shape!r}: {exc}") from None
         if not isinstance(shape["batch"], int) or not 1 <= shape["batch"] <= 64:
             raise ManifestError(f"shape {shape!r}: batch must be an int in 1..64")
+    _validate_controlnet(raw)
     for cc in raw["compute_capabilities"]:
         if not isinstance(cc, str) or not re.fullmatch(r"\d{1,2}\.\d", cc):
             raise ManifestError(f"compute capability {cc!r} is not like '9.0'")
@@ -233,6 +247,30 @@ def _check_height_first(text) -> None:
             f"{HEIGHT_FIRST_FORMAT}), and its non-square shape {text!r} meant {height} tall and {width} wide; "
             f"rebuild it with `zimage-trt build --resolution {width}x{height} ...` (format {FORMAT_VERSION} "
             f"stores width and height by name)")
+
+
+def _validate_controlnet(raw: dict) -> None:
+    """Places: distinct layer indices; one hint shape per engine shape, the contract's for that shape."""
+    places, hint_shapes = raw.get("controlnet_places", []), raw.get("controlnet_hint_shapes", [])
+    if not all(isinstance(p, int) and not isinstance(p, bool) and p >= 0 for p in places) or len(set(places)) != len(places):
+        raise ManifestError(f"controlnet_places {places!r} must be distinct main-layer indices (ints >= 0)")
+    if not places:
+        if hint_shapes:
+            raise ManifestError("controlnet_hint_shapes given for an engine with no controlnet_places")
+        return
+    if raw["backend"] == "torch-compiled":
+        raise ManifestError("a torch-compiled engine takes ControlNet hints at run time: it records no controlnet_places")
+    if len(hint_shapes) != len(raw["shapes"]):
+        raise ManifestError(f"controlnet_hint_shapes has {len(hint_shapes)} entries for {len(raw['shapes'])} shapes")
+    dim = hint_shapes[0][-1] if isinstance(hint_shapes[0], list) and hint_shapes[0] else None
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0:
+        raise ManifestError(f"controlnet_hint_shapes {hint_shapes[0]!r} must be [places, batch, joint tokens, dim]")
+    for shape, hint in zip(raw["shapes"], hint_shapes):
+        want = list(contract.hint_shape(len(places), shape["batch"], Resolution(shape["height"], shape["width"]).latent_hw,
+                                        shape["caption_capacity"], dim))
+        if hint != want:
+            raise ManifestError(f"controlnet_hint_shapes entry {hint!r} for shape {shape!r} is not [places, batch, "
+                                f"joint tokens, dim] = {want}")
 
 
 def find_manifests(folder: str | Path) -> list[Path]:

@@ -18,9 +18,8 @@ from ..model.weights import config_fingerprint
 from . import torch_compiled
 from .base import DenoiserEngine, TorchDenoiserEngine
 from .manifest import Manifest, ManifestError, find_manifests
-from .tensorrt.denoiser import TensorRTDenoiserEngine
+from .tensorrt.denoiser import BUILD_OPTION, TensorRTDenoiserEngine
 from .tensorrt.library import available_flavors, flavor_versions
-
 
 
 log = logging.getLogger("zimage_trt")
@@ -38,6 +37,8 @@ class Need:
     compute_capability: str | None
     weights_fingerprint: str | None
     config_sha256: str | None = None
+    # A ControlNet's places (main layers, in hint order) when the engine must take its hints; None: text-to-image.
+    controlnet_places: tuple[int, ...] | None = None
 
 
 def current_compute_capability(device: torch.device) -> str | None:
@@ -79,6 +80,13 @@ def reasons_unfit(manifest: Manifest, need: Need, runnable_backends: set[str],
                for s in manifest.shapes):
         built = ", ".join(f"{s.resolution} batch {s.batch}" for s in manifest.shapes)
         reasons.append(f"no shape {need.resolution} batch {need.batch} (built: {built})")
+    # TensorRT takes hints only in its ControlNet-ready variant, for the places it was built for; the eager and
+    # torch-compiled engines take any ControlNet's at run time (and a ControlNet-ready engine serves text-to-image).
+    built_places = tuple(manifest.controlnet_places)
+    if need.controlnet_places and manifest.backend != "torch-compiled" and built_places != tuple(need.controlnet_places):
+        wanted = list(need.controlnet_places)
+        reasons.append(f"ControlNet-ready for places {list(built_places)}, need {wanted}" if built_places else
+                       f"a plain engine, which takes no ControlNet hints (need places {wanted}: {BUILD_OPTION})")
     return reasons
 
 
@@ -94,24 +102,31 @@ def runnable_backends(device: torch.device) -> set[str]:
 def open_denoiser(transformer, engine_dir, device, dtype: torch.dtype, resolution: str, batch: int,
                   *, precision: str | None = None, weights_fingerprint: str | None = None,
                   allow_fallback: bool = False, downscale_log2=None, cache: dict | None = None,
-                  attention_backend: str | None = None) -> DenoiserEngine:
+                  attention_backend: str | None = None, controlnet_places=None) -> DenoiserEngine:
     """The engine to run `transformer` at `resolution` x `batch` on `device`.
 
     With no engine_dir the eager static denoiser is the engine (CPU tests, the demo). `cache` (a dict the
     caller keeps) maps engine files already opened to their engines, so an engine holding several
     resolutions is loaded once: its weights are on the GPU once.
+
+    controlnet_places (a ControlNet's `control_layers_places`, in hint order): the engine must take that
+    ControlNet's hints (`run(..., controlnet_hints=...)`): a TensorRT engine only in its ControlNet-ready
+    variant built for exactly these places; an eager or torch-compiled engine has its denoiser's places set.
+    None: text-to-image, which prefers a plain TensorRT engine to a ControlNet-ready one.
     """
     device = torch.device(device)
     precision = precision or precision_of(dtype)
+    places = None if controlnet_places is None else tuple(int(p) for p in controlnet_places)
     if engine_dir is None:
-        return TorchDenoiserEngine(_static(transformer, downscale_log2, precision))
+        return _with_places(TorchDenoiserEngine(_static(transformer, downscale_log2, precision)), places)
+    build = f"zimage-trt build --model MODEL --resolution {resolution} --precision {precision} --out {engine_dir}" + (
+        f" --controlnet-places {','.join(map(str, places))}" if places else "")
     if not Path(engine_dir).is_dir():
         return _no_engine(
-            f"engine_dir {str(engine_dir)!r} does not exist or is not a folder; build engines into it with: "
-            f"zimage-trt build --model MODEL --resolution {resolution} --precision {precision} --out {engine_dir}",
-            allow_fallback, transformer, downscale_log2, precision)
+            f"engine_dir {str(engine_dir)!r} does not exist or is not a folder; build engines into it with: {build}",
+            allow_fallback, transformer, downscale_log2, precision, places)
     need = Need(resolution, batch, precision, current_compute_capability(device), weights_fingerprint,
-                config_fingerprint(transformer))
+                config_fingerprint(transformer), places)
     runnable = runnable_backends(device)
     versions = flavor_versions() if runnable - {"torch-compiled"} else {}
     report = []
@@ -127,31 +142,42 @@ def open_denoiser(transformer, engine_dir, device, dtype: torch.dtype, resolutio
             report.append(f"  {path.name}: " + "; ".join(reasons))
         else:
             candidates.append(manifest)
-    # Prefer TensorRT, then TensorRT-RTX, then the PyTorch-native format.
+    # Prefer TensorRT, then TensorRT-RTX, then the PyTorch-native format; for text-to-image a plain TensorRT
+    # engine before a ControlNet-ready one (which would add zero hints every step).
     order = {"tensorrt": 0, "tensorrt-rtx": 1, "torch-compiled": 2}
-    for manifest in sorted(candidates, key=lambda m: order[m.backend]):
+    for manifest in sorted(candidates, key=lambda m: (order[m.backend], not places and bool(m.controlnet_places))):
         key = (str(Path(engine_dir).resolve()), manifest.name, manifest.files[0].sha256)
         if cache is not None and key in cache:
-            return cache[key]
+            return _with_places(cache[key], places)
         manifest.verify_files(engine_dir)  # checksum before anything is loaded
         engine = _open(manifest, Path(engine_dir), transformer, device, attention_backend)
         if cache is not None:
             cache[key] = engine
-        return engine
+        return _with_places(engine, places)
+    wanted = f", taking ControlNet hints after main layers {list(places)}" if places else ""
     message = (
-        f"no engine in {engine_dir} fits: need a {precision} denoiser for {resolution}, batch {batch}, "
+        f"no engine in {engine_dir} fits: need a {precision} denoiser for {resolution}, batch {batch}{wanted}, "
         f"GPU compute capability {need.compute_capability}, backends runnable here {sorted(runnable)}.\n"
         + ("\n".join(report) if report else "  (no manifests found)")
-        + f"\nBuild one with: zimage-trt build --model MODEL --resolution {resolution} --precision {precision} --out {engine_dir}"
+        + f"\nBuild one with: {build}"
     )
-    return _no_engine(message, allow_fallback, transformer, downscale_log2, precision)
+    return _no_engine(message, allow_fallback, transformer, downscale_log2, precision, places)
 
 
-def _no_engine(message, allow_fallback, transformer, downscale_log2, precision) -> DenoiserEngine:
+def _no_engine(message, allow_fallback, transformer, downscale_log2, precision, places=None) -> DenoiserEngine:
     if not allow_fallback:
         raise EngineNotFound(message)
     warnings.warn(message + "\nallow_fallback=True: running eager PyTorch instead (slower).", stacklevel=3)
-    return TorchDenoiserEngine(_static(transformer, downscale_log2, precision))
+    return _with_places(TorchDenoiserEngine(_static(transformer, downscale_log2, precision)), places)
+
+
+def _with_places(engine: DenoiserEngine, places) -> DenoiserEngine:
+    """An eager or torch-compiled engine runs the model's own forward: its denoiser takes the ControlNet's
+    places (a TensorRT engine was chosen for its own). None leaves the engine as it is."""
+    denoiser = getattr(engine, "denoiser", None)
+    if places is not None and denoiser is not None and not isinstance(engine, TensorRTDenoiserEngine):
+        denoiser.set_control_places(places)
+    return engine
 
 
 def _static(transformer, downscale_log2, precision: str, fp8_keep=()) -> StaticZImageDenoiser:
@@ -199,4 +225,7 @@ def _open(manifest: Manifest, folder: Path, transformer, device, attention_backe
                  "on" if manifest.fused_kernels else "off",
                  f"; FP8 blocks kept bf16: {manifest.fp8_keep}" if manifest.fp8_keep else "")
         return torch_compiled.CompiledDenoiserEngine(denoiser)
+    if manifest.controlnet_places:
+        log.info("%s: ControlNet-ready TensorRT engine, hints after main layers %s", manifest.name,
+                 manifest.controlnet_places)
     return TensorRTDenoiserEngine(manifest.file_path(folder, manifest.files[0]), manifest, device)

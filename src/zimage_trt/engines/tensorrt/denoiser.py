@@ -5,6 +5,11 @@ padded to the profile's capacity and the engine masks each item's rows past its 
 call for fewer items than any profile of that resolution holds (CFG switched off by `cfg_truncation`
 on an engine built for the CFG batch 2B) runs in the smallest larger profile, the extra rows filled
 with copies of the last item and dropped from the output.
+
+A ControlNet-ready engine (built with `--controlnet` / `build_engines(..., controlnet=...)`) has one more
+input, `controlnet_hints`, bound like the others into its persistent buffer (so a step with hints is
+capturable as it is); a text-to-image call on it zeroes that buffer (one memset a step: selection prefers
+a plain engine for text-to-image).
 """
 
 from __future__ import annotations
@@ -31,22 +36,33 @@ def runtime_cache_path(engine_path: Path, device) -> Path | None:
     return engine_path.with_name(f"{engine_path.name}.sm{major}{minor}.runtime-cache")
 
 
+# What to build instead, named wherever a plain engine is asked for hints or its places differ.
+BUILD_OPTION = ("zimage-trt build --controlnet PATH (or --controlnet-places 0,2,...); "
+                "build_engines(..., controlnet=...) from Python")
+
+
 def check_engine_against_manifest(engine: TensorRTEngine, manifest: Manifest) -> None:
-    """The engine's I/O names, dtypes and profiles are the contract's and its manifest's; else a clear error."""
+    """The engine's I/O names, dtypes and profiles are the contract's and its manifest's (the plain or the
+    ControlNet-ready variant, as the manifest says); else a clear error."""
     where = f"engine {engine.source} ({manifest.name})"
-    if tuple(engine.input_names) != contract.INPUT_NAMES or tuple(engine.output_names) != contract.OUTPUT_NAMES:
+    controlnet = bool(manifest.controlnet_places)
+    names = contract.CONTROLNET_INPUT_NAMES if controlnet else contract.INPUT_NAMES
+    if tuple(engine.input_names) != names or tuple(engine.output_names) != contract.OUTPUT_NAMES:
+        variant = f"ControlNet-ready (places {manifest.controlnet_places})" if controlnet else "plain"
         raise TensorRTBackendError(
-            f"{where} has inputs {engine.input_names} and outputs {engine.output_names}; the denoiser contract is "
-            f"{list(contract.INPUT_NAMES)} -> {list(contract.OUTPUT_NAMES)}: rebuild it with `zimage-trt build`")
+            f"{where} has inputs {engine.input_names} and outputs {engine.output_names}; its manifest says {variant}, "
+            f"whose contract is {list(names)} -> {list(contract.OUTPUT_NAMES)}: rebuild it with `zimage-trt build`")
     feature_dtype = engine.dtypes[contract.CAPTION_FEATURES]
-    expected = {**contract.input_dtypes(feature_dtype), contract.NOISE_PRED: torch.float32}
+    expected = {**contract.input_dtypes(feature_dtype, controlnet=controlnet), contract.NOISE_PRED: torch.float32}
     wrong = {n: (str(engine.dtypes[n]), str(d)) for n, d in expected.items() if engine.dtypes[n] != d}
     if wrong:
         raise TensorRTBackendError(f"{where}: dtypes differ from the contract (name: (engine, contract)): {wrong}")
     caption_dim = engine.profiles[0][contract.CAPTION_FEATURES][-1] if engine.num_profiles else 0
-    for shape in manifest.shapes:
+    for index, shape in enumerate(manifest.shapes):
         want = contract.input_shapes(shape.batch, Resolution.parse(shape.resolution).latent_hw,
                                      shape.caption_capacity, caption_dim)
+        if controlnet:
+            want[contract.CONTROLNET_HINTS] = tuple(manifest.controlnet_hint_shapes[index])
         engine.find_profile(want)  # raises ProfileError naming what was built
     if manifest.refittable and not engine.refittable:
         raise TensorRTBackendError(f"{where}: the manifest says refittable but the engine is not; rebuild it")
@@ -66,6 +82,10 @@ class TensorRTDenoiserEngine(DenoiserEngine):
         self.kind = manifest.backend
         self.manifest = manifest
         self.shapes = manifest.shapes
+        # The ControlNet-ready variant: the main layers its hints follow, in hint order, and their width.
+        self.control_places = tuple(manifest.controlnet_places)
+        self.takes_controlnet_hints = bool(self.control_places)
+        self.hint_dim = manifest.controlnet_hint_shapes[0][-1] if self.control_places else None
         # Capturable only where the library says so for a context of this engine (TensorRT-RTX's
         # is_stream_capturable; full TensorRT has no such query and is capturable after a warm-up).
         self.supports_cuda_graph = (self.device.type == "cuda"
@@ -88,28 +108,46 @@ class TensorRTDenoiserEngine(DenoiserEngine):
             )
         return shape.caption_capacity, True
 
-    takes_controlnet_hints = False  # the plain engine's network has no hint input
+    takes_controlnet_hints = False  # (a plain engine's network has no hint input; set per engine above)
 
     def run(self, latents, timestep, cap_feats, cap_lens, masked: bool, controlnet_hints=None) -> torch.Tensor:
-        if controlnet_hints is not None:
-            raise ValueError(f"this {self.kind} engine was built without ControlNet inputs; it cannot take "
-                             f"controlnet_hints")
+        if controlnet_hints is not None and not self.control_places:
+            raise ValueError(f"this {self.kind} engine ({self.manifest.name}) was built without ControlNet inputs, so "
+                             f"it cannot take controlnet_hints; build the ControlNet-ready variant: {BUILD_OPTION}")
         batch, capacity = latents.shape[0], cap_feats.shape[1]
         resolution_key = Resolution.of_latents(latents).key
         shape = self._profile(resolution_key, batch, capacity)
         if shape is None or shape.caption_capacity != capacity:
             raise ValueError(f"no profile of this {self.kind} engine takes {resolution_key} batch {batch} with "
                              f"caption capacity {capacity}; ask caption_layout() for the capacity first")
-        feed = contract.as_feed((latents, timestep, cap_feats, cap_lens))
-        shapes = contract.input_shapes(shape.batch, tuple(latents.shape[-2:]), capacity, cap_feats.shape[-1],
-                                       channels=latents.shape[1])
+        latent_hw = tuple(latents.shape[-2:])
+        if self.control_places:
+            shapes = contract.controlnet_input_shapes(len(self.control_places), shape.batch, latent_hw, capacity,
+                                                      cap_feats.shape[-1], self.hint_dim, channels=latents.shape[1])
+        else:
+            shapes = contract.input_shapes(shape.batch, latent_hw, capacity, cap_feats.shape[-1],
+                                           channels=latents.shape[1])
+        if controlnet_hints is not None:
+            want = contract.hint_shape(len(self.control_places), batch, latent_hw, capacity, self.hint_dim)
+            if tuple(controlnet_hints.shape) != want:
+                raise ValueError(f"controlnet_hints has shape {tuple(controlnet_hints.shape)}, this engine takes {want} "
+                                 f"(places {list(self.control_places)}, batch, image tokens padded to 32 + caption "
+                                 f"capacity, model dim)")
         buffers = self.trt.select(shapes).inputs
         # Straight into the engine's persistent inputs (no allocation, so this is capturable as it is).
-        for name, tensor in feed.items():
+        for name, tensor in contract.as_feed((latents, timestep, cap_feats, cap_lens)).items():
             buf = buffers[name]
             buf[:batch].copy_(tensor, non_blocking=True)
             if shape.batch > batch:
                 buf[batch:].copy_(tensor[-1:].expand_as(buf[batch:]), non_blocking=True)
+        if self.control_places:
+            hints = buffers[contract.CONTROLNET_HINTS]  # [P, B, S, D]: the batch is its second axis
+            if controlnet_hints is None:
+                hints.zero_()  # text-to-image on this engine (every call: a captured graph must replay it)
+            else:
+                hints[:, :batch].copy_(controlnet_hints, non_blocking=True)
+                if shape.batch > batch:
+                    hints[:, batch:].copy_(controlnet_hints[:, -1:].expand_as(hints[:, batch:]), non_blocking=True)
         outputs = self.trt.infer(buffers)
         return outputs[contract.NOISE_PRED][:batch]
 
