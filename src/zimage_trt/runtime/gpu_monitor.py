@@ -259,7 +259,17 @@ class GpuMonitor:
                     f"service idles (NVML does not list its pid here)")
         return None
 
+    def summary(self) -> dict[str, Any]:
+        return {"gpu": self.name, "current": self.current(), "throttle_seconds": self.throttle_seconds()}
+
     def throttle_seconds(self) -> dict[str, float]:
         """Seconds each throttle reason has been active since the monitor started."""
         with self._lock:
             return dict(self._throttle_s)
+
+
+def reserved_bytes(device) -> int | None:
+    """What torch's allocator holds on a CUDA device (the hint for learn_own), else None."""
+    if device is None or torch.device(device).type != "cuda":
+        return None
+    return int(torch.cuda.memory_reserved(device))
