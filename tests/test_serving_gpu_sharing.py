@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-import re
+import sys
 import shutil
 import subprocess
 import time
@@ -245,3 +245,35 @@ setImmediate(() => {
     slowed: rows, slowedPoints: window.dashboard.slowedPoints }));
 });
 """
+
+
+# -- the GPU scripts' flows on the CPU (they run for real on the H200) ------------------------------
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def run_script(*argv, timeout=300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(BENCH.parent / "src"), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, *map(str, argv)], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.mark.slow
+def test_shared_gpu_script_runs_its_flow_in_cpu_smoke_mode(tmp_path):
+    done = run_script(BENCH / "shared_gpu.py", tmp_path, "--cpu-smoke", "--images", "2")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "SHARED_GPU: PASS" in done.stdout
+    result = json.loads((tmp_path / "shared_gpu.json").read_text())
+    assert list(result["phases"]) == ["alone", "matmul", "copy"]
+    for phase in ("matmul", "copy"):
+        assert len(result["phases"][phase]["images"]) == 2 and result["phases"][phase]["pids_named"] == []
+    assert json.loads((tmp_path / "doctor.json").read_text())["available"] is False
+    assert (tmp_path / "server.log").exists() and (tmp_path / "shared_gpu.log").read_text().endswith("PASS\n")
+
+
+@pytest.mark.slow
+def test_serving_gpu_script_runs_its_flow_on_the_tiny_model(tmp_path):
+    done = run_script(BENCH / "serving_gpu.py", "--out", tmp_path, "--tiny", "--device", "cpu", "--images", "3",
+                      "--clients", "2", "--steps", "2")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads((tmp_path / "serving_gpu.json").read_text())
+    assert result["checks"] == {"stream_steps_arrive_while_running": True}  # the GPU-only checks apply on a GPU
+    assert result["http"]["images_per_s"] > 0 and "SERVING_GPU: PASS" in (tmp_path / "serving_gpu.log").read_text()
