@@ -112,8 +112,7 @@ def full_size_pipeline(device="cuda", precision: str = "fp16", engine_dir=None, 
         build_engines(parts["transformer"], list(build_sizes), engine_dir, backend="torch-compiled",
                       precision=precision, caption_capacity=512, batch=1, progress=False, vae=parts["vae"])
         build_s = time.perf_counter() - started
-        gc.collect()  # the build's copy of the transformer
-        torch.cuda.empty_cache()
+        gc.collect()  # the build's copy of the transformer (its memory stays in torch's cache for the pipeline)
     # Eager: the VAE stays uncompiled too (compiling it from scratch takes ~20 s; an engine brings its kernels).
     pipe = ZImageTRTPipeline.from_components(**parts, engine_dir=engine_dir, device=device, torch_dtype=dtype,
                                              precision=precision, compile_vae=None if engine_dir else False)
