@@ -264,7 +264,9 @@ def main(argv=None) -> int:
         generate(url, args.size, args.steps, 0, "warm-0")  # the first HTTP request pays nothing else
 
         alone = [generate(url, args.size, args.steps, i, f"alone-{i}") for i in range(args.images)]
-        result["phases"]["alone"] = {"latency": latency(alone), "images": alone}
+        _, stats = get(url + "/v1/stats")
+        result["phases"]["alone"] = {"latency": latency(alone), "images": alone,
+                                     "gpu_sharing": json.loads(stats).get("gpu_sharing")}
         lat = shown_latency(result["phases"]["alone"]["latency"])
         log(f"alone: {args.images} images, mean {lat['mean']:.1f} ms, CV {100 * lat['cv']:.1f}% "
             f"({lat['min']:.0f} to {lat['max']:.0f} ms)")
@@ -321,7 +323,8 @@ def neighbour_phase(kind, args, url, env, out, log, neighbours, smoke) -> dict:
                                   stderr=subprocess.DEVNULL, env=env)
     images = [generate(url, args.size, args.steps, 100 + i, f"{kind}-{i}") for i in range(args.images)]
     _, stats = get(url + "/v1/stats")
-    recent = {e.get("request_id"): e for e in json.loads(stats).get("recent", [])}
+    stats = json.loads(stats)
+    recent = {e.get("request_id"): e for e in stats.get("recent", [])}
     for image in images:
         image["slowed_by"] = (recent.get(image["request_id"]) or {}).get("slowed_by")
     _, text = get(url + "/metrics")
@@ -348,6 +351,7 @@ def neighbour_phase(kind, args, url, env, out, log, neighbours, smoke) -> dict:
         "from_work_s": {k: since(k, work) for k in ("metrics_named", "stats_named", "stats_shared", "readyz_503")},
         "from_spawn_s": {k: since(k, spawned) for k in ("metrics_named", "stats_named", "stats_shared", "readyz_503")},
         "readyz_reason": watcher.reason,
+        "gpu_sharing_beside_it": stats.get("gpu_sharing"),  # what NVML lists here, whose pid is ours, ...
         "after_stop_s": {k: since(k, stopped) for k in ("readyz_200_again", "metrics_cleared")},
         "latency": latency(images), "images": images,
         "images_named_shared": sum(any("shared GPU" in c for c in (i["slowed_by"] or [])) for i in images),

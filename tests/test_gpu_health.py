@@ -241,3 +241,22 @@ def test_the_monitor_samples_in_the_background_and_survives_nvml_errors():
 def test_no_cuda_device_no_monitor():
     assert GpuMonitor.for_device("cpu") is None and GpuMonitor.for_device(None) is None
     assert gpu_health.gib(None) == "memory not reported" and gpu_health.gib(1.5 * GIB) == "1.5 GiB"
+
+
+# -- on a real GPU (the H200 run) -------------------------------------------------------------------
+@pytest.mark.gpu
+def test_on_a_real_gpu_the_doctor_reads_every_check_and_the_monitor_knows_its_own_context():
+    import torch
+
+    report = doctor_report(0)
+    assert report["available"], report
+    checks = by_name(report)
+    for name in ("sm_clock", "temperature", "power", "driver", "other_processes", "free_memory"):
+        assert checks[name]["status"] != "unknown", checks[name]
+    torch.ones(1, device="cuda")  # this process now holds a context on the GPU
+    monitor = GpuMonitor.for_device("cuda", interval_s=0)
+    assert monitor is not None
+    monitor.start(own_bytes_hint=torch.cuda.memory_reserved())
+    current = monitor.current()
+    assert current["processes_listed"] >= 0 and os.getpid() not in [p["pid"] for p in current["neighbours"]]
+    assert monitor.sharing_reason() is None or current["neighbours"], current  # shared only with a neighbour

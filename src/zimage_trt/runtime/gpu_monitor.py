@@ -31,7 +31,7 @@ from .telemetry import nvml_handle
 log = logging.getLogger("zimage_trt.gpu")
 
 INTERVAL_S = 0.25
-ACTIVE_WINDOW_S = 2.0  # a neighbour computed if NVML saw it busy this recently
+ACTIVE_WINDOW_S = 5.0  # a neighbour computes if NVML saw it busy this recently (NVML may sample per-process utilisation a second or more apart)
 CAUSE_FRACTION = 0.25  # a throttle reason names an image's cause when active in this share of its samples
 IDLE_GRACE_S = 1.5  # NVML's utilisation averages over up to 1 s: our own last image still shows before this
 IDLE_BUSY_PCT = 20.0  # utilisation while this service idles that means someone else computes
