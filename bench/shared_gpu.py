@@ -253,7 +253,7 @@ def main(argv=None) -> int:
     server = subprocess.Popen(command, stdout=server_log, stderr=subprocess.STDOUT, env=env)
     neighbours: list[subprocess.Popen] = []
     try:
-        while get_status(url + "/readyz") != 200:
+        while server_state(url) != "ready":  # (/readyz may say 503 already: a neighbour there before us)
             if server.poll() is not None or remaining() < 60:
                 result["notes"].append(f"the server did not become ready (exit {server.poll()}); see server.log")
                 log(result["notes"][-1])
@@ -277,9 +277,13 @@ def main(argv=None) -> int:
                 result["notes"].append(f"{kind} neighbour skipped: {remaining():.0f}s of the budget left")
                 log(result["notes"][-1])
                 continue
-            result["phases"][kind] = phase = neighbour_phase(kind, args, url, env, out, log, neighbours, smoke)
+            result["phases"][kind] = neighbour_phase(kind, args, url, env, out, log, neighbours, smoke)
             save()
         checks(result, smoke)
+    except (OSError, ValueError) as error:  # the server went away mid-run: keep what was measured
+        result["notes"].append(f"stopped early: {type(error).__name__}: {error}; see server.log")
+        log(result["notes"][-1])
+        result["checks"]["ran_to_the_end"] = False
     finally:
         for process in neighbours:
             stop_process(process, 5)
@@ -288,10 +292,11 @@ def main(argv=None) -> int:
     return finish(result, save, log, ok=all(result["checks"].values()))
 
 
-def get_status(url: str) -> int | None:
+def server_state(url: str) -> str | None:
     try:
-        return get(url, timeout=2.0)[0]
-    except OSError:
+        status, text = get(url + "/healthz", timeout=2.0)
+        return json.loads(text).get("state") if status == 200 else None
+    except (OSError, ValueError):
         return None
 
 
