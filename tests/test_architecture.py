@@ -31,7 +31,7 @@ ALLOWED = {
     "benchmark": {"benchmark", "pipeline", "compiler", "runtime", "engines", "model", "testing", "files", "lora"},
     "demo": {"pipeline", "compiler", "engines", "model", "testing"},
     "serving": {"serving", "pipeline", "request", "options", "runtime", "engines", "model", "errors", "files", "testing"},
-    "cli": {"benchmark", "pipeline", "parallel", "compiler", "demo", "model", "serving"},
+    "cli": {"benchmark", "pipeline", "parallel", "compiler", "demo", "model", "serving", "runtime"},
 }
 FP8_HOME = "model/fp8.py"
 PRECISION_HOME = "model/precision.py"

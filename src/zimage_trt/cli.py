@@ -1,4 +1,4 @@
-"""`zimage-trt build | generate | bench | demo | serve` — the command line over the Python API."""
+"""`zimage-trt build | generate | bench | demo | serve | doctor` — the command line over the Python API."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from .demo import demo
 from .model.attention import BACKENDS as ATTENTION_BACKENDS
 from .model.precision import DEFAULT_PRECISION_RULE, PRECISIONS, default_precision, precision_dtype
 from .pipeline import ZImageTRTPipeline
+from .runtime import gpu_health
 from . import serving
 from .serving import ray_settings
 from .serving import settings as serve_settings
@@ -143,6 +144,12 @@ def run_demo(args) -> int:
     return 0
 
 
+def run_doctor(args) -> int:
+    report = gpu_health.doctor_report(args.device)
+    print(json.dumps(report, indent=2) if args.json else gpu_health.render_text(report))
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="zimage-trt", description=__doc__, formatter_class=HelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -198,6 +205,12 @@ def main(argv=None) -> int:
     serve_settings.add_arguments(sv)
     ray_settings.add_ray_arguments(sv)
     sv.set_defaults(func=lambda args: serving.run_ray_server(args) if args.ray else serving.run_server(args))
+
+    dr = sub.add_parser("doctor", help="check this GPU for a steady service (NVML): clocks, throttling, heat, power, "
+                                       "other processes, memory, ECC, MIG, PCIe", formatter_class=defaults)
+    dr.add_argument("--device", type=int, default=0, help="the GPU's index as nvidia-smi numbers them")
+    dr.add_argument("--json", action="store_true", help="print the checklist as JSON (for scripts)")
+    dr.set_defaults(func=run_doctor)
 
     args = ap.parse_args(argv)
     started = time.perf_counter()

@@ -9,11 +9,15 @@ mean, std, p50, p95 and the coefficient of variation.
 
 from __future__ import annotations
 
+import gc
 import time
 
 import torch
 from torch import nn
 
+from ..compiler.build import build_engines
+from ..model.precision import precision_dtype
+from ..pipeline import ZImageTRTPipeline
 from ..testing.tiny import ZIMAGE_TURBO_SCHEDULER_CONFIG, make_tiny_tokenizer
 
 # Z-Image-Turbo's text encoder is Qwen3-4B; its VAE is the 16-channel Flux VAE.
@@ -94,6 +98,26 @@ def full_size_components(device="cuda", dtype=torch.bfloat16) -> dict:
         "tokenizer": make_tiny_tokenizer(),
         "scheduler": FlowMatchEulerDiscreteScheduler(**ZIMAGE_TURBO_SCHEDULER_CONFIG),
     }
+
+
+def full_size_pipeline(device="cuda", precision: str = "fp16", engine_dir=None, build_sizes=None):
+    """(the full-size random-weight pipeline, build seconds or None). With `build_sizes`, a torch-compiled
+    engine for them (with the VAE decoder's kernels) is built into `engine_dir` first, from the same
+    weights (the build copies the transformer); without an engine the eager static denoiser runs."""
+    dtype = precision_dtype(precision)
+    parts = full_size_components(device, dtype)
+    build_s = None
+    if build_sizes:
+        started = time.perf_counter()
+        build_engines(parts["transformer"], list(build_sizes), engine_dir, backend="torch-compiled",
+                      precision=precision, caption_capacity=512, batch=1, progress=False, vae=parts["vae"])
+        build_s = time.perf_counter() - started
+        gc.collect()  # the build's copy of the transformer (its memory stays in torch's cache for the pipeline)
+    # Eager: the VAE stays uncompiled too (compiling it from scratch takes ~20 s; an engine brings its kernels).
+    pipe = ZImageTRTPipeline.from_components(**parts, engine_dir=engine_dir, device=device, torch_dtype=dtype,
+                                             precision=precision, compile_vae=None if engine_dir else False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, build_s
 
 
 # -- timing --------------------------------------------------------------------------------------

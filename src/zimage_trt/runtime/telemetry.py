@@ -81,7 +81,7 @@ class GpuSampler:
             import pynvml
 
             pynvml.nvmlInit()
-            self._handle = _nvml_handle(pynvml, device)
+            self._handle = nvml_handle(pynvml, device)
             self.gpu_name = _as_str(pynvml.nvmlDeviceGetName(self._handle))
             self._nvml = pynvml
         except Exception:  # no pynvml, no driver, no such GPU: telemetry is optional
@@ -112,7 +112,7 @@ class GpuSampler:
         return readings
 
 
-def _nvml_handle(pynvml, device: torch.device):
+def nvml_handle(pynvml, device: torch.device):
     """NVML numbers GPUs ignoring CUDA_VISIBLE_DEVICES, so find ours by UUID; fall back to the index."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     try:

@@ -196,6 +196,10 @@ def create_app(service: ImageService | Callable[[], ImageService], settings: App
     @app.get("/readyz")
     async def readyz():
         service = current()
+        shared = service.unready_reason() if service is not None and service.ready else None
+        if shared is not None:  # --not-ready-when-shared: a load balancer sends the traffic elsewhere
+            return JSONResponse({"ready": False, "state": service.state, "reason": shared}, status_code=503,
+                                headers={"Retry-After": "5"})
         if service is not None and service.ready:
             return {"ready": True, "state": service.state, "sizes": list(service.limits.sizes)}
         state = service.state if service is not None else "loading"

@@ -67,7 +67,8 @@ def build_service(args) -> ImageService:
     limits = ServingLimits(sizes=tuple(sizes), any_size=args.allow_fallback, max_n=args.max_n,
                            max_steps=args.max_steps, max_prompt_chars=args.max_prompt_chars,
                            max_body_bytes=args.max_body_bytes)
-    settings = ServiceSettings(limits=limits, max_queue=args.max_queue, timeout_s=args.timeout)
+    settings = ServiceSettings(limits=limits, max_queue=args.max_queue, timeout_s=args.timeout,
+                               not_ready_when_shared=args.not_ready_when_shared)
     return ImageService(pipeline_factory(args), settings)
 
 

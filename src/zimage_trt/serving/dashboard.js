@@ -6,7 +6,8 @@ const POLL_MS = 1000;
 const KEEP = 300; // client-side history: 5 minutes of GPU and queue samples
 const gpuHistory = [];
 const queueHistory = [];
-const state = { key: sessionStorage.getItem("zimage-api-key") || "", latencyPoints: 0 };
+const state = { key: sessionStorage.getItem("zimage-api-key") || "", latencyPoints: 0, slowedPoints: 0 };
+const SLOWED_ROWS = 8;
 window.dashboard = state; // read by the browser test
 
 const $ = (id) => document.getElementById(id);
@@ -32,7 +33,7 @@ function fmtMs(ms) {
 function merge(stats) {
   const parts = Array.isArray(stats.replicas) ? stats.replicas : [stats];
   const out = { state: stats.state, device: stats.device, sizes: stats.sizes || [], recent: [], waiting: [],
-                running: [], depth: 0, gpus: [], lastSteps: [], completed: 0, failed: 0 };
+                running: [], depth: 0, gpus: [], lastSteps: [], completed: 0, failed: 0, sharing: [] };
   parts.forEach((p, i) => {
     out.state = out.state || p.state;
     out.device = out.device || p.device;
@@ -43,6 +44,7 @@ function merge(stats) {
     (q.waiting || []).forEach((w) => out.waiting.push(Object.assign({ replica: i }, w)));
     if (q.running) out.running.push(Object.assign({ replica: i }, q.running));
     if (p.gpu && Object.keys(p.gpu).length) out.gpus.push(p.gpu);
+    if (p.gpu_sharing && p.gpu_sharing.current) out.sharing.push(p.gpu_sharing.current);
     if (p.last_steps_ms && p.last_steps_ms.length) out.lastSteps = p.last_steps_ms;
     out.completed += (p.counts || {}).completed || 0;
     out.failed += (p.counts || {}).failed || 0;
@@ -99,10 +101,13 @@ function chart(canvas, series, opts) {
       s.points.forEach(([x, y]) => ctx.fillRect(X(x) - bw / 2, Y(y), bw, Y(0) - Y(y)));
       return;
     }
-    ctx.beginPath();
-    s.points.forEach(([x, y], i) => (i ? ctx.lineTo(X(x), Y(y)) : ctx.moveTo(X(x), Y(y))));
-    ctx.stroke();
-    if (s.dots) s.points.forEach(([x, y]) => { ctx.beginPath(); ctx.arc(X(x), Y(y), 2.2, 0, 7); ctx.fill(); });
+    if (s.line !== false) {
+      ctx.beginPath();
+      s.points.forEach(([x, y], i) => (i ? ctx.lineTo(X(x), Y(y)) : ctx.moveTo(X(x), Y(y))));
+      ctx.stroke();
+    }
+    const r = s.radius || 2.2;
+    if (s.dots) s.points.forEach(([x, y]) => { ctx.beginPath(); ctx.arc(X(x), Y(y), r, 0, 7); ctx.fill(); });
   });
   let lx = w - right;
   (opts.hlines || []).forEach((l) => {
@@ -131,10 +136,25 @@ function render(stats) {
   $("p50").textContent = fmtMs(p50); $("p95").textContent = fmtMs(p95);
   const t0 = s.recent.length ? s.recent[0].t : 0;
   const lat = $("latency");
-  chart(lat, [{ points: s.recent.map((r) => [r.t - t0, r.per_image_ms]), color: "#5fb3f9", dots: true }],
+  // An image that ran beside another process or under a throttled clock is marked, with its cause below.
+  const slowed = s.recent.filter((r) => r.slowed_by && r.slowed_by.length);
+  chart(lat, [{ points: s.recent.map((r) => [r.t - t0, r.per_image_ms]), color: "#5fb3f9", dots: true },
+              { points: slowed.map((r) => [r.t - t0, r.per_image_ms]), color: "#e5534b", dots: true, line: false, radius: 4 }],
         { hlines: [{ y: p50, color: "#3fb950", label: "p50" }, { y: p95, color: "#f5a623", label: "p95" }], fmt: fmtMs });
   state.latencyPoints = s.recent.length;
+  state.slowedPoints = slowed.length;
   lat.dataset.points = String(s.recent.length);
+  $("slowed").tBodies[0].replaceChildren(...slowed.slice(-SLOWED_ROWS).reverse().map((r) => {
+    const tr = document.createElement("tr");
+    [new Date(r.t * 1000).toLocaleTimeString(), fmtMs(r.per_image_ms), r.slowed_by.join("; ")].forEach((c) => {
+      const td = document.createElement("td"); td.textContent = c; tr.appendChild(td);
+    });
+    return tr;
+  }));
+  const causes = [];
+  s.sharing.forEach((c) => (c.causes || []).forEach((x) => { if (!causes.includes(x)) causes.push(x); }));
+  $("shared").textContent = causes.join(" · ");
+  $("shared").style.display = causes.length ? "" : "none";
 
   chart($("steps"), [{ points: s.lastSteps.map((ms, i) => [i + 1, ms]), color: "#a371f7", bars: true }],
         { fmt: fmtMs, title: s.lastSteps.length ? s.lastSteps.length + " steps" : "", xmin: 0.5, xmax: s.lastSteps.length + 0.5 });

@@ -2,14 +2,15 @@
 
 Request and stage latency histograms, queue depth, and the GPU's clocks, temperature, power,
 utilisation and memory read through NVML at each scrape (runtime/telemetry.py's `GpuSampler`; no
-GPU, no GPU series). A registry per service, not the process-global one, so that several apps in one
+GPU, no GPU series); the other processes on the GPU and the seconds each clock throttle reason held,
+from the service's GPU monitor (runtime/gpu_monitor.py, sampled on its own thread). A registry per service, not the process-global one, so that several apps in one
 process (tests, a Ray replica beside a driver) do not collide.
 """
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 # Seconds: a tiny model on a CPU is ~0.1 s an image, the full model 0.6-40 s (1024², H100 .. consumer GPU).
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0,
@@ -42,6 +43,41 @@ class _GpuCollector:
                 yield family
 
 
+class _GpuSharingCollector:
+    """The GPU monitor's latest sample: other processes (their memory, whether they compute) and the
+    throttle-reason seconds, as counters (`rate()` gives the share of time each reason holds the clocks)."""
+
+    def __init__(self, service):
+        self._service = service
+
+    def collect(self):
+        sharing = self._service.gpu_sharing() if self._service is not None else None
+        if not sharing:
+            return
+        gpu = sharing.get("gpu") or "gpu"
+        current = sharing["current"]
+        neighbours = current.get("neighbours", [])
+        others = GaugeMetricFamily("zimage_gpu_other_processes", "Other processes with a context on this GPU "
+                                   "(this service and its children excluded)", labels=["gpu"])
+        others.add_metric([gpu], len(neighbours))
+        computing = GaugeMetricFamily("zimage_gpu_other_processes_computing", "Other processes that computed on "
+                                      "this GPU in the last seconds (NVML per-process utilisation)", labels=["gpu"])
+        computing.add_metric([gpu], sum(p["computing"] is not False for p in neighbours))
+        shared = GaugeMetricFamily("zimage_gpu_shared", "1 while another process computes on this GPU",
+                                   labels=["gpu"])
+        shared.add_metric([gpu], 1 if current.get("shared") else 0)
+        memory = GaugeMetricFamily("zimage_gpu_other_process_memory_bytes", "GPU memory each other process holds",
+                                   labels=["gpu", "pid", "name"])
+        for process in neighbours:
+            if process["used_mib"] is not None:
+                memory.add_metric([gpu, str(process["pid"]), process["name"] or ""], process["used_mib"] * 2**20)
+        throttle = CounterMetricFamily("zimage_gpu_throttle_seconds", "Seconds the GPU's clocks were held by each "
+                                       "NVML throttle reason", labels=["gpu", "reason"])
+        for reason, seconds in sorted(sharing["throttle_seconds"].items()):
+            throttle.add_metric([gpu, reason], seconds)
+        yield from (others, computing, shared, memory, throttle)
+
+
 class ServiceMetrics:
     def __init__(self):
         self.registry = registry = CollectorRegistry()
@@ -69,6 +105,7 @@ class ServiceMetrics:
         if self._gpu is None:
             self._gpu = _GpuCollector(service)
             self.registry.register(self._gpu)
+            self.registry.register(_GpuSharingCollector(service))
 
     def observe_image(self, timings) -> None:
         for stage in STAGES:

@@ -36,6 +36,7 @@ from ..engines.select import EngineNotFound
 from ..errors import GenerationOOMError, NonFiniteOutputError
 from ..model.shapes import Resolution
 from ..runtime.queue import GenerationQueue, QueueClosedError, QueueFullError
+from ..runtime.gpu_monitor import GpuMonitor, reserved_bytes
 from ..runtime.telemetry import GpuSampler, summarize
 from .metrics import ServiceMetrics
 from .outcome import ServiceError, check_with_pipeline, encode_png, json_finite
@@ -58,6 +59,7 @@ class ServiceSettings:
     warm_steps: int = 2  # denoising steps of each warm-up generation (the graphs do not depend on it)
     history: int = 500  # requests kept for the dashboard's charts and the latency summaries
     png_compress_level: int = 1  # fast: the PNG is a transport, not an archive
+    not_ready_when_shared: bool = False  # /readyz 503 while another process computes on the GPU
 
 
 @dataclass
@@ -75,6 +77,7 @@ class _Job:
     listeners: list = field(default_factory=list)  # (loop, asyncio.Queue) of streaming clients
     step_ms: list = field(default_factory=list)
     timings: list = field(default_factory=list)  # one pipeline Timings per image
+    gpu_seen: dict | None = None  # what the GPU monitor saw while the request ran
 
     def emit(self, event: StreamEvent) -> None:
         for loop, queue in list(self.listeners):
@@ -100,7 +103,8 @@ def served_sizes(engine_dir) -> list[str]:
 class ImageService:
     """One pipeline behind a bounded FIFO; `pipeline` is a pipeline or a zero-argument factory of one."""
 
-    def __init__(self, pipeline, settings: ServiceSettings | None = None, metrics: ServiceMetrics | None = None):
+    def __init__(self, pipeline, settings: ServiceSettings | None = None, metrics: ServiceMetrics | None = None,
+                 gpu_monitor: GpuMonitor | None = None):
         self.settings = settings or ServiceSettings()
         if callable(pipeline) and not hasattr(pipeline, "submit"):
             self._factory, self.pipe = pipeline, None
@@ -123,6 +127,7 @@ class ImageService:
         self._loader: threading.Thread | None = None
         self._ready = threading.Event()
         self._sampler: GpuSampler | None = None
+        self._gpu_monitor = gpu_monitor  # default: one for the pipeline's CUDA device, made once it is loaded
         self.metrics = metrics or ServiceMetrics()
         self.metrics.bind(self)
 
@@ -170,6 +175,7 @@ class ImageService:
             if telemetry is not None:  # warm-up timings (compilation, graph capture) are not service latency
                 telemetry.clear()
             self._sampler = GpuSampler(getattr(self.pipe, "device", None))
+            self._start_gpu_monitor()
             with self._lock:
                 if self.state == "warming":
                     self._queue = GenerationQueue(self._execute, max_pending=self.settings.max_queue,
@@ -214,6 +220,8 @@ class ImageService:
             self._abort(self._running, "shutdown")
         if self._queue is not None:
             self._queue.close(cancel_pending=True, wait=True, timeout=timeout)
+        if self._gpu_monitor is not None:
+            self._gpu_monitor.stop()
         self.state = "stopped"
 
     # -- requests ------------------------------------------------------------------------------
@@ -374,6 +382,8 @@ class ImageService:
                                              "queue_wait_ms": round((job.started - job.submitted) * 1000.0, 3)}))
             req, pipe = job.request, self.pipe
             resolution = req.resolution
+            monitor = self._gpu_monitor
+            mark = monitor.mark() if monitor is not None else None
             images = []
             for index, seed in enumerate(job.seeds):
                 job.image_index, job.step = index, 0
@@ -386,6 +396,7 @@ class ImageService:
                 job.timings.append(out.timings)
                 self._learn(out.timings)
                 self.metrics.observe_image(out.timings)
+            job.gpu_seen = monitor.seen_since(mark) if monitor is not None else None  # (no NVML call here)
             self._record(job)
             return images
         finally:
@@ -456,6 +467,9 @@ class ImageService:
                  "steps": job.request.num_inference_steps, "request_ms": (done - job.submitted) * 1000.0,
                  "queue_wait_ms": (job.started - job.submitted) * 1000.0, "per_image_ms": sum(per_image) / len(per_image),
                  "step_ms": sum(steps) / len(steps) if steps else None}
+        if job.gpu_seen is not None:
+            entry["gpu_seen"] = job.gpu_seen
+            entry["slowed_by"] = job.gpu_seen["causes"]
         with self._lock:
             self._history.append(entry)
             self._counts["completed"] += 1
@@ -512,6 +526,7 @@ class ImageService:
             "recent": history[-200:],
             "last_steps_ms": last_steps,
             "gpu": self.gpu_sample(),
+            "gpu_sharing": self.gpu_sharing(),
             "pipeline": pipe.stats() if pipe is not None and hasattr(pipe, "stats") else {},
         }
         return json_finite(result)
@@ -521,3 +536,21 @@ class ImageService:
         if sampler is None or not sampler.available:
             return {}
         return {"name": sampler.gpu_name, **sampler.sample()}
+
+    # -- the GPU monitor (runtime/gpu_monitor.py): other processes and throttling ----------------------
+    def _start_gpu_monitor(self) -> None:
+        device = getattr(self.pipe, "device", None)
+        self._gpu_monitor = self._gpu_monitor or GpuMonitor.for_device(device)
+        if self._gpu_monitor is not None:
+            self._gpu_monitor.start(busy=lambda: self._running is not None, own_bytes_hint=reserved_bytes(device))
+
+    def gpu_sharing(self) -> dict | None:
+        """The monitor's latest sample (other processes, throttle reasons) and the seconds each reason held."""
+        monitor = self._gpu_monitor
+        return None if monitor is None else {**monitor.summary(), "not_ready_when_shared": self.settings.not_ready_when_shared}
+
+    def unready_reason(self) -> str | None:
+        """With `not_ready_when_shared`: why /readyz says 503 while the service runs (another process
+        computes on the GPU); else None."""
+        monitor = self._gpu_monitor
+        return monitor.sharing_reason() if monitor is not None and self.settings.not_ready_when_shared else None

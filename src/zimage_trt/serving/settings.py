@@ -92,5 +92,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--max-body-bytes", type=int, default=64 * 1024, help="largest request body")
     ap.add_argument("--timeout", type=float, default=300.0,
                     help="seconds from arrival to the last image (queue wait included); later: 504")
+    ap.add_argument("--not-ready-when-shared", action="store_true",
+                    help="answer /readyz 503 (with the reason) while another process computes on the GPU, so a "
+                         "load balancer sends traffic elsewhere; requests are still served")
     ap.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
                     help="server log level")
