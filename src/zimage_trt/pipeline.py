@@ -136,6 +136,7 @@ class ZImageTRTPipeline(LoraPipelineMixin):
             # build compiled the VAE too).
             compile_vae_decoder(vae)
         self.telemetry = Telemetry(self.device, history=opts.telemetry_history)
+        self._pinned_images = image_output.PinnedImages()  # host buffers for the decoded pixels (GPU only)
         self.show_progress = True
         self._loops: dict[tuple, DenoiseLoop] = {}
         self._engines: dict[tuple, Any] = {}  # engine files opened once, whatever the number of shapes
@@ -295,7 +296,7 @@ class ZImageTRTPipeline(LoraPipelineMixin):
 
     # -- 5. image --------------------------------------------------------------------------------
     def decode_latents(self, latents: torch.Tensor, output_type: str = "pil"):
-        return image_output.decode_latents(self.vae, self.image_processor, latents, output_type)
+        return image_output.decode_latents(self.vae, self.image_processor, latents, output_type, self._pinned_images)
 
     # -- the call --------------------------------------------------------------------------------
     @torch.no_grad()
