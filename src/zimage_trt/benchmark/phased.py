@@ -102,8 +102,9 @@ class PhasedProcess:
 
     def _read(self) -> None:
         for line in self.process.stdout:
-            self._log.write(line)
-            self._log.flush()
+            with contextlib.suppress(ValueError):  # (the log closed by close() after a kill)
+                self._log.write(line)
+                self._log.flush()
             if line.startswith(PROTOCOL + " "):
                 _, kind, payload = line.rstrip("\n").split(" ", 2)
                 with self._changed:
@@ -148,10 +149,14 @@ class PhasedProcess:
         elapsed = time.perf_counter() - self.started
         if status == "ok":
             return {"status": "ok", **self.messages.get("READY", {}), **self.messages.get(kind, {})}
+        if status == "missing":
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout=10)  # it ends itself after saying so
         self.close()
         if status == "missing":
             info = self.messages["MISSING"]
-            return {"status": "missing", "detail": f"not installed: {info['module']} ({info['error']})"}
+            return {"status": "missing", "detail": f"not installed: {info['module']} ({info['error']})",
+                    "exit_code": self.process.returncode}
         if status == "timeout":
             return {"status": "timeout", "detail": f"did not finish {phase} in {timeout_s:.0f} s", "elapsed_s": elapsed}
         error = self.messages.get("ERROR", {}).get("error") or f"exited with code {self.process.returncode}"
