@@ -33,6 +33,7 @@ import torch
 
 from ..compiler.build import build_engines
 from ..files import atomic_path
+from ..model.fp8_gemm import FP8_EPILOGUES_ENV
 from ..model.precision import precision_dtype
 from ..pipeline import ZImageTRTPipeline
 from ..runtime.telemetry import summarize
@@ -134,17 +135,18 @@ def prepare_ours(args, device) -> tuple:
     precision = args.precision
     dtype = precision_dtype(precision)
     parts = bench_components(args.tiny, device, dtype)
-    engines = Path(args.engines or f"engines-bench-{args.label}")
+    engines = None if args.no_build else Path(args.engines or f"engines-bench-{args.label}")
+    if args.fp8_epilogues is not None:  # (read by set_fused_kernels in the build and when the engine opens)
+        os.environ[FP8_EPILOGUES_ENV] = "1" if args.fp8_epilogues == "on" else "0"
     start = time.perf_counter()
-    build_engines(parts["transformer"], [f"{args.side}x{args.side}"], engines, backend="torch-compiled",
-                  precision=precision, caption_capacity=64 if args.tiny else 512, batch=1, progress=False,
-                  vae=parts["vae"] if device == "cuda" else False, attention_backend=args.attention_backend,
-                  fp8_keep=args.fp8_keep)
+    if engines is not None:
+        build_engines(parts["transformer"], [f"{args.side}x{args.side}"], engines, backend="torch-compiled",
+                      precision=precision, caption_capacity=64 if args.tiny else 512, batch=1, progress=False,
+                      vae=parts["vae"] if device == "cuda" else False, attention_backend=args.attention_backend,
+                      fp8_keep=args.fp8_keep)
     details = {"build_s": time.perf_counter() - start}
-    if args.fp8_epilogues is not None:  # (read by set_fused_kernels when the engine opens)
-        os.environ["ZIMAGE_TRT_FP8_EPILOGUES"] = "1" if args.fp8_epilogues == "on" else "0"
     pipe = ZImageTRTPipeline.from_components(
-        **parts, engine_dir=str(engines), device=device, torch_dtype=dtype, precision=precision,
+        **parts, engine_dir=None if engines is None else str(engines), device=device, torch_dtype=dtype, precision=precision,
         text_encoder_fp8_kernel=None if args.text_fp8_kernel is None else args.text_fp8_kernel == "on")
     pipe.set_progress_bar_config(disable=True)
     details["text_encoder_fp8"] = bool(pipe.text_encoder_fp8)
@@ -211,6 +213,7 @@ def main(argv=None) -> int:
     ap.add_argument("--text-fp8-kernel", choices=("on", "off"), default=None,
                     help="ours: the FP8 text encoder's one-pass quantisation (default: $ZIMAGE_TRT_TEXT_FP8_KERNEL, off)")
     ap.add_argument("--engines", default=None, help="ours: engine folder to build into (default: engines-bench-LABEL)")
+    ap.add_argument("--no-build", action="store_true", help="ours: no engines, the eager static denoiser (tests)")
     args = ap.parse_args(argv)
     args.label = args.label or args.peer
     if len(args.cache_dit_mask) != STEPS or set(args.cache_dit_mask) - {"0", "1"}:

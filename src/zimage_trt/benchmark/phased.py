@@ -178,7 +178,8 @@ def run_wave(jobs: list[Job], log_dir, *, deadline: float | None = None, report=
     """Start every job of the wave at once (their prepare phases overlap); when all are ready (or
     failed, or past their wait), let each measure in turn, in the order given, so that nothing else
     runs while one is timed. A job's prepare wait ends at its own timeout or at `deadline` (a
-    time.perf_counter() value), whichever comes first. Returns each job's outcome by name."""
+    time.perf_counter() value), whichever comes first; a measure wait ends at its timeout or the
+    deadline too. Returns each job's outcome by name."""
     running = [PhasedProcess(job, log_dir) for job in jobs]
     outcomes = {}
     try:
@@ -191,7 +192,10 @@ def run_wave(jobs: list[Job], log_dir, *, deadline: float | None = None, report=
                 report(f"{proc.job.name}: {describe(outcomes[proc.job.name])}")
         for proc in running:
             if outcomes[proc.job.name]["status"] == "ok":
-                outcomes[proc.job.name] = proc.measure()
+                timeout = proc.job.measure_timeout_s
+                if deadline is not None:
+                    timeout = max(1.0, min(timeout, deadline - time.perf_counter()))
+                outcomes[proc.job.name] = proc.measure(timeout)
                 report(f"{proc.job.name}: {describe(outcomes[proc.job.name])}")
     finally:
         for proc in running:
