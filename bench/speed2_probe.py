@@ -366,7 +366,10 @@ def epilogue_prepare(caption=160):
     lens = torch.tensor([caption], device="cuda")
     block = den.layers[0]
     captured = {}
-    handle = block.register_forward_pre_hook(lambda mod, a, kw: captured.setdefault("call", (a, kw)), with_kwargs=True)
+    def keep_inputs(module, call_args, call_kwargs):
+        captured.setdefault("call", (call_args, call_kwargs))  # (returns None: the call goes on unchanged)
+
+    handle = block.register_forward_pre_hook(keep_inputs, with_kwargs=True)
     with torch.no_grad():
         den.set_fused_kernels(True, fp8_epilogues=False)
         den(lat, t, cap, lens, mask_caption_keys=False)

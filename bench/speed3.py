@@ -54,7 +54,9 @@ def waves(args, out: Path) -> list[list[phased.Job]]:
     def peer(name, timeout, count=peer_images):
         return peer_job(name, images=count, prepare_timeout_s=timeout, **common)
 
-    vae = [sys.executable, str(BENCH / "vae_probe.py"), "--json", str(out / "vae_probe.json")]
+    vae = [sys.executable, str(BENCH / "vae_probe.py"), "--json", str(out / "vae_probe.json"), "--variants",
+           "eager-bf16,compiled-bf16,compiled-fp16,compiled-bf16-cl,compiled-fp16-cl,compiled-bf16-cudnn-bench,"
+           "compiled-bf16-coord-descent"]
     if args.tiny:
         vae += ["--smoke", "--side", "64", "--iters", "2", "--variants", "eager-bf16,eager-fp16"]
     kernels = [sys.executable, str(BENCH / "speed2_probe.py"), "--parts", "epilogue,text", "--json", str(out / "kernels.json")]

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from zimage_trt.benchmark import phased
-from zimage_trt.benchmark.common import environment, full_size_vae
+from zimage_trt.benchmark.common import cuda_time_ms, environment, full_size_vae
 from zimage_trt.benchmark.quality import psnr
 from zimage_trt.engines.torch_compiled import compile_vae_decoder
 from zimage_trt.runtime import image_output
@@ -60,18 +60,7 @@ def sync() -> None:
 def events_ms(fn, iters: int, warmup: int = 3) -> dict:
     if not torch.cuda.is_available():  # (--smoke on a CPU: wall time)
         return wall_ms(fn, iters, warmup)
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return summarize(times)
+    return summarize(cuda_time_ms(fn, warmup=warmup, iters=iters))
 
 
 def wall_ms(fn, iters: int, warmup: int = 2) -> dict:
