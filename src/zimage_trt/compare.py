@@ -115,7 +115,7 @@ def make_pipeline(args, setting: Setting, side: str, device: torch.device, size:
         if setting.fp8_keep:  # build FP8 engines with this keep list (the build converts the transformer)
             engines = str(Path(args.out) / f"engines-{side}")
             build_engines(parts["transformer"], [f"{size[0]}x{size[1]}"], engines, backend="torch-compiled",
-                          precision="fp8", fp8_keep=setting.fp8_keep, progress=not args.quiet)
+                          precision="fp8", fp8_keep=setting.fp8_keep, progress=not args.quiet, device=device)
         pipe = ZImageTRTPipeline.from_components(
             **{k: parts[k] for k in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")},
             engine_dir=engines, device=device, torch_dtype=dtype, precision=setting.precision)
