@@ -116,8 +116,9 @@ def prepare_diffusers(args, device) -> tuple:
         import cache_dit
 
         mask = [int(c) for c in args.cache_dit_mask]
-        cache_dit.enable_cache(pipe, cache_config=cache_dit.DBCacheConfig(steps_computation_mask=mask))
-        details["cache_dit_mask"] = args.cache_dit_mask
+        cache_dit.enable_cache(pipe, cache_config=cache_dit.DBCacheConfig(
+            steps_computation_mask=mask, steps_computation_policy=args.cache_dit_policy))
+        details["cache_dit_mask"], details["cache_dit_policy"] = args.cache_dit_mask, args.cache_dit_policy
         _compile(pipe, on_gpu)
     elif args.peer == "torchao-fp8":
         from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
@@ -187,6 +188,13 @@ def measure(state) -> dict:
     path = Path(args.image_dir) / f"seed{args.quality_seed}-{args.label}.png"
     save_png(path, image)
     result["quality_image"] = str(path)
+    if args.peer == "cache-dit":  # which steps its cache served in that last call
+        import cache_dit
+
+        try:
+            result["cache_dit_cached_steps"] = list(cache_dit.summary(pipe, logging=False)[-1].cached_steps)
+        except Exception as error:  # its stats are a report, not the measurement
+            result["cache_dit_cached_steps"] = f"unavailable: {type(error).__name__}: {error}"
     print(f"{args.label}: mean {stats['mean']:.1f} ms  p50 {stats['p50']:.1f}  cv {100 * stats['cv']:.2f}% "
           f"over {stats['count']} images", flush=True)
     return result
@@ -205,6 +213,9 @@ def main(argv=None) -> int:
     ap.add_argument("--image-dir", default="bench-images", help="where the quality image is written")
     ap.add_argument("--cache-dit-mask", default=DEFAULT_CACHE_DIT_MASK,
                     help="cache-dit: steps_computation_mask, one digit a step (1 computed, 0 from its cache)")
+    ap.add_argument("--cache-dit-policy", default="dynamic", choices=("dynamic", "static"),
+                    help="cache-dit: steps_computation_policy for the mask's 0 steps (dynamic, its default: DBCache "
+                         "decides by its residual threshold; static: always from the cache)")
     ap.add_argument("--precision", default="fp16", help="ours: engine precision")
     ap.add_argument("--attention-backend", default="auto", help="ours: attention kernel")
     ap.add_argument("--fp8-keep", default="auto", help="ours: FP8 quality policy")
