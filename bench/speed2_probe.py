@@ -346,7 +346,19 @@ def epilogue_prepare(caption=160):
         got_q, got_s = fused()
         notes["swiglu_rel_vs_unfused"] = rel(got_q.float() * got_s, ref_q.float() * ref_s)
         timed["kernel: w1 + w3 (cuBLAS) + silu_mul_quant"] = unfused
-        timed["kernel: swiglu_fp8 (ours) + quantise pass"] = fused
+        timed["kernel: swiglu_fp8 (ours, default tile) + quantise pass"] = fused
+        wide = dict(fp8_gemm.TILE, BLOCK_N=128, num_stages=3)  # the 128 x 256 joint tile (255 registers)
+
+        def fused_wide(default=dict(fp8_gemm.TILE)):
+            fp8_gemm.TILE.update(wide)
+            try:
+                return fp8_gemm.swiglu_fp8(x8, xs, w1, w3)
+            finally:
+                fp8_gemm.TILE.update(default)
+
+        wide_q, wide_s = fused_wide()
+        notes["swiglu_wide_tile_rel_vs_unfused"] = rel(wide_q.float() * wide_s, ref_q.float() * ref_s)
+        timed["kernel: swiglu_fp8 (ours, 128 x 2x128 tile) + quantise pass"] = fused_wide
 
         def torch_rows():
             rows = x.reshape(-1, k)
