@@ -26,8 +26,8 @@ setup(
         "telemetry": ["nvidia-ml-py>=12"],
         # FlashAttention-3 forward kernels for Hopper (fp16, bf16, FP8); model/attention.py finds either.
         "fa3": ["tokenspeed-fa3>=3.0.0.post20260810"],
-        # the FP8 peer of `zimage-trt bench --precision fp8 --compare diffusers`
-        "bench": ["torchao>=0.18"],
+        # the peers of `zimage-trt bench` (torchao: the FP8 one; cache-dit: DBCache on the compiled pipeline)
+        "bench": ["torchao>=0.18", "cache-dit>=1.5.3"],
         "lora": ["peft>=0.17"],  # PEFT's rank/alpha pattern matching for adapters with metadata
         "serve": ["fastapi>=0.115", "uvicorn>=0.30", "sse-starlette>=2.1", "prometheus-client>=0.20", "pydantic>=2.7",
                   "nvidia-ml-py>=12"],

@@ -3,6 +3,13 @@ attention backend and precision, and where a step's time goes (torch.profiler ke
 
     python bench/speed2_probe.py [--parts attn,step,profile] [--json out.json]
 
+Speed III (issue 21) parts: `epilogue` (the FP8 epilogue switch, model/fp8_gemm.py: the w1|w3 GEMM with
+SiLU gate + row amax against two cuBLAS products + the SiLU/quantisation kernel, alone; one FP8 block
+and one FP8 step, compiled and graphed, with the switch off and on) and `text` (the FP8 text encoder's
+per-token quantisation kernel off and on, against the bf16 encoder). Run alone (`--parts epilogue,text`)
+they are one phased job (benchmark/phased.py): everything is compiled before anything is timed.
+A step variant's trailing `:epilogues` turns the switch on in the `step` part too.
+
 Shapes: 1024x1024 (4096 image tokens + a 160-token caption padded to 160 = 4256), 30 heads x 128.
 """
 
@@ -14,7 +21,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from zimage_trt.benchmark.common import cuda_time_ms, full_size_transformer, graphed
+from zimage_trt.benchmark.common import cuda_time_ms, full_size_text_encoder, full_size_transformer, graphed
 from zimage_trt.engines.torch_compiled import CompiledDenoiserEngine
 from zimage_trt.model import attention
 from zimage_trt.model.denoiser import StaticZImageDenoiser
@@ -116,7 +123,8 @@ def step_part(results, variants, do_profile, caption=160):
             den.quantize_fp8()
             model._q = True
         den.set_attention_backend(backend)
-        den.set_fused_kernels("fused" in flags or "fused-qk" in flags, residual_norms="fused-qk" not in flags)
+        den.set_fused_kernels("fused" in flags or "fused-qk" in flags, residual_norms="fused-qk" not in flags,
+                              fp8_epilogues="epilogues" in flags)
         start = time.perf_counter()
         engine = CompiledDenoiserEngine(den)
         run = lambda: engine.run(x, t, cap, lens, masked=False)  # noqa: E731
@@ -313,6 +321,144 @@ def policy_part(results, plant: bool):
     results[f"policy_plant_{plant}"] = row
 
 
+# -- Speed III: the FP8 epilogue switch and the FP8 text encoder's kernel --------------------------------
+def epilogue_prepare(caption=160):
+    """Everything compiled and captured first: the kernels alone, one FP8 block, one FP8 step, each with
+    the epilogue switch off and on; returns the graphs to time and the outputs to compare."""
+    from zimage_trt.model import fp8_gemm, fused_kernels
+    from zimage_trt.model.fp8 import Fp8Linear
+
+    torch._dynamo.config.cache_size_limit = 64
+    timed, notes = {}, {}
+    # kernels alone at Z-Image's feed-forward shape (4256 tokens, 3840 -> 10240 -> 3840)
+    m, k, n = 4096 + caption, 3840, 10240
+    w1, w3 = (Fp8Linear(torch.nn.Linear(k, n, bias=False, device="cuda").to(torch.bfloat16)) for _ in range(2))
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16) * 2
+    x8, xs = fused_kernels.quantize_rows_fp8(x)
+    with torch.no_grad():
+        def unfused():
+            return fused_kernels.silu_mul_quant_fp8(w1.forward_quantised(x8, xs, (m,)), w3.forward_quantised(x8, xs, (m,)))
+
+        def fused():
+            return fp8_gemm.swiglu_fp8(x8, xs, w1, w3)
+
+        ref_q, ref_s = unfused()
+        got_q, got_s = fused()
+        notes["swiglu_rel_vs_unfused"] = rel(got_q.float() * got_s, ref_q.float() * ref_s)
+        timed["kernel: w1 + w3 (cuBLAS) + silu_mul_quant"] = unfused
+        timed["kernel: swiglu_fp8 (ours, default tile) + quantise pass"] = fused
+        wide = dict(fp8_gemm.TILE, BLOCK_N=128, num_stages=3)  # the 128 x 256 joint tile (255 registers)
+
+        def fused_wide(default=dict(fp8_gemm.TILE)):
+            fp8_gemm.TILE.update(wide)
+            try:
+                return fp8_gemm.swiglu_fp8(x8, xs, w1, w3)
+            finally:
+                fp8_gemm.TILE.update(default)
+
+        wide_q, wide_s = fused_wide()
+        notes["swiglu_wide_tile_rel_vs_unfused"] = rel(wide_q.float() * wide_s, ref_q.float() * ref_s)
+        timed["kernel: swiglu_fp8 (ours, 128 x 2x128 tile) + quantise pass"] = fused_wide
+
+        def torch_rows():
+            rows = x.reshape(-1, k)
+            scale = rows.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / 448.0
+            return (rows.float() / scale).to(torch.float8_e4m3fn), scale
+
+        timed["kernel: per-token quantisation, torch ops [4256, 3840]"] = torch_rows
+        timed["kernel: per-token quantisation, quantize_rows_fp8"] = lambda: fused_kernels.quantize_rows_fp8(x)
+    # one block and one step of the full-size FP8 model
+    model = full_size_transformer("cuda", torch.bfloat16)
+    den = StaticZImageDenoiser(model)
+    den.quantize_fp8()
+    den.set_attention_backend(attention.resolve_attention_backend("auto", "cuda", precision="fp8"))
+    lat = torch.randn(1, 16, 128, 128, device="cuda")
+    t = torch.tensor([0.5], device="cuda")
+    cap = torch.randn(1, caption, 2560, device="cuda", dtype=torch.bfloat16, generator=torch.Generator("cuda").manual_seed(1))
+    lens = torch.tensor([caption], device="cuda")
+    block = den.layers[0]
+    captured = {}
+    def keep_inputs(module, call_args, call_kwargs):
+        captured.setdefault("call", (call_args, call_kwargs))  # (returns None: the call goes on unchanged)
+
+    handle = block.register_forward_pre_hook(keep_inputs, with_kwargs=True)
+    with torch.no_grad():
+        den.set_fused_kernels(True, fp8_epilogues=False)
+        den(lat, t, cap, lens, mask_caption_keys=False)
+    handle.remove()
+    b_args, b_kwargs = captured["call"]
+    outputs = {}
+    engine = CompiledDenoiserEngine(den)  # blocks compiled in place; flipping the switch recompiles them
+    for on in (False, True):  # (dynamo guards the blocks' flag: both versions stay cached, both graphs valid)
+        den.set_fused_kernels(True, fp8_epilogues=on)
+        label = "on" if on else "off"
+        start = time.perf_counter()
+        with torch.no_grad():
+            block_graph = graphed(lambda: block(*b_args, **b_kwargs))
+            step_graph = graphed(lambda: engine.run(lat, t, cap, lens, masked=False))
+            step_graph.replay()
+            torch.cuda.synchronize()
+            outputs[label] = step_graph.output.clone()
+        notes[f"compile_s_epilogues_{label}"] = time.perf_counter() - start
+        timed[f"block layers.0, epilogues {label}"] = block_graph.replay
+        timed[f"step, epilogues {label}"] = step_graph.replay
+        print(f"epilogues {label}: compiled and captured in {notes[f'compile_s_epilogues_{label}']:.0f} s", flush=True)
+    notes["step_rel_on_vs_off"] = rel(outputs["on"], outputs["off"])
+    return {"timed": timed, "notes": notes, "keep": (model, den, w1, w3, x)}
+
+
+def text_prepare():
+    """The FP8 text encoder with the per-token kernel off and on, and the bf16 encoder, each with its graphs captured."""
+    from zimage_trt.benchmark.common import PROMPT_160
+    from zimage_trt.model.fp8 import quantize_text_encoder_fp8
+    from zimage_trt.runtime.placement import use_text_encoder_fp8_kernel
+    from zimage_trt.runtime.text_encoder import PromptEncoder
+    from zimage_trt.testing.tiny import make_tiny_tokenizer
+
+    cuda = torch.device("cuda")
+    tokenizer = make_tiny_tokenizer()
+    timed, notes, features = {}, {}, {}
+    bf16 = full_size_text_encoder("cuda")
+    fp8 = full_size_text_encoder("cuda")
+    quantize_text_encoder_fp8(fp8)
+    prompts = {"178 tokens (bench prompt)": PROMPT_160, "40 tokens": "a red fox in the snow"}
+    settings = [("bf16", bf16, None), ("fp8 kernel off", fp8, False), ("fp8 kernel on", fp8, True)]
+    for name, te, kernel in settings:
+        if kernel is not None:
+            use_text_encoder_fp8_kernel(te, kernel, cuda)
+        encoder = PromptEncoder(te, tokenizer, cuda)  # (new graphs: captured with this setting's kernels)
+        with torch.no_grad():
+            for label, prompt in prompts.items():
+                features[(name, label)] = encoder.encode([prompt], 512)[0].clone()
+                timed[f"text {name}, {label}"] = (lambda e=encoder, p=prompt: e.encode([p], 512))
+    for label in prompts:
+        notes[f"text fp8 on vs off rel, {label}"] = rel(features[("fp8 kernel on", label)], features[("fp8 kernel off", label)])
+    return {"timed": timed, "notes": notes, "keep": (bf16, fp8)}
+
+
+def speed3_measure(state, iters=20) -> dict:
+    results = {"notes": state["notes"], "ms": {}}
+    with torch.no_grad():
+        for name, fn in state["timed"].items():
+            if name.startswith("text "):  # host work in it (tokenizer, copies): wall time, synced
+                times = []
+                for _ in range(iters + 3):
+                    torch.cuda.synchronize()
+                    start = time.perf_counter()
+                    fn()
+                    torch.cuda.synchronize()
+                    times.append((time.perf_counter() - start) * 1e3)
+                stats = summarize(times[3:])
+            else:
+                stats = summarize(cuda_time_ms(fn, warmup=3, iters=iters))
+            results["ms"][name] = stats
+            print(f"{name:<58} p50 {stats['p50']:8.3f} ms  mean {stats['mean']:8.3f}  cv {100 * stats['cv']:5.2f}%",
+                  flush=True)
+    for name, value in state["notes"].items():
+        print(f"  {name}: {value:.4g}", flush=True)
+    return results
+
+
 def main():
     ap = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--parts", default="attn,step", help="which parts to run")
@@ -324,6 +470,22 @@ def main():
     args = ap.parse_args()
     results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
     parts = args.parts.split(",")
+    if set(parts) <= {"epilogue", "text"}:  # Speed III: one phased job, compile first, then time
+        from zimage_trt.benchmark import phased
+
+        def prepare():
+            states = [part() for name, part in (("epilogue", epilogue_prepare), ("text", text_prepare)) if name in parts]
+            return {"timed": {k: v for st in states for k, v in st["timed"].items()},
+                    "notes": {k: v for st in states for k, v in st["notes"].items()}, "keep": [st["keep"] for st in states]}
+
+        def measure(state):
+            out = {**results, **speed3_measure(state)}
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump(out, f, indent=1, default=str)
+            return out
+
+        return phased.run_worker(prepare, measure)
     if "kernels" in parts:
         kernels_part(results)
     if "attn" in parts:
@@ -338,4 +500,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

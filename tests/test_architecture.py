@@ -30,8 +30,9 @@ ALLOWED = {
     "pipeline": {"runtime", "parallel", "engines", "model", "request", "options", "errors", "lora"},
     "benchmark": {"benchmark", "pipeline", "compiler", "runtime", "engines", "model", "testing", "files", "lora"},
     "demo": {"pipeline", "compiler", "engines", "model", "testing"},
+    "compare": {"benchmark", "pipeline", "compiler", "model", "testing", "files"},
     "serving": {"serving", "pipeline", "request", "options", "runtime", "engines", "model", "errors", "files", "testing"},
-    "cli": {"benchmark", "pipeline", "parallel", "compiler", "demo", "model", "serving", "runtime"},
+    "cli": {"benchmark", "pipeline", "parallel", "compiler", "compare", "demo", "model", "serving", "runtime"},
 }
 FP8_HOME = "model/fp8.py"
 PRECISION_HOME = "model/precision.py"

@@ -235,3 +235,35 @@ def test_fp8_pipeline_converts_blocks_on_their_way_and_matches_converting_in_pla
                       ("Qwen3Model", parts["text_encoder"].config.num_hidden_layers)]
     assert pipe.text_encoder_fp8
     _assert_same_fp8_model(parts, _fp8_reference(torch.device("cuda")))  # both converted on the GPU
+
+
+def test_images_are_copies_not_views_of_the_host_buffer():
+    # The pinned buffer is reused by the next decode of that shape: PIL's RGB images must own their pixels.
+    from PIL import Image
+
+    pixels = np.zeros((2, 8, 8, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels[1])
+    pixels[1] = 200
+    assert np.asarray(image).max() == 0 and image.mode == "RGB"
+
+
+@gpu
+@needs_cuda
+def test_gpu_conversion_through_pinned_buffers_is_bitwise_and_raises_on_non_finite_pixels():
+    from zimage_trt.errors import NonFiniteOutputError
+    from zimage_trt.runtime.image_output import PinnedImages
+
+    processor = VaeImageProcessor(vae_scale_factor=16)
+    staging = PinnedImages(keep=1)
+    first_in = torch.rand(2, 3, 64, 48, device="cuda", dtype=torch.bfloat16) * 2 - 1
+    first = [np.asarray(im).copy() for im in to_pil_on_gpu(processor.postprocess(first_in, output_type="pt"), staging)]
+    images = to_pil_on_gpu(processor.postprocess(first_in, output_type="pt"), staging)
+    to_pil_on_gpu(processor.postprocess(-first_in, output_type="pt"), staging)  # reuses the buffer
+    theirs = [np.asarray(im) for im in processor.postprocess(first_in, output_type="pil")]
+    for a, b, c in zip(images, first, theirs, strict=True):
+        assert np.array_equal(np.asarray(a), b) and np.array_equal(b, c)
+    bad = first_in.clone()
+    bad[1, 0, 3, 3] = float("nan")
+    finite = torch.isfinite(bad).all()
+    with pytest.raises(NonFiniteOutputError, match="NaN/inf pixels"):
+        to_pil_on_gpu(processor.postprocess(bad, output_type="pt"), staging, finite)

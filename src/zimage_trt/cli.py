@@ -1,4 +1,4 @@
-"""`zimage-trt build | generate | bench | demo | serve | doctor` — the command line over the Python API."""
+"""`zimage-trt build | generate | bench | compare | demo | serve | doctor` — the command line over the Python API."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from . import compare
 from .benchmark import pipeline_speed
 from .compiler.build import BACKEND_NAMES, DEFAULT_CAPTION_CAPACITY, build_engines
 from .compiler.controlnet_places import parse_places
@@ -189,6 +190,11 @@ def main(argv=None) -> int:
                         formatter_class=defaults)
     pipeline_speed.add_arguments(be)
     be.set_defaults(func=pipeline_speed.run)
+
+    c = sub.add_parser("compare", help="render prompts in two settings (fp16 vs fp8, ours vs diffusers, LoRA, keep "
+                       "lists): a contact sheet and a PSNR / SSIM table", formatter_class=defaults)
+    compare.add_arguments(c)
+    c.set_defaults(func=compare.run)
 
     d = sub.add_parser("demo", help="offline: tiny random model -> engines -> an image through an engine, on CPU if need be",
                        formatter_class=defaults)

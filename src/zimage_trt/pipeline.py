@@ -59,7 +59,7 @@ from .request import (
 )
 from .runtime import image_output, out_of_memory
 from .runtime.denoise_loop import DenoiseLoop
-from .runtime.placement import place_components
+from .runtime.placement import place_components, use_text_encoder_fp8_kernel
 from .runtime.queue import GenerationQueue
 from .runtime.telemetry import Telemetry, Timings
 from .runtime.text_encoder import PromptEncoder
@@ -116,6 +116,8 @@ class ZImageTRTPipeline(LoraPipelineMixin):
             transformer, vae, text_encoder, device=self.device, dtype=self.dtype,
             text_encoder_device=self.text_encoder_device, precision=opts.precision,
             text_encoder_fp8=opts.text_encoder_fp8, fp8_keep=fp8_keep_in(opts.engine_dir) if opts.precision == "fp8" else ())
+        self.text_encoder_fp8_kernel = self.text_encoder_fp8 and use_text_encoder_fp8_kernel(
+            text_encoder, opts.text_encoder_fp8_kernel, self.text_encoder_device)
         self.transformer, self.vae, self.text_encoder = transformer, vae, text_encoder
         self.tokenizer, self.scheduler = tokenizer, scheduler
         self.latent_channels = int(transformer.config.in_channels)
@@ -134,6 +136,7 @@ class ZImageTRTPipeline(LoraPipelineMixin):
             # build compiled the VAE too).
             compile_vae_decoder(vae)
         self.telemetry = Telemetry(self.device, history=opts.telemetry_history)
+        self._pinned_images = image_output.PinnedImages()  # host buffers for the decoded pixels (GPU only)
         self.show_progress = True
         self._loops: dict[tuple, DenoiseLoop] = {}
         self._engines: dict[tuple, Any] = {}  # engine files opened once, whatever the number of shapes
@@ -293,7 +296,7 @@ class ZImageTRTPipeline(LoraPipelineMixin):
 
     # -- 5. image --------------------------------------------------------------------------------
     def decode_latents(self, latents: torch.Tensor, output_type: str = "pil"):
-        return image_output.decode_latents(self.vae, self.image_processor, latents, output_type)
+        return image_output.decode_latents(self.vae, self.image_processor, latents, output_type, self._pinned_images)
 
     # -- the call --------------------------------------------------------------------------------
     @torch.no_grad()

@@ -18,7 +18,7 @@ from torch import nn
 from ..compiler.build import build_engines
 from ..model.precision import precision_dtype
 from ..pipeline import ZImageTRTPipeline
-from ..testing.tiny import ZIMAGE_TURBO_SCHEDULER_CONFIG, make_tiny_tokenizer
+from ..testing.tiny import ZIMAGE_TURBO_SCHEDULER_CONFIG, make_tiny_components, make_tiny_tokenizer
 
 # Z-Image-Turbo's text encoder is Qwen3-4B; its VAE is the 16-channel Flux VAE.
 QWEN3_4B = dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
@@ -118,6 +118,17 @@ def full_size_pipeline(device="cuda", precision: str = "fp16", engine_dir=None, 
                                              precision=precision, compile_vae=None if engine_dir else False)
     pipe.set_progress_bar_config(disable=True)
     return pipe, build_s
+
+
+def bench_components(tiny: bool, device, dtype) -> dict:
+    """Full-size random components in `dtype` (the benchmark), or the tiny model in fp32 as made (a CPU
+    smoke test of the scripts; pipelines cast it); the same weights in every process (seeded generators)."""
+    if not tiny:
+        return full_size_components(device, dtype)
+    parts = make_tiny_components(seed=0)
+    for key in ("transformer", "vae", "text_encoder"):
+        parts[key] = parts[key].to(device)
+    return parts
 
 
 # -- timing --------------------------------------------------------------------------------------

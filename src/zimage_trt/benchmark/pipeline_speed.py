@@ -1,10 +1,14 @@
-"""End to end, text to image: our pipeline against diffusers' ZImagePipeline, in one process, one GPU.
+"""End to end, text to image: our pipeline against diffusers' ZImagePipeline and its accelerated
+peers, one GPU.
 
 Full-size Z-Image-Turbo architecture with random weights, 8 steps, guidance 0, a ~160-token prompt.
 Measures: engine build, cold start (fresh process: engine files -> first image), steady per-image
 latency (mean, std, p50, p95, CV over --images after warm-up), per-stage split, peak GPU memory,
-other resolutions, latency next to a noisy neighbour process, and the diffusers peers (eager;
-compile_repeated_blocks + compiled VAE decoder), with ratios.
+other resolutions, latency next to a noisy neighbour process, and the peers (benchmark/peers.py:
+diffusers eager; + compile_repeated_blocks and a compiled VAE decoder; cache-dit on that; torchao FP8
+on that), each in its own process after ours, its prepare phase (quantise + compile + warm-up) timed
+apart and bounded by --peer-timeout, with its image's PSNR against diffusers' eager image at the
+same seed. The GPU runs one thing at a time: our pipeline waits while a peer runs.
 
     zimage-trt bench --out engines/bench --json results.json
     zimage-trt bench --tiny      # CPU smoke test of this benchmark with the tiny model
@@ -26,14 +30,17 @@ import numpy as np
 import torch
 
 from ..compiler.build import build_engines
-from ..files import atomic_path, atomic_write_text
+from ..files import atomic_write_text
 from ..model.attention import BACKENDS as ATTENTION_BACKENDS
 from ..model.precision import precision_dtype
 from ..model.shapes import Resolution
 from ..pipeline import ZImageTRTPipeline
 from ..runtime.telemetry import summarize
-from ..testing.tiny import make_tiny_components
-from .common import PROMPT_160, environment, full_size_components, full_size_text_encoder, full_size_transformer
+from . import phased, quality
+from .common import PROMPT_160, bench_components, environment
+from .peers import DEFAULT_CACHE_DIT_MASK, PEERS, peer_job, save_png as save_png_file
+
+components = bench_components  # (the name the cold-start child imports)
 
 SGLANG_H100_BF16_MS = 906  # SGLang-Diffusion's published single-H100 bf16 figure (perf_baselines/h100.json)
 QUALITY_SEED = 4321
@@ -49,16 +56,6 @@ print('NEIGHBOUR_MATMULS', n)
 """
 
 
-def components(tiny: bool, device, dtype):
-    """Full-size random components (the benchmark), or the tiny model (a CPU smoke test of this script)."""
-    if not tiny:
-        return full_size_components(device, dtype)
-    parts = make_tiny_components(seed=0)
-    for key in ("transformer", "vae", "text_encoder"):
-        parts[key] = parts[key].to(device)
-    return parts
-
-
 def per_image_ms(pipe, n, **call):
     times, last = [], None
     for i in range(n):
@@ -72,15 +69,8 @@ def per_image_ms(pipe, n, **call):
 
 def save_png(folder, name: str, image) -> None:
     """An image (PIL, or float array in [0, 1] HxWx3) as folder/name.png, written whole or not at all."""
-    if folder is None:
-        return
-    from PIL import Image
-
-    if not isinstance(image, Image.Image):
-        image = Image.fromarray((np.clip(np.asarray(image), 0, 1) * 255).round().astype(np.uint8))
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    with atomic_path(Path(folder) / f"{name}.png") as tmp:
-        image.save(tmp, format="PNG")
+    if folder is not None:
+        save_png_file(Path(folder) / f"{name}.png", image)
 
 
 def row(name, stats, base=None):
@@ -89,27 +79,84 @@ def row(name, stats, base=None):
             f"p95 {stats['p95']:8.1f}  cv {100 * stats['cv']:5.2f}%{ratio}")
 
 
-def torchao_peer(peer, peer_tr, call, n, ours, eager, results) -> dict:
-    """diffusers' transformer quantised by torchao (FP8 e4m3 weights and dynamic activations, one scale
-    per row) + compile_repeated_blocks + the compiled VAE: the FP8 peer in this process."""
-    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+DEFAULT_PEER_TIMEOUT_S = 600.0
 
-    start = time.perf_counter()
-    quantize_(peer_tr, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
-    peer_tr.compile_repeated_blocks(fullgraph=True)
-    per_image_ms(peer, 2, **call)
-    results["torchao_quantise_compile_s"] = time.perf_counter() - start
-    stats = summarize(per_image_ms(peer, n, **call)[0])
-    print(row("diffusers + torchao FP8 (PerRow) + compile", stats, eager["mean"]) +
-          f"  (quantise + compile + 2 warm-up images {results['torchao_quantise_compile_s']:.0f}s)", flush=True)
-    print(f"ours fp8 vs torchao FP8 peer: {stats['mean'] / ours['mean']:.2f}x", flush=True)
-    return stats
+
+def peer_timeouts(values: list[str] | None) -> tuple[float, dict[str, float]]:
+    """--peer-timeout values: SECONDS (every peer) and NAME=SECONDS (one peer) -> (default, per peer)."""
+    default, per_peer = DEFAULT_PEER_TIMEOUT_S, {}
+    for value in values or []:
+        name, _, seconds = value.rpartition("=")
+        try:
+            number = float(seconds)
+        except ValueError:
+            number = -1.0
+        if number <= 0 or (name and name not in PEERS):
+            raise ValueError(f"--peer-timeout {value!r}: give SECONDS or NAME=SECONDS (seconds > 0, NAME one of "
+                             f"{', '.join(PEERS)})")
+        if name:
+            per_peer[name] = number
+        else:
+            default = number
+    return default, per_peer
+
+
+def chosen_peers(value: str, precision: str) -> list[str]:
+    if value == "auto":
+        return ["diffusers-eager", "torchao-fp8"] if precision == "fp8" else ["diffusers-eager", "diffusers-compiled", "cache-dit"]
+    names = [n for n in value.split(",") if n]
+    unknown = sorted(set(names) - set(PEERS))
+    if unknown:
+        raise ValueError(f"--peers: unknown {unknown}; choose from {', '.join(PEERS)} (or auto)")
+    return names
+
+
+def run_peers(args, ours: dict, our_image: Path, image_dir: Path, results: dict) -> None:
+    """Each peer in its own process, one after another: its prepare (quantise, compile, warm-up) timed
+    and bounded by --peer-timeout, then its images; beside each, its image's PSNR against diffusers'
+    eager one at the quality seed (and ours against the same)."""
+    default, per_peer = peer_timeouts(args.peer_timeout)
+    side = 256 if args.tiny else 1024
+    names = chosen_peers(args.peers, args.precision)
+    eager_first = sorted(names, key=lambda n: n != "diffusers-eager")
+    outcomes = {}
+    for name in eager_first:
+        job = peer_job(name, tiny=args.tiny, side=side, images=args.peer_images, warmup=2,
+                       quality_seed=QUALITY_SEED, image_dir=image_dir, prepare_timeout_s=per_peer.get(name, default),
+                       compile_cache=args.peer_cache, extra=["--cache-dit-mask", args.cache_dit_mask])
+        outcomes.update(phased.run_wave([job], Path(args.out) / "peer-logs", report=lambda line: None))
+    eager_image = outcomes.get("diffusers-eager", {}).get("quality_image")
+    if eager_image:
+        results["psnr_vs_diffusers_db"] = quality.psnr(load_image(our_image), load_image(eager_image))
+    for name in eager_first:
+        outcome = outcomes[name]
+        if outcome["status"] == "ok" and eager_image:
+            outcome["psnr_vs_eager_db"] = quality.psnr(load_image(outcome["quality_image"]), load_image(eager_image))
+        results["peers"][name] = outcome
+        if outcome["status"] != "ok":
+            print(f"{name:<46} {phased.describe(outcome)}", flush=True)
+            continue
+        stats = outcome["per_image_ms"]
+        print(row(name, stats) + f"  prepare {outcome['prepare_s']:.0f} s  PSNR vs eager "
+              f"{outcome.get('psnr_vs_eager_db', float('nan')):.1f} dB   ours {stats['mean'] / ours['mean']:.2f}x faster",
+              flush=True)
+    if "diffusers-eager" in results["peers"] and results["peers"]["diffusers-eager"]["status"] == "ok":
+        results["diffusers_eager"] = results["peers"]["diffusers-eager"]["per_image_ms"]
+    if "psnr_vs_diffusers_db" in results:
+        print(f"image PSNR ours vs diffusers eager (seed {QUALITY_SEED}): {results['psnr_vs_diffusers_db']:.1f} dB", flush=True)
+
+
+def load_image(path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--out", default="engines/bench", help="where the benchmark builds its engines")
     ap.add_argument("--images", type=int, default=20, help="images timed for our pipeline, after warm-up")
-    ap.add_argument("--peer-images", type=int, default=10, help="images timed for each diffusers peer")
+    ap.add_argument("--peer-images", type=int, default=10, help="images timed for each peer")
     ap.add_argument("--precision", default="fp16", choices=("fp16", "bf16", "fp32", "fp8"),
                     help="engine precision (fp8: the FP8 peer is diffusers + torchao, see --compare)")
     ap.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS,
@@ -127,10 +174,22 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--tiny", action="store_true", help="the tiny random model on the CPU: a smoke test of the script")
     ap.add_argument("--skip-peers", action="store_true", help="time ours only, not diffusers' pipelines")
     ap.add_argument("--compare", default="diffusers", choices=("diffusers", "none"),
-                    help="diffusers: its ZImagePipeline in this process, eager and with compile_repeated_blocks + "
-                         "compiled VAE (bf16), and for --precision fp8 its transformer quantised by torchao "
-                         "(Float8DynamicActivationFloat8WeightConfig, PerRow) + the same compilation; "
-                         "'none' is --skip-peers")
+                    help="diffusers: run the --peers; 'none' is --skip-peers")
+    ap.add_argument("--peers", default="auto",
+                    help="comma-separated, of: " + ", ".join(PEERS) + " (each in its own process, one after another; "
+                         "auto: diffusers-eager,diffusers-compiled,cache-dit, or for fp8 diffusers-eager,torchao-fp8); "
+                         "one whose package is missing is reported and skipped")
+    ap.add_argument("--peer-timeout", action="append", default=None, metavar="[NAME=]SECONDS",
+                    help=f"bound on a peer's prepare phase (quantise + compile + 2 warm-up images), after which it "
+                         f"is reported as 'did not finish' and the bench goes on; SECONDS for every peer, "
+                         f"NAME=SECONDS for one, repeatable (default: {DEFAULT_PEER_TIMEOUT_S:.0f} s each)")
+    ap.add_argument("--peer-cache", default=None, metavar="DIR",
+                    help="torch compile caches of the peers kept in DIR (a second run skips compilation where torch "
+                         "allows; the folder holds code torch loads: use only one your own runs wrote) "
+                         "(default: none, torch's own locations)")
+    ap.add_argument("--cache-dit-mask", default=DEFAULT_CACHE_DIT_MASK,
+                    help="cache-dit peer: its static steps_computation_mask, a digit a step (1 computed, 0 from its "
+                         "DBCache; the default computes 6 of 8)")
 
 
 def main(argv=None) -> int:
@@ -226,7 +285,7 @@ if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     per_image_ms(pipe, 2, **size)  # warm-up: compile from the persisted artefacts, capture graphs
     pipe.telemetry.clear()
-    times, ours_out = per_image_ms(pipe, args.images, **size)
+    times, _ = per_image_ms(pipe, args.images, **size)
     ours = summarize(times)
     stats = pipe.stats()
     results["ours"] = {"per_image_ms": ours, "stages": {k: stats[k] for k in ("text_encode_ms", "denoise_ms", "vae_decode_ms", "step_ms")}}
@@ -284,49 +343,21 @@ if torch.cuda.is_available():
             del pipe_p
 
     if not args.skip_peers:
-        from diffusers import ZImagePipeline
-
-        peer_tr = full_size_transformer(device, torch.bfloat16) if not args.tiny else parts["transformer"]
-        # (an FP8 run converted the shared text encoder to FP8 in place: the peers get a bf16 one)
-        peer_te = full_size_text_encoder(device) if fp8 and not args.tiny else parts["text_encoder"]
-        peer = ZImagePipeline(scheduler=parts["scheduler"], vae=parts["vae"], text_encoder=peer_te,
-                              tokenizer=parts["tokenizer"], transformer=peer_tr)
-        peer.set_progress_bar_config(disable=True)
-        call = dict(num_inference_steps=8, guidance_scale=0.0, output_type="np", **size)
-        if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        per_image_ms(peer, 2, **call)
-        eager = summarize(per_image_ms(peer, args.peer_images, **call)[0])
-        results["diffusers_eager"] = eager
-        if device == "cuda":
-            results["diffusers_eager_peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        print(row("diffusers ZImagePipeline eager", eager), flush=True)
-        print(row(f"ours {args.precision}", ours, eager["mean"]), flush=True)
+        # Ours at the quality seed, then each peer in its own process (it makes the same weights).
+        image_dir = Path(args.save_images) if args.save_images else Path(tempfile.mkdtemp(prefix="zimage-bench-images-"))
+        our_image = image_dir / f"seed{QUALITY_SEED}-ours-{args.precision}.png"
+        save_png_file(our_image, pipe(PROMPT_160, generator=torch.Generator(device).manual_seed(QUALITY_SEED),
+                                      **size).images[0])
+        results["peers"] = {}
+        try:
+            run_peers(args, ours, our_image, image_dir, results)
+        finally:
+            if not args.save_images:
+                shutil.rmtree(image_dir, ignore_errors=True)
+        if "diffusers_eager" in results:
+            print(row(f"ours {args.precision}", ours, results["diffusers_eager"]["mean"]), flush=True)
         print(f"ours vs SGLang-Diffusion's published H100 bf16 figure ({SGLANG_H100_BF16_MS} ms): "
               f"{SGLANG_H100_BF16_MS / ours['mean']:.2f}x (not measured here)", flush=True)
-        # Same seed, same weights (ours in {precision}, diffusers in bf16): how far apart are the images?
-        ref = peer(PROMPT_160, generator=torch.Generator(device).manual_seed(100 + args.images - 1), **call).images[0]
-        mine = np.asarray(ours_out.images[0], dtype=np.float64) / 255.0
-        # Ours is a PIL image (8 bits): compare it with diffusers' rounded to 8 bits the same way
-        # (numpy_to_pil's x * 255, round). Against the float image, the rounding alone reads 58.9 dB.
-        ref = np.round(np.clip(ref, 0, 1) * 255) / 255
-        save_png(args.save_images, f"seed{100 + args.images - 1}-diffusers-bf16", ref)
-        save_png(args.save_images, f"seed{100 + args.images - 1}-ours-{args.precision}", ours_out.images[0])
-        mse = float(np.mean((mine - ref) ** 2))
-        results["psnr_vs_diffusers_db"] = 10 * np.log10(1.0 / mse) if mse > 0 else float("inf")
-        print(f"image PSNR ours vs diffusers (same seed): {results['psnr_vs_diffusers_db']:.1f} dB", flush=True)
-        if device == "cuda" and fp8:
-            results["diffusers_torchao_fp8"] = torchao_peer(peer, peer_tr, call, args.peer_images, ours, eager, results)
-        elif device == "cuda":
-            start = time.perf_counter()
-            peer_tr.compile_repeated_blocks(fullgraph=True)
-            parts["vae"].decoder.compile()  # (already compiled by our pipeline: the same module)
-            per_image_ms(peer, 2, **call)
-            results["peer_compile_s"] = time.perf_counter() - start
-            compiled = summarize(per_image_ms(peer, args.peer_images, **call)[0])
-            results["diffusers_compiled"] = compiled
-            print(row("diffusers + compile_repeated_blocks + VAE", compiled, eager["mean"]), flush=True)
-            print(f"ours vs compiled peer: {compiled['mean'] / ours['mean']:.2f}x", flush=True)
     if args.json:
         atomic_write_text(args.json, json.dumps(results, indent=2, default=float))
     return 0

@@ -88,16 +88,20 @@ def warm_up(engine: DenoiserEngine, shapes, cap_dim: int, progress=None) -> None
         torch.cuda.synchronize(engine.device)
 
 
-def compile_vae_decoder(vae) -> None:
+def compile_vae_decoder(vae, *, channels_last: bool = False, options: dict | None = None) -> None:
     """How the pipeline compiles the VAE decoder on CUDA (over twice as fast as eager): one static graph
     per resolution. The build does the same on a copy, so that the engine's persisted
     artefacts hold these kernels too and a fresh process skips their ~20 s of compilation.
 
     Sets eval mode and requires_grad=False first: whether parameters require grad is part of the
     compiled graph's cache key, so the build's copy and the pipeline's VAE must agree (inference only).
+    `channels_last` (the convolution weights in NHWC) and Inductor `options` are for measuring
+    variants (bench/vae_probe.py); the defaults are the measured choice (BENCHMARKS.md).
     """
     vae.eval().requires_grad_(False)
-    vae.decoder.compile(fullgraph=False, dynamic=False)
+    if channels_last:
+        vae.decoder.to(memory_format=torch.channels_last)
+    vae.decoder.compile(fullgraph=False, dynamic=False, options=options)
 
 
 @torch.no_grad()

@@ -35,7 +35,7 @@ from torch import nn
 
 from . import attention as attention_backends
 from .attention import sdpa_attention
-from . import fused_kernels
+from . import fp8_gemm, fused_kernels
 from .fp8 import Fp8Linear, Fp8Rows, quantize_block_fp8
 from .shapes import PATCH_SIZE, SEQ_MULTI_OF
 
@@ -88,11 +88,15 @@ class StaticBlock(nn.Module):
         self.attn_scale = 2.0 ** -self.attn_log2
         self.ffn_scale = 2.0 ** -self.ffn_log2
 
-    def set_fused_kernels(self, on: bool, residual_norms: bool = True) -> None:
+    def set_fused_kernels(self, on: bool, residual_norms: bool = True, fp8_epilogues: bool | None = None) -> None:
         """Hand-written Triton kernels (model/fused_kernels.py) for q/k RMSNorm + RoPE, the gate +
         residual + RMSNorm + modulation chains (`residual_norms`; with the per-token quantisation in FP8
-        blocks) and, in FP8 blocks, SiLU gate + quantisation; used only on CUDA tensors with Triton."""
+        blocks) and, in FP8 blocks, SiLU gate + quantisation; used only on CUDA tensors with Triton.
+        `fp8_epilogues` (FP8 blocks, with `on`; None: $ZIMAGE_TRT_FP8_EPILOGUES, off by default): the
+        w1|w3 product as our own FP8 GEMM with SiLU gate and row amax in its epilogue, and the
+        attention output quantised in one pass (model/fp8_gemm.py)."""
         self.fused = bool(on)
+        self.fp8_epilogues = self.fused and fp8_gemm.epilogues_wanted(fp8_epilogues)
         attn = self.block.attention
         # The residual/norm kernel needs every norm of the block to have a 16-bit weight (Z-Image's do).
         norms = (self.block.attention_norm1, self.block.attention_norm2, self.block.ffn_norm1, self.block.ffn_norm2)
@@ -136,6 +140,9 @@ class StaticBlock(nn.Module):
         out = out.flatten(2).to(v.dtype)
         if self.attn_log2:
             out = out * self.attn_scale  # exact power-of-two shrink; attention_norm2 undoes it
+        if self.fp8_epilogues and isinstance(attn.to_out[0], Fp8Linear) and fused_kernels.usable(out):
+            quantised, row_scale = fused_kernels.quantize_rows_fp8(out)
+            return attn.to_out[0].forward_quantised(quantised, row_scale, out.shape[:-1])
         return attn.to_out[0](out)
 
     def feed_forward(self, x):
@@ -145,7 +152,11 @@ class StaticBlock(nn.Module):
         tokens = rows.values if rows else x
         if self.fused and not self.ffn_log2 and isinstance(ff.w2, Fp8Linear) and fused_kernels.usable(tokens):
             lead_shape = rows.lead_shape if rows else x.shape[:-1]
-            quantised, row_scale = fused_kernels.silu_mul_quant_fp8(project(ff.w1, x), project(ff.w3, x))
+            if self.fp8_epilogues and isinstance(ff.w1, Fp8Linear) and isinstance(ff.w3, Fp8Linear) and fp8_gemm.usable(tokens):
+                x8, x_scale = (rows.values, rows.scales) if rows else fused_kernels.quantize_rows_fp8(x)
+                quantised, row_scale = fp8_gemm.swiglu_fp8(x8, x_scale, ff.w1, ff.w3)
+            else:
+                quantised, row_scale = fused_kernels.silu_mul_quant_fp8(project(ff.w1, x), project(ff.w3, x))
             return ff.w2.forward_quantised(quantised, row_scale, lead_shape)
         gate = F.silu(project(ff.w1, x))
         up = ff.w3(x * self.ffn_scale) if self.ffn_log2 else project(ff.w3, x)
@@ -269,11 +280,12 @@ class StaticZImageDenoiser(nn.Module):
             block.attention_op = op
         self.attention_backend = backend
 
-    def set_fused_kernels(self, on: bool, residual_norms: bool = True) -> None:
+    def set_fused_kernels(self, on: bool, residual_norms: bool = True, fp8_epilogues: bool | None = None) -> None:
         """Triton kernels for the element-wise chains Inductor leaves slow (see model/fused_kernels.py);
-        `residual_norms=False` leaves the gate/residual/norm chains to Inductor (to measure the kernel)."""
+        `residual_norms=False` leaves the gate/residual/norm chains to Inductor (to measure the kernel);
+        `fp8_epilogues`: see `StaticBlock.set_fused_kernels`."""
         for _, block in self.named_blocks():
-            block.set_fused_kernels(on, residual_norms)
+            block.set_fused_kernels(on, residual_norms, fp8_epilogues)
         self.fused_kernels = bool(on)
 
     def downscale(self) -> dict[str, tuple[int, int]]:

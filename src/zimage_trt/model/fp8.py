@@ -35,7 +35,13 @@ class Fp8Linear(nn.Module):
 
     Hopper and Ada run e4m3 products at about twice the bf16 rate (BENCHMARKS.md, "FP8").
     Attention, norms, modulation and the embedders stay in 16-bit.
+
+    `input_quantizer`: None quantises the input with torch ops (four passes over it); a function
+    rows [M, K] -> (e4m3 [M, K], scales [M, 1]) replaces them on CUDA (`fused_kernels.quantize_rows_fp8`,
+    one pass; `set_input_quantizer` switches a whole model).
     """
+
+    input_quantizer = None
 
     def __init__(self, linear: nn.Linear, out_dtype: torch.dtype = torch.bfloat16):
         super().__init__()
@@ -59,6 +65,9 @@ class Fp8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
+        if self.input_quantizer is not None and rows.is_cuda:
+            quantised, row_scale = self.input_quantizer(rows)
+            return self.forward_quantised(quantised, row_scale, x.shape[:-1])
         row_scale = rows.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX  # [M, 1]
         quantised = (rows.float() / row_scale).to(torch.float8_e4m3fn)
         return self.forward_quantised(quantised, row_scale, x.shape[:-1])
@@ -71,6 +80,14 @@ class Fp8Linear(nn.Module):
         out = torch._scaled_mm(quantised, self.weight_fp8.t(), scale_a=row_scale, scale_b=self.weight_scale,
                                bias=self.bias, out_dtype=self.out_dtype, use_fast_accum=True)
         return out.reshape(*lead_shape, self.out_features)
+
+
+def set_input_quantizer(module: nn.Module, quantizer) -> int:
+    """Every `Fp8Linear` of `module` quantises its input with `quantizer` (None: torch ops); returns how many."""
+    layers = [m for m in module.modules() if isinstance(m, Fp8Linear)]
+    for layer in layers:
+        layer.input_quantizer = quantizer
+    return len(layers)
 
 
 def block_projections(block: nn.Module) -> list[tuple[nn.Module, str]]:

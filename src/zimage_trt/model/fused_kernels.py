@@ -117,6 +117,19 @@ if triton is not None:
                 tl.store(h_ptr + row * n + col, h.to(half), mask=live)
 
     @triton.jit
+    def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, n, BLOCK: tl.constexpr):
+        # One row a program: its amax, then the row / (amax / 448) in e4m3, one read of the row.
+        row = tl.program_id(0)
+        col = tl.arange(0, BLOCK)
+        live = col < n
+        x = tl.load(x_ptr + row.to(tl.int64) * n + col, mask=live, other=0.0).to(tl.float32)
+        amax = tl.max(tl.where(live, tl.abs(x), 0.0), axis=0)
+        scale = tl.maximum(amax, 1e-12) / 448.0
+        tl.store(q_ptr + row.to(tl.int64) * n + col, tl.clamp(x / scale, -448.0, 448.0).to(q_ptr.dtype.element_ty),
+                 mask=live)
+        tl.store(scale_ptr + row, scale)
+
+    @triton.jit
     def _amax_per_item_kernel(x_ptr, amax_ptr, n, BLOCK: tl.constexpr):
         item = tl.program_id(0)
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -278,3 +291,31 @@ def quantize_per_item_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(e4m3 x / scale, scale [B] fp32) with one scale per batch item, its amax -> 448; two passes
     (an amax with atomics, then the quantisation)."""
     return _quantize_per_item_op(x)
+
+
+# -- per-token e4m3 (an FP8 projection's input) ------------------------------------------------------------
+@torch.library.custom_op("zimage_trt::quantize_rows_fp8", mutates_args=())
+def _quantize_rows_op(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    n = x.shape[-1]
+    x2 = x.reshape(-1, n).contiguous()
+    m = x2.shape[0]
+    q = torch.empty((m, n), device=x.device, dtype=torch.float8_e4m3fn)
+    scale = torch.empty((m, 1), device=x.device, dtype=torch.float32)
+    if m:
+        block, warps = _row_block(n)
+        _quantize_rows_kernel[(m,)](x2, q, scale, n, BLOCK=block, num_warps=warps)
+    return q, scale
+
+
+@_quantize_rows_op.register_fake
+def _(x):
+    n = x.shape[-1]
+    m = x.numel() // n
+    return x.new_empty((m, n), dtype=torch.float8_e4m3fn), x.new_empty((m, 1), dtype=torch.float32)
+
+
+def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., K] 16-bit -> (e4m3 [M, K], scale [M, 1] fp32) with one scale per row (token), its amax
+    -> 448: `Fp8Linear.forward`'s quantisation (abs, amax, divide, convert: four passes in eager torch)
+    as one kernel that reads each row once."""
+    return _quantize_rows_op(x)

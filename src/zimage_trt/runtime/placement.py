@@ -6,9 +6,16 @@ converted one at a time as they reach the GPU, so the 16-bit model never sits wh
 
 from __future__ import annotations
 
+import os
+
 import torch
 
-from ..model.fp8 import Fp8Linear, quantize_block_fp8, quantize_text_encoder_fp8
+from ..model import fused_kernels
+from ..model.fp8 import Fp8Linear, quantize_block_fp8, quantize_text_encoder_fp8, set_input_quantizer
+
+# Off until measured on the GPU (bench/speed3.py measures both): "1" turns the fused per-token
+# quantisation of the FP8 text encoder's inputs on where `text_encoder_fp8_kernel` is left None.
+TEXT_FP8_KERNEL_ENV = "ZIMAGE_TRT_TEXT_FP8_KERNEL"
 
 
 def default_device() -> torch.device:
@@ -44,6 +51,20 @@ def wants_fp8_text_encoder(flag, precision: str | None, text_encoder, device: to
     if flag is None:
         return precision == "fp8" and text_encoder is not None and device.type == "cuda"
     return flag
+
+
+def use_text_encoder_fp8_kernel(text_encoder, flag: bool | None, device: torch.device) -> bool:
+    """Switch the FP8 text encoder's input quantisation to the one-pass Triton kernel (True) or torch
+    ops (False); None follows $ZIMAGE_TRT_TEXT_FP8_KERNEL ("1": on). On only where the kernel can run
+    (CUDA with Triton); returns whether it is on. Switch before the encoder's CUDA graphs are captured
+    (or clear them): a captured graph keeps the kernels it was captured with."""
+    if flag is not None and not isinstance(flag, bool):
+        raise TypeError(f"text_encoder_fp8_kernel must be True, False or None (${TEXT_FP8_KERNEL_ENV}), got {flag!r}")
+    wanted = os.environ.get(TEXT_FP8_KERNEL_ENV, "0") == "1" if flag is None else flag
+    on = bool(wanted and text_encoder is not None and device.type == "cuda" and fused_kernels.AVAILABLE)
+    if text_encoder is not None:
+        set_input_quantizer(text_encoder, fused_kernels.quantize_rows_fp8 if on else None)
+    return on
 
 
 def place_components(transformer, vae, text_encoder, *, device: torch.device, dtype: torch.dtype,
