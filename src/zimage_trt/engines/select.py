@@ -108,7 +108,7 @@ def open_denoiser(transformer, engine_dir, device, dtype: torch.dtype, resolutio
     if not Path(engine_dir).is_dir():
         return _no_engine(
             f"engine_dir {str(engine_dir)!r} does not exist or is not a folder; build engines into it with: "
-            f"zimage-trt build --model MODEL --resolution {resolution} --precision {precision} --out {engine_dir}",
+            f"zimage-trt build --model MODEL --resolution {resolution} --precision {precision} --engine-dir {engine_dir}",
             allow_fallback, transformer, downscale_log2, precision)
     need = Need(resolution, batch, precision, current_compute_capability(device), weights_fingerprint,
                 config_fingerprint(transformer))
@@ -142,7 +142,7 @@ def open_denoiser(transformer, engine_dir, device, dtype: torch.dtype, resolutio
         f"no engine in {engine_dir} fits: need a {precision} denoiser for {resolution}, batch {batch}, "
         f"GPU compute capability {need.compute_capability}, backends runnable here {sorted(runnable)}.\n"
         + ("\n".join(report) if report else "  (no manifests found)")
-        + f"\nBuild one with: zimage-trt build --model MODEL --resolution {resolution} --precision {precision} --out {engine_dir}"
+        + f"\nBuild one with: zimage-trt build --model MODEL --resolution {resolution} --precision {precision} --engine-dir {engine_dir}"
     )
     return _no_engine(message, allow_fallback, transformer, downscale_log2, precision)
 

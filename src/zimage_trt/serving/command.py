@@ -12,7 +12,7 @@ import threading
 
 import uvicorn
 
-from ..model.precision import precision_dtype
+from ..model.precision import precision_dtype, run_precision
 from ..pipeline import ZImageTRTPipeline
 from ..testing.tiny import make_tiny_components
 from .app import AppSettings, create_app
@@ -44,9 +44,9 @@ class _GracefulServer(uvicorn.Server):
 
 def pipeline_factory(args):
     """A zero-argument function that loads the pipeline (called in the service's warm-up thread)."""
-    options = dict(device=args.device, allow_fallback=args.allow_fallback)
-    if args.precision:
-        options.update(torch_dtype=precision_dtype(args.precision), precision=args.precision)
+    precision = run_precision(args.precision, args.device, with_engines=args.engine_dir is not None)
+    options = dict(device=args.device, allow_fallback=args.allow_fallback, torch_dtype=precision_dtype(precision),
+                   precision=precision)
     if args.tiny:
         return lambda: ZImageTRTPipeline.from_components(**make_tiny_components(seed=0), engine_dir=args.engine_dir,
                                                          **options)

@@ -58,7 +58,8 @@ def encode_png(image, compress_level: int = 1) -> str:
 
 
 def json_finite(value):
-    """JSON has no NaN: empty summaries become null."""
+    """NaN and infinities (an empty latency summary is all NaN) become null: JSON has no word for them.
+    The one such helper of serving/: a service's stats and timings, and the replicas' merged stats."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):

@@ -12,7 +12,7 @@ import ipaddress
 import os
 from pathlib import Path
 
-from ..model.precision import PRECISIONS
+from ..model.precision import PRECISIONS, RUN_PRECISION_RULE
 
 API_KEY_ENV = "ZIMAGE_TRT_API_KEY"
 MIN_KEY_CHARS = 16
@@ -69,9 +69,11 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--tiny", action="store_true",
                     help="serve a tiny random model made in memory (tests, demos; add --device cpu)")
     ap.add_argument("--engine-dir", default=None,
-                    help="built engines; without it the eager static denoiser runs (slow on a GPU)")
+                    help="engine folder (the same --engine-dir in build, generate, bench and serve); without it "
+                         "the eager static denoiser runs (slow on a GPU)")
     ap.add_argument("--precision", default=None, choices=PRECISIONS,
-                    help="engine precision; unset: bf16 on CUDA, fp32 on CPU")
+                    help=f"engine precision to look for, and the pipeline's dtype (default: {RUN_PRECISION_RULE}; "
+                         "the same rule as generate)")
     ap.add_argument("--device", default=None, help="cuda, cuda:1 or cpu; unset: cuda when available")
     ap.add_argument("--size", action="append", default=None,
                     help="WIDTHxHEIGHT to serve (1344x768: 1344 wide, 768 tall); repeat for several; unset: every "
