@@ -66,7 +66,7 @@ def build_service(args) -> ImageService:
         sizes = [TINY_SIZE if args.tiny else "1024x1024"]
     limits = ServingLimits(sizes=tuple(sizes), any_size=args.allow_fallback, max_n=args.max_n,
                            max_steps=args.max_steps, max_prompt_chars=args.max_prompt_chars,
-                           max_body_bytes=args.max_body_bytes)
+                           max_body_bytes=args.max_body_bytes, model_id=args.model_name)
     settings = ServiceSettings(limits=limits, max_queue=args.max_queue, timeout_s=args.timeout)
     return ImageService(pipeline_factory(args), settings)
 
@@ -78,7 +78,8 @@ def run_server(args) -> int:
     service = build_service(args)
     # Without a key the server is reachable only from this machine, and only by its loopback names.
     hosts = None if api_key else ("localhost", "127.0.0.1", "::1", args.host)
-    app = create_app(service, AppSettings(api_key=api_key, allowed_hosts=hosts))
+    app = create_app(service, AppSettings(api_key=api_key, allowed_hosts=hosts, url_max_images=args.url_max_images,
+                                          url_ttl_s=args.url_ttl))
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=args.timeout + 30.0)
     server = _GracefulServer(config, service)

@@ -92,6 +92,12 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--max-steps", type=int, default=50, help="largest num_inference_steps")
     ap.add_argument("--max-prompt-chars", type=int, default=4000, help="longest prompt, in characters")
     ap.add_argument("--max-body-bytes", type=int, default=64 * 1024, help="largest request body")
+    ap.add_argument("--model-name", default="z-image-turbo",
+                    help="the model id clients name in `model` and GET /v1/models lists")
+    ap.add_argument("--url-max-images", type=int, default=64,
+                    help="images kept in memory for response_format 'url' links (0: links refused; under --ray "
+                         "links are refused: another replica may answer the link)")
+    ap.add_argument("--url-ttl", type=float, default=3600.0, help="seconds a 'url' link lasts")
     ap.add_argument("--timeout", type=float, default=300.0,
                     help="seconds from arrival to the last image (queue wait included); later: 504")
     ap.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
