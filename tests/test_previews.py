@@ -89,3 +89,19 @@ def test_the_image_store_is_an_lru_with_a_time_to_live():
         store.put(b"x" * 101, "image/png")
     with pytest.raises(RuntimeError, match="keeps no images"):
         ImageStore(max_images=0).put(b"x", "image/png")
+
+
+@pytest.mark.gpu
+def test_previews_on_the_gpu_match_the_cpu():
+    """x0 and the fitted map on CUDA tensors give the CPU's picture (float32 on both: within one level,
+    for rounding at .5 boundaries after differently ordered sums)."""
+    rng = np.random.default_rng(1)
+    weights, bias = rng.normal(0, 0.03, (16, 3)), np.array([0.5, 0.45, 0.4])
+    latents = torch.from_numpy(rng.normal(0, 1, (1, 16, 32, 48))).float()
+    previous = latents + torch.from_numpy(rng.normal(0, 0.1, (1, 16, 32, 48))).float()
+    previewer = LatentPreviewer()
+    previewer.observe(latents, affine_vae(latents, weights, bias))
+    on_cpu = previewer.render(predicted_x0(latents, previous, 0.5, 0.6))
+    on_gpu = previewer.render(predicted_x0(latents.cuda(), previous.cuda(), 0.5, 0.6))
+    assert on_gpu.size == on_cpu.size == (48, 32)
+    assert np.abs(np.asarray(on_gpu, dtype=np.int16) - np.asarray(on_cpu, dtype=np.int16)).max() <= 1
