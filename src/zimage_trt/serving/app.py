@@ -254,7 +254,7 @@ def create_app(service: ImageService | Callable[[], ImageService], settings: App
             return denied
         image = store.get(name)
         if image is None:
-            return error_response(404, "image_not_found", f"no image {name!r} here: a link lasts "
+            return error_response(404, "image_not_found", f"no image {name[:64]!r} here: a link lasts "
                                   f"{store.ttl_s:g} s, and only the {store.max_images} latest images are kept; "
                                   f"ask again, or use response_format 'b64_json'", request_id(request))
         return Response(image.data, media_type=image.media_type, headers={"Cache-Control": "private, max-age=60"})
