@@ -117,7 +117,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--fp8-keep", default="auto", help="FP8 quality policy of our build: auto, none or block names")
     ap.add_argument("--skip-cold-start", action="store_true", help="do not measure the fresh-process cold start")
     ap.add_argument("--skip-neighbour", action="store_true", help="do not measure next to a noisy neighbour")
-    ap.add_argument("--extra-resolutions", default="512x512,768x1344",
+    ap.add_argument("--extra-resolutions", default="512x512,1344x768",
                     help="comma-separated WIDTHxHEIGHT also built and timed (empty: none)")
     ap.add_argument("--json", default=None, help="also write every figure to this JSON file")
     ap.add_argument("--save-images", default=None, metavar="DIR",
