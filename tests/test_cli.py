@@ -59,6 +59,14 @@ def test_generate_with_fallback_writes_an_image(tmp_path, capsys):
                     generator=torch.Generator("cpu").manual_seed(3)).images[0]
     assert pixels.std() > 1.0  # not a flat image
     assert np.abs(pixels - np.asarray(expected).astype(int)).max() <= 1
+    # And a portrait one: 256 wide, 384 tall.
+    portrait = tmp_path / "out" / "tall.png"
+    with pytest.warns(UserWarning, match="allow_fallback"):
+        assert main(["generate", "--model", str(model), "--engine-dir", str(tmp_path / "no-engines"), "--prompt",
+                     "a fox", "--width", "256", "--height", "384", "--steps", "1", "--device", "cpu",
+                     "--allow-fallback", "--output", str(portrait)]) == 0
+    with Image.open(portrait) as image:
+        assert image.size == (256, 384)
 
 
 @pytest.mark.slow  # a torch-compiled build of two shapes on the CPU: ~35 s
