@@ -34,8 +34,10 @@ setup(
         # `zimage-trt serve --ray`: ray[serve] brings fastapi, uvicorn, pydantic and prometheus-client too.
         # 2.60: the late-bound ingress app (`__serve_build_asgi_app__`) the replicas build after loading.
         "ray": ["ray[serve]>=2.60,<3", "sse-starlette>=2.1", "nvidia-ml-py>=12"],
-        # (tests make LoRAs with PEFT; Starlette's TestClient uses httpx2; the dashboard test drives chromium)
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "peft>=0.17", "httpx2>=2", "selenium>=4.20", "psutil>=5.9"],
+        # (tests make LoRAs with PEFT; Starlette's TestClient uses httpx2; the dashboard test drives chromium;
+        # the service is tested through OpenAI's own client, whose image streaming came in 2.x)
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "peft>=0.17", "httpx2>=2", "selenium>=4.20", "psutil>=5.9",
+                 "openai>=2"],
     },
     entry_points={"console_scripts": ["zimage-trt=zimage_trt.cli:main"]},
 )

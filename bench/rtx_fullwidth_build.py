@@ -7,7 +7,7 @@ in its own spawned process, so its peak RSS (ru_maxrss) is its own:
 
     python bench/rtx_fullwidth_build.py --layers 2
     python bench/rtx_fullwidth_build.py --layers 4
-    python bench/rtx_fullwidth_build.py --layers 2 --resolution 1024x1024,768x1344 --reuse-onnx
+    python bench/rtx_fullwidth_build.py --layers 2 --resolution 1024x1024,1344x768 --reuse-onnx
 
 Every run appends its measurements to OUT/results.json; the table printed at the end holds all of
 them, and where two depths were measured with the same profiles, the per-layer increments and the

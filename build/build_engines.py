@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Engine-build script: Z-Image-Turbo's denoiser -> ONNX -> fixed-shape engines + a JSON manifest.
 
-    python build/build_engines.py --model DIR --resolution 1024x1024 --out engines/
+    python build/build_engines.py --model DIR --resolution 1024x1024 --engine-dir engines/
 
 A thin wrapper over `zimage_trt.build_engines` (the same as `zimage-trt build`); --help lists options.
 """

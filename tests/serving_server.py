@@ -22,10 +22,17 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_server(pipe, sizes=("256x256",), api_key=None, wait_s: float = 120.0, **settings):
+def running_server(pipe, sizes=("256x256",), api_key=None, wait_s: float = 120.0, app_settings=None, **settings):
     """Yields (base url, service); stops the server and the service on exit."""
     service = ImageService(pipe, ServiceSettings(limits=ServingLimits(sizes=tuple(sizes)), warm_steps=1, **settings))
-    app = create_app(service, AppSettings(api_key=api_key))
+    app_settings = app_settings or AppSettings(api_key=api_key)
+    with running_app(create_app(service, app_settings), service, wait_s) as url:
+        yield url, service
+
+
+@contextlib.contextmanager
+def running_app(app, service, wait_s: float = 120.0):
+    """Serves `app` (over `service`) with uvicorn on a free loopback port; yields its base url once ready."""
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, name="test-uvicorn", daemon=True)
@@ -37,7 +44,7 @@ def running_server(pipe, sizes=("256x256",), api_key=None, wait_s: float = 120.0
             raise RuntimeError(f"test server did not start: state {service.state}, {service.failure}")
         time.sleep(0.05)
     try:
-        yield f"http://127.0.0.1:{port}", service
+        yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
         thread.join(wait_s)

@@ -20,7 +20,7 @@ def test_build_script_help():
 
 
 def test_bad_resolution_is_a_clear_error_and_exit_code_2(tmp_path, capsys):
-    code = main(["build", "--model", str(tmp_path), "--resolution", "1000x1024", "--out", str(tmp_path / "e")])
+    code = main(["build", "--model", str(tmp_path), "--resolution", "1000x1024", "--engine-dir", str(tmp_path / "e")])
     assert code == 2
     assert "not a multiple of 16" in capsys.readouterr().err
 
@@ -42,7 +42,7 @@ def test_generate_with_fallback_writes_an_image(tmp_path, capsys):
     model = save_tiny_pipeline(tmp_path / "tiny", seed=0)
     target = tmp_path / "out" / "fox.png"
     with pytest.warns(UserWarning, match="allow_fallback"):
-        code = main(["generate", "--model", str(model), "--engines", str(tmp_path / "no-engines"), "--prompt", "a fox",
+        code = main(["generate", "--model", str(model), "--engine-dir", str(tmp_path / "no-engines"), "--prompt", "a fox",
                      "--height", "256", "--width", "384", "--steps", "2", "--seed", "3", "--device", "cpu",
                      "--allow-fallback", "--output", str(target)])
     assert code == 0
@@ -59,6 +59,14 @@ def test_generate_with_fallback_writes_an_image(tmp_path, capsys):
                     generator=torch.Generator("cpu").manual_seed(3)).images[0]
     assert pixels.std() > 1.0  # not a flat image
     assert np.abs(pixels - np.asarray(expected).astype(int)).max() <= 1
+    # And a portrait one: 256 wide, 384 tall.
+    portrait = tmp_path / "out" / "tall.png"
+    with pytest.warns(UserWarning, match="allow_fallback"):
+        assert main(["generate", "--model", str(model), "--engine-dir", str(tmp_path / "no-engines"), "--prompt",
+                     "a fox", "--width", "256", "--height", "384", "--steps", "1", "--device", "cpu",
+                     "--allow-fallback", "--output", str(portrait)]) == 0
+    with Image.open(portrait) as image:
+        assert image.size == (256, 384)
 
 
 @pytest.mark.slow  # a torch-compiled build of two shapes on the CPU: ~35 s
@@ -74,7 +82,7 @@ def test_build_then_generate_a_landscape_and_a_portrait_image(tmp_path, capsys):
     for width, height in ((384, 256), (256, 384)):
         target = tmp_path / f"{width}x{height}.png"
         # No --allow-fallback: the engine built for WIDTHxHEIGHT must be the one found for width/height.
-        assert main(["generate", "--model", str(model), "--engines", str(engines), "--prompt", "a fox",
+        assert main(["generate", "--model", str(model), "--engine-dir", str(engines), "--prompt", "a fox",
                      "--width", str(width), "--height", str(height), "--steps", "1", "--device", "cpu",
                      "--output", str(target)]) == 0, capsys.readouterr().err
         with Image.open(target) as image:

@@ -8,7 +8,7 @@ import torch
 
 from zimage_trt import cli
 from zimage_trt.compiler.build import default_build_precision, resolve_backend
-from zimage_trt.model.precision import DEFAULT_PRECISION_RULE, default_precision
+from zimage_trt.model.precision import DEFAULT_PRECISION_RULE, RUN_PRECISION_RULE, default_precision, run_precision
 
 
 class _Parsed(Exception):
@@ -33,6 +33,13 @@ def subcommands(monkeypatch) -> dict[str, argparse.ArgumentParser]:
     return dict(choices)
 
 
+def is_hidden_alias(parser, action) -> bool:
+    """An undocumented option that only spells another, documented option of the parser another way."""
+    return action.default is argparse.SUPPRESS and any(
+        other is not action and other.dest == action.dest and other.help not in (None, argparse.SUPPRESS)
+        for other in parser._actions)
+
+
 def test_every_option_of_every_subcommand_has_help_and_shows_its_default(monkeypatch):
     parsers = subcommands(monkeypatch)
     assert {"build", "generate", "bench", "demo"} <= set(parsers)
@@ -43,6 +50,8 @@ def test_every_option_of_every_subcommand_has_help_and_shows_its_default(monkeyp
             if isinstance(action, argparse._HelpAction):
                 continue
             option = f"{name} {'/'.join(action.option_strings) or action.dest}"
+            if action.help == argparse.SUPPRESS and is_hidden_alias(parser, action):
+                continue  # an old spelling of a documented option
             if not action.help or action.help == argparse.SUPPRESS:
                 problems.append(f"{option}: no help line")
                 continue
@@ -56,6 +65,49 @@ def test_every_option_of_every_subcommand_has_help_and_shows_its_default(monkeyp
                     parser.formatter_class, argparse.ArgumentDefaultsHelpFormatter):
                 problems.append(f"{name}: help formatter {parser.formatter_class} does not show defaults")
     assert not problems, "\n".join(sorted(set(problems)))
+
+
+def test_one_engine_folder_flag_in_every_subcommand_and_the_old_names_still_work(monkeypatch):
+    parsers = subcommands(monkeypatch)
+    monkeypatch.undo()  # (parse_args for real from here)
+    for name in ("build", "generate", "bench", "serve"):
+        [action] = [a for a in parsers[name]._actions if "--engine-dir" in a.option_strings]
+        assert action.dest == "engine_dir" and action.help != argparse.SUPPRESS, name
+    build_args = ["--model", "m", "--resolution", "256x256"]
+    generate_args = ["--model", "m", "--prompt", "a fox"]
+    for name, old, rest in (("build", "--out", build_args), ("generate", "--engines", generate_args),
+                            ("bench", "--out", [])):
+        parser = parsers[name]
+        assert parser.parse_args([*rest, old, "old/"]).engine_dir == "old/", name
+        assert parser.parse_args([*rest, "--engine-dir", "new/"]).engine_dir == "new/", name
+        assert parser.parse_args(rest).engine_dir == parser.get_default("engine_dir"), name  # the alias sets no default
+        assert old not in parser.format_help(), name  # hidden
+
+
+@pytest.mark.parametrize("command", ["generate", "serve"])
+def test_generate_and_serve_state_one_precision_rule(command, capsys):
+    with pytest.raises(SystemExit):
+        cli.main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert RUN_PRECISION_RULE in text
+
+
+def test_serve_and_generate_pick_the_same_precision(monkeypatch):
+    """What serve's pipeline is made with equals what generate looks for, engines or not."""
+    from zimage_trt.serving import command
+    from zimage_trt.serving.settings import add_arguments
+
+    made = {}
+    monkeypatch.setattr(command.ZImageTRTPipeline, "from_pretrained", lambda model, **options: made.update(options))
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    for available in (False, True):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
+        command.pipeline_factory(parser.parse_args(["--model", "m", "--engine-dir", "e"]))()
+        assert made["precision"] == cli.generate_precision(None, None) == default_precision(available)
+        command.pipeline_factory(parser.parse_args(["--model", "m"]))()  # no engines: the eager model
+        assert made["precision"] == run_precision(None, None, with_engines=False) == ("bf16" if available else "fp32")
+        assert made["torch_dtype"] == (torch.bfloat16 if available else torch.float32)
 
 
 @pytest.mark.parametrize("command", ["build", "generate"])

@@ -20,6 +20,6 @@ def test_bench_help_runs_from_an_installed_copy(tmp_path):
     out = subprocess.run([sys.executable, "-m", "zimage_trt.cli", "bench", "--help"],
                          cwd=work, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    for option in ("--out", "--images", "--precision", "--skip-peers", "--tiny", "--json"):
+    for option in ("--engine-dir", "--images", "--precision", "--skip-peers", "--tiny", "--json"):
         assert option in out.stdout
     assert "(default: 20)" in out.stdout  # every option shows its default

@@ -159,7 +159,14 @@ BAD_FIELDS = [
     ("prompt", "", "at least 1"),
     ("prompt", "x" * 5000, "at most 4000 characters"),
     ("seed", -1, ">= 0"),
-    ("response_format", "url", "b64_json"),
+    ("response_format", "png", "'b64_json' or 'url'"),
+    ("output_format", "gif", "'png', 'jpeg' or 'webp'"),
+    ("output_compression", 101, "<= 100"),
+    ("background", "transparent", "this model makes opaque images"),
+    ("partial_images", 4, "<= 3"),
+    ("quality", "ultra", "'auto'"),
+    ("style", "pretty", "'vivid' or 'natural'"),
+    ("moderation", "none", "'low' or 'auto'"),
     ("model", "/etc/passwd", "z-image-turbo"),  # no field names a file
     ("image_path", "/tmp/x.png", "no such field"),
 ]
@@ -170,9 +177,12 @@ def test_a_bad_field_is_a_422_naming_field_value_and_what_is_allowed(client, fie
     response = client.post(URL, json=body(**{field: value}))
     assert response.status_code == 422, response.text
     error = response.json()["error"]
-    assert error["type"] == "invalid_request" and error["request_id"] == response.headers["x-request-id"]
+    # OpenAI's error object, plus the request id and every field at fault.
+    assert (error["type"], error["code"], error["param"]) == ("invalid_request_error", "invalid_value", field)
+    assert error["request_id"] == response.headers["x-request-id"]
     [problem] = [p for p in error["errors"] if p["field"] == field]
     assert allowed in problem["allowed"], problem
+    assert f"{field}: {problem['allowed']}" in error["message"]  # what a client shows says it too
     shown = problem["value"]
     assert shown == value or (isinstance(value, str) and len(value) > 200 and shown.startswith(value[:200]))
 
@@ -193,10 +203,40 @@ def test_non_finite_numbers_and_invalid_text_are_422(client):
 
 def test_not_json_is_400_and_a_big_body_is_413(client):
     response = client.post(URL, content=b"prompt=fox", headers={"content-type": "application/json"})
-    assert response.status_code == 400 and response.json()["error"]["type"] == "invalid_json"
+    assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_json"
     response = client.post(URL, content=json.dumps(body(prompt="x" * 70_000)).encode(),
                            headers={"content-type": "application/json"})
     assert response.status_code == 413 and "65536 bytes" in response.json()["error"]["message"]
+
+
+def test_every_error_is_openais_error_object(client):
+    """Whatever the path or the status: {"error": {"message", "type", "param", "code"}} (+ request_id)."""
+    answers = {
+        404: client.get("/v1/no-such-endpoint"),
+        405: client.get(URL),
+        400: client.post(URL, content=b"{", headers={"content-type": "application/json"}),
+        415: client.post(URL, content=b"prompt=fox", headers={"content-type": "text/plain"}),
+        413: client.post(URL, content=json.dumps(body(prompt="x" * 70_000)).encode(),
+                         headers={"content-type": "application/json"}),
+        422: client.post(URL, json=body(n=0)),
+    }
+    for status, response in answers.items():
+        assert response.status_code == status, (status, response.text)
+        error = response.json()["error"]
+        assert {"message", "type", "param", "code", "request_id"} <= set(error), (status, error)
+        assert error["type"] == "invalid_request_error" and error["request_id"] == response.headers["x-request-id"]
+    assert answers[404].json()["error"]["code"] == "not_found" and answers[422].json()["error"]["param"] == "n"
+
+
+def test_openai_streaming_on_the_wire(client):
+    """The SSE event names are the payloads' types, as OpenAI's stream sends them."""
+    response = client.post(URL, json=body(stream=True, partial_images=1, num_inference_steps=3))
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(response.text)
+    assert [name for name, _ in events] == ["image_generation.partial_image", "image_generation.completed"]
+    assert all(data["type"] == name for name, data in events)
+    both = client.post(URL + "?stream=true", json=body(stream=True))
+    assert both.status_code == 422 and both.json()["error"]["param"] == "stream"
 
 
 def test_only_json_bodies_are_taken(client):
@@ -218,7 +258,7 @@ def test_without_a_key_only_loopback_host_names_are_answered(tiny_cpu_pipe):
         for host in ("evil.example:8000", "evil.example", "127.0.0.1.evil.example", ""):
             response = local.get("/v1/stats", headers={"host": host})
             assert response.status_code == 421, host
-            assert response.json()["error"]["type"] == "unknown_host"
+            assert response.json()["error"]["code"] == "unknown_host"
 
 
 def test_health_ready_stats_and_dashboard(client):
@@ -357,7 +397,7 @@ def test_a_full_queue_is_429_with_retry_after_and_the_others_still_finish(tiny_c
         full = gclient.post(URL, json=body(seed=3))
         assert full.status_code == 429
         assert int(full.headers["retry-after"]) >= 1
-        assert full.json()["error"]["type"] == "queue_full"
+        assert full.json()["error"]["code"] == "queue_full" and full.json()["error"]["type"] == "rate_limit_error"
         waiting = gclient.get("/v1/stats").json()["queue"]
         assert waiting["running"]["request_id"] and [w["position"] for w in waiting["waiting"]] == [0]
         assert waiting["waiting"][0]["eta_start_s"] >= 0
@@ -380,7 +420,8 @@ def test_a_request_past_its_time_out_is_504_and_never_runs(tiny_cpu_pipe):
         _wait_for(gated.entered.is_set, "the first request to run")
         calls = gated.calls
         late = gclient.post(URL, json=body(seed=2))  # waits behind the held one, past 0.5 s
-        assert late.status_code == 504 and late.json()["error"]["type"] == "timeout"
+        assert late.status_code == 504 and late.json()["error"]["code"] == "timeout"
+        assert late.json()["error"]["type"] == "server_error" and late.headers["x-should-retry"] == "false"
         gated.gate.set()
         first.join(WAIT_S)
         assert results[0].status_code == 504  # held past its own time-out too: stopped at its next step
@@ -406,7 +447,7 @@ def test_shutdown_answers_waiting_requests_503_and_finishes_the_running_one(tiny
         for thread in threads[1:]:
             thread.join(WAIT_S)
         assert [r.status_code for r in results[1:]] == [503, 503]
-        assert results[1].json()["error"]["type"] == "shutting_down" and results[1].headers["retry-after"]
+        assert results[1].json()["error"]["code"] == "shutting_down" and results[1].headers["retry-after"]
         assert gclient.post(URL, json=body()).status_code == 503  # nothing new is accepted
         assert gclient.get("/readyz").status_code == 503
         gated.gate.set()
@@ -427,10 +468,12 @@ def test_a_failure_is_logged_with_the_request_id_and_never_shown(tiny_cpu_pipe, 
             rid = response.headers["x-request-id"]
             assert rid in text
             if url == URL:
-                assert response.status_code == 500 and response.json()["error"]["type"] == "internal_error"
+                assert response.status_code == 500 and response.json()["error"]["code"] == "internal_error"
             else:
-                assert sse_events(text)[-1] == ("error", {"status": 500, "type": "internal_error", "request_id": rid,
-                                                          "message": sse_events(text)[-1][1]["message"]})
+                name, data = sse_events(text)[-1]
+                assert name == "error" and data["status"] == 500
+                assert {k: data["error"][k] for k in ("type", "code", "request_id")} == {
+                    "type": "server_error", "code": "internal_error", "request_id": rid}
             assert any(rid in record.getMessage() and record.exc_info for record in caplog.records)
 
 
@@ -446,7 +489,7 @@ def test_not_ready_until_warm(tiny_cpu_pipe):
         assert gclient.get("/healthz").status_code == 200
         assert gclient.get("/readyz").status_code == 503
         response = gclient.post(URL, json=body())
-        assert response.status_code == 503 and response.json()["error"]["type"] == "not_ready"
+        assert response.status_code == 503 and response.json()["error"]["code"] == "not_ready"
         release.set()
         assert service.wait_ready(WAIT_S)
         assert gclient.get("/readyz").status_code == 200
@@ -584,6 +627,6 @@ def test_a_request_no_engine_runs_is_a_422_that_does_not_show_the_servers_folder
         response = gclient.post(URL, json=body(guidance_scale=2.0))
         assert response.status_code == 422
         error = response.json()["error"]
-        assert error["type"] == "no_engine" and "/srv" not in response.text
+        assert error["code"] == "no_engine" and "/srv" not in response.text
         assert "guidance_scale > 0" in error["message"] and "use guidance_scale 0" in error["message"]
         assert any("/srv/engines" in record.getMessage() for record in caplog.records)  # the operator sees it

@@ -213,7 +213,7 @@ def test_sigterm_finishes_the_running_request_and_answers_the_waiting_ones_503(t
             thread.join(60)
         for i in range(3):
             status, body, headers, answered = results[f"waiting-{i}"]
-            assert status == 503 and body["error"]["type"] == "shutting_down" and "retry-after" in {
+            assert status == 503 and body["error"]["code"] == "shutting_down" and "retry-after" in {
                 k.lower() for k in headers}
         waiting_answered = max(results[f"waiting-{i}"][3] for i in range(3)) - signalled
         running.join(120)

@@ -14,7 +14,7 @@ from .compiler.build import BACKEND_NAMES, DEFAULT_CAPTION_CAPACITY, build_engin
 from .compiler.controlnet_places import parse_places
 from .demo import demo
 from .model.attention import BACKENDS as ATTENTION_BACKENDS
-from .model.precision import DEFAULT_PRECISION_RULE, PRECISIONS, default_precision, precision_dtype
+from .model.precision import DEFAULT_PRECISION_RULE, PRECISIONS, RUN_PRECISION_RULE, precision_dtype, run_precision
 from .pipeline import ZImageTRTPipeline
 from .runtime import gpu_health
 from . import serving
@@ -22,6 +22,12 @@ from .serving import ray_settings
 from .serving import settings as serve_settings
 
 PRECISION_HELP = f"default: {DEFAULT_PRECISION_RULE}, the same rule for build and generate"
+ENGINE_DIR_HELP = "engine folder (the same --engine-dir in build, generate, bench and serve)"
+
+
+def add_hidden_alias(ap: argparse.ArgumentParser, old_name: str, dest: str) -> None:
+    """`old_name` still works as another spelling of `dest`'s option, without a line in --help."""
+    ap.add_argument(old_name, dest=dest, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -49,7 +55,8 @@ def add_build_arguments(ap: argparse.ArgumentParser) -> None:
                     help="required: WIDTHxHEIGHT in pixels (1344x768: 1344 wide, 768 tall), multiples of 16 that "
                          "the model's RoPE tables hold (8192 for Z-Image-Turbo), from 128 for TensorRT; repeat for "
                          "several (one engine holds all)")
-    ap.add_argument("--out", default="engines", help="engine folder")
+    ap.add_argument("--engine-dir", default="engines", help=ENGINE_DIR_HELP)
+    add_hidden_alias(ap, "--out", "engine_dir")  # the old name, hidden: scripts keep working
     ap.add_argument("--backend", default="auto", choices=BACKEND_NAMES,
                     help="auto: TensorRT where it runs, else the PyTorch-native compiled format")
     ap.add_argument("--precision", default=None, choices=PRECISIONS,
@@ -86,7 +93,7 @@ def add_build_arguments(ap: argparse.ArgumentParser) -> None:
 
 def run_build(args) -> int:
     result = build_engines(  # (precision None: build_engines applies the default rule)
-        args.model, args.resolution, args.out, backend=args.backend, precision=args.precision, batch=args.batch,
+        args.model, args.resolution, args.engine_dir, backend=args.backend, precision=args.precision, batch=args.batch,
         caption_capacity=args.caption_capacity, compute_capabilities=args.compute_capability, name=args.name,
         progress=not args.quiet, refittable=args.refittable,
         attention_backend=args.attention_backend, fp8_keep=args.fp8_keep,
@@ -108,20 +115,16 @@ def run_build(args) -> int:
 
 
 def generate_precision(precision: str | None, device: str | None) -> str:
-    """The precision asked for, else the default rule's for where the pipeline runs."""
-    import torch
-
-    if precision is not None:
-        return precision
-    on_gpu = torch.device(device).type == "cuda" if device else torch.cuda.is_available()
-    return default_precision(on_gpu)
+    """The precision asked for, else RUN_PRECISION_RULE's for where the pipeline runs (generate always
+    looks for engines: --engine-dir has a default)."""
+    return run_precision(precision, device, with_engines=True)
 
 
 def run_generate(args) -> int:
     import torch
 
     precision = generate_precision(args.precision, args.device)
-    pipe = ZImageTRTPipeline.from_pretrained(args.model, engine_dir=args.engines, device=args.device,
+    pipe = ZImageTRTPipeline.from_pretrained(args.model, engine_dir=args.engine_dir, device=args.device,
                                              torch_dtype=precision_dtype(precision), precision=precision,
                                              allow_fallback=args.allow_fallback,
                                              sequence_parallel=args.sequence_parallel)
@@ -163,7 +166,8 @@ def main(argv=None) -> int:
 
     g = sub.add_parser("generate", help="text to image with built engines", formatter_class=defaults)
     g.add_argument("--model", required=True, help="required: diffusers-format folder (or hub id) the engines were built from")
-    g.add_argument("--engines", default="engines", help="engine folder")
+    g.add_argument("--engine-dir", default="engines", help=ENGINE_DIR_HELP)
+    add_hidden_alias(g, "--engines", "engine_dir")  # the old name, hidden
     g.add_argument("--prompt", required=True, help="required: what to draw")
     g.add_argument("--negative-prompt", default=None,
                    help="what to steer away from, with --guidance > 0 (default: none, the empty prompt as diffusers)")
@@ -176,7 +180,8 @@ def main(argv=None) -> int:
     g.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
     g.add_argument("--device", default=None, help="e.g. cuda, cuda:1, cpu (default: cuda when available, else cpu)")
     g.add_argument("--precision", default=None, choices=PRECISIONS,
-                   help=f"engine precision to look for, and the pipeline's dtype ({PRECISION_HELP})")
+                   help=f"engine precision to look for, and the pipeline's dtype (default: {RUN_PRECISION_RULE}; "
+                        "the same rule as serve)")
     g.add_argument("--allow-fallback", action="store_true",
                    help="run eager PyTorch if no engine fits (slower; eager fp16 may overflow: add --precision bf16)")
     g.add_argument("--output", default="out/image.png", help="PNG file to write")
@@ -189,6 +194,7 @@ def main(argv=None) -> int:
     be = sub.add_parser("bench", help="our pipeline against diffusers' on this GPU (full-size, random weights)",
                         formatter_class=defaults)
     pipeline_speed.add_arguments(be)
+    add_hidden_alias(be, "--out", "engine_dir")  # the old name, hidden
     be.set_defaults(func=pipeline_speed.run)
 
     c = sub.add_parser("compare", help="render prompts in two settings (fp16 vs fp8, ours vs diffusers, LoRA, keep "

@@ -88,6 +88,6 @@ def check_writable_dir(path: str | os.PathLike) -> Path:
         os.unlink(probe)
     except OSError as exc:
         raise PermissionError(
-            f"cannot write engines to {str(path)!r} ({exc.strerror or exc}); pass a writable --out / engine_dir"
+            f"cannot write engines to {str(path)!r} ({exc.strerror or exc}); pass a writable --engine-dir / engine_dir"
         ) from exc
     return path

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .model.attention import BACKENDS as ATTENTION_BACKENDS
-from .model.precision import check_precision, default_precision, precision_dtype
+from .model.precision import check_precision, precision_dtype, run_precision
 from .runtime.placement import default_dtype, resolve_device
 
 
@@ -21,9 +21,9 @@ from .runtime.placement import default_dtype, resolve_device
 class PipelineOptions:
     engine_dir: str | None = None  # built engines; None runs the eager static denoiser (tests, the demo)
     device: torch.device | str | None = None  # default: "cuda" when available, else "cpu"
-    # default: with engine_dir, the dtype of the precision `zimage-trt build` makes by default
-    # (DEFAULT_PRECISION_RULE: fp16 on a GPU), so default builds are found by default; without engines,
-    # bf16 on CUDA (Z-Image's training dtype; eager torch has no fp16 overflow rescaling); fp32 on CPU.
+    # default (RUN_PRECISION_RULE, as `generate` and `serve`): with engine_dir, the dtype of the precision
+    # `zimage-trt build` makes by default (fp16 on a GPU), so default builds are found by default; without
+    # engines, bf16 on CUDA (Z-Image's training dtype; eager torch has no fp16 overflow rescaling); fp32 on CPU.
     torch_dtype: torch.dtype | None = None
     allow_fallback: bool = False  # no fitting engine: run eager torch with a warning instead of failing
     text_encoder_device: torch.device | str | None = None  # e.g. "cpu" to save GPU memory; default: `device`
@@ -66,8 +66,8 @@ class PipelineOptions:
         return dataclasses.replace(base, **keywords).resolved()
 
     def _default_dtype(self, device: torch.device) -> torch.dtype:
-        if self.engine_dir is not None and self.precision is None:
-            return precision_dtype(default_precision(device.type == "cuda"))
+        if self.precision is None:
+            return precision_dtype(run_precision(None, device, with_engines=self.engine_dir is not None))
         return default_dtype(device)
 
     def resolved(self) -> "PipelineOptions":

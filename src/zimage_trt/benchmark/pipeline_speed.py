@@ -10,7 +10,7 @@ on that), each in its own process after ours, its prepare phase (quantise + comp
 apart and bounded by --peer-timeout, with its image's PSNR against diffusers' eager image at the
 same seed. The GPU runs one thing at a time: our pipeline waits while a peer runs.
 
-    zimage-trt bench --out engines/bench --json results.json
+    zimage-trt bench --engine-dir engines/bench --json results.json
     zimage-trt bench --tiny      # CPU smoke test of this benchmark with the tiny model
 (`python -m zimage_trt.benchmark.pipeline_speed` is the same.) It is part of the package, so it runs
 from an installed wheel as from a source checkout.
@@ -154,7 +154,7 @@ def load_image(path) -> np.ndarray:
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--out", default="engines/bench", help="where the benchmark builds its engines")
+    ap.add_argument("--engine-dir", default="engines/bench", help="where the benchmark builds its engines")
     ap.add_argument("--images", type=int, default=20, help="images timed for our pipeline, after warm-up")
     ap.add_argument("--peer-images", type=int, default=10, help="images timed for each peer")
     ap.add_argument("--precision", default="fp16", choices=("fp16", "bf16", "fp32", "fp8"),
@@ -164,7 +164,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--fp8-keep", default="auto", help="FP8 quality policy of our build: auto, none or block names")
     ap.add_argument("--skip-cold-start", action="store_true", help="do not measure the fresh-process cold start")
     ap.add_argument("--skip-neighbour", action="store_true", help="do not measure next to a noisy neighbour")
-    ap.add_argument("--extra-resolutions", default="512x512,768x1344",
+    ap.add_argument("--extra-resolutions", default="512x512,1344x768",
                     help="comma-separated WIDTHxHEIGHT also built and timed (empty: none)")
     ap.add_argument("--json", default=None, help="also write every figure to this JSON file")
     ap.add_argument("--save-images", default=None, metavar="DIR",
@@ -226,7 +226,7 @@ def run(args) -> int:
         save_png(args.save_images, f"quality-seed{QUALITY_SEED}-ours-bf16", reference[1])
         del ref_pipe
     start = time.perf_counter()
-    build_engines(parts["transformer"], [main_res, *extra], args.out, backend="torch-compiled",
+    build_engines(parts["transformer"], [main_res, *extra], args.engine_dir, backend="torch-compiled",
                   precision=args.precision, caption_capacity=512 if not args.tiny else 64, batch=max(1, args.batch),
                   progress=False, vae=parts["vae"] if device == "cuda" else False,
                   attention_backend=args.attention_backend, fp8_keep=args.fp8_keep)
@@ -237,7 +237,7 @@ def run(args) -> int:
     # made in memory (not counted), then engine files -> first image. The same process then measures
     # peak GPU memory of steady generation, with no build in it: allocated by tensors, and reserved
     # (what the process holds from the GPU, CUDA graph pools included: what must fit the card).
-    manifest = json.loads(next(Path(args.out).glob("*.manifest.json")).read_text())
+    manifest = json.loads(next(Path(args.engine_dir).glob("*.manifest.json")).read_text())
     results["engine"] = {k: manifest.get(k) for k in ("attention_backend", "fused_kernels", "fp8_keep")}
     print(f"engine: {results['engine']}", flush=True)
     caches = tempfile.mkdtemp(prefix="zimage-cold-")
@@ -253,7 +253,7 @@ parts = components({args.tiny}, {device!r}, dtype)
 if torch.cuda.is_available():
     torch.cuda.reset_peak_memory_stats()
 t0 = time.perf_counter()
-pipe = ZImageTRTPipeline.from_components(**parts, engine_dir={args.out!r}, device={device!r}, torch_dtype=dtype, precision={args.precision!r})
+pipe = ZImageTRTPipeline.from_components(**parts, engine_dir={args.engine_dir!r}, device={device!r}, torch_dtype=dtype, precision={args.precision!r})
 pipe.set_progress_bar_config(disable=True)
 t1 = time.perf_counter()
 first = pipe(PROMPT_160, height={side}, width={side}, generator=torch.Generator({device!r}).manual_seed(0))
@@ -278,7 +278,7 @@ if torch.cuda.is_available():
     elif not args.skip_cold_start:
         print("cold start run failed:", cold.stderr[-2000:], flush=True)
 
-    pipe = ZImageTRTPipeline.from_components(**parts, engine_dir=args.out, device=device, torch_dtype=dtype,
+    pipe = ZImageTRTPipeline.from_components(**parts, engine_dir=args.engine_dir, device=device, torch_dtype=dtype,
                                              precision=args.precision)
     pipe.set_progress_bar_config(disable=True)
     if device == "cuda":
@@ -329,7 +329,7 @@ if torch.cuda.is_available():
     if device == "cuda" and not args.skip_neighbour:
         # Latency next to a noisy neighbour: another process running large matmuls on the same GPU.
         for priority in (0, -1):
-            pipe_p = ZImageTRTPipeline.from_components(**parts, engine_dir=args.out, device=device, torch_dtype=dtype,
+            pipe_p = ZImageTRTPipeline.from_components(**parts, engine_dir=args.engine_dir, device=device, torch_dtype=dtype,
                                                        stream_priority=priority, precision=args.precision)
             pipe_p.set_progress_bar_config(disable=True)
             per_image_ms(pipe_p, 1, **size)

@@ -119,7 +119,7 @@ def open_denoiser(transformer, engine_dir, device, dtype: torch.dtype, resolutio
     places = None if controlnet_places is None else tuple(int(p) for p in controlnet_places)
     if engine_dir is None:
         return _with_places(TorchDenoiserEngine(_static(transformer, downscale_log2, precision)), places)
-    build = f"zimage-trt build --model MODEL --resolution {resolution} --precision {precision} --out {engine_dir}" + (
+    build = f"zimage-trt build --model MODEL --resolution {resolution} --precision {precision} --engine-dir {engine_dir}" + (
         f" --controlnet-places {','.join(map(str, places))}" if places else "")
     if not Path(engine_dir).is_dir():
         return _no_engine(

@@ -26,6 +26,23 @@ def default_precision(on_gpu: bool) -> str:
     return "fp16" if on_gpu else "fp32"
 
 
+# What `zimage-trt generate` and `zimage-trt serve` (and the Python pipeline) run when no precision is
+# given: with engines the build's own default, so that default builds are found; without engines the
+# eager model, which has no fp16 overflow rescaling, in bf16 (Z-Image's training dtype) on a GPU.
+RUN_PRECISION_RULE = (f"with engines what build makes by default ({DEFAULT_PRECISION_RULE}); without engines "
+                      f"bf16 on a GPU, fp32 on the CPU")
+
+
+def run_precision(precision: str | None, device, with_engines: bool) -> str:
+    """`precision` when given, else RUN_PRECISION_RULE's for `device` (None: CUDA when available)."""
+    if precision is not None:
+        return check_precision(precision)
+    on_gpu = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
+    if with_engines:
+        return default_precision(on_gpu)
+    return "bf16" if on_gpu else "fp32"
+
+
 def check_precision(name) -> str:
     if name not in PRECISIONS:
         raise ValueError(f"precision {name!r} is not one of {PRECISIONS}")

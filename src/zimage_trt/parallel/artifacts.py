@@ -4,7 +4,7 @@ A torch-compiled engine's own artefacts hold the one-process graphs; a rank's bl
 all-to-alls are other graphs, which each rank compiles at the first image of a shape (the ranks of
 one host share Inductor's cache on disk, written whole by torch). After that first image, rank 0
 alone writes the compile caches of everything compiled so far into the engine folder, one file per
-shape (`sequence-parallel-<N>-<HxW>-b<batch>.inductor-cache.bin`), then a JSON record naming its
+shape (`sequence-parallel-<N>-<WxH>-b<batch>.inductor-cache.bin`, the size as Resolution.key writes it), then a JSON record naming its
 sha256, torch version and degree; both go through `files.staged` + `publish`, and the artefact goes
 first, so a crash leaves no record pointing at a partial file. At the next start every rank loads
 the files whose record matches (checksum first, as for the engine's artefacts: they are code that

@@ -1,6 +1,9 @@
 """`create_app`: the HTTP API and the dashboard in front of one `ImageService` (FastAPI / Starlette).
 
-    POST /v1/images/generations      OpenAI images shape; `?stream=true` answers server-sent events
+    POST /v1/images/generations      OpenAI's images API (openai_api.py); `"stream": true` in the body answers
+                                     OpenAI's server-sent events, `?stream=true` our progress events
+    GET  /v1/images/files/NAME       an image answered by link (`response_format: "url"`; image_store.py)
+    GET  /v1/models, /v1/models/ID   the served model, as OpenAI lists models
     GET  /healthz  /readyz           live; loaded and warmed
     GET  /v1/stats                   the dashboard's data (queue with ETAs, latencies, GPU, pipe.stats())
     GET  /metrics                    Prometheus text format
@@ -9,7 +12,7 @@
 With an API key set, /v1/* and /metrics need `Authorization: Bearer KEY` (compared in constant time);
 /healthz, /readyz and the dashboard page itself (static: it asks for the key and sends it) do not.
 Every answer carries `X-Request-ID`; a failure is logged server-side under it and the client gets only
-the id and a message, never a stack trace.
+the id and a message, never a stack trace. Every error, whatever the path, is OpenAI's error object.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import hmac
 import json
 import logging
 import re
+import time
 import uuid
 from dataclasses import dataclass
 from importlib import resources
@@ -29,9 +33,13 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import HTMLResponse, JSONResponse, Response
 
-from .schema import parse_request, request_model, validation_errors
+from . import openai_api
+from .image_store import ImageStore
+from .openai_api import error_response, service_error_response
+from .schema import ImageGenerationRequest, parse_request, request_model, validation_errors
 from .service import ImageService, ServiceError
 
 log = logging.getLogger("zimage_trt.serving")
@@ -46,16 +54,10 @@ class AppSettings:
     # Host names the server answers to (None: any). Without a key on loopback, a web page whose own
     # name is rebound to 127.0.0.1 (DNS rebinding) would otherwise reach the API from the browser.
     allowed_hosts: tuple[str, ...] | None = None
-
-
-def error_body(status: int, type: str, message: str, request_id: str, errors: list | None = None) -> dict:
-    return {"error": {"type": type, "message": message, "request_id": request_id, "errors": errors or []}}
-
-
-def _error(error: ServiceError, request_id: str) -> JSONResponse:
-    headers = {"Retry-After": str(max(1, round(error.retry_after)))} if error.retry_after is not None else None
-    return JSONResponse(error_body(error.status, error.type, error.message, request_id, error.errors),
-                        status_code=error.status, headers=headers)
+    # `response_format: "url"`: images kept in memory for links (0: links refused, e.g. under Ray Serve,
+    # where the replica asked for a link need not be the one that made the image).
+    url_max_images: int = 64
+    url_ttl_s: float = 3600.0  # OpenAI's links last an hour too
 
 
 class _RequestIdAndBodyLimit:
@@ -84,12 +86,11 @@ class _RequestIdAndBodyLimit:
             await send(message)
 
         if self.allowed_hosts is not None and _host_name(headers.get(b"host", b"")) not in self.allowed_hosts:
-            refused = JSONResponse(error_body(421, "unknown_host", "this server answers only to the host names "
-                                              f"{sorted(self.allowed_hosts)}", request_id), status_code=421)
+            refused = error_response(421, "unknown_host", "this server answers only to the host names "
+                                     f"{sorted(self.allowed_hosts)}", request_id)
             return await refused(scope, receive, send_with_id)
         limit = self.max_body_bytes
-        too_large = JSONResponse(error_body(413, "body_too_large", f"the request body is over {limit} bytes",
-                                            request_id), status_code=413)
+        too_large = error_response(413, "body_too_large", f"the request body is over {limit} bytes", request_id)
         declared = headers.get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
             return await too_large(scope, receive, send_with_id)
@@ -147,6 +148,8 @@ def create_app(service: ImageService | Callable[[], ImageService], settings: App
     max_body = settings.max_body_bytes or (limits.max_body_bytes if limits is not None else 64 * 1024)
     app.add_middleware(_RequestIdAndBodyLimit, max_body_bytes=max_body, allowed_hosts=settings.allowed_hosts)
     models: dict = {}
+    store = app.state.image_store = ImageStore(settings.url_max_images, settings.url_ttl_s)
+    started = int(time.time())
 
     def current() -> ImageService:
         return holder["service"]
@@ -159,8 +162,8 @@ def create_app(service: ImageService | Callable[[], ImageService], settings: App
         if (denied := unauthorized(request)) is not None:
             return denied
         if current() is None:
-            return JSONResponse(error_body(503, "not_ready", "the service is loading; retry later", request_id(request)),
-                                status_code=503, headers={"Retry-After": "5"})
+            return error_response(503, "not_ready", "the service is loading; retry later", request_id(request),
+                                  retry_after=5)
         return None
 
     def unauthorized(request: Request) -> JSONResponse | None:
@@ -169,23 +172,30 @@ def create_app(service: ImageService | Callable[[], ImageService], settings: App
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), key):
             return None
-        return JSONResponse(error_body(401, "unauthorized", "this server needs an API key: send the header "
-                                       "'Authorization: Bearer KEY'", request_id(request)), status_code=401,
-                            headers={"WWW-Authenticate": "Bearer"})
+        return error_response(401, "invalid_api_key", "this server needs its API key: send the header "
+                              "'Authorization: Bearer KEY'", request_id(request), headers={"WWW-Authenticate": "Bearer"})
 
     @app.exception_handler(RequestValidationError)
     async def bad_parameters(request: Request, error: RequestValidationError):
         errors = [{"field": ".".join(str(p) for p in e["loc"][1:]) or str(e["loc"][0]), "value": str(e.get("input"))[:200],
                    "allowed": e["msg"], "message": e["msg"]} for e in error.errors()]
-        return JSONResponse(error_body(422, "invalid_request", "invalid query parameters", request_id(request),
-                                       errors), status_code=422)
+        message = "invalid query parameter(s): " + "; ".join(f"{e['field']}: {e['allowed']}" for e in errors)
+        return error_response(422, "invalid_value", message, request_id(request), param=errors[0]["field"],
+                              errors=errors)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
+        message = {404: f"no such endpoint: {request.url.path}",
+                   405: f"{request.method} is not allowed on {request.url.path}"}.get(error.status_code, str(error.detail))
+        return error_response(error.status_code, code, message, request_id(request), headers=error.headers)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, error: Exception):
         rid = request_id(request)
         log.error("request %s failed", rid, exc_info=error)
-        return JSONResponse(error_body(500, "internal_error", f"internal error; the server log has the details "
-                                       f"under request id {rid}", rid), status_code=500)
+        return error_response(500, "internal_error", f"internal error; the server log has the details under "
+                              f"request id {rid}", rid)
 
     @app.get("/healthz")
     async def healthz():
@@ -226,61 +236,143 @@ def create_app(service: ImageService | Callable[[], ImageService], settings: App
     async def dashboard_js():
         return Response(_package_text("dashboard.js"), media_type="text/javascript; charset=utf-8")
 
+    @app.get("/v1/models")
+    async def list_models(request: Request):
+        if (denied := refused(request)) is not None:
+            return denied
+        return openai_api.model_list(current().limits.model_id, started)
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(request: Request, model_id: str):
+        if (denied := refused(request)) is not None:
+            return denied
+        served = current().limits.model_id
+        if model_id != served:
+            return error_response(404, "model_not_found", f"the model {model_id!r} is not served here; this "
+                                  f"server serves {served!r}", request_id(request), param="model")
+        return openai_api.model_card(served, started)
+
+    @app.get("/v1/images/files/{name}", name="image_file")
+    async def image_file(request: Request, name: str):
+        if (denied := unauthorized(request)) is not None:
+            return denied
+        image = store.get(name)
+        if image is None:
+            return error_response(404, "image_not_found", f"no image {name[:64]!r} here: a link lasts "
+                                  f"{store.ttl_s:g} s, and only the {store.max_images} latest images are kept; "
+                                  f"ask again, or use response_format 'b64_json'", request_id(request))
+        return Response(image.data, media_type=image.media_type, headers={"Cache-Control": "private, max-age=60"})
+
+    def link_maker(request: Request):
+        def link(data: bytes, media_type: str) -> str:
+            return str(request.url_for("image_file", name=store.put(data, media_type)))
+
+        return link
+
     @app.post("/v1/images/generations")
     async def generations(request: Request, stream: bool = False):
         rid = request_id(request)
         if (denied := refused(request)) is not None:
             return denied
         service = current()
-        response = await _generations(request, service, rid, stream, models, settings)
+        response = await _generations(request, service, rid, stream, models, settings, store, link_maker(request))
         service.metrics.http_requests.labels(status=str(response.status_code)).inc()
         return response
 
     return app
 
 
-async def _generations(request: Request, service: ImageService, rid: str, stream: bool, models: dict,
-                       settings: AppSettings) -> Response:
-    if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
-        # Also what keeps another site's page from posting here: a JSON body needs a CORS preflight.
-        return JSONResponse(error_body(415, "unsupported_media_type", "send the body as JSON with "
-                                       "'Content-Type: application/json'", rid), status_code=415)
-    raw = await request.body()
-    try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        return JSONResponse(error_body(400, "invalid_json", f"the body is not JSON: {error.msg if hasattr(error, 'msg') else error}",
-                                       rid), status_code=400)
+async def _generations(request: Request, service: ImageService, rid: str, progress: bool, models: dict,
+                       settings: AppSettings, store: ImageStore, link) -> Response:
+    body = await json_body(request, rid)
+    if isinstance(body, Response):
+        return body
     model = models.get(id(service.limits))
     if model is None:
         model = models[id(service.limits)] = request_model(service.limits)
+    req = parse_or_refuse(model, body, rid)
+    if isinstance(req, Response):
+        return req
+    return await answer(service, req, rid, settings, store, link, progress)
+
+
+async def json_body(request: Request, rid: str):
+    """The request's JSON body, or the 415 / 400 answer."""
+    if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+        # Also what keeps another site's page from posting here: a JSON body needs a CORS preflight.
+        return error_response(415, "unsupported_media_type", "send the body as JSON with "
+                              "'Content-Type: application/json'", rid)
     try:
-        req = parse_request(model, body)
+        return json.loads(await request.body())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        return error_response(400, "invalid_json", f"the body is not JSON: {getattr(error, 'msg', error)}", rid)
+
+
+def parse_or_refuse(model: type[ImageGenerationRequest], body, rid: str):
+    """The validated request, or a 422 whose message names each field at fault and what it may be."""
+    try:
+        return parse_request(model, body)
     except ValidationError as error:
-        problems = [p.model_dump() for p in validation_errors(error)]
-        fields = ", ".join(sorted({p["field"] for p in problems}))
-        return JSONResponse(error_body(422, "invalid_request", f"invalid field(s): {fields}", rid, problems),
-                            status_code=422)
-    if not stream:
+        problems = validation_errors(error)
+        message = "invalid field(s): " + "; ".join(f"{p['field']}: {p['allowed']}" for p in problems)
+        return error_response(422, "invalid_value", message, rid, param=problems[0]["field"], errors=problems)
+
+
+async def answer(service: ImageService, req: ImageGenerationRequest, rid: str, settings: AppSettings,
+                 store: ImageStore, link, progress: bool) -> Response:
+    """Run `req` and answer: OpenAI's images response, OpenAI's stream (`stream: true` in the body), or
+    our progress events (`?stream=true`, the dashboard's)."""
+    if progress and req.stream:
+        return error_response(422, "invalid_value", "ask for one stream: 'stream': true in the body (OpenAI's "
+                              "events) or ?stream=true (progress events), not both", rid, param="stream")
+    if req.response_format == "url" and not store.enabled:
+        return error_response(422, "invalid_value", "this server keeps no images for links: use response_format "
+                              "'b64_json'", rid, param="response_format")
+    link = link if req.response_format == "url" else None
+    if not (req.stream or progress):
         try:
-            return JSONResponse(await service.generate(req, rid))
+            result = await service.generate(req, rid)
         except ServiceError as error:
-            return _error(error, rid)
-    events = service.stream(req, rid)
+            return service_error_response(error, rid)
+        return JSONResponse(openai_api.images_body(result, req, link))
+    events = service.stream(req, rid, progress=progress)
     try:
         first = await events.__anext__()  # queues the request: a refusal is still a plain HTTP error here
     except ServiceError as error:
-        return _error(error, rid)
+        return service_error_response(error, rid)
+    convert = _progress_events if progress else _openai_events
 
     async def send():
         try:
-            yield ServerSentEvent(data=json.dumps(first.data), event=first.event)
+            for item in convert(first, req, rid, link):
+                yield item
             async for event in events:
-                yield ServerSentEvent(data=json.dumps(event.data), event=event.event)
+                for item in convert(event, req, rid, link):
+                    yield item
         finally:
             await events.aclose()  # a client gone mid-stream: its request is dropped at once
 
     return EventSourceResponse(send(), ping=settings.sse_ping_s, headers={"Cache-Control": "no-store"})
+
+
+def _progress_events(event, req: ImageGenerationRequest, rid: str, link) -> list[ServerSentEvent]:
+    if event.event == "done":
+        return [ServerSentEvent(data=json.dumps(openai_api.images_body(event.data, req, link)), event="done")]
+    if event.event == "error":
+        return [ServerSentEvent(data=json.dumps(openai_api.error_event(event.data, rid)), event="error")]
+    return [ServerSentEvent(data=json.dumps(event.data), event=event.event)]
+
+
+def _openai_events(event, req: ImageGenerationRequest, rid: str, link) -> list[ServerSentEvent]:
+    """OpenAI's events only: previews, then one `image_generation.completed` per image (queue and step
+    events are ours, for the progress stream)."""
+    if event.event == "partial_image":
+        return [openai_api.sse(openai_api.partial_image_event(req, event.data, int(time.time())))]
+    if event.event == "done":
+        return [openai_api.sse(payload) for payload in openai_api.completed_events(event.data, req)]
+    if event.event == "error":
+        return [ServerSentEvent(data=json.dumps(openai_api.error_event(event.data, rid)), event="error")]
+    return []
 
 
 def _package_text(name: str) -> str:

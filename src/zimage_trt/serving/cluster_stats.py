@@ -17,7 +17,6 @@ Nothing here imports ray: `StatsBoard` becomes an actor where the deployment is 
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any
 
@@ -26,6 +25,7 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from ..runtime.telemetry import summarize
+from .outcome import json_finite
 
 REPORT_PERIOD_S = 1.0
 STALE_AFTER_S = 5.0
@@ -52,17 +52,6 @@ class StatsBoard:
         for replica in [r for r, (at, _, _) in self._reports.items() if now - at > max_age_s]:
             del self._reports[replica]  # gone: a restarted replica reports under a new id
         return [(replica, now - at, stats, text) for replica, (at, stats, text) in sorted(self._reports.items())]
-
-
-def _finite(value: Any) -> Any:
-    """JSON has no NaN (an empty summary is all NaN): null instead, as one service's stats do."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
 
 
 def _overall_state(states: list[str]) -> str:
@@ -123,7 +112,7 @@ def merge_stats(reports: list[tuple[str, float, dict]], now: float | None = None
             "images_per_s": images_last_window / THROUGHPUT_WINDOW_S, "window_s": THROUGHPUT_WINDOW_S,
         },
     }
-    return _finite(merged)
+    return json_finite(merged)  # (an empty summary is all NaN, which JSON has no word for)
 
 
 def merge_metrics(reports: list[tuple[str, str]]) -> bytes:

@@ -12,7 +12,7 @@ import threading
 
 import uvicorn
 
-from ..model.precision import precision_dtype
+from ..model.precision import precision_dtype, run_precision
 from ..pipeline import ZImageTRTPipeline
 from ..testing.tiny import make_tiny_components
 from .app import AppSettings, create_app
@@ -44,9 +44,9 @@ class _GracefulServer(uvicorn.Server):
 
 def pipeline_factory(args):
     """A zero-argument function that loads the pipeline (called in the service's warm-up thread)."""
-    options = dict(device=args.device, allow_fallback=args.allow_fallback)
-    if args.precision:
-        options.update(torch_dtype=precision_dtype(args.precision), precision=args.precision)
+    precision = run_precision(args.precision, args.device, with_engines=args.engine_dir is not None)
+    options = dict(device=args.device, allow_fallback=args.allow_fallback, torch_dtype=precision_dtype(precision),
+                   precision=precision)
     if args.tiny:
         return lambda: ZImageTRTPipeline.from_components(**make_tiny_components(seed=0), engine_dir=args.engine_dir,
                                                          **options)
@@ -66,7 +66,7 @@ def build_service(args) -> ImageService:
         sizes = [TINY_SIZE if args.tiny else "1024x1024"]
     limits = ServingLimits(sizes=tuple(sizes), any_size=args.allow_fallback, max_n=args.max_n,
                            max_steps=args.max_steps, max_prompt_chars=args.max_prompt_chars,
-                           max_body_bytes=args.max_body_bytes)
+                           max_body_bytes=args.max_body_bytes, model_id=args.model_name)
     settings = ServiceSettings(limits=limits, max_queue=args.max_queue, timeout_s=args.timeout,
                                not_ready_when_shared=args.not_ready_when_shared)
     return ImageService(pipeline_factory(args), settings)
@@ -79,7 +79,8 @@ def run_server(args) -> int:
     service = build_service(args)
     # Without a key the server is reachable only from this machine, and only by its loopback names.
     hosts = None if api_key else ("localhost", "127.0.0.1", "::1", args.host)
-    app = create_app(service, AppSettings(api_key=api_key, allowed_hosts=hosts))
+    app = create_app(service, AppSettings(api_key=api_key, allowed_hosts=hosts, url_max_images=args.url_max_images,
+                                          url_ttl_s=args.url_ttl))
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=args.timeout + 30.0)
     server = _GracefulServer(config, service)

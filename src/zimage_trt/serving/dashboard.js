@@ -259,7 +259,7 @@ function handleEvent(block) {
     $("result").replaceChildren(img);
     message("done: seed " + item.seed + ", " + fmtMs(d.timings.run_ms) + " (queue " + fmtMs(d.timings.queue_wait_ms) + ")");
     $("progress").value = 1;
-  } else if (name === "error") message(d.status + " " + d.message + " (request " + d.request_id + ")", true);
+  } else if (name === "error") message(d.status + " " + d.error.message + " (request " + d.error.request_id + ")", true);
 }
 
 $("generate").addEventListener("submit", generate);

@@ -1,14 +1,17 @@
-"""What a request comes to besides its images: the errors a client sees, the pipeline's own argument
-checks run before queueing, and the bytes and JSON sent back."""
+"""What a request comes to: the errors a client sees (`ServiceError`), the pipeline's own argument
+checks run before queueing, the images encoded (`GeneratedImages`), and JSON without NaN."""
 
 from __future__ import annotations
 
 import base64
 import io
 import math
+import time
+from dataclasses import dataclass, field
 
+from ..model.shapes import Resolution
 from ..request import DEFAULT_MAX_SEQUENCE_LENGTH, RequestLimits, check_request
-from .schema import ImageGenerationRequest, safe_value
+from .schema import OUTPUT_FORMATS, ImageGenerationRequest, safe_value
 
 # How the pipeline's own argument names appear in the API (its errors start with the argument's name).
 _API_FIELD = {"prompt": "prompt", "negative_prompt": "negative_prompt", "height": "size", "width": "size",
@@ -16,14 +19,39 @@ _API_FIELD = {"prompt": "prompt", "negative_prompt": "negative_prompt", "height"
 
 
 class ServiceError(Exception):
-    """An answer other than an image: an HTTP status, an error type, a message safe to show a client."""
+    """An answer other than an image: an HTTP status, a code (what went wrong, e.g. "queue_full"), a
+    message safe to show a client, and the field it is about (`param`) where there is one."""
 
-    def __init__(self, status: int, type: str, message: str, retry_after: float | None = None,
-                 errors: list[dict] | None = None):
+    def __init__(self, status: int, code: str, message: str, retry_after: float | None = None,
+                 errors: list[dict] | None = None, param: str | None = None):
         super().__init__(message)
-        self.status, self.type, self.message = status, type, message
+        self.status, self.code, self.message = status, code, message
         self.retry_after = retry_after
         self.errors = errors or []
+        self.param = param if param is not None else (self.errors[0]["field"] if self.errors else None)
+
+
+@dataclass
+class GeneratedImages:
+    """A request's images, encoded, and what the response says about them (openai_api.py shapes it)."""
+
+    request_id: str
+    images: list[bytes]  # encoded in `output_format`
+    output_format: str  # png | jpeg | webp
+    seeds: list[int]
+    size: str  # WIDTHxHEIGHT
+    timings: dict
+    prompt_tokens: int  # the prompt's tokens (the pipeline's tokenizer, no chat template), for `usage`
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def media_type(self) -> str:
+        return OUTPUT_FORMATS[self.output_format]
+
+    @property
+    def image_tokens(self) -> int:
+        """Tokens of one image as the transformer sees it: one per 16x16-pixel patch."""
+        return Resolution.parse(self.size).image_tokens
 
 
 def check_with_pipeline(pipe, req: ImageGenerationRequest) -> None:
@@ -47,18 +75,32 @@ def check_with_pipeline(pipe, req: ImageGenerationRequest) -> None:
         name = message.split(" ", 1)[0]
         api_name = _API_FIELD.get(name, "(body)")
         value = getattr(req, api_name, None) if api_name != "(body)" else None
-        raise ServiceError(422, "invalid_request", message, errors=[{
+        raise ServiceError(422, "invalid_value", message, errors=[{
             "field": api_name, "value": safe_value(value), "allowed": message, "message": message}]) from None
 
 
-def encode_png(image, compress_level: int = 1) -> str:
+def encode_image(image, output_format: str = "png", compression: int = 100, png_compress_level: int = 1) -> bytes:
+    """The image as a file: PNG (lossless; `png_compress_level` trades bytes for time), or JPEG / WebP
+    at quality `compression` (OpenAI's `output_compression`, 0-100, 100 the best)."""
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG", compress_level=compress_level)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+    if output_format == "png":
+        image.save(buffer, format="PNG", compress_level=png_compress_level)
+    elif output_format == "jpeg":
+        image.convert("RGB").save(buffer, format="JPEG", quality=int(compression))
+    elif output_format == "webp":
+        image.save(buffer, format="WEBP", quality=int(compression))
+    else:
+        raise ValueError(f"output_format {output_format!r} is not one of {sorted(OUTPUT_FORMATS)}")
+    return buffer.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
 
 
 def json_finite(value):
-    """JSON has no NaN: empty summaries become null."""
+    """NaN and infinities (an empty latency summary is all NaN) become null: JSON has no word for them.
+    The one such helper of serving/: a service's stats and timings, and the replicas' merged stats."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):

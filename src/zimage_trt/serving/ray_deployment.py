@@ -182,7 +182,8 @@ class ImageReplica:
         log.info("replica %s ready on %s", self.replica, self.service.pipe.device)
 
     def __serve_build_asgi_app__(self):
-        return create_app(self.service, AppSettings(api_key=self.api_key))
+        # No links (response_format "url"): the proxy may send the link's GET to another replica.
+        return create_app(self.service, AppSettings(api_key=self.api_key, url_max_images=0))
 
     def check_health(self) -> None:
         """Serve's periodic health check: a failed or stopped service gets this replica replaced."""

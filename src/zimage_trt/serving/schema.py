@@ -1,15 +1,23 @@
-"""The HTTP API's request and response shapes (OpenAI's images API, plus our seed and timings).
+"""The HTTP API's request and response shapes: OpenAI's images API, plus our seed, steps and timings.
 
     POST /v1/images/generations
-    {"prompt": "...", "negative_prompt": null, "size": "1024x1024", "n": 1, "seed": 7,
-     "num_inference_steps": 8, "guidance_scale": 0.0, "response_format": "b64_json"}
-    -> {"created": 1764140000, "data": [{"b64_json": "...", "seed": 7}], "timings": {...}}
+    {"prompt": "...", "size": "1536x1024", "n": 1, "model": "z-image-turbo", "output_format": "png",
+     "response_format": "b64_json",                         # OpenAI's fields
+     "seed": 7, "num_inference_steps": 8, "guidance_scale": 0.0, "negative_prompt": null}   # ours
+    -> {"created": 1764140000, "data": [{"b64_json": "...", "seed": 7}], "size": "1536x1024",
+        "output_format": "png", "background": "opaque", "usage": {...}, "timings": {...}, "request_id": "..."}
+
+Sizes are WIDTHxHEIGHT, as OpenAI's (`1536x1024` is landscape); `"auto"` is the server's first size.
+OpenAI's `quality`, `style`, `moderation`, `user`, `safety_identifier` and `complexity` are accepted (with
+OpenAI's values) and do not change the image: one model, one quality. `background: "transparent"` is
+refused (the model makes opaque images). Our extras are top-level fields (the `openai` client sends
+them through `extra_body`).
 
 `request_model(limits)` gives the request model for one server's limits (the sizes its engines serve,
-the largest n, steps, prompt length): a wrong field is refused before anything is queued, and
-`validation_errors` turns pydantic's errors into 422 bodies that name the field, the value and what is
-allowed. What the pipeline checks itself (a size's sides, prompt text that is not valid Unicode, ...)
-is not spelled again here: `Resolution` and `request.check_request` run on the parsed request.
+the largest n, steps, prompt length, the served model id): a wrong field is refused before anything is
+queued, and `validation_errors` turns pydantic's errors into 422 details that name the field, the value
+and what is allowed. What the pipeline checks itself (a size's sides, prompt text that is not valid
+Unicode, ...) is not spelled again here: `Resolution` and `request.check_request` run on the parsed request.
 
 No field names a file: there is no way to make the server read or write a path.
 """
@@ -17,8 +25,9 @@ No field names a file: there is no way to make the server read or write a path.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
@@ -27,6 +36,9 @@ from ..request import TURBO_GUIDANCE, TURBO_STEPS
 
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit seed
 MODEL_ID = "z-image-turbo"
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,63}")
+OUTPUT_FORMATS = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+MAX_PARTIAL_IMAGES = 3
 
 
 @dataclass(frozen=True)
@@ -49,6 +61,9 @@ class ServingLimits:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         if not self.sizes and not self.any_size:
             raise ValueError("sizes is empty: name at least one WIDTHxHEIGHT the engines serve, or allow any size")
+        if not isinstance(self.model_id, str) or not _MODEL_NAME.fullmatch(self.model_id):
+            raise ValueError(f"model name {self.model_id!r}: use 1 to 64 letters, digits and . _ : / - "
+                             f"(starting with a letter or digit), e.g. {MODEL_ID!r}")
         object.__setattr__(self, "sizes", tuple(Resolution.parse(s).key for s in self.sizes))
 
     @property
@@ -60,83 +75,99 @@ class ImageGenerationRequest(BaseModel):
     """One generation request; unknown fields are refused (a typo must not be silently ignored)."""
 
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=False)
+    auto_size: ClassVar[str] = "1024x1024"  # what size "auto" means (request_model sets the server's)
 
     prompt: str = Field(min_length=1, max_length=4000, description="what to draw")
-    negative_prompt: str | None = Field(None, max_length=4000, description="what to steer away from (needs guidance_scale > 0)")
-    size: str = Field("1024x1024", description="WIDTHxHEIGHT in pixels, as OpenAI's size (1536x1024 is landscape)")
+    model: str | None = Field(None, description="the served model's id (GET /v1/models), if given")
     n: int = Field(1, ge=1, le=4, description="images; image i uses seed + i")
+    size: str = Field("1024x1024", description="WIDTHxHEIGHT in pixels, as OpenAI's (1536x1024 is landscape), "
+                                               "or 'auto' (the server's first size)")
+    response_format: Literal["b64_json", "url"] | None = Field(
+        None, description="b64_json (default): the image in the body; url: a link to it, kept for a while")
+    output_format: Literal["png", "jpeg", "webp"] | None = Field(None, description="default png")
+    output_compression: int | None = Field(None, ge=0, le=100, description="jpeg/webp quality 0-100 (default "
+                                           "100); png is lossless and ignores it")
+    background: Literal["auto", "opaque", "transparent"] | None = Field(
+        None, description="the images are opaque: 'transparent' is refused")
+    stream: bool | None = Field(None, description="true: server-sent events image_generation.partial_image "
+                                "and image_generation.completed, as OpenAI's")
+    partial_images: int | None = Field(None, ge=0, le=MAX_PARTIAL_IMAGES,
+                                       description="previews of the image so far per image, when streaming")
+    # Accepted as OpenAI's, and ignored: one model, one quality, no moderation model, nothing logged per user.
+    quality: Literal["low", "medium", "high", "xhigh", "max", "auto", "standard", "hd"] | None = Field(
+        None, description="ignored")
+    style: Literal["vivid", "natural"] | None = Field(None, description="ignored")
+    moderation: Literal["low", "auto"] | None = Field(None, description="ignored")
+    complexity: Literal["low", "medium", "high"] | None = Field(None, description="ignored")
+    user: str | None = Field(None, max_length=256, description="ignored")
+    safety_identifier: str | None = Field(None, max_length=256, description="ignored")
+    # Ours (the openai client: extra_body={...}).
+    negative_prompt: str | None = Field(None, max_length=4000, description="what to steer away from (needs guidance_scale > 0)")
     seed: int | None = Field(None, ge=0, le=MAX_SEED - 64, description="seed of the first image's noise; default: random")
     num_inference_steps: int = Field(TURBO_STEPS, ge=1, le=50, description="denoising steps (Turbo: 8)")
     guidance_scale: float = Field(TURBO_GUIDANCE, ge=0.0, le=20.0, allow_inf_nan=False,
                                   description="classifier-free guidance (Turbo: 0)")
-    response_format: Literal["b64_json"] = Field("b64_json", description="PNG bytes in base64 (no URLs: nothing is stored)")
-    model: str | None = Field(None, description="accepted for OpenAI clients; must name the served model when given")
 
     @field_validator("size")
     @classmethod
     def _size_is_a_resolution(cls, value: str) -> str:
+        if value == "auto":
+            return cls.auto_size
         return Resolution.parse(value).key  # its error says what a size must look like
+
+    @field_validator("background")
+    @classmethod
+    def _opaque_only(cls, value):
+        if value == "transparent":
+            raise ValueError("background 'transparent' is not available: this model makes opaque images; "
+                             "leave it out, or use 'auto' or 'opaque'")
+        return value
 
     @property
     def resolution(self) -> Resolution:
         return Resolution.parse(self.size)
 
+    @property
+    def image_format(self) -> str:
+        return self.output_format or "png"
+
+    @property
+    def compression(self) -> int:
+        return 100 if self.output_compression is None else self.output_compression
+
+    @property
+    def previews(self) -> int:
+        """Partial images per image: only a streaming request gets them."""
+        return (self.partial_images or 0) if self.stream else 0
+
 
 def request_model(limits: ServingLimits) -> type[ImageGenerationRequest]:
     """`ImageGenerationRequest` narrowed to one server's limits (so its OpenAPI schema shows them too)."""
-    size_type: Any = str if limits.any_size else Literal[limits.sizes]  # type: ignore[valid-type]
+    size_type: Any = str if limits.any_size else Literal[(*limits.sizes, "auto")]  # type: ignore[valid-type]
     chars = limits.max_prompt_chars
-    return create_model(
+    model = create_model(
         "ImageGenerationRequest",
         __base__=ImageGenerationRequest,
         prompt=(str, Field(min_length=1, max_length=chars, description="what to draw")),
         negative_prompt=(str | None, Field(None, max_length=chars, description="what to steer away from")),
-        size=(size_type, Field(limits.default_size, description="WIDTHxHEIGHT in pixels")),
+        size=(size_type, Field(limits.default_size, description="WIDTHxHEIGHT in pixels, or 'auto'")),
         n=(int, Field(1, ge=1, le=limits.max_n, description="images; image i uses seed + i")),
         num_inference_steps=(int, Field(TURBO_STEPS, ge=1, le=limits.max_steps, description="denoising steps")),
         guidance_scale=(float, Field(TURBO_GUIDANCE, ge=0.0, le=limits.max_guidance, allow_inf_nan=False,
                                      description="classifier-free guidance (Turbo: 0)")),
         model=(Literal[limits.model_id] | None, Field(None, description="the served model's id, if given")),
     )
-
-
-# -- responses -------------------------------------------------------------------------------------
-class ImageData(BaseModel):
-    b64_json: str
-    seed: int
-
-
-class ImageGenerationResponse(BaseModel):
-    created: int
-    data: list[ImageData]
-    timings: dict[str, Any]
-    request_id: str
-
-
-class FieldError(BaseModel):
-    field: str
-    value: Any = None
-    allowed: str
-    message: str
-
-
-class ErrorBody(BaseModel):
-    type: str
-    message: str
-    request_id: str
-    errors: list[FieldError] = Field(default_factory=list)
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorBody
+    model.auto_size = limits.default_size
+    return model
 
 
 @dataclass
 class StreamEvent:
-    """One server-sent event: `queued`, `started`, `step`, `done` or `error`."""
+    """One event of `ImageService.stream`: `queued`, `started`, `step`, `partial_image`, `done` (its data a
+    `GeneratedImages`) or `error`."""
 
     event: str
-    data: dict = field(default_factory=dict)
+    data: Any = field(default_factory=dict)
 
 
 # -- 422 bodies ------------------------------------------------------------------------------------
@@ -176,8 +207,8 @@ def safe_value(value: Any) -> Any:
     return _json_safe(value)
 
 
-def validation_errors(error: ValidationError) -> list[FieldError]:
-    """One `FieldError` per problem pydantic found, each naming field, value and what is allowed."""
+def validation_errors(error: ValidationError) -> list[dict]:
+    """One {"field", "value", "allowed", "message"} per problem pydantic found."""
     problems = []
     for item in error.errors(include_url=False):
         name = ".".join(str(part) for part in item["loc"]) or "(body)"
@@ -189,8 +220,8 @@ def validation_errors(error: ValidationError) -> list[FieldError]:
             allowed = str(context.get("error", item["msg"]))
         else:
             allowed = _ALLOWED_BY_TYPE.get(item["type"], item["msg"])
-        problems.append(FieldError(field=name, value=_json_safe(item.get("input")), allowed=allowed,
-                                   message=item["msg"]))
+        problems.append({"field": name, "value": _json_safe(item.get("input")), "allowed": allowed,
+                         "message": item["msg"]})
     return problems
 
 

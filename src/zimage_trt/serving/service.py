@@ -3,8 +3,8 @@ Serve replica) calls.
 
     service = ImageService(lambda: ZImageTRTPipeline.from_pretrained(...), ServiceSettings(...))
     service.start()                       # loads and warms every served size in a thread; then `ready`
-    body = await service.generate(req)    # {"created", "data": [{"b64_json", "seed"}], "timings"}
-    async for event in service.stream(req): ...   # queued -> started -> step ... -> done
+    result = await service.generate(req)  # GeneratedImages: the encoded images, seeds, timings, usage
+    async for event in service.stream(req): ...   # queued -> started -> step / partial_image ... -> done
     service.stats(); service.close(graceful=True)
 
 One worker thread runs one request at a time (one GPU runs one generation fastest); the others wait
@@ -12,7 +12,9 @@ in the queue's bounded FIFO, so a full queue is refused at once (`ServiceError` 
 estimate). A request's n images run back to back in its turn, image i with seed + i, each exactly
 `pipe(prompt, ..., generator=torch.Generator(device).manual_seed(seed + i))`. Time-outs and
 shutdown cancel a waiting request outright, and stop a running one at its next denoising step.
-PNG encoding happens off the worker thread, so the GPU goes on with the next request meanwhile.
+Encoding (PNG, JPEG or WebP) happens off the worker thread, so the GPU goes on with the next request
+meanwhile. A streaming request with `partial_images` gets previews of each image (previews.py: the
+current x0 prediction through a latent -> RGB map, at most 5% of the image's time).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import uuid
 from collections import deque
 from concurrent.futures import CancelledError
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator
 
 import torch
 
@@ -39,16 +41,17 @@ from ..runtime.queue import GenerationQueue, QueueClosedError, QueueFullError
 from ..runtime.gpu_monitor import GpuMonitor, reserved_bytes
 from ..runtime.telemetry import GpuSampler, summarize
 from .metrics import ServiceMetrics
-from .outcome import ServiceError, check_with_pipeline, encode_png, json_finite
+from .outcome import GeneratedImages, ServiceError, check_with_pipeline, encode_image, json_finite
+from .previews import LatentPreviewer
 from .schema import ImageGenerationRequest, ServingLimits, StreamEvent
+from .steps import Aborted as _Aborted
+from .steps import StepCallback
 
 __all__ = ["ImageService", "ServiceSettings", "ServiceError"]
 
 log = logging.getLogger("zimage_trt.serving")
 
 WARM_PROMPT = "warm-up"
-class _Aborted(Exception):
-    """Raised from the step callback to stop a running request (time-out, shutdown, client gone)."""
 
 
 @dataclass
@@ -75,9 +78,13 @@ class _Job:
     abort_reason: str | None = None  # "timeout" | "shutdown" | "disconnected"
     future: Any = None
     listeners: list = field(default_factory=list)  # (loop, asyncio.Queue) of streaming clients
+    progress: bool = False  # a client follows every step (?stream=true): the worker syncs each step
     step_ms: list = field(default_factory=list)
     timings: list = field(default_factory=list)  # one pipeline Timings per image
     gpu_seen: dict | None = None  # what the GPU monitor saw while the request ran
+    preview_ms: float = 0.0  # time the worker spent on partial images (previews.py), all images
+    previews: int = 0
+    previews_skipped: int = 0  # over the budget
 
     def emit(self, event: StreamEvent) -> None:
         for loop, queue in list(self.listeners):
@@ -128,6 +135,7 @@ class ImageService:
         self._ready = threading.Event()
         self._sampler: GpuSampler | None = None
         self._gpu_monitor = gpu_monitor  # default: one for the pipeline's CUDA device, made once it is loaded
+        self.previewer = LatentPreviewer()
         self.metrics = metrics or ServiceMetrics()
         self.metrics.bind(self)
 
@@ -192,10 +200,21 @@ class ImageService:
     def _warm(self, size: str) -> None:
         resolution = Resolution.parse(size)
         started = time.perf_counter()
-        out = self.pipe(WARM_PROMPT, height=resolution.height, width=resolution.width, num_inference_steps=self.settings.warm_steps,
-                        generator=torch.Generator(self.pipe.device).manual_seed(0))
+        final = []  # the last step's latents: with the image, they teach the previewer this VAE's colours
+        steps = self.settings.warm_steps
+
+        def keep_last(pipe, index, timestep, tensors):
+            if index == steps - 1:
+                final.append(tensors["latents"])
+            return {}
+
+        out = self.pipe(WARM_PROMPT, height=resolution.height, width=resolution.width, num_inference_steps=steps,
+                        generator=torch.Generator(self.pipe.device).manual_seed(0), callback_on_step_end=keep_last,
+                        callback_on_step_end_tensor_inputs=["latents"])
         log.info("warmed %s in %.0f ms", size, (time.perf_counter() - started) * 1000.0)
         self._learn(out.timings)
+        if final:
+            self.previewer.observe(final[0], out.images[0])
 
     def begin_shutdown(self) -> None:
         """Refuse new requests and answer every waiting one 503; the running one goes on."""
@@ -225,15 +244,18 @@ class ImageService:
         self.state = "stopped"
 
     # -- requests ------------------------------------------------------------------------------
-    def submit(self, req: ImageGenerationRequest, request_id: str | None = None, listen: bool = False) -> _Job:
-        """Check and queue a request; raises ServiceError (422, 429, 503) at once instead of queueing."""
+    def submit(self, req: ImageGenerationRequest, request_id: str | None = None, listen: bool = False,
+               progress: bool = False) -> _Job:
+        """Check and queue a request; raises ServiceError (422, 429, 503) at once instead of queueing.
+        `listen`: events go to a queue of this event loop; `progress`: the listener follows every step."""
         request_id = request_id or uuid.uuid4().hex
         if self.state != "ready":
             raise ServiceError(503, "not_ready" if self.state in ("created", "loading", "warming") else "shutting_down",
                                f"the service is {self.state}; retry later", retry_after=5.0)
         check_with_pipeline(self.pipe, req)
         seed = req.seed if req.seed is not None else secrets.randbelow(2**62)
-        job = _Job(req, request_id, [seed + i for i in range(req.n)], estimate_ms=self._estimate_ms(req))
+        job = _Job(req, request_id, [seed + i for i in range(req.n)], estimate_ms=self._estimate_ms(req),
+                   progress=listen and progress)
         if listen:
             job.listeners.append((asyncio.get_running_loop(), asyncio.Queue()))
         with self._lock:
@@ -250,18 +272,21 @@ class ImageService:
             self._counts["submitted"] += 1
         return job
 
-    async def generate(self, req: ImageGenerationRequest, request_id: str | None = None) -> dict:
-        """The response body for `req` (raises ServiceError for anything but images)."""
+    async def generate(self, req: ImageGenerationRequest, request_id: str | None = None) -> GeneratedImages:
+        """The images of `req`, encoded (raises ServiceError for anything but images)."""
         job = self.submit(req, request_id)
         return await self._finish(job)
 
-    async def stream(self, req: ImageGenerationRequest, request_id: str | None = None) -> AsyncIterator[StreamEvent]:
-        """queued (position, estimated start) -> started -> step (per image and step) -> done (the body).
+    async def stream(self, req: ImageGenerationRequest, request_id: str | None = None,
+                     progress: bool = True) -> AsyncIterator[StreamEvent]:
+        """queued (position, estimated start) -> started -> step (per image and step) and partial_image
+        (the request's `previews`) -> done (a GeneratedImages).
 
         The request is queued when the first event is asked for, and a refusal (422/429/503) is raised
-        there, before any event; a failure later comes as an `error` event.
+        there, before any event; a failure later comes as an `error` event (its data the ServiceError).
+        `progress`: step events arrive as the steps end (on a GPU the worker then syncs each step).
         """
-        job = self.submit(req, request_id, listen=True)
+        job = self.submit(req, request_id, listen=True, progress=progress)
         _, events = job.listeners[0]
         with self._lock:
             position = self._waiting.index(job) if job in self._waiting else 0
@@ -283,8 +308,7 @@ class ImageService:
                 try:
                     body = finish.result()
                 except ServiceError as error:
-                    yield StreamEvent("error", {"status": error.status, "type": error.type, "message": error.message,
-                                                "request_id": job.request_id})
+                    yield StreamEvent("error", error)
                 else:
                     yield StreamEvent("done", body)
                 return
@@ -293,7 +317,7 @@ class ImageService:
                 self._abort(job, "disconnected")
                 finish.cancel()
 
-    async def _finish(self, job: _Job) -> dict:
+    async def _finish(self, job: _Job) -> GeneratedImages:
         remaining = self.settings.timeout_s - (time.perf_counter() - job.submitted)
         waiter = asyncio.wrap_future(job.future)
         # Nobody awaits a dropped request's end: retrieve its outcome so asyncio does not warn about it.
@@ -317,14 +341,18 @@ class ImageService:
             raise
         except Exception as error:  # noqa: BLE001 - mapped to a status; the stack stays in the log
             raise self._failure(job, error) from None
-        level = self.settings.png_compress_level
-        encoded = await asyncio.gather(*(asyncio.to_thread(encode_png, image, level) for image in images))
-        return {
-            "created": int(time.time()),
-            "data": [{"b64_json": data, "seed": seed} for data, seed in zip(encoded, job.seeds)],
-            "timings": self._job_timings(job),
-            "request_id": job.request_id,
-        }
+        req, level = job.request, self.settings.png_compress_level
+        encoded = await asyncio.gather(*(asyncio.to_thread(encode_image, image, req.image_format, req.compression,
+                                                           level) for image in images))
+        return GeneratedImages(job.request_id, list(encoded), req.image_format, job.seeds, req.size,
+                               self._job_timings(job), await asyncio.to_thread(self._prompt_tokens, req.prompt))
+
+    def _prompt_tokens(self, prompt: str) -> int:
+        """The prompt's tokens by the pipeline's tokenizer (for `usage`; 0 for a pipeline without one)."""
+        tokenizer = getattr(self.pipe, "tokenizer", None)
+        if tokenizer is None:
+            return 0
+        return len(tokenizer(prompt, truncation=False).input_ids)
 
     def _aborted_error(self, job: _Job) -> ServiceError:
         if job.abort_reason == "timeout":
@@ -387,44 +415,26 @@ class ImageService:
             images = []
             for index, seed in enumerate(job.seeds):
                 job.image_index, job.step = index, 0
+                # The step-end latents are read only for previews, and while the previewer still learns.
+                read_latents = bool(req.previews) or self.previewer.learning
+                on_step = StepCallback(job, self.pipe, self.previewer, self.settings.png_compress_level, read_latents)
                 out = pipe(req.prompt, negative_prompt=req.negative_prompt, height=resolution.height,
                            width=resolution.width, num_inference_steps=req.num_inference_steps,
                            guidance_scale=req.guidance_scale,
-                           generator=torch.Generator(pipe.device).manual_seed(seed),
-                           callback_on_step_end=self._step_callback(job), callback_on_step_end_tensor_inputs=[])
+                           generator=torch.Generator(pipe.device).manual_seed(seed), callback_on_step_end=on_step,
+                           callback_on_step_end_tensor_inputs=["latents"] if read_latents else [])
                 images.append(out.images[0])
                 job.timings.append(out.timings)
                 self._learn(out.timings)
                 self.metrics.observe_image(out.timings)
+                if on_step.final is not None:
+                    self.previewer.observe(on_step.final, out.images[0])
             job.gpu_seen = monitor.seen_since(mark) if monitor is not None else None  # (no NVML call here)
             self._record(job)
             return images
         finally:
             with self._lock:
                 self._running = None
-
-    def _step_callback(self, job: _Job) -> Callable:
-        device = getattr(self.pipe, "device", torch.device("cpu"))
-        last = [time.perf_counter()]
-        steps = job.request.num_inference_steps
-
-        def on_step(pipe, index, timestep, tensors):
-            if job.abort_reason is not None:
-                raise _Aborted(job.abort_reason)
-            if job.listeners and device.type == "cuda":
-                # Only for a streaming client: steps are otherwise queued ahead asynchronously, and the
-                # events would all arrive when the image is done. One sync a step costs microseconds.
-                torch.cuda.synchronize(device)
-            now = time.perf_counter()
-            ms = (now - last[0]) * 1000.0
-            last[0] = now
-            job.step = index + 1
-            job.step_ms.append(ms)
-            job.emit(StreamEvent("step", {"image": job.image_index, "step": index + 1, "steps": steps,
-                                          "ms": round(ms, 3)}))
-            return {}
-
-        return on_step
 
     # -- estimates, stats ----------------------------------------------------------------------
     def _learn(self, timings) -> None:
@@ -486,6 +496,8 @@ class ImageService:
             "denoise_ms": sum(t.denoise_ms for t in job.timings),
             "vae_decode_ms": sum(t.vae_decode_ms for t in job.timings),
             "step_ms": list(first.step_ms) if first is not None and first.step_ms else list(job.step_ms),
+            **({"preview_ms": job.preview_ms, "previews": job.previews, "previews_skipped": job.previews_skipped}
+               if job.request.previews else {}),
         })
 
     @property

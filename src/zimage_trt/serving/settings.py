@@ -12,7 +12,7 @@ import ipaddress
 import os
 from pathlib import Path
 
-from ..model.precision import PRECISIONS
+from ..model.precision import PRECISIONS, RUN_PRECISION_RULE
 
 API_KEY_ENV = "ZIMAGE_TRT_API_KEY"
 MIN_KEY_CHARS = 16
@@ -69,9 +69,11 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--tiny", action="store_true",
                     help="serve a tiny random model made in memory (tests, demos; add --device cpu)")
     ap.add_argument("--engine-dir", default=None,
-                    help="built engines; without it the eager static denoiser runs (slow on a GPU)")
+                    help="engine folder (the same --engine-dir in build, generate, bench and serve); without it "
+                         "the eager static denoiser runs (slow on a GPU)")
     ap.add_argument("--precision", default=None, choices=PRECISIONS,
-                    help="engine precision; unset: bf16 on CUDA, fp32 on CPU")
+                    help=f"engine precision to look for, and the pipeline's dtype (default: {RUN_PRECISION_RULE}; "
+                         "the same rule as generate)")
     ap.add_argument("--device", default=None, help="cuda, cuda:1 or cpu; unset: cuda when available")
     ap.add_argument("--size", action="append", default=None,
                     help="WIDTHxHEIGHT to serve (1344x768: 1344 wide, 768 tall); repeat for several; unset: every "
@@ -90,6 +92,12 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--max-steps", type=int, default=50, help="largest num_inference_steps")
     ap.add_argument("--max-prompt-chars", type=int, default=4000, help="longest prompt, in characters")
     ap.add_argument("--max-body-bytes", type=int, default=64 * 1024, help="largest request body")
+    ap.add_argument("--model-name", default="z-image-turbo",
+                    help="the model id clients name in `model` and GET /v1/models lists")
+    ap.add_argument("--url-max-images", type=int, default=64,
+                    help="images kept in memory for response_format 'url' links (0: links refused; under --ray "
+                         "links are refused: another replica may answer the link)")
+    ap.add_argument("--url-ttl", type=float, default=3600.0, help="seconds a 'url' link lasts")
     ap.add_argument("--timeout", type=float, default=300.0,
                     help="seconds from arrival to the last image (queue wait included); later: 504")
     ap.add_argument("--not-ready-when-shared", action="store_true",
