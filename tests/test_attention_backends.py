@@ -129,8 +129,10 @@ def test_describe_names_the_kernel(monkeypatch):
 
 # -- GPU -------------------------------------------------------------------------------------------
 def needs_fa3():
-    if not torch.cuda.is_available() or attention.fa3_unavailable_reason(torch.device("cuda")):
-        pytest.skip("FlashAttention-3 cannot run here")
+    # (the reason is what conftest.GPU_MACHINE_SKIPS reads: FA3 not installed, or not a Hopper GPU)
+    reason = attention.fa3_unavailable_reason(torch.device("cuda")) if torch.cuda.is_available() else "no CUDA GPU"
+    if reason:
+        pytest.skip(f"FlashAttention-3 cannot run here: {reason}")
 
 
 @pytest.mark.gpu

@@ -17,10 +17,12 @@ from zimage_trt.engines.base import DenoiserEngine
 from zimage_trt.engines.manifest import EngineShape, Manifest
 from zimage_trt.engines.tensorrt import runtime as trt_runtime
 from zimage_trt.engines.tensorrt.denoiser import TensorRTDenoiserEngine, check_engine_against_manifest
-from zimage_trt.engines.tensorrt.library import ProfileError, TensorRTBackendError, get_logger, import_backend
+from zimage_trt.engines.tensorrt.library import ProfileError, TensorRTBackendError, get_logger
 from zimage_trt.runtime.denoise_loop import DenoiseLoop
 
-_, RTX = import_backend("tensorrt-rtx")
+from rtx_backend import rtx_or_skip_module
+
+RTX = rtx_or_skip_module()
 CAPTION_DIM = 8
 DTYPES = {"latents": RTX.float32, "timestep": RTX.float32, "cap_feats": RTX.float16, "cap_lens": RTX.int64,
           "noise_pred": RTX.float32}

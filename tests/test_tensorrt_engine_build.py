@@ -22,25 +22,14 @@ from zimage_trt.engines import contract
 from zimage_trt.engines.manifest import Manifest
 from zimage_trt.engines.tensorrt import refit
 from zimage_trt.engines.tensorrt.denoiser import TensorRTDenoiserEngine, check_engine_against_manifest
-from zimage_trt.engines.tensorrt.library import (
-    BackendUnavailableError,
-    EngineBuildError,
-    TensorRTBackendError,
-    get_logger,
-    import_backend,
-)
+from zimage_trt.engines.tensorrt.library import EngineBuildError, TensorRTBackendError, get_logger
 from zimage_trt.engines.tensorrt.runtime import TensorRTEngine
 from zimage_trt.testing.tiny import make_tiny_components
 
+from rtx_backend import rtx_or_skip_module
+
 pytestmark = pytest.mark.slow
-try:
-    _, RTX = import_backend("tensorrt-rtx")
-except BackendUnavailableError as exc:
-    # CI (no GPU) installs the rtx extra and must run this module; a GPU machine without TensorRT-RTX
-    # (the lent H100s carry none) skips it rather than failing `pytest -m gpu` at collection.
-    if not torch.cuda.is_available():
-        raise
-    pytest.skip(f"TensorRT-RTX is not installed here: {exc}", allow_module_level=True)
+RTX = rtx_or_skip_module()
 RESOLUTIONS = ["256x256", "256x384"]
 
 

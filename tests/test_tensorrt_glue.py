@@ -17,7 +17,9 @@ from zimage_trt.engines.select import Need, open_denoiser, reasons_unfit
 from zimage_trt.engines.tensorrt import library as trt_library
 from zimage_trt.testing.tiny import make_tiny_components
 
-_, RTX = trt_library.import_backend("tensorrt-rtx")
+from rtx_backend import rtx_or_skip_module
+
+RTX = rtx_or_skip_module()
 
 
 # ------------------------------------------------------------------ defect 3: 'current' is resolved

@@ -15,10 +15,12 @@ from zimage_trt.compiler.build import build_engines
 from zimage_trt.engines.manifest import EngineShape, Manifest, ManifestError
 from zimage_trt.engines.tensorrt import refit
 from zimage_trt.engines.tensorrt.denoiser import TensorRTDenoiserEngine
-from zimage_trt.engines.tensorrt.library import get_logger, import_backend
+from zimage_trt.engines.tensorrt.library import get_logger
 from zimage_trt.testing.tiny import make_tiny_components
 
-_, RTX = import_backend("tensorrt-rtx")
+from rtx_backend import rtx_or_skip_module
+
+RTX = rtx_or_skip_module()
 TRT_DTYPE = {torch.float16: RTX.float16, torch.float32: RTX.float32, torch.bfloat16: RTX.bfloat16}
 
 
