@@ -148,19 +148,39 @@ def test_fa3_fp8_op_quantises_per_item_and_head():
     assert errors.max() < 0.08, errors
 
 
-def test_denoiser_backend_switch_sets_every_block_and_tiny_model_is_unchanged_with_sdpa():
+def test_denoiser_backend_switch_sets_every_block_and_the_new_op_runs(monkeypatch):
+    """sdpa -> a stand-in FA3 (exact attention, recording its calls) -> its FP8 op -> sdpa: every block's op
+    changes each time, the stand-in runs once a block per forward, and the output tracks SDPA's."""
+    calls = []
+    monkeypatch.setattr(attention, "find_fa3", lambda: ("fake_fa3", fake_fa3(calls), (torch.float32,)))
     tr = make_tiny_components(seed=5)["transformer"]
     den = StaticZImageDenoiser(tr)
+    blocks = [b for _, b in den.named_blocks()]
     gen = torch.Generator().manual_seed(2)
     x, t = torch.randn(1, 16, 16, 16, generator=gen), torch.tensor([0.4])
     cap, lens = torch.randn(1, 32, 32, generator=gen), torch.tensor([32])
+    run = lambda: den(x, t, cap, lens, mask_caption_keys=False)  # noqa: E731  (no key mask: FA3 takes none)
     with torch.no_grad():
-        before = den(x, t, cap, lens)
+        before = run()
+        assert calls == [] and all(b.attention_op is attention.sdpa_attention for b in blocks)
+        den.set_attention_backend("fa3")
+        assert den.attention_backend == "fa3"
+        ops = {id(b.attention_op) for b in blocks}
+        assert len(ops) == 1 and all(b.attention_op is not attention.sdpa_attention for b in blocks)
+        fa3 = run()
+        assert calls == [(torch.float32, None)] * len(blocks)  # every block ran the new op
+        den.set_attention_backend("fa3-fp8")
+        assert all(isinstance(b.attention_op, attention.Fa3E4m3Attention) for b in blocks)
+        calls.clear()
+        fp8 = run()
+        assert calls == [(torch.float8_e4m3fn, (1, 2))] * len(blocks)
         den.set_attention_backend("sdpa")
-        after = den(x, t, cap, lens)
-    assert den.attention_backend == "sdpa"
-    assert all(b.attention_op is attention.sdpa_attention for _, b in den.named_blocks())
-    assert torch.equal(before, after)  # the same op on the same tensors
+        assert all(b.attention_op is attention.sdpa_attention for b in blocks)
+        calls.clear()
+        after = run()
+    assert calls == [] and torch.equal(before, after)  # the same op on the same tensors
+    assert rel(fa3, before) < 1e-5  # exact attention by the stand-in (SDPA again): only call order may differ
+    assert 0 < rel(fp8, before) < 0.1  # e4m3 inputs: a few percent
     with pytest.raises(ValueError, match="unknown attention backend"):
         attention.resolve_attention_backend("cudnn", "cpu")
 
