@@ -10,7 +10,7 @@ import time
 
 import uvicorn
 
-from zimage_trt.serving.app import AppSettings, create_app
+from zimage_trt.serving.command import serving_app
 from zimage_trt.serving.schema import ServingLimits
 from zimage_trt.serving.service import ImageService, ServiceSettings
 
@@ -23,9 +23,10 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def running_server(pipe, sizes=("256x256",), api_key=None, wait_s: float = 120.0, **settings):
-    """Yields (base url, service); stops the server and the service on exit."""
+    """Yields (base url, service); stops the server and the service on exit. The app is the one `zimage-trt
+    serve` runs on 127.0.0.1 (its key, and without one its host-name rule)."""
     service = ImageService(pipe, ServiceSettings(limits=ServingLimits(sizes=tuple(sizes)), warm_steps=1, **settings))
-    app = create_app(service, AppSettings(api_key=api_key))
+    app = serving_app(service, api_key, "127.0.0.1")
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, name="test-uvicorn", daemon=True)
