@@ -4,9 +4,11 @@ process, in front of the tiny model's service (no second copy of torch to import
 from __future__ import annotations
 
 import contextlib
+import http.client
 import socket
 import threading
 import time
+import urllib.parse
 
 import uvicorn
 
@@ -19,6 +21,21 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def get_with_host(url: str, path: str, host: str, timeout: float = 60.0) -> tuple[int, bytes]:
+    """(status, body) of a GET whose Host header is `host`, whatever the address connected to (as a page
+    on a rebound name would send it)."""
+    address = urllib.parse.urlsplit(url)
+    connection = http.client.HTTPConnection(address.hostname, address.port, timeout=timeout)
+    try:
+        connection.putrequest("GET", path, skip_host=True)
+        connection.putheader("Host", host)
+        connection.endheaders()
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
 
 
 @contextlib.contextmanager

@@ -9,7 +9,6 @@ Real processes (SIGTERM, the bind rule, the load test) are in test_serving_proce
 from __future__ import annotations
 
 import base64
-import http.client
 import io
 import json
 import logging
@@ -30,7 +29,7 @@ from zimage_trt.serving.schema import ServingLimits
 from zimage_trt.serving.service import ImageService, ServiceSettings
 from zimage_trt.serving.settings import ServeConfigError, allowed_host_names, check_bind, is_loopback, read_api_key
 
-from serving_server import running_server
+from serving_server import get_with_host, running_server
 
 SIZE = "256x256"
 STEPS = 2
@@ -219,28 +218,14 @@ def test_the_host_rule_is_loopback_names_without_a_key_and_any_with_one():
     assert allowed_host_names(KEY, "0.0.0.0") is None and allowed_host_names(KEY, "127.0.0.1") is None
 
 
-def _get_with_host(url: str, path: str, host: str) -> tuple[int, bytes]:
-    """A GET whose Host header is `host`, whatever the address connected to (as a rebound name would send)."""
-    address = urllib.parse.urlsplit(url)
-    connection = http.client.HTTPConnection(address.hostname, address.port, timeout=WAIT_S)
-    try:
-        connection.putrequest("GET", path, skip_host=True)
-        connection.putheader("Host", host)
-        connection.endheaders()
-        response = connection.getresponse()
-        return response.status, response.read()
-    finally:
-        connection.close()
-
-
 def test_a_keyless_server_answers_only_loopback_host_names(tiny_cpu_pipe):
     """A real server (uvicorn on 127.0.0.1, the app `zimage-trt serve` runs, no key)."""
     with running_server(tiny_cpu_pipe) as (url, _):
         port = urllib.parse.urlsplit(url).port
         for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}", "localhost"):
-            assert _get_with_host(url, "/healthz", host)[0] == 200, host
+            assert get_with_host(url, "/healthz", host)[0] == 200, host
         for host in ("evil.example", f"evil.example:{port}", f"127.0.0.1.evil.example:{port}", ""):
-            status, raw = _get_with_host(url, "/v1/stats", host)
+            status, raw = get_with_host(url, "/v1/stats", host)
             assert status == 421, host
             assert json.loads(raw)["error"]["type"] == "unknown_host"
 

@@ -10,14 +10,12 @@ in-flight requests (a 5xx, none hangs) and Serve starts a new one.
 from __future__ import annotations
 
 import base64
-import http.client
 import io
 import json
 import socket
 import threading
 import time
 import urllib.error
-import urllib.parse
 import urllib.request
 
 import numpy as np
@@ -28,6 +26,8 @@ from PIL import Image
 from zimage_trt.pipeline import ZImageTRTPipeline
 from zimage_trt.serving import ray_deployment
 from zimage_trt.testing.tiny import make_tiny_components
+
+from serving_server import get_with_host
 
 # One Ray instance for the module: `make test-slow` runs with `--dist loadfile`, so these tests share one
 # pytest-xdist worker (xdist 3.8's `loadgroup` did not keep xdist_group-marked tests together here).
@@ -86,18 +86,6 @@ def _call(base: str, path: str, body: dict | None = None, timeout: float = DEADL
     except ValueError:
         data = raw.decode(errors="replace")
     return status, data, time.perf_counter() - started, headers
-
-
-def _get_with_host(base: str, path: str, host: str) -> int:
-    address = urllib.parse.urlsplit(base)
-    connection = http.client.HTTPConnection(address.hostname, address.port, timeout=DEADLINE_S)
-    try:
-        connection.putrequest("GET", path, skip_host=True)
-        connection.putheader("Host", host)
-        connection.endheaders()
-        return connection.getresponse().status
-    finally:
-        connection.close()
 
 
 def _generate(base: str, seed: int, steps: int = STEPS, admit: bool = False):
@@ -168,8 +156,8 @@ def test_both_replicas_answer_and_match_solo_runs(cluster):
     # What a replica reads to apply the API-key rule: Serve's HTTP address (a private Ray API, so checked).
     assert ray_deployment._proxy_host() == "127.0.0.1"
     # Keyless, as the one-GPU server: a request addressed to another name (a rebound one) is refused.
-    assert _get_with_host(cluster, "/healthz", "evil.example") == 421
-    assert _get_with_host(cluster, "/healthz", "localhost") == 200
+    assert get_with_host(cluster, "/healthz", "evil.example")[0] == 421
+    assert get_with_host(cluster, "/healthz", "localhost")[0] == 200
 
     stats = _settled_stats(cluster, lambda st: sum(r["counts"]["completed"] for r in st["replicas"]) >= len(seeds))
     assert stats["totals"]["replicas"] == REPLICAS and stats["totals"]["ready_replicas"] == REPLICAS
