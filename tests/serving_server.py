@@ -4,13 +4,15 @@ process, in front of the tiny model's service (no second copy of torch to import
 from __future__ import annotations
 
 import contextlib
+import http.client
 import socket
 import threading
 import time
+import urllib.parse
 
 import uvicorn
 
-from zimage_trt.serving.app import AppSettings, create_app
+from zimage_trt.serving.command import serving_app
 from zimage_trt.serving.schema import ServingLimits
 from zimage_trt.serving.service import ImageService, ServiceSettings
 
@@ -21,12 +23,28 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def get_with_host(url: str, path: str, host: str, timeout: float = 60.0) -> tuple[int, bytes]:
+    """(status, body) of a GET whose Host header is `host`, whatever the address connected to (as a page
+    on a rebound name would send it)."""
+    address = urllib.parse.urlsplit(url)
+    connection = http.client.HTTPConnection(address.hostname, address.port, timeout=timeout)
+    try:
+        connection.putrequest("GET", path, skip_host=True)
+        connection.putheader("Host", host)
+        connection.endheaders()
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
 @contextlib.contextmanager
 def running_server(pipe, sizes=("256x256",), api_key=None, wait_s: float = 120.0, app_settings=None, **settings):
-    """Yields (base url, service); stops the server and the service on exit."""
+    """Yields (base url, service); stops the server and the service on exit. The app is the one `zimage-trt
+    serve` runs on 127.0.0.1 (its key, and without one its host-name rule); `app_settings`: other
+    AppSettings fields (image links)."""
     service = ImageService(pipe, ServiceSettings(limits=ServingLimits(sizes=tuple(sizes)), warm_steps=1, **settings))
-    app_settings = app_settings or AppSettings(api_key=api_key)
-    with running_app(create_app(service, app_settings), service, wait_s) as url:
+    with running_app(serving_app(service, api_key, "127.0.0.1", **(app_settings or {})), service, wait_s) as url:
         yield url, service
 
 

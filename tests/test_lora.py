@@ -215,10 +215,14 @@ def test_in_memory_dict_and_default_names(clean, loras, base_image):
     from safetensors.torch import load_file
 
     state = load_file(loras / "a.safetensors")
+    before = {name: tensor.clone() for name, tensor in state.items()}
     clean.load_lora_weights(state)
     clean.load_lora_weights(dict(state))
     assert clean.get_list_adapters() == {"transformer": ["default_0", "default_1"]}
-    assert len(state) == 56  # the caller's dict is left whole
+    # the caller's dict is left whole: the same names, each tensor its own values, dtype and shape
+    assert list(state) == list(before) and len(state) == 56
+    for name, tensor in state.items():
+        assert tensor.dtype == before[name].dtype and torch.equal(tensor, before[name]), name
     assert_changed(ours(clean), base_image)
 
 

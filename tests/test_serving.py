@@ -14,6 +14,7 @@ import json
 import logging
 import threading
 import time
+import urllib.parse
 
 import numpy as np
 import pytest
@@ -26,7 +27,9 @@ from zimage_trt.serving import app as app_module
 from zimage_trt.serving.app import AppSettings, create_app
 from zimage_trt.serving.schema import ServingLimits
 from zimage_trt.serving.service import ImageService, ServiceSettings
-from zimage_trt.serving.settings import ServeConfigError, check_bind, is_loopback, read_api_key
+from zimage_trt.serving.settings import ServeConfigError, allowed_host_names, check_bind, is_loopback, read_api_key
+
+from serving_server import get_with_host, running_server
 
 SIZE = "256x256"
 STEPS = 2
@@ -248,17 +251,23 @@ def test_only_json_bodies_are_taken(client):
         assert "Content-Type: application/json" in response.json()["error"]["message"]
 
 
-def test_without_a_key_only_loopback_host_names_are_answered(tiny_cpu_pipe):
-    service = make_service(tiny_cpu_pipe)
-    settings = AppSettings(allowed_hosts=("localhost", "127.0.0.1", "::1"))
-    with TestClient(create_app(service, settings), base_url="http://127.0.0.1:8000") as local:
-        assert local.get("/healthz").status_code == 200
-        for host in ("localhost:8000", "[::1]:8000", "127.0.0.1"):
-            assert local.get("/healthz", headers={"host": host}).status_code == 200, host
-        for host in ("evil.example:8000", "evil.example", "127.0.0.1.evil.example", ""):
-            response = local.get("/v1/stats", headers={"host": host})
-            assert response.status_code == 421, host
-            assert response.json()["error"]["code"] == "unknown_host"
+def test_the_host_rule_is_loopback_names_without_a_key_and_any_with_one():
+    assert allowed_host_names(None, "127.0.0.1") == ("localhost", "127.0.0.1", "::1")
+    assert allowed_host_names(None, "::1") == ("localhost", "127.0.0.1", "::1")
+    assert allowed_host_names(None, "127.0.0.2") == ("localhost", "127.0.0.1", "::1", "127.0.0.2")
+    assert allowed_host_names(KEY, "0.0.0.0") is None and allowed_host_names(KEY, "127.0.0.1") is None
+
+
+def test_a_keyless_server_answers_only_loopback_host_names(tiny_cpu_pipe):
+    """A real server (uvicorn on 127.0.0.1, the app `zimage-trt serve` runs, no key)."""
+    with running_server(tiny_cpu_pipe) as (url, _):
+        port = urllib.parse.urlsplit(url).port
+        for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}", "localhost"):
+            assert get_with_host(url, "/healthz", host)[0] == 200, host
+        for host in ("evil.example", f"evil.example:{port}", f"127.0.0.1.evil.example:{port}", ""):
+            status, raw = get_with_host(url, "/v1/stats", host)
+            assert status == 421, host
+            assert json.loads(raw)["error"]["code"] == "unknown_host"
 
 
 def test_health_ready_stats_and_dashboard(client):
@@ -461,6 +470,7 @@ def test_a_failure_is_logged_with_the_request_id_and_never_shown(tiny_cpu_pipe, 
     service = make_service(gated)
     with TestClient(create_app(service)) as gclient, caplog.at_level(logging.ERROR, "zimage_trt.serving"):
         assert service.wait_ready(WAIT_S)
+        shown = {}
         for url in (URL, URL + "?stream=true"):
             response = gclient.post(url, json=body())
             text = response.text
@@ -469,12 +479,16 @@ def test_a_failure_is_logged_with_the_request_id_and_never_shown(tiny_cpu_pipe, 
             assert rid in text
             if url == URL:
                 assert response.status_code == 500 and response.json()["error"]["code"] == "internal_error"
+                shown["json"] = response.json()["error"]["message"].replace(rid, "{rid}")
             else:
                 name, data = sse_events(text)[-1]
                 assert name == "error" and data["status"] == 500
                 assert {k: data["error"][k] for k in ("type", "code", "request_id")} == {
                     "type": "server_error", "code": "internal_error", "request_id": rid}
+                shown["sse"] = data["error"]["message"].replace(rid, "{rid}")
             assert any(rid in record.getMessage() and record.exc_info for record in caplog.records)
+    # One message for one failure, streamed or not, naming its own request and where the details are.
+    assert shown["sse"] == shown["json"] and "{rid}" in shown["json"] and "server log" in shown["json"]
 
 
 def test_not_ready_until_warm(tiny_cpu_pipe):
@@ -565,16 +579,27 @@ def test_with_fallback_any_valid_size_is_served(tiny_cpu_pipe):
 
 
 def test_closing_while_loading_stops_the_loader_before_it_warms(tiny_cpu_pipe):
-    release = threading.Event()
+    # In this order, whatever the machine's speed: the loader is inside the factory, close() begins the
+    # shutdown, and only then does the factory return.
+    entered, release = threading.Event(), threading.Event()
 
     def slow_factory():
+        entered.set()
         assert release.wait(WAIT_S)
         return GatedPipe(tiny_cpu_pipe)
 
+    def release_once_stopping():
+        _wait_for(lambda: service.state == "stopping", "close() to begin the shutdown")
+        release.set()
+
     service = make_service(slow_factory)
     service.start()
-    threading.Timer(0.3, release.set).start()
+    assert entered.wait(WAIT_S), "the loader never called the factory"
+    releaser = threading.Thread(target=release_once_stopping, daemon=True)
+    releaser.start()
     service.close()  # waits for the loader, which sees the shutdown and does not warm
+    releaser.join(WAIT_S)
+    assert release.is_set()
     assert not service._loader.is_alive() and service.state == "stopped" and not service.ready
     assert service.pipe.calls == 0  # no warm-up ran
 

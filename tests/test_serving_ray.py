@@ -2,7 +2,8 @@
 
 One Ray instance for the module (starting Ray and two replicas is most of the time): requests are
 answered by both replicas and match solo pipeline runs by seed; /v1/stats and /metrics cover both;
-over `max_queued_requests` the proxy answers 429 (with Retry-After) at once; a replica killed mid-load fails only its
+over `max_queued_requests` the proxy answers 429 (with Retry-After) at once, and admits no more than the
+capacity; a keyless server answers only loopback host names; a replica killed mid-load fails only its
 in-flight requests (a 5xx, none hangs) and Serve starts a new one.
 """
 
@@ -25,6 +26,8 @@ from PIL import Image
 from zimage_trt.pipeline import ZImageTRTPipeline
 from zimage_trt.serving import ray_deployment
 from zimage_trt.testing.tiny import make_tiny_components
+
+from serving_server import get_with_host
 
 # One Ray instance for the module: `make test-slow` runs with `--dist loadfile`, so these tests share one
 # pytest-xdist worker (xdist 3.8's `loadgroup` did not keep xdist_group-marked tests together here).
@@ -152,6 +155,9 @@ def test_both_replicas_answer_and_match_solo_runs(cluster):
 
     # What a replica reads to apply the API-key rule: Serve's HTTP address (a private Ray API, so checked).
     assert ray_deployment._proxy_host() == "127.0.0.1"
+    # Keyless, as the one-GPU server: a request addressed to another name (a rebound one) is refused.
+    assert get_with_host(cluster, "/healthz", "evil.example")[0] == 421
+    assert get_with_host(cluster, "/healthz", "localhost")[0] == 200
 
     stats = _settled_stats(cluster, lambda st: sum(r["counts"]["completed"] for r in st["replicas"]) >= len(seeds))
     assert stats["totals"]["replicas"] == REPLICAS and stats["totals"]["ready_replicas"] == REPLICAS
@@ -181,15 +187,19 @@ def test_over_max_queued_requests_is_answered_429_at_once(cluster):
     # The deployment holds MAX_ONGOING per replica plus MAX_QUEUED in the proxy; the rest are refused
     # at once with 429 and Retry-After, as the one-GPU server refuses when its queue is full.
     capacity = REPLICAS * MAX_ONGOING + MAX_QUEUED
-    results = _concurrently(lambda i: _generate(cluster, 100 + i, steps=8), capacity + 6)
+    results = _concurrently(lambda i: (*_generate(cluster, 100 + i, steps=8), time.perf_counter()), capacity + 6)
     assert not any(isinstance(r, Exception) for r in results), results
     statuses = [r[0] for r in results]
     refused = [r for r in results if r[0] == 429]
     # How many are admitted is timing: Serve's router may refuse a burst before it has seen every replica's
     # free slots, and a request that finishes during the burst frees one. What must hold: some are served,
-    # the excess is refused at once, nothing else happens.
+    # no more than the capacity plus the slots freed before the last refusal, the excess is refused at once,
+    # nothing else happens.
     assert statuses.count(200) >= 1 and refused, statuses
     assert set(statuses) <= {200, 429}, statuses
+    last_refusal = max(r[4] for r in refused)
+    freed = sum(1 for r in results if r[0] == 200 and r[4] < last_refusal)
+    assert statuses.count(200) <= capacity + freed, (statuses, f"{freed} finished before the last 429")
     assert all("backpressure" in str(r[1]) and r[2] < 5.0 for r in refused), refused
     print(f"\nbackpressure: {statuses.count(200)} x 200, {len(refused)} x 429 within "
           f"{max(r[2] for r in refused) * 1000:.0f} ms")

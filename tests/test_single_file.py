@@ -68,12 +68,21 @@ def test_single_file_round_trip(tiny_path, single_file):
     assert float(np.abs(a - b).max()) <= 1.0 / 255.0
 
 
-def test_single_file_fingerprint_matches_the_folder_s(tiny_path, single_file):
+def test_single_file_fingerprint_matches_the_folder_s(tiny_path, single_file, tmp_path):
     """So engines built from the folder serve the single file (and engines from other weights do not)."""
     from zimage_trt.model.single_file import load_single_file_transformer
 
     _, fingerprint = load_single_file_transformer(single_file, tiny_path)
     assert fingerprint == weights_fingerprint(tiny_path)
+    # Other weights in the same layout: one element of one fused qkv weight changed (a small tensor, so
+    # every element is hashed), then a large weight's first element (always among the sampled ones).
+    state = load_transformer(tiny_path).state_dict()
+    for name in ("layers.0.attention.to_k.weight", "noise_refiner.0.feed_forward.w1.weight"):
+        changed = {k: v.clone() for k, v in state.items()}
+        changed[name].view(-1)[0] += 1.0
+        other = tmp_path / f"changed-{name}.safetensors"
+        save_file(original_layout(changed), other)
+        assert load_single_file_transformer(other, tiny_path)[1] != fingerprint, name
 
 
 def test_single_file_refusals(tiny_path, single_file, tmp_path):

@@ -4,7 +4,8 @@
 they record every call in order, and the tests check the rules NvInferRuntime.h documents: the profile is
 set (on a stream) before the input shapes, output shapes are read after every input shape is set, every I/O
 tensor is bound, each captured graph has its own context that never switches profile, nothing is created,
-set or allocated during capture, and a failed enqueue raises with the message TensorRT logged. The real
+set or allocated during capture, and a failed call (an enqueue; an input shape the profile refuses, which
+the stand-in refuses as TensorRT does) raises with the message TensorRT logged, leaving nothing half-set. The real
 library (TensorRT-RTX, as installed) supplies the enums and the logger; only the GPU-side objects are
 stand-ins, because no GPU here executes TensorRT engines.
 """
@@ -17,11 +18,12 @@ from zimage_trt.engines.base import DenoiserEngine
 from zimage_trt.engines.manifest import EngineShape, Manifest
 from zimage_trt.engines.tensorrt import runtime as trt_runtime
 from zimage_trt.engines.tensorrt.denoiser import TensorRTDenoiserEngine, check_engine_against_manifest
-from zimage_trt.engines.tensorrt.library import ProfileError, TensorRTBackendError, get_logger, import_backend
-from zimage_trt.model.shapes import Resolution
+from zimage_trt.engines.tensorrt.library import ProfileError, TensorRTBackendError, get_logger
 from zimage_trt.runtime.denoise_loop import DenoiseLoop
 
-_, RTX = import_backend("tensorrt-rtx")
+from rtx_backend import rtx_or_skip_module
+
+RTX = rtx_or_skip_module()
 CAPTION_DIM = 8
 HINT_DIM = 4  # the stand-in model's width
 DTYPES = {"latents": RTX.float32, "timestep": RTX.float32, "cap_feats": RTX.float16, "cap_lens": RTX.int64,
@@ -55,7 +57,16 @@ class RecordingExecutionContext:
         return True
 
     def set_input_shape(self, name, shape):
+        """As TensorRT: False (and an error logged) for a shape outside the current profile (these profiles
+        are fixed: min = opt = max), or where the test makes TensorRT refuse this input (`shape_error`)."""
         self._record("set_input_shape", name, tuple(shape))
+        wanted = tuple(self.engine.profiles[self.profile][name])
+        if tuple(shape) != wanted or self.engine.shape_error == name:
+            get_logger(RTX).log(RTX.ILogger.Severity.ERROR, (
+                f"IExecutionContext::setInputShape: Error Code 3: API Usage Error (Parameter check failed, condition: "
+                f"satisfyProfile. Set dimension {list(shape)} for tensor {name} does not satisfy any optimization "
+                f"profiles. Valid range for profile {self.profile}: {list(wanted)}..{list(wanted)}.)"))
+            return False
         self.shapes[name] = tuple(shape)
         return True
 
@@ -125,6 +136,7 @@ class StandInCudaEngine:
         self.input_names = list(profiles[0]) if profiles else list(contract.INPUT_NAMES)
         self.names = [*self.input_names, *contract.OUTPUT_NAMES]
         self.capturable, self.enqueue_error, self.profile_error, self.compute = True, None, None, None
+        self.shape_error = None  # an input name: set_input_shape refuses it
         self.device_memory_size_v2 = 1 << 12
         self.refittable = False
 
@@ -259,6 +271,18 @@ def test_failed_enqueue_raises_with_tensorrts_message(tmp_path, monkeypatch):
     cuda_engine.enqueue_error = "IExecutionContext::enqueueV3: Error Code 1: Cuda Runtime (an illegal memory access)"
     with pytest.raises(TensorRTBackendError, match=r"execute_async_v3 .* failed: .*an illegal memory access"):
         engine.run(*inputs(1), masked=True)
+
+
+def test_a_shape_tensorrt_refuses_is_reported_and_the_engine_stays_usable(tmp_path, monkeypatch):
+    engine, wrapper, cuda_engine = make(tmp_path, SHAPES, monkeypatch)
+    cuda_engine.shape_error = "cap_feats"
+    with pytest.raises(TensorRTBackendError, match=r"set_input_shape\('cap_feats', \[1, 32, 8\]\) in profile 0 failed: "
+                                                   r"IExecutionContext::setInputShape: .*does not satisfy"):
+        engine.run(*inputs(1), masked=True)
+    assert wrapper._bindings == {}  # no half-set binding kept for the next call to find
+    cuda_engine.shape_error = None
+    engine.run(*inputs(1), masked=True)
+    assert len(wrapper._bindings) == 1 and calls_of(cuda_engine.log, 1)[-1][0] == "execute_async_v3"
 
 
 def test_profile_error_raised_by_tensorrt_11_is_reported(tmp_path, monkeypatch):

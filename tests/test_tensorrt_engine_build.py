@@ -4,14 +4,18 @@ to where CUDA is needed, and the refit map of its ONNX against TensorRT's own we
 
 What cannot run here, and why: deserialising a TensorRT-RTX engine needs a CUDA driver (this machine
 has none: TensorRT logs cudaError 35), so no engine is executed and no `trt.Refitter` is created in CI;
-TensorRT-RTX 1.7.1 cannot even build a refittable engine without one (its graph compiler calls CUDA for
-refittable weights), so the refittable build itself is a gpu test. The GPUs reachable to this project
+TensorRT-RTX 1.7.1 cannot even build a refittable engine without one, whatever the refit flag ("graph_jit.cpp:278:
+CHECK(status == CUDA_SUCCESS) failed. In compileGraph": test_tensorrt_refit.py checks both, with the
+library's messages), so the refittable build itself is a gpu test, and the refit map is checked here
+against the weights TensorRT-RTX's parser gives the network (its names, dtypes and sizes, not the ONNX as
+our map read it). The GPUs reachable to this project
 (H100/H200) are refused by TensorRT-RTX's runtime (compute capability 9.0): the execution test needs an
 RTX-class GPU (Turing to Blackwell consumer/workstation).
 """
 
 import json
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -22,25 +26,14 @@ from zimage_trt.engines import contract
 from zimage_trt.engines.manifest import Manifest
 from zimage_trt.engines.tensorrt import refit
 from zimage_trt.engines.tensorrt.denoiser import TensorRTDenoiserEngine, check_engine_against_manifest
-from zimage_trt.engines.tensorrt.library import (
-    BackendUnavailableError,
-    EngineBuildError,
-    TensorRTBackendError,
-    get_logger,
-    import_backend,
-)
+from zimage_trt.engines.tensorrt.library import EngineBuildError, TensorRTBackendError, get_logger
 from zimage_trt.engines.tensorrt.runtime import TensorRTEngine
 from zimage_trt.testing.tiny import make_tiny_components
 
+from rtx_backend import rtx_or_skip_module
+
 pytestmark = pytest.mark.slow
-try:
-    _, RTX = import_backend("tensorrt-rtx")
-except BackendUnavailableError as exc:
-    # CI (no GPU) installs the rtx extra and must run this module; a GPU machine without TensorRT-RTX
-    # (the lent H100s carry none) skips it rather than failing `pytest -m gpu` at collection.
-    if not torch.cuda.is_available():
-        raise
-    pytest.skip(f"TensorRT-RTX is not installed here: {exc}", allow_module_level=True)
+RTX = rtx_or_skip_module()
 RESOLUTIONS = ["256x256", "256x384"]
 
 
@@ -75,9 +68,10 @@ def test_refittable_rtx_build_without_a_gpu_says_where_to_build(built, tmp_path)
     if torch.cuda.is_available():
         pytest.skip("the CPU-only limitation")
     profile = built["result"].details["engine"]["profiles"][0]
-    with pytest.raises(EngineBuildError, match="refittable engines only on a machine with a CUDA GPU"):
+    with pytest.raises(EngineBuildError, match="refittable engines only on a machine with a CUDA GPU") as refused:
         tensorrt_build.build_tensorrt_engine(built["onnx"], tmp_path / "r.plan", [profile], flavor="tensorrt-rtx",
                                              compute_capabilities=["8.9"], refittable=True, progress=False)
+    assert "CHECK(status == CUDA_SUCCESS) failed" in str(refused.value)  # the library's own words, passed on
     assert not (tmp_path / "r.plan").exists()
 
 
@@ -171,29 +165,49 @@ def test_tensorrt_knows_every_mapped_name_as_a_weight(built):
     assert any("no weights named" in m for m in logged)
 
 
-class RecordingRefitter:
-    """Stands in for trt.Refitter over the built engine: knows the weights the ONNX gives TensorRT, with the
-    prototypes' sizes and dtypes, and records what is set."""
+def network_weights(onnx_path) -> dict[str, tuple]:
+    """{name: (numpy dtype, count)} of every floating-point weight TensorRT-RTX's ONNX parser puts in the
+    network (its constant layers, named after the initializers they hold: the names a refittable engine's
+    Refitter reports), read from the parsed network on the CPU."""
+    logger = get_logger(RTX)
+    builder = RTX.Builder(logger)
+    network = builder.create_network(0)
+    parser = RTX.OnnxParser(network, logger)
+    assert parser.parse_from_file(str(onnx_path))
+    weights = {}
+    for index in range(network.num_layers):
+        layer = network.get_layer(index)
+        if layer.type == RTX.LayerType.CONSTANT:
+            layer.__class__ = RTX.IConstantLayer  # (TensorRT's Python idiom for the layer's own interface)
+            values = layer.weights
+            if values.dtype in (np.float16, np.float32):
+                weights[layer.name] = (values.dtype, int(values.size))
+    return weights
 
-    def __init__(self, onnx_path):
-        self.inits = {i.name: refit._initializer_tensor(i, onnx_path.parent)
-                      for i in onnx.load(str(onnx_path)).graph.initializer
-                      if i.data_type in (onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT)}
-        self.set, self.refitted = {}, False
+
+class NetworkRefitter:
+    """Stands in for trt.Refitter over the built engine with the weights TensorRT-RTX's parser holds
+    (`network_weights`, not the ONNX file our map was read from); refuses, as the real one does with an
+    error logged, values of another dtype or size; records what is set."""
+
+    def __init__(self, weights):
+        self.weights, self.set, self.refitted = weights, {}, False
 
     def get_all_weights(self):
-        return list(self.inits)
+        return list(self.weights)
 
     def get_weights_prototype(self, name):
-        t = self.inits[name]
-        return RTX.Weights(RTX.float16 if t.dtype == torch.float16 else RTX.float32, 0, t.numel())
+        dtype, count = self.weights[name]
+        return RTX.Weights(RTX.float16 if dtype == np.float16 else RTX.float32, 0, count)
 
     def set_named_weights(self, name, weights, location):
         proto = self.get_weights_prototype(name)
-        ok = weights.dtype == proto.dtype and weights.size == proto.size
-        if ok:
-            self.set[name] = weights
-        return ok
+        if weights.dtype != proto.dtype or weights.size != proto.size:
+            get_logger(RTX).log(RTX.ILogger.Severity.ERROR, f"IRefitter::setNamedWeights: Error Code 3: API Usage Error "
+                                f"({name}: {weights.size} x {weights.dtype} given, {proto.size} x {proto.dtype} held)")
+            return False
+        self.set[name] = weights
+        return True
 
     def get_missing_weights(self):
         return []
@@ -204,12 +218,17 @@ class RecordingRefitter:
 
 
 def test_refitter_accepts_every_mapped_weight_by_name(built):
-    """update_weights' path with the full state dict: every engine weight name set, sizes and dtypes as the
-    engine's prototypes, then one refit. (A real Refitter needs a GPU: see the gpu test below.)"""
+    """update_weights' path with the full state dict against the weights TensorRT's parser holds: every
+    mapped name is one of them, with the dtype and size the engine holds, then one refit. (A real Refitter
+    needs a GPU: see the gpu test below.)"""
     manifest, state = built["refittable"], built["state"]
+    held = network_weights(built["onnx"])
+    assert set(manifest.refit_weights) <= set(held), sorted(set(manifest.refit_weights) - set(held))[:5]
+    for engine_name, (names, _) in manifest.refit_weights.items():
+        assert held[engine_name] == (np.float16, state[names[0]].numel()), engine_name
     mapped = {n for names, _ in manifest.refit_weights.values() for n in names}
     engine = type("E", (), {"refittable": True, "trt": RTX, "device": torch.device("cpu"), "_engine": None})()
-    refitter = RecordingRefitter(built["onnx"])
+    refitter = NetworkRefitter(held)
     names = refit.refit_engine(engine, manifest, {n: state[n].float() for n in mapped}, refitter=refitter)
     assert set(names) == set(refitter.set) == set(manifest.refit_weights) and refitter.refitted
 

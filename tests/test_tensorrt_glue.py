@@ -1,9 +1,11 @@
-"""The TensorRT glue that no GPU here can execute, tested without one (issue 12): compute-capability
-resolution, version checks at selection, and the execution-context contract against a recording stand-in.
+"""The TensorRT glue that no GPU here can execute, tested without one (issue 12): 'current' compute
+capability resolved for the manifest (or refused, saying what to do, without a GPU), another TensorRT
+version at selection (a reason naming both; with allow_fallback eager torch instead of a failed
+deserialisation), and engine-validity diagnostics named, not printed as numbers.
 
 Nothing here runs a TensorRT engine: CI has no GPU, and the GPUs reachable to this project (H100/H200)
-are refused by TensorRT-RTX. The stand-ins below record the calls our runtime makes, in order, so the
-documented rules of `IExecutionContext` (NvInferRuntime.h) are checked on every CI run.
+are refused by TensorRT-RTX. The execution-context contract (the calls our runtime makes, in order,
+against a recording stand-in for `IExecutionContext`) is tested in test_tensorrt_contract.py.
 """
 
 import warnings
@@ -17,7 +19,9 @@ from zimage_trt.engines.select import Need, open_denoiser, reasons_unfit
 from zimage_trt.engines.tensorrt import library as trt_library
 from zimage_trt.testing.tiny import make_tiny_components
 
-_, RTX = trt_library.import_backend("tensorrt-rtx")
+from rtx_backend import rtx_or_skip_module
+
+RTX = rtx_or_skip_module()
 
 
 # ------------------------------------------------------------------ defect 3: 'current' is resolved

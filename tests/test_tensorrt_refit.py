@@ -1,6 +1,16 @@
 """Refit (LoRA without a rebuild) for TensorRT engines: the build-time name map and the refit path, against a
-recording stand-in for `trt.Refitter` (a real one needs a deserialised engine, hence a GPU; the slow
-build test checks the map against a real build and TensorRT's own weight names, the gpu test refits)."""
+recording stand-in for `trt.Refitter` that refuses what the real one refuses (an unknown name, another
+dtype or size, weights it needs together, a failed refit) with an error logged as TensorRT logs it.
+
+Why a stand-in, and not the names a real refittable engine reports: on this machine TensorRT-RTX 1.7.1
+cannot build one and could not open one. `test_the_library_cannot_build_or_open_a_refittable_engine_here`
+checks both, quoting the library: every refit flavour fails at build time with "MyelinCheckException:
+graph_jit.cpp:278: CHECK(status == CUDA_SUCCESS) failed. In compileGraph" (its compiler calls CUDA for
+refittable weights; the same network builds without the flag), and deserialising any engine fails with
+"cudaError 35: CUDA driver version is insufficient for CUDA runtime version" (a Refitter takes an
+ICudaEngine). The closest the CPU gets: the slow build test checks the map of a real build against the
+weights TensorRT-RTX's own parser holds (names, dtypes, sizes of the network's constant layers); the gpu
+test refits a real engine (an RTX-class GPU: TensorRT-RTX refuses the H100/H200's compute capability 9.0)."""
 
 import ctypes
 import json
@@ -15,10 +25,12 @@ from zimage_trt.compiler.build import build_engines
 from zimage_trt.engines.manifest import EngineShape, Manifest, ManifestError
 from zimage_trt.engines.tensorrt import refit
 from zimage_trt.engines.tensorrt.denoiser import TensorRTDenoiserEngine
-from zimage_trt.engines.tensorrt.library import get_logger, import_backend
+from zimage_trt.engines.tensorrt.library import get_logger
 from zimage_trt.testing.tiny import make_tiny_components
 
-_, RTX = import_backend("tensorrt-rtx")
+from rtx_backend import rtx_or_skip_module
+
+RTX = rtx_or_skip_module()
 TRT_DTYPE = {torch.float16: RTX.float16, torch.float32: RTX.float32, torch.bfloat16: RTX.bfloat16}
 
 
@@ -76,10 +88,13 @@ def manifest(**kw):
 
 
 class RecordingRefitter:
-    """Stands in for trt.Refitter: the engine's weights with prototypes; records the bytes set."""
+    """Stands in for trt.Refitter: the engine's weights with prototypes; records the bytes set. Failing modes,
+    each logged as TensorRT logs it: `refuse` (names whose values it rejects), values of another dtype or
+    size than the prototype, `missing` (weights it needs set too), `refit_error` (refit_cuda_engine fails)."""
 
-    def __init__(self, prototypes, missing=(), refuse=()):
+    def __init__(self, prototypes, missing=(), refuse=(), refit_error=None):
         self.prototypes, self.missing, self.refuse = prototypes, list(missing), set(refuse)
+        self.refit_error = refit_error
         self.set, self.refitted = {}, 0
 
     def get_all_weights(self):
@@ -90,8 +105,11 @@ class RecordingRefitter:
         return RTX.Weights(TRT_DTYPE[dtype], 0, count)  # (a prototype: dtype and size only)
 
     def set_named_weights(self, name, weights, location):
-        if name in self.refuse:
-            get_logger(TRT).log(RTX.ILogger.Severity.ERROR, f"IRefitter::setNamedWeights: weights {name} rejected")
+        dtype, count = self.prototypes[name]
+        if name in self.refuse or weights.dtype != TRT_DTYPE[dtype] or weights.size != count:
+            get_logger(TRT).log(RTX.ILogger.Severity.ERROR, f"IRefitter::setNamedWeights: Error Code 3: API Usage "
+                                f"Error (weights {name} rejected: {weights.size} values of {weights.dtype}, the engine "
+                                f"holds {count} of {TRT_DTYPE[dtype]})")
             return False
         assert location == RTX.TensorLocation.HOST
         self.set[name] = (weights.dtype, weights.size, weights.data)
@@ -101,6 +119,9 @@ class RecordingRefitter:
         return self.missing
 
     def refit_cuda_engine(self):
+        if self.refit_error:
+            get_logger(TRT).log(RTX.ILogger.Severity.ERROR, self.refit_error)
+            return False
         self.refitted += 1
         return True
 
@@ -166,6 +187,57 @@ def test_refit_reports_tensorrts_refusal_and_missing_weights():
     with pytest.raises(refit.RefitError, match="6 values given, the engine holds 5"):
         refit.refit_engine(Engine(), manifest(), {"lin.bias": torch.zeros(6)},
                            refitter=RecordingRefitter({**protos, "lin.bias": (torch.float16, 5)}))
+
+
+def test_a_failed_refit_is_an_error_with_tensorrts_message():
+    protos = {"val_12": (torch.bfloat16, 24), "lin.bias": (torch.float16, 6), "val_7": (torch.float16, 4)}
+    error = "IRefitter::refitCudaEngine: Error Code 1: Cuda Runtime (an illegal memory access was encountered)"
+    refitter = RecordingRefitter(protos, refit_error=error)
+    with pytest.raises(refit.RefitError, match=r"refit_cuda_engine failed: .*an illegal memory access"):
+        refit.refit_engine(Engine(), manifest(), {"lin.bias": torch.zeros(6)}, refitter=refitter)
+    assert refitter.refitted == 0
+
+
+def _one_matmul_onnx(path):
+    w = helper.make_tensor("W", TensorProto.FLOAT16, [4, 6], torch.randn(4, 6).half().numpy().tobytes(), raw=True)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [2, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [2, 6])], initializer=[w])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+@pytest.mark.parametrize("flags", [(), ("REFIT",), ("REFIT_IDENTICAL",), ("REFIT_INDIVIDUAL",), ("REFIT", "STRIP_PLAN")])
+def test_the_library_cannot_build_or_open_a_refittable_engine_here(tmp_path, flags):
+    """Why the refit checks use a stand-in (the module doc): TensorRT-RTX itself, on a one-MatMul network,
+    one target (8.9). Without a refit flag it builds ('legacy CPU-only mode'); with any, its compiler needs
+    CUDA. And no engine opens. When this fails, this machine can build a refittable engine: check the map
+    against its Refitter's get_all_weights() here instead of the parser's weights."""
+    if torch.cuda.is_available():
+        pytest.skip("the CPU-only limitation")
+    logger = get_logger(RTX)
+    builder = RTX.Builder(logger)
+    network = builder.create_network(0)
+    parser = RTX.OnnxParser(network, logger)
+    assert parser.parse_from_file(str(_one_matmul_onnx(tmp_path / "m.onnx")))
+    if "REFIT_INDIVIDUAL" in flags:
+        assert network.mark_weights_refittable("W")
+    config = builder.create_builder_config()
+    config.num_compute_capabilities = 1
+    config.set_compute_capability(RTX.ComputeCapability.SM89, 0)
+    for flag in flags:
+        config.set_flag(getattr(RTX.BuilderFlag, flag))
+    with logger.capture() as logged:
+        plan = builder.build_serialized_network(network, config)
+    if not flags:
+        assert plan is not None
+        with logger.capture() as logged:
+            assert RTX.Runtime(logger).deserialize_cuda_engine(plan) is None
+        assert any("cudaError 35: CUDA driver version is insufficient for CUDA runtime version" in m for m in logged)
+        return
+    assert plan is None
+    assert any("MyelinCheckException: graph_jit.cpp:278: CHECK(status == CUDA_SUCCESS) failed.  In compileGraph" in m
+               for m in logged), logged
 
 
 def test_engine_holds_its_own_weights_and_refuses_without_refit():

@@ -18,7 +18,7 @@ from ..testing.tiny import make_tiny_components
 from .app import AppSettings, create_app
 from .schema import ServingLimits
 from .service import ImageService, ServiceSettings, served_sizes
-from .settings import ServeConfigError, check_bind, read_api_key
+from .settings import ServeConfigError, allowed_host_names, check_bind, read_api_key
 
 log = logging.getLogger("zimage_trt.serving")
 TINY_SIZE = "256x256"
@@ -72,15 +72,19 @@ def build_service(args) -> ImageService:
     return ImageService(pipeline_factory(args), settings)
 
 
+def serving_app(service: ImageService, api_key: str | None, host: str, **app_settings):
+    """The app `run_server` serves on `host`: the API key, and without one only loopback names answered;
+    `app_settings`: the other AppSettings fields (image links)."""
+    return create_app(service, AppSettings(api_key=api_key, allowed_hosts=allowed_host_names(api_key, host),
+                                           **app_settings))
+
+
 def run_server(args) -> int:
     api_key = read_api_key(args.api_key_file)
     check_bind(args.host, api_key)  # before anything is loaded: a refusal is immediate
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     service = build_service(args)
-    # Without a key the server is reachable only from this machine, and only by its loopback names.
-    hosts = None if api_key else ("localhost", "127.0.0.1", "::1", args.host)
-    app = create_app(service, AppSettings(api_key=api_key, allowed_hosts=hosts, url_max_images=args.url_max_images,
-                                          url_ttl_s=args.url_ttl))
+    app = serving_app(service, api_key, args.host, url_max_images=args.url_max_images, url_ttl_s=args.url_ttl)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=args.timeout + 30.0)
     server = _GracefulServer(config, service)

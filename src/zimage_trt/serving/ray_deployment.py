@@ -15,8 +15,9 @@ one-GPU server (`create_app`), so the HTTP API is unchanged; Ray Serve's proxy s
   once (none hangs), routes the others to the live replicas, and Serve's controller starts a new one.
 - `/v1/stats` and `/metrics` cover every replica (`cluster_stats.py`: each replica reports to a small
   stats actor once a second).
-- Security as for one GPU: the proxy listens on loopback unless an API key is set; replicas read the key
-  from `--api-key-file` or $ZIMAGE_TRT_API_KEY on their own machine (it never travels through Ray).
+- Security as for one GPU: the proxy listens on loopback unless an API key is set, and then only loopback
+  host names are answered (`settings.allowed_host_names`); replicas read the key from `--api-key-file` or
+  $ZIMAGE_TRT_API_KEY on their own machine (it never travels through Ray).
 
 Needs `pip install zimage_trt[ray]`; `ray` is imported only here, where used.
 """
@@ -30,13 +31,12 @@ import logging
 import signal
 import threading
 
-from .app import AppSettings, create_app
 from .cluster_stats import REPORT_PERIOD_S, STALE_AFTER_S, StatsBoard, merge_metrics, merge_stats
-from .command import build_service, pipeline_factory
+from .command import build_service, pipeline_factory, serving_app
 from .metrics import ServiceMetrics
 from .ray_settings import add_ray_arguments
 from .service import ImageService
-from .settings import ServeConfigError, add_arguments, check_bind, is_loopback, read_api_key
+from .settings import DEFAULT_HOST, ServeConfigError, add_arguments, check_bind, is_loopback, read_api_key
 
 log = logging.getLogger("zimage_trt.serving")
 
@@ -171,6 +171,7 @@ class ImageReplica:
         host = await asyncio.to_thread(_proxy_host)
         if host is not None and self.api_key is None and not is_loopback(host):
             check_bind(host, None)  # raises: the same refusal as the one-GPU server's
+        self.host = host or DEFAULT_HOST  # (unread: keyless, the loopback names only)
         reporter = _Reporter(app_name, self.replica)
         base = build_service(args)  # the checked sizes and limits; its pipeline is never loaded
         self.service = ClusterImageService(pipeline or pipeline_factory(args), base.settings, reporter)
@@ -182,8 +183,9 @@ class ImageReplica:
         log.info("replica %s ready on %s", self.replica, self.service.pipe.device)
 
     def __serve_build_asgi_app__(self):
-        # No links (response_format "url"): the proxy may send the link's GET to another replica.
-        return create_app(self.service, AppSettings(api_key=self.api_key, url_max_images=0))
+        # The one-GPU server's app and host rule; no links (response_format "url"): the proxy may send the
+        # link's GET to another replica.
+        return serving_app(self.service, self.api_key, self.host, url_max_images=0)
 
     def check_health(self) -> None:
         """Serve's periodic health check: a failed or stopped service gets this replica replaced."""

@@ -2,7 +2,8 @@
 CLI's parser is built without it installed).
 
 The rule: the server listens on a loopback address unless an API key is set. Anyone who can reach a
-public address could otherwise spend the GPU, so `check_bind` refuses to start and says why.
+public address could otherwise spend the GPU, so `check_bind` refuses to start and says why. And without
+a key it answers only requests addressed to a loopback name (`allowed_host_names`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,18 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:  # a host name other than localhost may resolve anywhere
         return False
+
+
+LOOPBACK_HOST_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+def allowed_host_names(api_key: str | None, host: str) -> tuple[str, ...] | None:
+    """The Host header names a server listening on `host` answers: any (None) with an API key; without one
+    only the loopback names and `host` itself. A web page whose own name is rebound to 127.0.0.1 (DNS
+    rebinding) would otherwise reach the keyless API from a browser on this machine."""
+    if api_key:
+        return None
+    return tuple(dict.fromkeys((*LOOPBACK_HOST_NAMES, host)))
 
 
 def read_api_key(api_key_file: str | None, environ=os.environ) -> str | None:
