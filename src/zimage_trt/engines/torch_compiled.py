@@ -22,7 +22,7 @@ import torch
 from ..model.denoiser import StaticZImageDenoiser
 from ..model.shapes import Resolution
 from . import contract
-from .base import DenoiserEngine
+from .base import DenoiserEngine, TorchDenoiserEngine
 
 ARTIFACT_SUFFIX = ".inductor-cache.bin"
 
@@ -41,15 +41,14 @@ def sdpa_priority_context(device: torch.device):
         return contextlib.nullcontext()
 
 
-class CompiledDenoiserEngine(DenoiserEngine):
+class CompiledDenoiserEngine(TorchDenoiserEngine):
     """The static denoiser with each block compiled by torch.compile (regional compilation)."""
 
     kind = "torch-compiled"
 
     def __init__(self, denoiser: StaticZImageDenoiser, *, mode: str | None = None):
-        super().__init__(denoiser.device, denoiser.dtype)
-        self.denoiser = denoiser.eval()
-        self.supports_cuda_graph = self.device.type == "cuda"
+        super().__init__(denoiser)
+        self.mode = mode
         # Shapes: dynamo's automatic-dynamic compiles a block static first, then once more with the
         # sequence length symbolic when a second caption length shows up (warm_up makes sure it does),
         # so any caption length runs without recompiling. Blocks of three kinds x shapes x masks exceed
@@ -58,12 +57,21 @@ class CompiledDenoiserEngine(DenoiserEngine):
         for _, block in denoiser.named_blocks():
             block.compile(fullgraph=True, mode=mode)
         self._attention_ctx = lambda: sdpa_priority_context(self.device)
+        # Set by engines.select for an engine opened from a folder: where the ControlNet's compiled
+        # kernels are kept after their first use (kept_artifacts.py), and under which name.
+        self.artifacts_dir = None
+        self.name = None
+
+    def _controlnet_ready(self, net) -> None:
+        # The ControlNet's blocks are StaticBlocks of the shapes the denoiser's own run: compiled the same
+        # way, they mostly reuse the denoiser's graphs; the rest compile at their first step.
+        for _, block in net.named_blocks():
+            block.compile(fullgraph=True, mode=self.mode)
 
     @torch.no_grad()
-    def run(self, latents, timestep, cap_feats, cap_lens, masked: bool, controlnet_hints=None) -> torch.Tensor:
+    def run(self, latents, timestep, cap_feats, cap_lens, masked: bool, controlnet_hints=None, control=None) -> torch.Tensor:
         with self._attention_ctx():
-            return self.denoiser(latents, timestep, cap_feats, cap_lens, mask_caption_keys=masked,
-                                 controlnet_hints=controlnet_hints)
+            return super().run(latents, timestep, cap_feats, cap_lens, masked, controlnet_hints, control)
 
 
 def warm_up(engine: DenoiserEngine, shapes, cap_dim: int, progress=None) -> None:
