@@ -28,10 +28,12 @@ ALLOWED = {
     "request": {"model"},
     "options": {"model", "runtime"},
     "pipeline": {"runtime", "parallel", "engines", "model", "request", "options", "errors", "lora"},
-    "benchmark": {"benchmark", "pipeline", "compiler", "runtime", "engines", "model", "testing", "files", "lora"},
+    "tasks": {"pipeline", "runtime", "model", "request", "options", "errors"},
+    "benchmark": {"benchmark", "pipeline", "tasks", "compiler", "runtime", "engines", "model", "testing", "files",
+                  "lora"},
     "demo": {"pipeline", "compiler", "engines", "model", "testing"},
     "serving": {"serving", "pipeline", "request", "options", "runtime", "engines", "model", "errors", "files", "testing"},
-    "cli": {"benchmark", "pipeline", "parallel", "compiler", "demo", "model", "serving"},
+    "cli": {"benchmark", "pipeline", "tasks", "parallel", "compiler", "demo", "model", "serving"},
 }
 FP8_HOME = "model/fp8.py"
 PRECISION_HOME = "model/precision.py"

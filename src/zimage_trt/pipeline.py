@@ -38,7 +38,7 @@ from diffusers.pipelines.z_image.pipeline_z_image import calculate_shift, get_de
 from diffusers.utils.torch_utils import randn_tensor
 
 from .engines.select import fp8_keep_in, open_denoiser
-from .engines.torch_compiled import compile_vae_decoder
+from .engines.torch_compiled import compile_vae_decoder, compile_vae_encoder
 from .errors import GenerationOOMError, NonFiniteOutputError, PromptTruncatedWarning
 from .lora.pipeline_mixin import LoraPipelineMixin
 from .model.shapes import Resolution
@@ -126,6 +126,8 @@ class ZImageTRTPipeline(LoraPipelineMixin):
     # What a step callback may read and replace (diffusers' name): the loop keeps the prompt embeddings in
     # engine buffers, so only the latents.
     _callback_tensor_inputs = list(CALLBACK_TENSOR_INPUTS)
+    # A task class's own constructor keywords, which from_pretrained/from_single_file pass on (controlnet=).
+    TASK_KEYWORDS: tuple[str, ...] = ()
 
     def __init__(self, *, transformer, vae, text_encoder, tokenizer, scheduler,
                  options: PipelineOptions | None = None, **option_keywords):
@@ -159,6 +161,7 @@ class ZImageTRTPipeline(LoraPipelineMixin):
             # One static graph per resolution at its first image (from the engine's artefacts when the
             # build compiled the VAE too).
             compile_vae_decoder(vae)
+            compile_vae_encoder(vae)  # (the image tasks' inputs; compiled at its first image, if any)
         self.telemetry = Telemetry(self.device, history=opts.telemetry_history)
         self.show_progress = True
         self._loops: dict[tuple, DenoiseLoop] = {}
@@ -181,6 +184,7 @@ class ZImageTRTPipeline(LoraPipelineMixin):
         default), else bf16 on CUDA and fp32 on CPU.
         `text_encoder_device` puts the text encoder elsewhere (e.g. "cpu" to save GPU memory).
         """
+        parts_of_task = {name: options.pop(name) for name in cls.TASK_KEYWORDS if name in options}
         opts = PipelineOptions.from_keywords(engine_dir=engine_dir, **options)
         check_launch(opts.sequence_parallel)  # before loading gigabytes: is this a torchrun process?
         # Load on the CPU; the constructor moves each part once (the text encoder may live elsewhere).
@@ -192,19 +196,20 @@ class ZImageTRTPipeline(LoraPipelineMixin):
             # Same digest as the build's when it built from these files (stored dtype, sampled bytes):
             # an engine with other weights baked in is refused instead of silently used.
             opts.weights_fingerprint = weights_fingerprint(model)
-        return cls.from_components(transformer, **parts, options=opts)
+        return cls.from_components(transformer, **parts, options=opts, **parts_of_task)
 
     @classmethod
     def from_single_file(cls, path, config=None, engine_dir=None, **options) -> "ZImageTRTPipeline":
         """The transformer from one .safetensors checkpoint (ComfyUI-style keys or diffusers'), through
         diffusers' single-file loader; its config and the other parts from `config`, a diffusers-format
         folder or hub id (default, as diffusers: Tongyi-MAI/Z-Image-Turbo). Other arguments as from_pretrained."""
+        parts_of_task = {name: options.pop(name) for name in cls.TASK_KEYWORDS if name in options}
         opts = PipelineOptions.from_keywords(engine_dir=engine_dir, **options)
         transformer, fingerprint = load_single_file_transformer(path, config, torch_dtype=opts.torch_dtype)
         parts = load_pipeline_parts(config or SINGLE_FILE_DEFAULT_CONFIG, torch_dtype=opts.torch_dtype, device="cpu")
         if engine_dir is not None and opts.weights_fingerprint is None:
             opts.weights_fingerprint = fingerprint
-        return cls.from_components(transformer, **parts, options=opts)
+        return cls.from_components(transformer, **parts, options=opts, **parts_of_task)
 
     @classmethod
     def from_components(cls, transformer, vae, text_encoder, tokenizer, scheduler, engine_dir=None,

@@ -108,14 +108,27 @@ def compile_vae_decoder(vae) -> None:
     vae.decoder.compile(fullgraph=False, dynamic=False)
 
 
+def compile_vae_encoder(vae) -> None:
+    """The VAE encoder (image to image, inpainting, ControlNet inputs) as the decoder is compiled: one
+    static graph per resolution, here in channels-last memory (its convolutions' weights, and the images
+    runtime/image_input.py hands it); compiled lazily, so text to image pays nothing for it."""
+    vae.eval().requires_grad_(False)
+    vae.encoder.to(memory_format=torch.channels_last)
+    vae.encoder.compile(fullgraph=False, dynamic=False)
+
+
 @torch.no_grad()
-def warm_up_vae_decoder(vae, shapes, progress=None) -> None:
-    """Decode once at each (resolution, batch) so the compiled decoder's kernels exist now."""
+def warm_up_vae_decoder(vae, shapes, progress=None, encoder: bool = False) -> None:
+    """Decode (and with `encoder`, encode) once at each (resolution, batch) so the compiled kernels exist
+    now (the build keeps them with the engine's artefacts)."""
     for shape in shapes:
         res = Resolution.parse(shape.resolution)
         for batch in sorted({1, shape.batch}):
             latents = torch.randn(res.latent_shape(batch), device=vae.device, dtype=vae.dtype)
             vae.decode(latents, return_dict=False)
+            if encoder:
+                pixels = torch.rand(batch, 3, res.height, res.width, device=vae.device, dtype=vae.dtype) * 2 - 1
+                vae.encode(pixels.contiguous(memory_format=torch.channels_last))
         if progress is not None:
             progress.update()
 

@@ -48,9 +48,16 @@ class ControlNetMismatch(ValueError):
     """A ControlNet that does not fit this transformer (dim, heads, places, patch size, dtype)."""
 
 
-def check_fits(config, denoiser: StaticZImageDenoiser) -> None:
+def hint_count(config) -> int:
+    """How many hints (and scales) a ControlNet makes: its noise-refiner places (2.x), then its layer places."""
+    refiner = list(config.control_refiner_layers_places or []) if config.add_control_noise_refiner else []
+    return len(refiner) + len(config.control_layers_places or [])
+
+
+def check_fits(config, transformer_config) -> None:
     """Refuse, naming both sides, a ControlNet whose width, heads or places this transformer cannot take."""
-    t = denoiser.config
+    t = transformer_config
+    layers, refiners = int(t.n_layers), int(t.n_refiner_layers)
     problems = []
     if int(config.dim) != int(t.dim):
         problems.append(f"dim {config.dim} vs the transformer's {t.dim}")
@@ -59,18 +66,18 @@ def check_fits(config, denoiser: StaticZImageDenoiser) -> None:
     if PATCH_SIZE not in tuple(config.all_patch_size) or 1 not in tuple(config.all_f_patch_size):
         problems.append(f"all_patch_size {tuple(config.all_patch_size)} has no {PATCH_SIZE} (the denoiser's)")
     places = list(config.control_layers_places or [])
-    if not places or any(not 0 <= p < len(denoiser.layers) for p in places) or len(set(places)) != len(places):
+    if not places or any(not 0 <= p < layers for p in places) or len(set(places)) != len(places):
         problems.append(f"control_layers_places {places} are not distinct main-layer indices of the "
-                        f"transformer's {len(denoiser.layers)} layers (0..{len(denoiser.layers) - 1})")
+                        f"transformer's {layers} layers (0..{layers - 1})")
     if config.add_control_noise_refiner not in VARIANTS:
         problems.append(f"add_control_noise_refiner {config.add_control_noise_refiner!r} is not one of {VARIANTS}")
     elif config.add_control_noise_refiner is not None:
         refiner = list(config.control_refiner_layers_places or [])
-        if any(not 0 <= p < len(denoiser.noise_refiner) for p in refiner) or len(set(refiner)) != len(refiner):
+        if any(not 0 <= p < refiners for p in refiner) or len(set(refiner)) != len(refiner):
             problems.append(f"control_refiner_layers_places {refiner} are not distinct indices of the "
-                            f"transformer's {len(denoiser.noise_refiner)} noise-refiner layers")
-    if int(config.control_in_dim) < int(denoiser.in_channels):
-        problems.append(f"control_in_dim {config.control_in_dim} is less than the {denoiser.in_channels} latent "
+                            f"transformer's {refiners} noise-refiner layers")
+    if int(config.control_in_dim) < int(t.in_channels):
+        problems.append(f"control_in_dim {config.control_in_dim} is less than the {t.in_channels} latent "
                         f"channels of a control image")
     if problems:
         raise ControlNetMismatch("this ControlNet does not fit the transformer: " + "; ".join(problems))
@@ -100,7 +107,7 @@ class StaticZImageControlNet(nn.Module):
     def __init__(self, controlnet: nn.Module, denoiser: StaticZImageDenoiser):
         super().__init__()
         cfg = controlnet.config
-        check_fits(cfg, denoiser)
+        check_fits(cfg, denoiser.config)
         weight = controlnet.control_all_x_embedder[f"{PATCH_SIZE}-1"].weight
         if weight.dtype != denoiser.dtype or weight.device != denoiser.device:
             raise ControlNetMismatch(f"the ControlNet is {weight.dtype} on {weight.device}, the transformer "
@@ -124,7 +131,7 @@ class StaticZImageControlNet(nn.Module):
     @property
     def hint_count(self) -> int:
         """How many scales a call takes: the refiner places, then the layer places."""
-        return len(self.refiner_places) + len(self.control_places)
+        return hint_count(self.config)
 
     def named_blocks(self):
         for group in ("control_noise_refiner", "refiner", "layers"):
