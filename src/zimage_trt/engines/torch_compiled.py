@@ -16,6 +16,8 @@ their sha256 matches the manifest the user's own build wrote (`engines.open_deno
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 
 import torch
 
@@ -57,16 +59,24 @@ class CompiledDenoiserEngine(TorchDenoiserEngine):
         for _, block in denoiser.named_blocks():
             block.compile(fullgraph=True, mode=mode)
         self._attention_ctx = lambda: sdpa_priority_context(self.device)
-        # Set by engines.select for an engine opened from a folder: where the ControlNet's compiled
-        # kernels are kept after their first use (kept_artifacts.py), and under which name.
-        self.artifacts_dir = None
-        self.name = None
+        # Set by engines.select for an engine opened from a folder: keeps the compile caches under a key
+        # (engines/kept_artifacts.py), so the ControlNet's kernels compiled at first use outlive the process.
+        self.keep_kernels = None
+        self._kept: set[str] = set()
 
     def _controlnet_ready(self, net) -> None:
         # The ControlNet's blocks are StaticBlocks of the shapes the denoiser's own run: compiled the same
         # way, they mostly reuse the denoiser's graphs; the rest compile at their first step.
         for _, block in net.named_blocks():
             block.compile(fullgraph=True, mode=self.mode)
+
+    def controlnet_kernels_compiled(self, controlnet, latent_shape, model_batch: int) -> None:
+        """After a ControlNet's first loop at a shape: keep what was compiled for it, once per shape."""
+        config = json.dumps(dict(controlnet.config), sort_keys=True, default=str)
+        key = f"{hashlib.sha256(config.encode()).hexdigest()[:12]}-{latent_shape[-2] * 8}x{latent_shape[-1] * 8}-b{model_batch}"
+        if self.keep_kernels is not None and key not in self._kept:
+            self._kept.add(key)
+            self.keep_kernels(key)
 
     @torch.no_grad()
     def run(self, latents, timestep, cap_feats, cap_lens, masked: bool, controlnet_hints=None, control=None) -> torch.Tensor:

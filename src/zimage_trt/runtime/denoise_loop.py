@@ -255,6 +255,7 @@ class DenoiseLoop:
             blend_sigmas = torch.cat([sig[1:-1], sig.new_zeros(1)])[:steps] if blend is not None else None
             current = latents.to(dev, torch.float32)
             events = []
+            slots_before = set(self._slots)
             bar = tqdm(total=steps, desc="denoising", disable=not progress, leave=False)
             slot = None
             for i in range(steps):
@@ -295,6 +296,10 @@ class DenoiseLoop:
             self.last_step_times_ms = [s.elapsed_time(e) for s, e in events]
         else:
             self.last_step_times_ms = []
+        kept = getattr(self.engine, "controlnet_kernels_compiled", None)
+        if control is not None and kept is not None:
+            for key in set(self._slots) - slots_before:  # a ControlNet's first loop at this shape compiled it
+                kept(control.controlnet, key[0], key[3])
         return result
 
 
