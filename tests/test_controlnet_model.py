@@ -132,3 +132,41 @@ def test_a_controlnet_that_does_not_fit_is_refused_naming_both(transformer, chan
         model = ZImageControlNetModel(**config)
     with pytest.raises(ControlNetMismatch, match=message):
         StaticZImageControlNet(model, StaticZImageDenoiser(transformer))
+
+
+def test_fp16_engines_measure_the_controlnets_peaks_and_stay_finite(transformer):
+    """An fp16 engine measures the ControlNet's fp16 peaks as the build measures the denoiser's and
+    shrinks its blocks by powers of two: a block whose feed-forward output exceeds fp16's range (scaled
+    here) overflows without, and stays finite and close to fp32 with the measured shrink."""
+    import copy
+
+    from zimage_trt.engines.base import TorchDenoiserEngine
+
+    controlnet = controlnet_for(transformer, None, 16)
+    with torch.no_grad():
+        controlnet.control_layers[1].feed_forward.w2.weight.mul_(3e4)  # its feed-forward output: ~1e5
+    latents, timestep, feats, lens, context = inputs(16)
+    scales = torch.ones(2)
+    reference_net = StaticZImageControlNet(controlnet, StaticZImageDenoiser(transformer))
+    with torch.no_grad():
+        expected = StaticZImageDenoiser(transformer)(latents, timestep, feats, lens,
+                                                     control=ControlStep(reference_net, context, scales))
+    half_transformer, half_controlnet = copy.deepcopy(transformer).half(), copy.deepcopy(controlnet).half()
+    engine = TorchDenoiserEngine(StaticZImageDenoiser(half_transformer))
+    plain = StaticZImageControlNet(half_controlnet, engine.denoiser)
+    half = [t.half() for t in (latents, timestep, feats)]
+    with torch.no_grad():
+        overflowed = engine.denoiser(half[0], half[1], half[2], lens, control=ControlStep(plain, context.half(), scales))
+    assert not torch.isfinite(overflowed).all(), "nothing overflows: the test proves nothing"
+    net = engine.controlnet_runner(half_controlnet)
+    assert net.downscale().get("controlnet.layers.1", (0, 0))[1] >= 5
+    assert engine.controlnet_runner(half_controlnet) is net  # made once per engine and ControlNet
+    got = engine.run(half[0], half[1], half[2], lens, True, control=ControlStep(net, context.half(), scales))
+    assert torch.isfinite(got).all()
+    # fp16 on tiny random weights is several percent off fp32 without any ControlNet (measured here): the
+    # ControlNet step may be no worse than twice that.
+    with torch.no_grad():
+        plain32 = StaticZImageDenoiser(transformer)(latents, timestep, feats, lens)
+        plain16 = engine.run(half[0], half[1], half[2], lens, True)
+    fp16_error = ((plain16 - plain32).abs().max() / plain32.abs().max()).item()
+    assert (got - expected).abs().max() / expected.abs().max() <= 2 * fp16_error
