@@ -27,6 +27,8 @@ from zimage_trt.model.denoiser import StaticZImageDenoiser
 from zimage_trt.model.shapes import Resolution
 from zimage_trt.testing.tiny import make_tiny_controlnet, save_tiny_pipeline
 
+from test_lora import make_lora
+
 STEPS = 4
 PIXEL_TOLERANCE = 1.0 / 255.0
 SIZE = 256
@@ -296,3 +298,28 @@ def test_controlnet_inpaint_through_a_torch_compiled_engine(compiled_base, refer
 def test_inpaint_through_a_torch_compiled_engine(compiled_base, reference_parts):
     ours = ZImageTRTInpaintPipeline.from_pipe(compiled_base)
     run_both(ours, reference("ZImageInpaintPipeline", reference_parts), **INPAINT_CASES["single_step"])
+
+
+def test_lora_methods_and_submit_on_a_task_class_act_on_the_family(base, controlnets, tmp_path):
+    """A LoRA loaded through one task class is the family's (they share the weights), and submit() queues
+    that class's own call."""
+    from diffusers import ZImagePipeline
+
+    state, config = make_lora(1, rank=4, alpha=8)
+    ZImagePipeline.save_lora_weights(tmp_path, transformer_lora_layers=state, weight_name="a.safetensors",
+                                     transformer_lora_adapter_metadata=config.to_dict())
+    control = ZImageTRTControlNetPipeline.from_pipe(base, controlnet=controlnets["v1-16"])
+    call = dict(prompt="a dancer", control_image=picture(3), height=SIZE, width=SIZE, num_inference_steps=2,
+                output_type="np")
+    before = control(generator=torch.Generator().manual_seed(0), **call).images
+    control.load_lora_weights(tmp_path / "a.safetensors", adapter_name="style")
+    try:
+        assert base.get_list_adapters() == {"transformer": ["style"]} and base.get_active_adapters() == ["style"]
+        styled = control.submit(generator=torch.Generator().manual_seed(0), **call).result(timeout=300).images
+        assert np.abs(styled - before).max() > 10 * PIXEL_TOLERANCE, "the adapter changed nothing"
+    finally:
+        base.unload_lora_weights()
+        control.close()
+    assert control.get_list_adapters() == {}
+    again = control(generator=torch.Generator().manual_seed(0), **call).images
+    assert np.abs(again - before).max() == 0  # unloading restores the base weights bit for bit
