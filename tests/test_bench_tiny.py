@@ -95,3 +95,21 @@ def test_bench_tiny_writes_its_figures_and_the_images_behind_its_psnr(tmp_path):
     assert psnr(ours, theirs) == pytest.approx(results["psnr_vs_diffusers_db"], abs=1e-6)
     assert results["psnr_vs_diffusers_db"] > 60  # fp32 engine vs diffusers on the same weights and seed
     assert peers["diffusers-eager"]["psnr_vs_eager_db"] == float("inf")  # the reference against itself
+
+
+@pytest.mark.slow
+def test_image_tasks_bench_tiny_writes_its_json_and_log(tmp_path):
+    """bench/image_tasks.py --tiny: every setting runs, image to image runs the steps its strength leaves,
+    f and the targets are computed and written."""
+    env = dict(os.environ, PYTHONPATH=str(SRC), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    script = Path(__file__).resolve().parents[1] / "bench" / "image_tasks.py"
+    out = subprocess.run([sys.executable, str(script), "--tiny", "--out", str(tmp_path), "--images", "1",
+                          "--peer-images", "1"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    results = json.loads((tmp_path / "image_tasks.json").read_text())
+    assert results["ours_image_to_image"]["steps"] == 5 and results["ours_text_to_image"]["steps"] == 8
+    assert results["ours_image_to_image"]["vae_encode_ms"]["mean"] > 0
+    assert 0 < results["flops"]["f"] and "step_target_met" in results["ours_controlnet"]
+    assert results["diffusers_controlnet_eager"]["per_image_ms"]["mean"] > 0
+    log = (tmp_path / "image_tasks.log").read_text()
+    assert "f = " in log and "ours ControlNet" in log

@@ -87,3 +87,53 @@ def test_build_then_generate_a_landscape_and_a_portrait_image(tmp_path, capsys):
                      "--output", str(target)]) == 0, capsys.readouterr().err
         with Image.open(target) as image:
             assert image.format == "PNG" and image.size == (width, height)
+
+
+def test_generate_image_to_image_inpainting_and_controlnet(tmp_path, capsys):
+    """--image (image to image), --image --mask (inpainting), --controlnet --control-image: the same
+    picture as the Python class of that task with the same arguments."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from zimage_trt import ZImageTRTControlNetPipeline, ZImageTRTInpaintPipeline
+    from zimage_trt.testing.tiny import make_tiny_controlnet
+
+    model = save_tiny_pipeline(tmp_path / "tiny", seed=0)
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8))
+    photo.save(tmp_path / "photo.png")
+    Image.new("L", (256, 256), 255).save(tmp_path / "mask.png")
+    make_tiny_controlnet(seed=1, variant=None, control_in_dim=16).save_pretrained(tmp_path / "controlnet")
+    common = ["generate", "--model", str(model), "--engine-dir", str(tmp_path / "none"), "--prompt", "a fox",
+              "--height", "256", "--width", "256", "--steps", "2", "--device", "cpu", "--allow-fallback"]
+    runs = {
+        "img2img": ["--image", str(tmp_path / "photo.png"), "--strength", "0.5"],
+        "inpaint": ["--image", str(tmp_path / "photo.png"), "--mask", str(tmp_path / "mask.png")],
+        "controlnet": ["--controlnet", str(tmp_path / "controlnet"), "--control-image", str(tmp_path / "photo.png"),
+                       "--control-scale", "0.5,1.0"],
+    }
+    for name, extra in runs.items():
+        with pytest.warns(UserWarning, match="allow_fallback"):
+            assert main([*common, *extra, "--output", str(tmp_path / f"{name}.png")]) == 0
+    assert capsys.readouterr().out.count("wrote") == 3
+    inpaint = ZImageTRTInpaintPipeline.from_pretrained(model, device="cpu")
+    inpaint.set_progress_bar_config(disable=True)
+    expected = inpaint("a fox", image=photo, mask_image=Image.new("L", (256, 256), 255), height=256, width=256,
+                       num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+    with Image.open(tmp_path / "inpaint.png") as written:
+        got = np.asarray(written).astype(int)
+    assert np.abs(got - np.round(expected * 255)).max() <= 1  # (two loads may round one pixel differently)
+    control = ZImageTRTControlNetPipeline.from_pipe(inpaint, controlnet=tmp_path / "controlnet")
+    expected = control("a fox", control_image=photo, controlnet_conditioning_scale=[0.5, 1.0], height=256, width=256,
+                       num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+    with Image.open(tmp_path / "controlnet.png") as written:
+        assert np.abs(np.asarray(written).astype(int) - np.round(expected * 255)).max() <= 1
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--mask", "m.png"], "--mask needs --image"),
+    (["--control-image", "c.png"], "--controlnet and --control-image go together"),
+])
+def test_generate_refuses_task_options_that_do_not_go_together(tmp_path, capsys, extra, message):
+    code = main(["generate", "--model", str(tmp_path), "--prompt", "a fox", "--device", "cpu", *extra])
+    assert code == 2 and message in capsys.readouterr().err

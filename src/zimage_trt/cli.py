@@ -17,7 +17,7 @@ from .model.attention import BACKENDS as ATTENTION_BACKENDS
 from .model.precision import DEFAULT_PRECISION_RULE, PRECISIONS, RUN_PRECISION_RULE, precision_dtype, run_precision
 from .pipeline import ZImageTRTPipeline
 from .runtime import gpu_health
-from . import serving
+from . import serving, tasks
 from .serving import ray_settings
 from .serving import settings as serve_settings
 
@@ -120,21 +120,74 @@ def generate_precision(precision: str | None, device: str | None) -> str:
     return run_precision(precision, device, with_engines=True)
 
 
+def add_task_arguments(g: argparse.ArgumentParser) -> None:
+    """generate's image tasks: image to image, inpainting, ControlNet (tasks/)."""
+    g.add_argument("--image", default=None,
+                   help="image to image: the starting image (a PNG/JPEG/WebP file), resized to the output size "
+                        "(default: none, text to image)")
+    g.add_argument("--mask", default=None, help="with --image: inpaint where this mask (same size) is white (default: none)")
+    g.add_argument("--strength", type=float, default=None,
+                   help="how much of --image to repaint, 0..1 (default: 0.6 for image to image, 1.0 with --mask: "
+                        "diffusers')")
+    g.add_argument("--control-image", default=None, help="with --controlnet: the control image (pose, edges, depth...) (default: none)")
+    g.add_argument("--controlnet", default=None,
+                   help="a Z-Image ControlNet: a diffusers-format folder, a hub id, or one .safetensors file (Union "
+                        "v1 / 2.0 / 2.1); with --mask and --image it inpaints (a 33-channel one) (default: none)")
+    g.add_argument("--controlnet-config", default=None,
+                   help="for a .safetensors --controlnet: a folder or hub id with its config.json (default: the hub "
+                        "repo diffusers names for its layout)")
+    g.add_argument("--control-scale", default="0.75",
+                   help="ControlNet conditioning scale: a number, or one per control place, comma-separated "
+                        "(noise-refiner places first, then layer places)")
+
+
+def task_for(args):
+    """(pipeline class, its from_pretrained extras, the call's extras) for generate's task options."""
+    from PIL import Image
+
+    def read(path, mode):
+        with Image.open(path) as image:
+            return image.convert(mode)
+
+    if args.mask is not None and args.image is None:
+        raise ValueError("--mask needs --image (the image to inpaint)")
+    if (args.controlnet is None) != (args.control_image is None):
+        raise ValueError("--controlnet and --control-image go together")
+    call = {} if args.strength is None else {"strength": args.strength}
+    if args.image is not None:
+        call["image"] = read(args.image, "RGB")
+    if args.mask is not None:
+        call["mask_image"] = read(args.mask, "L")
+    if args.controlnet is None:
+        cls = tasks.ZImageTRTInpaintPipeline if args.mask else tasks.ZImageTRTImg2ImgPipeline if args.image else None
+        return cls or ZImageTRTPipeline, {}, call
+    if args.strength is not None:
+        raise ValueError("--strength is for --image without --controlnet (diffusers' ControlNet pipelines take none)")
+    if args.image is not None and args.mask is None:
+        raise ValueError("--image with --controlnet needs --mask (ControlNet inpainting)")
+    scales = [float(v) for v in args.control_scale.split(",")]
+    call.update(control_image=read(args.control_image, "RGB"),
+                controlnet_conditioning_scale=scales[0] if len(scales) == 1 else scales)
+    cls = tasks.ZImageTRTControlNetInpaintPipeline if args.mask else tasks.ZImageTRTControlNetPipeline
+    return cls, {"controlnet": args.controlnet, "controlnet_config": args.controlnet_config}, call
+
+
 def run_generate(args) -> int:
     import torch
 
     precision = generate_precision(args.precision, args.device)
-    pipe = ZImageTRTPipeline.from_pretrained(args.model, engine_dir=args.engine_dir, device=args.device,
-                                             torch_dtype=precision_dtype(precision), precision=precision,
-                                             allow_fallback=args.allow_fallback,
-                                             sequence_parallel=args.sequence_parallel)
+    cls, parts, task_call = task_for(args)
+    pipe = cls.from_pretrained(args.model, engine_dir=args.engine_dir, device=args.device,
+                               torch_dtype=precision_dtype(precision), precision=precision,
+                               allow_fallback=args.allow_fallback,
+                               sequence_parallel=args.sequence_parallel, **parts)
     with pipe:  # (closing releases the other ranks of a sequence-parallel run)
         if not pipe.is_main_process:
             pipe.serve()  # rank 0 writes the image; this rank computes its share of each step
             return 0
         generator = torch.Generator(pipe.device).manual_seed(args.seed)
         out = pipe(args.prompt, height=args.height, width=args.width, num_inference_steps=args.steps,
-                   guidance_scale=args.guidance, negative_prompt=args.negative_prompt, generator=generator)
+                   guidance_scale=args.guidance, negative_prompt=args.negative_prompt, generator=generator, **task_call)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     out.images[0].save(args.output)
     print(f"wrote {args.output} in {out.timings.total_ms:.0f} ms "
@@ -164,7 +217,8 @@ def main(argv=None) -> int:
     add_build_arguments(b)
     b.set_defaults(func=run_build)
 
-    g = sub.add_parser("generate", help="text to image with built engines", formatter_class=defaults)
+    g = sub.add_parser("generate", help="text (and image, mask, control image) to image with built engines",
+                       formatter_class=defaults)
     g.add_argument("--model", required=True, help="required: diffusers-format folder (or hub id) the engines were built from")
     g.add_argument("--engine-dir", default="engines", help=ENGINE_DIR_HELP)
     add_hidden_alias(g, "--engines", "engine_dir")  # the old name, hidden
@@ -189,6 +243,7 @@ def main(argv=None) -> int:
                    help="processes making the image together, one per GPU: run under "
                         "`torchrun --nproc-per-node N -m zimage_trt.cli generate ... --sequence-parallel N`; "
                         "N must divide the model's attention heads (30: 2, 3, 5, 6)")
+    add_task_arguments(g)
     g.set_defaults(func=run_generate)
 
     be = sub.add_parser("bench", help="our pipeline against diffusers' on this GPU (full-size, random weights)",
