@@ -25,6 +25,27 @@ def test_fp8_linear_close_to_the_float_product():
     assert Fp8Linear(linear).weight_fp8.dtype == torch.float8_e4m3fn
 
 
+@pytest.mark.parametrize("rows", [3, 16, 77, 4256])
+def test_fp8_linear_takes_any_row_count(rows, monkeypatch):
+    """Row counts past ROW_MULTIPLE that are not a multiple of it are padded for the product (cuBLASLt has no
+    row-wise scaled kernel for 77 rows on an H200) and sliced back: each row's result is the one it gets
+    alone in an aligned batch, and the padding never reaches the caller."""
+    from zimage_trt.model import fp8
+
+    gen = torch.Generator().manual_seed(rows)
+    layer = Fp8Linear(torch.nn.Linear(64, 48).to(torch.bfloat16))
+    x = torch.randn(rows, 64, generator=gen).to(torch.bfloat16)
+    seen = []
+    real = torch._scaled_mm
+    monkeypatch.setattr(torch, "_scaled_mm", lambda a, *args, **kw: seen.append(a.shape[0]) or real(a, *args, **kw))
+    out = layer(x)
+    assert out.shape == (rows, 48)
+    assert seen[-1] == (rows if rows <= fp8.ROW_MULTIPLE else -(-rows // fp8.ROW_MULTIPLE) * fp8.ROW_MULTIPLE)
+    aligned = torch.cat([x, torch.zeros(-rows % 32, 64, dtype=x.dtype)])  # 32 rows at a time, no padding needed
+    expected = layer(aligned)[:rows]
+    assert torch.allclose(out.float(), expected.float(), rtol=1e-2, atol=1e-2)  # (the same rows' products)
+
+
 def test_fp8_denoiser_tracks_fp32():
     tr = make_tiny_components(seed=6)["transformer"]
     gen = torch.Generator().manual_seed(1)

@@ -29,6 +29,11 @@ def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (weight / scale).to(torch.float8_e4m3fn), scale.t().contiguous()  # [1, N], as _scaled_mm wants
 
 
+# Row counts the FP8 product takes as they are: the engines' (tokens padded to 32) and a few rows; any other
+# count above it is padded up to a multiple (zero rows, scale 1) and the result sliced back.
+ROW_MULTIPLE = 16
+
+
 class Fp8Linear(nn.Module):
     """y = x W^T + b with W in float8 e4m3 (one scale per output row) and x quantised per token on the
     fly; products accumulate in fp32 and come out in bf16 (`torch._scaled_mm`, row-wise scales).
@@ -77,9 +82,14 @@ class Fp8Linear(nn.Module):
         quantised [M, K] e4m3, row_scale [M, 1] fp32; the output takes the shape lead_shape + [N]."""
         # Fast accumulation (fewer partial-sum bits kept between promotions): faster, and no less exact
         # than the slow path on Z-Image's shapes (bench/fp8_gemm.py; figures in BENCHMARKS.md).
+        rows = quantised.shape[0]
+        pad = -rows % ROW_MULTIPLE if rows > ROW_MULTIPLE else 0
+        if pad:  # (cuBLASLt has no row-wise scaled kernel for such row counts: seen for 77 rows on an H200)
+            quantised = torch.cat([quantised, quantised.new_zeros(pad, quantised.shape[1])])
+            row_scale = torch.cat([row_scale, row_scale.new_ones(pad, 1)])
         out = torch._scaled_mm(quantised, self.weight_fp8.t(), scale_a=row_scale, scale_b=self.weight_scale,
                                bias=self.bias, out_dtype=self.out_dtype, use_fast_accum=True)
-        return out.reshape(*lead_shape, self.out_features)
+        return out[:rows].reshape(*lead_shape, self.out_features)
 
 
 def set_input_quantizer(module: nn.Module, quantizer) -> int:

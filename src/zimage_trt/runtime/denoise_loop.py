@@ -24,6 +24,7 @@ from ..engines import contract
 from ..engines.base import DenoiserEngine
 from ..model.controlnet import ControlStep
 from ..model.shapes import Resolution, padded_caption_length
+from .graph_capture import recover_after_failed_capture
 
 
 @dataclass
@@ -203,8 +204,12 @@ class DenoiseLoop:
             self._step(slot)
             slot.latents.copy_(snapshot)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._graph_pool, stream=self.stream, capture_error_mode="thread_local"):
-                self._step(slot)
+            try:
+                with torch.cuda.graph(graph, pool=self._graph_pool, stream=self.stream, capture_error_mode="thread_local"):
+                    self._step(slot)
+            except BaseException:  # (out of memory, say: the pipeline serves the next call, its noise too)
+                recover_after_failed_capture(self.device, graph)
+                raise
             slot.graph = graph
         slot.graph.replay()
 

@@ -20,6 +20,7 @@ from collections import OrderedDict
 import torch
 
 from ..errors import NonFiniteOutputError, PromptTruncatedWarning
+from .graph_capture import recover_after_failed_capture
 
 # Prompts run on their tokens rounded up to a multiple of this (on a GPU with CUDA graphs), so
 # max_sequence_length=512 makes 8 shapes per batch size, each captured once. 64: a multiple of the
@@ -92,8 +93,10 @@ class TextEncoderRunner:
             with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
                 static_out = self.eager(static_ids, static_mask)
         except torch.OutOfMemoryError:
+            recover_after_failed_capture(self.device, graph)
             raise  # the pipeline's out-of-memory handling takes it from here; graphs stay on
         except Exception as error:  # a model with host syncs in its forward cannot be captured
+            recover_after_failed_capture(self.device, graph)
             self.use_cuda_graph = False
             self._graphs.clear()
             warnings.warn(f"the text encoder cannot run in a CUDA graph ({type(error).__name__}: {error}); "
