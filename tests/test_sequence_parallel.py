@@ -184,6 +184,49 @@ def test_pipeline_over_ranks_equals_one_process(parts, world):
     spawn(_pipeline_parity, world, parts, expected)
 
 
+class _StopHere(Exception):
+    pass
+
+
+def _stopped_call(rank, world, port, parts, expected):
+    from zimage_trt.pipeline import ZImageTRTPipeline
+
+    as_torchrun_rank(rank, world, port)
+    pipe = ZImageTRTPipeline.from_components(**parts, device="cpu", sequence_parallel=world,
+                                             sequence_parallel_timeout_s=20, pad_prompts_to_max_length=False)
+    try:
+        if not pipe.is_main_process:
+            assert pipe.serve() == 2 and pipe._parallel.calls_stopped == 1
+            return
+        pipe.set_progress_bar_config(disable=True)
+
+        def stop_at_second_step(pipe, i, t, kw):
+            if i == 1:
+                raise _StopHere  # as the service's callback stops a request that timed out
+            return {}
+
+        started = time.monotonic()
+        with pytest.raises(_StopHere):
+            pipe(generator=torch.Generator("cpu").manual_seed(11), output_type="latent",
+                 callback_on_step_end=stop_at_second_step, **{**CALLS[0], "num_inference_steps": 3})
+        assert time.monotonic() - started < 15  # the other rank did not wait for a time-out
+        # The group goes on: the next call (with a callback, so flags travel each step) equals one process.
+        got = pipe(generator=torch.Generator("cpu").manual_seed(11), output_type="latent",
+                   callback_on_step_end=lambda pipe, i, t, kw: {}, **CALLS[0]).images
+        err = (got - expected).abs().max().item()
+        assert err <= TOLERANCE * max(1.0, expected.abs().max().item()), err
+    finally:
+        pipe.close()
+
+
+@pytest.mark.slow
+def test_a_call_stopped_by_rank_0s_callback_stops_every_rank_and_the_group_goes_on(parts):
+    from zimage_trt.pipeline import ZImageTRTPipeline
+
+    expected = run_calls(ZImageTRTPipeline.from_components(**parts, device="cpu", pad_prompts_to_max_length=False))[0]
+    spawn(_stopped_call, 2, parts, expected)
+
+
 def _one_rank_fails(rank, world, port, parts, who_dies, who_hangs, timeout_s):
     from zimage_trt.pipeline import ZImageTRTPipeline
 
