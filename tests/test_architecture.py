@@ -30,7 +30,8 @@ ALLOWED = {
     "pipeline": {"runtime", "parallel", "engines", "model", "request", "options", "errors", "lora"},
     "benchmark": {"benchmark", "pipeline", "compiler", "runtime", "engines", "model", "testing", "files", "lora"},
     "demo": {"pipeline", "compiler", "engines", "model", "testing"},
-    "serving": {"serving", "pipeline", "request", "options", "runtime", "engines", "model", "errors", "files", "testing"},
+    "serving": {"serving", "pipeline", "parallel", "request", "options", "runtime", "engines", "model", "errors", "files",
+                "testing"},
     "cli": {"benchmark", "pipeline", "parallel", "compiler", "demo", "model", "serving", "runtime"},
 }
 FP8_HOME = "model/fp8.py"

@@ -2,17 +2,23 @@
 
 SIGTERM / Ctrl-C: the waiting requests are answered 503 at once, the running one finishes, uvicorn
 closes the connections, the app's shutdown closes the service, and the process exits 0.
+
+With `--sequence-parallel N` under torchrun, every rank loads the pipeline; rank 0 serves HTTP as
+above, the others run `pipe.serve()` (their share of each image) until rank 0 closes its pipeline at
+shutdown, then exit 0 too.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 
 import uvicorn
 
 from ..model.precision import precision_dtype
+from ..parallel import check_launch
 from ..pipeline import ZImageTRTPipeline
 from ..testing.tiny import make_tiny_components
 from .app import AppSettings, create_app
@@ -44,7 +50,8 @@ class _GracefulServer(uvicorn.Server):
 
 def pipeline_factory(args):
     """A zero-argument function that loads the pipeline (called in the service's warm-up thread)."""
-    options = dict(device=args.device, allow_fallback=args.allow_fallback)
+    options = dict(device=args.device, allow_fallback=args.allow_fallback,
+                   sequence_parallel=getattr(args, "sequence_parallel", 1))
     if args.precision:
         options.update(torch_dtype=precision_dtype(args.precision), precision=args.precision)
     if args.tiny:
@@ -76,7 +83,11 @@ def run_server(args) -> int:
     api_key = read_api_key(args.api_key_file)
     check_bind(args.host, api_key)  # before anything is loaded: a refusal is immediate
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    service = build_service(args)
+    service = build_service(args)  # (every rank checks the options: a bad one stops them all alike)
+    if args.sequence_parallel != 1:
+        check_launch(args.sequence_parallel)  # torchrun's variables, before anything loads
+        if int(os.environ.get("RANK", "0")) != 0:
+            return serve_share(args)
     # Without a key the server is reachable only from this machine, and only by its loopback names.
     hosts = None if api_key else ("localhost", "127.0.0.1", "::1", args.host)
     app = create_app(service, AppSettings(api_key=api_key, allowed_hosts=hosts))
@@ -85,4 +96,13 @@ def run_server(args) -> int:
     server = _GracefulServer(config, service)
     log.info("serving on http://%s:%d (%s)", args.host, args.port, "API key required" if api_key else "no API key")
     server.run()
+    return 0
+
+
+def serve_share(args) -> int:
+    """A rank other than 0 of `serve --sequence-parallel N`: its share of each image until rank 0 closes."""
+    with pipeline_factory(args)() as pipe:
+        log.info("rank %s of %d: serving rank 0's calls", os.environ.get("RANK"), args.sequence_parallel)
+        served = pipe.serve()
+    log.info("rank %s: rank 0 closed after %d call(s)", os.environ.get("RANK"), served)
     return 0

@@ -222,6 +222,9 @@ class ImageService:
             self._queue.close(cancel_pending=True, wait=True, timeout=timeout)
         if self._gpu_monitor is not None:
             self._gpu_monitor.stop()
+        if self._factory is not None and self.pipe is not None and hasattr(self.pipe, "close"):
+            # A pipeline we made is ours to close (sequence-parallel: that releases its other ranks).
+            self.pipe.close()
         self.state = "stopped"
 
     # -- requests ------------------------------------------------------------------------------
