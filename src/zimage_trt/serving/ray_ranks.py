@@ -1,0 +1,145 @@
+"""A Ray Serve replica that is a sequence-parallel group: N GPUs (or CPU slots) make each of its images.
+
+The deployment gives each replica a placement group of N bundles on one node (`STRICT_PACK`: the
+all-to-alls stay inside the machine, NVLink on a GPU box); the replica actor, rank 0, runs in bundle 0
+and serves HTTP as any replica does. In its constructor it starts ranks 1..N-1 as Ray actors, one in
+each other bundle (Ray gives each its own GPU), and every rank joins one torch.distributed group
+(NCCL on GPUs, gloo on CPUs) through a TCP store that rank 0 opens on a free port of that node. Then
+each rank loads the pipeline with `sequence_parallel=N`; the ranks other than 0 run `pipe.serve()`
+(their share of each image) until rank 0 closes its pipeline.
+
+Life cycle, as Serve sees one replica:
+- ready only once every rank has loaded and rank 0 has warmed every served size through the group;
+  a rank that fails or dies while loading fails the replica's constructor (Serve starts another);
+- Serve's health check also fails once any rank's `serve()` has ended (it died, or its collective
+  failed), so Serve replaces the whole group;
+- a graceful stop (scaling down, a new deployment) closes the service, whose pipeline releases the
+  ranks, and then ends their actors; a killed replica takes its rank actors with it (Ray ends the
+  actors a process owns when it dies).
+
+`ray` is imported only where used, as in `ray_deployment.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from ..parallel.group import DEFAULT_TIMEOUT_S
+from .command import pipeline_factory
+
+log = logging.getLogger("zimage_trt.serving")
+
+RANK_NAMESPACE = "zimage-trt"
+RENDEZVOUS_HOST = "127.0.0.1"  # the ranks of one replica share a node (STRICT_PACK)
+WATCH_PERIOD_S = 0.5  # how often rank 0 looks at the other ranks while it loads
+STOP_WAIT_S = 30.0  # a graceful stop waits this long for the ranks to leave serve()
+
+
+def rank_device(device: str) -> torch.device:
+    """The device of every rank: Ray gives each rank actor (and the replica) one GPU of its own."""
+    return torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
+
+
+def rank_bundle(args) -> dict:
+    """What one rank reserves (a placement-group bundle): `--cpus-per-replica` cores, and a GPU on "cuda"."""
+    bundle = {"CPU": float(args.cpus_per_replica)}
+    if args.device == "cuda":
+        bundle["GPU"] = 1.0
+    return bundle
+
+
+def join_group(store: dist.Store, rank: int, degree: int, device: torch.device, timeout_s: float) -> None:
+    """This process as `rank` of the replica's group (the pipeline's own join then finds it initialised)."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank, world_size=degree,
+                            timeout=timedelta(seconds=timeout_s), device_id=device if device.type == "cuda" else None)
+
+
+class RankProcess:
+    """Ranks 1..N-1 of a replica (a Ray actor each): join, load, serve rank 0's calls until it closes."""
+
+    def run(self, args, pipeline, port: int, rank: int, degree: int, timeout_s: float = DEFAULT_TIMEOUT_S) -> int:
+        store = dist.TCPStore(RENDEZVOUS_HOST, port, degree, is_master=False, timeout=timedelta(seconds=timeout_s))
+        join_group(store, rank, degree, rank_device(args.device), timeout_s)
+        try:
+            pipe = (pipeline or pipeline_factory(args))()
+            if pipe.is_main_process:  # (a custom factory that forgot sequence_parallel=N)
+                raise RuntimeError(f"rank {rank}'s pipeline is not sequence-parallel: make it with "
+                                   f"sequence_parallel={degree}")
+            with pipe:
+                served = pipe.serve()
+            log.info("rank %d of %d: rank 0 closed after %d call(s)", rank, degree, served)
+            return served
+        finally:
+            dist.destroy_process_group()
+
+
+class ReplicaRanks:
+    """Rank 0's side: the rendezvous store, ranks 1..N-1 as actors in this replica's placement group."""
+
+    def __init__(self, args, pipeline=None, name: str = "replica", timeout_s: float = DEFAULT_TIMEOUT_S):
+        """`name`: the replica's; its rank actors are "NAME:rankR" in the namespace `RANK_NAMESPACE`."""
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        self.degree, self.timeout_s = int(args.sequence_parallel), timeout_s
+        self.device = rank_device(args.device)
+        group = ray.util.get_current_placement_group()
+        if group is None or len(group.bundle_specs) < self.degree:
+            raise RuntimeError(f"a sequence_parallel={self.degree} replica needs a placement group of {self.degree} "
+                               "bundles (the deployment's placement_group_bundles), one per rank")
+        self.store = dist.TCPStore(RENDEZVOUS_HOST, 0, self.degree, is_master=True,
+                                   timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
+        bundle = rank_bundle(args)
+        actor = ray.remote(RankProcess)
+        self.actors = [actor.options(num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0),
+                                     name=f"{name}:rank{rank}", namespace=RANK_NAMESPACE,
+                                     scheduling_strategy=PlacementGroupSchedulingStrategy(group, rank)).remote()
+                       for rank in range(1, self.degree)]
+        self.runs = [a.run.remote(args, pipeline, self.store.port, rank, self.degree, timeout_s)
+                     for rank, a in enumerate(self.actors, start=1)]
+
+    def join(self) -> None:
+        join_group(self.store, 0, self.degree, self.device, self.timeout_s)
+
+    async def while_watching(self, work) -> None:
+        """Await `work` (rank 0 joining, loading, warming); a rank that ends meanwhile fails it at once."""
+        task = asyncio.ensure_future(work)
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=WATCH_PERIOD_S)
+            if done:
+                return task.result()
+            reason = self.failure()
+            if reason is not None:
+                raise RuntimeError(f"the sequence-parallel group could not start: {reason}")
+
+    def failure(self) -> str | None:
+        """Why the group cannot serve (a rank's serve() ended: it failed, died or was released), or None."""
+        import ray
+
+        ready, _ = ray.wait(self.runs, num_returns=len(self.runs), timeout=0)
+        if not ready:
+            return None
+        rank = self.runs.index(ready[0]) + 1
+        try:
+            served = ray.get(ready[0], timeout=5)
+        except Exception as error:  # noqa: BLE001 - said in the health check's message and the log
+            first_line = (str(error).strip().splitlines() or [type(error).__name__])[-1]
+            return f"rank {rank} of {self.degree} failed: {first_line[:300]}"
+        return f"rank {rank} of {self.degree} left after {served} call(s)"
+
+    def close(self) -> None:
+        """After rank 0's pipeline closed (which releases the ranks): let them finish, then end them."""
+        import ray
+
+        ray.wait(self.runs, num_returns=len(self.runs), timeout=STOP_WAIT_S)
+        for actor in self.actors:
+            ray.kill(actor)
+        if dist.is_initialized():
+            dist.destroy_process_group()
