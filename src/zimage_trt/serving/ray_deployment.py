@@ -149,8 +149,11 @@ def board_actor(app_name: str):
     """The application's stats board: a detached actor (it outlives any one replica), made once."""
     import ray
 
+    # "DEFAULT" scheduling: outside the placement group of the replica that makes it (a sequence-parallel
+    # replica's, which Serve removes with that replica, and every actor in it).
     return ray.remote(num_cpus=0)(StatsBoard).options(
-        name=f"stats:{app_name}", namespace=BOARD_NAMESPACE, lifetime="detached", get_if_exists=True).remote()
+        name=f"stats:{app_name}", namespace=BOARD_NAMESPACE, lifetime="detached", get_if_exists=True,
+        scheduling_strategy="DEFAULT").remote()
 
 
 def _proxy_host() -> str | None:
