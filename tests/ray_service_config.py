@@ -21,7 +21,7 @@ CI_CHANGES = {
     "cpus_per_replica": 0.5,  # 2 replicas x 2 ranks on Ray's 2 CPUs
     "autoscale": "1,2",
     "upscale_delay": 1,
-    "downscale_delay": 6,
+    "downscale_delay": 4,
     "autoscale_look_back": 2,
     # api_key_file: a key file of the test's own (see ci_args)
 }

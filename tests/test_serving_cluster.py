@@ -240,7 +240,7 @@ def test_the_rayservice_example_is_valid_and_its_serve_config_is_the_one_ci_runs
     ci_parsed = ray_deployment.config_arguments(ci)
     ci_scaled = ray_deployment.scaling(ci_parsed)["autoscaling_config"]
     assert {k: v for k, v in ci_scaled.items() if scaled[k] != v} == {
-        "max_replicas": 2, "upscale_delay_s": 1.0, "downscale_delay_s": 6.0, "look_back_period_s": 2.0}
+        "max_replicas": 2, "upscale_delay_s": 1.0, "downscale_delay_s": 4.0, "look_back_period_s": 2.0}
 
 
 def test_cli_serve_ray_options_and_the_api_key_rule(capsys, monkeypatch):
