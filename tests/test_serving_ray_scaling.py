@@ -244,6 +244,11 @@ def test_the_rayservice_config_scales_two_rank_replicas_up_and_down_and_replaces
         assert status == 500 and body["error"]["type"] == "internal_error", (status, body)
         failed_after = result["at"] - killed_at
         assert failed_after < 15, failed_after
+        # Until Serve replaces it, the broken replica says so: not ready, and a request is answered 503 with
+        # Retry-After at once (not run into the broken group).
+        _wait_for(lambda: _call(cluster, "/readyz")[0] == 503, 10, "/readyz 503 on the broken replica", 0.05)
+        status, body, headers = _generate(cluster, 8, steps=2, key=KEY)
+        assert status == 503 and "retry-after" in {k.lower() for k in headers}, (status, body)
         _wait_for(lambda: (lambda reports: len(reports) == 1 and reports[0][0] != replica
                            and reports[0][2]["state"] == "ready")(ray.get(_board().collect.remote(3.0))),
                   120, "a new replica of two ranks ready")

@@ -197,6 +197,8 @@ class ImageReplica:
         if not self.service.ready:
             raise RuntimeError(f"replica {self.replica} could not load and warm its pipeline: {self.service.failure}")
         reporter.start(self.service)
+        if self.ranks is not None:
+            self.ranks.watch(self.service)
         log.info("replica %s ready on %s%s", self.replica, self.service.pipe.device,
                  f" with {args.sequence_parallel - 1} more rank(s)" if self.ranks is not None else "")
 
@@ -220,6 +222,8 @@ class ImageReplica:
             return
         self._closed = True
         service, ranks = getattr(self, "service", None), getattr(self, "ranks", None)
+        if ranks is not None:
+            ranks.closing()
         if service is not None:
             service.close(True)
         if ranks is not None:

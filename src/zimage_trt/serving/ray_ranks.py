@@ -11,8 +11,11 @@ each rank loads the pipeline with `sequence_parallel=N`; the ranks other than 0 
 Life cycle, as Serve sees one replica:
 - ready only once every rank has loaded and rank 0 has warmed every served size through the group;
   a rank that fails or dies while loading fails the replica's constructor (Serve starts another);
-- Serve's health check also fails once any rank's `serve()` has ended (it died, or its collective
-  failed), so Serve replaces the whole group;
+- once any rank's `serve()` ends (it died, or its collective failed), a watcher thread marks rank 0's
+  service failed at once (the requests waiting in it are answered 503 with Retry-After, not run into a
+  broken group), and Serve's health check replaces the whole group. On GPUs rank 0 then also ends its
+  own process: a collective with a dead peer over NVLink does not fail, it waits for NCCL's time-out
+  (300 s), so the request in flight would hang; ending the process makes Serve answer it 500 at once;
 - a graceful stop (scaling down, a new deployment) closes the service, whose pipeline releases the
   ranks, and then ends their actors; a killed replica takes its rank actors with it (Ray ends the
   actors a process owns when it dies).
@@ -24,6 +27,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import threading
 from datetime import timedelta
 
 import torch
@@ -104,9 +109,29 @@ class ReplicaRanks:
                        for rank in range(1, self.degree)]
         self.runs = [a.run.remote(args, pipeline, self.store.port, rank, self.degree, timeout_s)
                      for rank, a in enumerate(self.actors, start=1)]
+        self._closing = False
 
     def join(self) -> None:
         join_group(self.store, 0, self.degree, self.device, self.timeout_s)
+
+    def watch(self, service) -> None:
+        """From now on, a rank that ends while the replica is not closing fails `service` (and on GPUs ends
+        this process, whose NCCL collectives would wait for their time-out)."""
+
+        def wait_for_a_rank_to_end():
+            import ray
+
+            ray.wait(self.runs, num_returns=1, timeout=None)
+            if self._closing:
+                return
+            reason = self.failure() or "a rank ended"
+            # (Not while the service stops: its closing pipeline is what released the ranks.)
+            if service.mark_failed(f"the sequence-parallel group is broken: {reason}") and self.device.type == "cuda":
+                log.error("ending this replica's process: its NCCL collectives cannot be interrupted")
+                logging.shutdown()
+                os._exit(70)
+
+        threading.Thread(target=wait_for_a_rank_to_end, name="zimage-trt-rank-watch", daemon=True).start()
 
     async def while_watching(self, work) -> None:
         """Await `work` (rank 0 joining, loading, warming); a rank that ends meanwhile fails it at once."""
@@ -134,10 +159,15 @@ class ReplicaRanks:
             return f"rank {rank} of {self.degree} failed: {first_line[:300]}"
         return f"rank {rank} of {self.degree} left after {served} call(s)"
 
+    def closing(self) -> None:
+        """Before rank 0's pipeline closes: the ranks leaving serve() is now expected."""
+        self._closing = True
+
     def close(self) -> None:
         """After rank 0's pipeline closed (which releases the ranks): let them finish, then end them."""
         import ray
 
+        self._closing = True
         ray.wait(self.runs, num_returns=len(self.runs), timeout=STOP_WAIT_S)
         for actor in self.actors:
             ray.kill(actor)
