@@ -177,6 +177,25 @@ def test_sequence_parallel_replicas_reserve_one_bundle_per_rank_on_one_node():
         ray_deployment.replica_placement(parse(["--tiny", "--sequence-parallel", "0"]))
 
 
+def test_the_ranks_of_a_replica_learn_every_rank_s_gpu_in_rank_order():
+    import threading
+
+    import torch.distributed as dist
+
+    from zimage_trt.serving.ray_ranks import rank_device, shared_gpu_ids
+
+    store, seen = dist.HashStore(), {}
+    own = {0: "5", 1: "2", 2: "7"}  # as Ray gives them: any order, one each
+    ranks = [threading.Thread(target=lambda r=r: seen.__setitem__(r, shared_gpu_ids(store, r, 3, own[r])))
+             for r in (2, 0, 1)]  # (in any order: each waits for the others' keys)
+    for thread in ranks:
+        thread.start()
+    for thread in ranks:
+        thread.join(10)
+    assert seen == {r: ["5", "2", "7"] for r in range(3)}  # rank r then takes cuda:r of CUDA_VISIBLE_DEVICES=5,2,7
+    assert rank_device("cpu", store, 0, 3).type == "cpu"
+
+
 def test_autoscale_becomes_serves_autoscaling_config_and_bad_values_are_refused():
     parse = ray_deployment._parser().parse_args
     assert ray_deployment.scaling(parse(["--tiny", "--replicas", "3"])) == {"num_replicas": 3}

@@ -15,7 +15,6 @@ import base64
 import io
 import json
 import os
-import socket
 import threading
 import time
 import urllib.error
@@ -27,6 +26,7 @@ import torch
 from PIL import Image
 
 from ray_service_config import application, ci_args
+from serving_server import free_port
 from zimage_trt.serving import ray_deployment
 from zimage_trt.serving.ray_ranks import RANK_NAMESPACE
 
@@ -41,12 +41,6 @@ FAST_METRICS = {"RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
                 "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def cluster():
     import ray
@@ -55,7 +49,7 @@ def cluster():
     saved = {name: os.environ.get(name) for name in FAST_METRICS}
     os.environ.update(FAST_METRICS)
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=80 * 2**20, log_to_driver=False)
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         yield f"http://127.0.0.1:{port}"

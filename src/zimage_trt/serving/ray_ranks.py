@@ -4,7 +4,8 @@ The deployment gives each replica a placement group of N bundles on one node (`S
 all-to-alls stay inside the machine, NVLink on a GPU box); the replica actor, rank 0, runs in bundle 0
 and serves HTTP as any replica does. In its constructor it starts ranks 1..N-1 as Ray actors, one in
 each other bundle (Ray gives each its own GPU), and every rank joins one torch.distributed group
-(NCCL on GPUs, gloo on CPUs) through a TCP store that rank 0 opens on a free port of that node. Then
+(NCCL on GPUs, gloo on CPUs) through a TCP store that rank 0 opens on a free port of that node (each
+rank is shown all the group's GPUs, so that NCCL can use NVLink between the processes). Then
 each rank loads the pipeline with `sequence_parallel=N`; the ranks other than 0 run `pipe.serve()`
 (their share of each image) until rank 0 closes its pipeline.
 
@@ -40,14 +41,35 @@ from .command import pipeline_factory
 log = logging.getLogger("zimage_trt.serving")
 
 RANK_NAMESPACE = "zimage-trt"
+GPU_KEY = "zimage-trt-gpu-of-rank-"
 RENDEZVOUS_HOST = "127.0.0.1"  # the ranks of one replica share a node (STRICT_PACK)
 WATCH_PERIOD_S = 0.5  # how often rank 0 looks at the other ranks while it loads
 STOP_WAIT_S = 30.0  # a graceful stop waits this long for the ranks to leave serve()
 
 
-def rank_device(device: str) -> torch.device:
-    """The device of every rank: Ray gives each rank actor (and the replica) one GPU of its own."""
-    return torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
+def shared_gpu_ids(store: dist.Store, rank: int, degree: int, own: str) -> list[str]:
+    """Every rank's GPU id in rank order, through the store (each rank puts its own, then reads all)."""
+    store.set(f"{GPU_KEY}{rank}", own)
+    return [store.get(f"{GPU_KEY}{r}").decode() for r in range(degree)]
+
+
+def rank_device(device: str, store: dist.Store, rank: int, degree: int) -> torch.device:
+    """This rank's device. On GPUs: Ray shows each rank actor (and the replica) only its own GPU, and NCCL
+    then cannot open CUDA peer access (NVLink) between the ranks' processes and falls back to shared host
+    memory; so every rank is shown all the group's GPUs, in rank order, and takes cuda:RANK (before CUDA
+    starts in this process; where it has started, its own GPU as Ray gave it)."""
+    if device != "cuda":
+        return torch.device("cpu")
+    import ray
+
+    ids = shared_gpu_ids(store, rank, degree, ",".join(str(i) for i in ray.get_gpu_ids()))
+    if torch.cuda.is_initialized() or any("," in i or not i for i in ids):
+        log.warning("rank %d: CUDA already started here (or not one GPU a rank: %s); the ranks see only their "
+                    "own GPU, so NCCL may not use peer access between them", rank, ids)
+        return torch.device("cuda", 0)
+    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(ids)
+    os.environ["LOCAL_RANK"] = str(rank)  # the pipeline's "cuda" is cuda:LOCAL_RANK under sequence parallelism
+    return torch.device("cuda", rank)
 
 
 def rank_bundle(args) -> dict:
@@ -71,7 +93,7 @@ class RankProcess:
 
     def run(self, args, pipeline, port: int, rank: int, degree: int, timeout_s: float = DEFAULT_TIMEOUT_S) -> int:
         store = dist.TCPStore(RENDEZVOUS_HOST, port, degree, is_master=False, timeout=timedelta(seconds=timeout_s))
-        join_group(store, rank, degree, rank_device(args.device), timeout_s)
+        join_group(store, rank, degree, rank_device(args.device, store, rank, degree), timeout_s)
         try:
             pipe = (pipeline or pipeline_factory(args))()
             if pipe.is_main_process:  # (a custom factory that forgot sequence_parallel=N)
@@ -93,8 +115,8 @@ class ReplicaRanks:
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        self.degree, self.timeout_s = int(args.sequence_parallel), timeout_s
-        self.device = rank_device(args.device)
+        self.degree, self.timeout_s, self.device_name = int(args.sequence_parallel), timeout_s, args.device
+        self.device = torch.device("cpu")  # (set at `join`)
         group = ray.util.get_current_placement_group()
         if group is None or len(group.bundle_specs) < self.degree:
             raise RuntimeError(f"a sequence_parallel={self.degree} replica needs a placement group of {self.degree} "
@@ -112,6 +134,7 @@ class ReplicaRanks:
         self._closing = False
 
     def join(self) -> None:
+        self.device = rank_device(self.device_name, self.store, 0, self.degree)
         join_group(self.store, 0, self.degree, self.device, self.timeout_s)
 
     def watch(self, service) -> None:
