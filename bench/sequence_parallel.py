@@ -12,10 +12,16 @@ and resolution:
    image of each).
 
 Compile caches are kept between phases (same processes, same inductor cache folder). Prints a table;
-writes JSON to --json (default: $OUT/sequence_parallel.json when $OUT is set).
+writes JSON to --json (default: $OUT/sequence_parallel.json when $OUT is set). Any world size runs: where
+it does not divide the 30 heads (4, 8) they are padded with zero heads (recorded as `padded_heads`).
 
     torchrun --nproc-per-node 2 bench/sequence_parallel.py --out /tmp/sp-engines
     torchrun --nproc-per-node 2 bench/sequence_parallel.py --tiny --device cpu    # CPU smoke test (gloo)
+
+Several degrees, one torchrun each (each with its own one-GPU rows, rank 0 of that run; the engines are
+built by the first and reused by the others), then one table of them all:
+
+    python bench/sequence_parallel.py --degrees 2,4,8 --out /tmp/sp-engines --json $OUT/sp_degrees.json
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from zimage_trt.benchmark.pipeline_speed import components
 from zimage_trt.files import atomic_write_text
 from zimage_trt.model.precision import precision_dtype
 from zimage_trt.model.shapes import Resolution
+from zimage_trt.parallel import padded_heads
 from zimage_trt.runtime.telemetry import summarize
 
 
@@ -93,7 +100,9 @@ def prepare(args, precision: str, results: dict) -> dict:
         for key in ("transformer", "vae", "text_encoder"):
             torch.nn.Module.to(parts[key], parts_dtype)
     if args.engine == "compiled":
-        if dist.get_rank() == 0:
+        if dist.get_rank() == 0 and args.reuse_engines and built_already(args, precision):
+            log(f"[{precision}] engine for {args.resolutions} already in {args.out}: reused")
+        elif dist.get_rank() == 0:
             start = time.perf_counter()
             build_engines(parts["transformer"], args.resolutions, args.out, backend="torch-compiled",
                           precision=precision, caption_capacity=64 if args.tiny else 512, device=args.device_obj,
@@ -102,6 +111,18 @@ def prepare(args, precision: str, results: dict) -> dict:
             log(f"[{precision}] engine build {args.resolutions}: {results[f'{precision}_build_s']:.1f}s")
         dist.barrier()
     return parts
+
+
+def built_already(args, precision: str) -> bool:
+    """A torch-compiled denoiser of this precision holding every resolution is in --out (same seeded weights)."""
+    from zimage_trt.engines.manifest import Manifest, find_manifests
+
+    for path in find_manifests(args.out):
+        manifest = Manifest.read(path)
+        if (manifest.component == "denoiser" and manifest.backend == "torch-compiled" and manifest.precision == precision
+                and set(args.resolutions) <= {shape.resolution for shape in manifest.shapes}):
+            return True
+    return False
 
 
 def images_for(args, res: str) -> int:
@@ -202,7 +223,14 @@ def main() -> int:
     ap.add_argument("--tiny", action="store_true", help="the tiny random model: a smoke test of this script")
     ap.add_argument("--device", default=None, help="cuda (one GPU per rank) or cpu (gloo)")
     ap.add_argument("--json", default=None, help="write every figure here (default: $OUT/sequence_parallel.json)")
+    ap.add_argument("--reuse-engines", action="store_true",
+                    help="skip the build when --out already holds the engine (same seeded random weights)")
+    ap.add_argument("--degrees", default=None,
+                    help="run without torchrun: one `torchrun --nproc-per-node D` of this script per degree "
+                         "(e.g. 2,4,8), then one table")
     args = ap.parse_args()
+    if args.degrees:
+        return run_degrees(args)
     args.resolutions = [r for r in args.resolutions.split(",") if r]
     precisions = [p for p in args.precisions.split(",") if p]
     if args.tiny and args.resolutions == ["1024x1024", "2048x2048"]:
@@ -219,6 +247,8 @@ def main() -> int:
                             device_id=device if device.type == "cuda" else None)
     world = dist.get_world_size()
     results = {"env": environment(), "world": world, "args": {k: str(v) for k, v in vars(args).items()}}
+    heads = 2 if args.tiny else 30  # (the tiny model's, Z-Image-Turbo's)
+    results.update(heads=heads, padded_heads=padded_heads(world, heads))
     log(results["env"], f"world {world}")
     args.json = args.json or (str(Path(os.environ["OUT"]) / "sequence_parallel.json") if os.environ.get("OUT") else None)
     started = time.perf_counter()
@@ -244,6 +274,61 @@ def main() -> int:
                 print(f"wrote {args.json}", flush=True)
         dist.destroy_process_group()
     return 0
+
+
+def run_degrees(args) -> int:
+    """One torchrun per degree (this script again, --reuse-engines after the first), then one table."""
+    import subprocess
+    import sys
+
+    degrees = [int(d) for d in args.degrees.split(",") if d]
+    base = [a for a in sys.argv[1:]]
+    skip = {"--degrees", "--json"}
+    argv, i = [], 0
+    while i < len(base):
+        flag = base[i].split("=", 1)[0]
+        if flag in skip:
+            i += 1 if "=" in base[i] else 2
+            continue
+        argv.append(base[i])
+        i += 1
+    out_dir = Path(args.json).parent if args.json else Path(os.environ.get("OUT", "."))
+    merged, started = {"degrees": degrees, "runs": {}}, time.perf_counter()
+    for n, degree in enumerate(degrees):
+        path = out_dir / f"sequence_parallel_sp{degree}.json"
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(degree), __file__, *argv,
+                   "--json", str(path), *(["--reuse-engines"] if n and "--reuse-engines" not in argv else [])]
+        print("$", " ".join(command), flush=True)
+        code = subprocess.call(command)
+        if path.is_file():
+            merged["runs"][degree] = json.loads(path.read_text())
+        if code:
+            print(f"degree {degree}: torchrun exited {code}", flush=True)
+    print(degree_table(merged), flush=True)
+    merged["total_s"] = time.perf_counter() - started
+    if args.json:
+        atomic_write_text(args.json, json.dumps(merged, indent=2, default=float))
+        print(f"wrote {args.json}", flush=True)
+    return 0
+
+
+def degree_table(merged: dict) -> str:
+    """Per precision and size: each run's one-GPU ms and its SP ms (best of with / without CUDA graphs)."""
+    head = f"{'precision':<9} {'size':<10} {'degree':>6} {'pad':>4} {'one GPU ms':>10} {'SP ms':>9} {'x one GPU':>9} {'PSNR':>6}"
+    lines = [head, "-" * len(head)]
+    for degree, run in sorted(merged["runs"].items(), key=lambda item: int(item[0])):
+        for key, entry in run.items():
+            if not isinstance(entry, dict) or not key.endswith("_one_gpu"):
+                continue
+            precision, res = key.split("_")[:2]
+            variants = [run.get(f"{precision}_{res}_sp{degree}{g}") for g in ("", "_graphs")]
+            best = min((v for v in variants if v), key=lambda v: v["per_image_ms"]["mean"], default=None)
+            if best is None:
+                continue
+            lines.append(f"{precision:<9} {res:<10} {degree:>6} {run.get('padded_heads', 0):>4} "
+                         f"{entry['per_image_ms']['mean']:10.1f} {best['per_image_ms']['mean']:9.1f} "
+                         f"{best['e2e_ratio_vs_one_gpu']:9.3f} {best['psnr_vs_one_gpu_db']:6.1f}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

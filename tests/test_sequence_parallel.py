@@ -1,8 +1,10 @@
 """Sequence parallelism on the CPU (gloo): several processes make one output, equal to one process's.
 
-The tiny model here has 6 heads (degrees 2, 3 and 6 are valid) and an image of 36 tokens, padded by
-the model to 64, so that degree 3 needs padding of its own (64 -> 66 image tokens, 64 -> 66 caption
-rows): the masked-padding path is exercised as well as the padding-free one of degree 2.
+The tiny model here has 6 heads and an image of 36 tokens, padded by the model to 64, so that degree 3
+needs padding of its own (64 -> 66 image tokens, 64 -> 66 caption rows): the masked-padding path is
+exercised as well as the padding-free one of degree 2. Degree 4 does not divide the 6 heads: they are
+padded with zero heads to 8 (the fourth rank attends with zero heads only), as Z-Image's 30 heads are
+padded to 32 on 4 or 8 GPUs.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import torch
 import torch.multiprocessing as mp
 
 from zimage_trt.model.denoiser import StaticZImageDenoiser
-from zimage_trt.parallel import SequenceParallelError, SequenceShardedDenoiser, check_degree, join, shard_engine
+from zimage_trt.parallel import (SequenceParallelError, SequenceShardedDenoiser, check_degree, join, padded_heads,
+                                 shard_engine, valid_degrees)
 from zimage_trt.testing.tiny import _randomize_, make_tiny_components, save_tiny_pipeline, tiny_transformer_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,7 +99,7 @@ def _denoiser_parity(rank, world, port, transformer, compiled):
         group.close()
 
 
-@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("world", [2, 3, pytest.param(4, marks=pytest.mark.slow)])  # (4: zero heads padded in)
 def test_sharded_denoiser_equals_one_process(world):
     spawn(_denoiser_parity, world, six_head_transformer(), False)
 
@@ -107,11 +110,14 @@ def test_sharded_compiled_engine_equals_one_process():
 
 
 # -- degree and process-group checks (one process) ---------------------------------------------------
-def test_a_degree_that_does_not_divide_the_heads_is_refused():
-    with pytest.raises(ValueError, match=r"sequence_parallel=4 does not divide the model's 6 attention heads.*"
-                                         r"valid degrees for this model: 2, 3, 6"):
-        check_degree(4, HEADS)
-    assert check_degree(3, HEADS) == 3
+def test_any_degree_up_to_the_heads_is_accepted_and_more_is_refused():
+    assert valid_degrees(HEADS) == [2, 3, 4, 5, 6]
+    assert check_degree(4, HEADS) == 4 and check_degree(3, HEADS) == 3 and check_degree(1, HEADS) == 1
+    assert [padded_heads(d, HEADS) for d in (1, 2, 3, 4, 5, 6)] == [0, 0, 0, 2, 4, 0]
+    assert [padded_heads(d, 30) for d in (2, 3, 4, 5, 6, 8)] == [0, 0, 2, 0, 0, 2]  # Z-Image: 32 heads at 4 and 8
+    with pytest.raises(ValueError, match=r"sequence_parallel=7 is more processes than the model's 6 attention heads.*"
+                                         r"valid degrees for this model: 2 to 6"):
+        check_degree(7, HEADS)
     with pytest.raises(ValueError, match="int >= 1"):
         check_degree(0, HEADS)
 
@@ -119,8 +125,8 @@ def test_a_degree_that_does_not_divide_the_heads_is_refused():
 def test_the_pipeline_refuses_a_wrong_degree_before_joining_any_group(parts):
     from zimage_trt.pipeline import ZImageTRTPipeline
 
-    with pytest.raises(ValueError, match="valid degrees for this model: 2, 3, 6"):
-        ZImageTRTPipeline.from_components(**parts, device="cpu", sequence_parallel=5)
+    with pytest.raises(ValueError, match="valid degrees for this model: 2 to 6"):
+        ZImageTRTPipeline.from_components(**parts, device="cpu", sequence_parallel=7)
 
 
 def test_without_torchrun_the_error_says_how_to_start(monkeypatch):
@@ -170,12 +176,55 @@ def _pipeline_parity(rank, world, port, parts, expected):
         pipe.close()
 
 
-@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("world", [2, 3, pytest.param(4, marks=pytest.mark.slow)])
 def test_pipeline_over_ranks_equals_one_process(parts, world):
     from zimage_trt.pipeline import ZImageTRTPipeline
 
     expected = run_calls(ZImageTRTPipeline.from_components(**parts, device="cpu", pad_prompts_to_max_length=False))
     spawn(_pipeline_parity, world, parts, expected)
+
+
+class _StopHere(Exception):
+    pass
+
+
+def _stopped_call(rank, world, port, parts, expected):
+    from zimage_trt.pipeline import ZImageTRTPipeline
+
+    as_torchrun_rank(rank, world, port)
+    pipe = ZImageTRTPipeline.from_components(**parts, device="cpu", sequence_parallel=world,
+                                             sequence_parallel_timeout_s=20, pad_prompts_to_max_length=False)
+    try:
+        if not pipe.is_main_process:
+            assert pipe.serve() == 2 and pipe._parallel.calls_stopped == 1
+            return
+        pipe.set_progress_bar_config(disable=True)
+
+        def stop_at_second_step(pipe, i, t, kw):
+            if i == 1:
+                raise _StopHere  # as the service's callback stops a request that timed out
+            return {}
+
+        started = time.monotonic()
+        with pytest.raises(_StopHere):
+            pipe(generator=torch.Generator("cpu").manual_seed(11), output_type="latent",
+                 callback_on_step_end=stop_at_second_step, **{**CALLS[0], "num_inference_steps": 3})
+        assert time.monotonic() - started < 15  # the other rank did not wait for a time-out
+        # The group goes on: the next call (with a callback, so flags travel each step) equals one process.
+        got = pipe(generator=torch.Generator("cpu").manual_seed(11), output_type="latent",
+                   callback_on_step_end=lambda pipe, i, t, kw: {}, **CALLS[0]).images
+        err = (got - expected).abs().max().item()
+        assert err <= TOLERANCE * max(1.0, expected.abs().max().item()), err
+    finally:
+        pipe.close()
+
+
+@pytest.mark.slow
+def test_a_call_stopped_by_rank_0s_callback_stops_every_rank_and_the_group_goes_on(parts):
+    from zimage_trt.pipeline import ZImageTRTPipeline
+
+    expected = run_calls(ZImageTRTPipeline.from_components(**parts, device="cpu", pad_prompts_to_max_length=False))[0]
+    spawn(_stopped_call, 2, parts, expected)
 
 
 def _one_rank_fails(rank, world, port, parts, who_dies, who_hangs, timeout_s):
@@ -243,13 +292,13 @@ def generate_args(folder, output, *extra):
 def test_the_command_line_refuses_a_wrong_degree(six_head_folder, tmp_path, capsys, monkeypatch):
     from zimage_trt.cli import main
 
-    # As torchrun --nproc-per-node 4 starts rank 0 (the degree is refused before any group is joined).
-    for name, value in dict(RANK="0", WORLD_SIZE="4", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+    # As torchrun --nproc-per-node 7 starts rank 0 (the degree is refused before any group is joined).
+    for name, value in dict(RANK="0", WORLD_SIZE="7", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                             MASTER_PORT=str(free_port())).items():
         monkeypatch.setenv(name, value)
-    code = main(generate_args(six_head_folder, tmp_path / "x.png", "--sequence-parallel", "4"))
+    code = main(generate_args(six_head_folder, tmp_path / "x.png", "--sequence-parallel", "7"))
     assert code == 2
-    assert "valid degrees for this model: 2, 3, 6" in capsys.readouterr().err
+    assert "valid degrees for this model: 2 to 6" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
 
 

@@ -162,11 +162,113 @@ def test_documented_serve_config_is_valid_for_ray_serve_and_for_the_builder():
     assert parsed.replicas == application.args["replicas"] and parsed.engine_dir == application.args["engine_dir"]
 
 
+def test_sequence_parallel_replicas_reserve_one_bundle_per_rank_on_one_node():
+    parse = ray_deployment._parser().parse_args
+    one = ray_deployment.replica_resources(parse(["--tiny"]), cluster_gpus=8)[0]
+    assert ray_deployment.replica_placement(one) == {}  # one process per replica: as before
+    on_gpus, options = ray_deployment.replica_resources(parse(["--tiny", "--sequence-parallel", "4",
+                                                               "--cpus-per-replica", "2"]), cluster_gpus=8)
+    assert options == {"num_cpus": 2.0, "num_gpus": 1}  # rank 0, the replica actor: bundle 0
+    assert ray_deployment.replica_placement(on_gpus) == {
+        "placement_group_bundles": [{"CPU": 2.0, "GPU": 1.0}] * 4, "placement_group_strategy": "STRICT_PACK"}
+    on_cpus, _ = ray_deployment.replica_resources(parse(["--tiny", "--sequence-parallel", "2"]), cluster_gpus=0)
+    assert ray_deployment.replica_placement(on_cpus)["placement_group_bundles"] == [{"CPU": 1.0}] * 2
+    with pytest.raises(ServeConfigError, match="--sequence-parallel must be >= 1"):
+        ray_deployment.replica_placement(parse(["--tiny", "--sequence-parallel", "0"]))
+
+
+def test_the_ranks_of_a_replica_learn_every_rank_s_gpu_in_rank_order():
+    import threading
+
+    import torch.distributed as dist
+
+    from zimage_trt.serving.ray_ranks import rank_device, shared_gpu_ids
+
+    store, seen = dist.HashStore(), {}
+    own = {0: "5", 1: "2", 2: "7"}  # as Ray gives them: any order, one each
+    ranks = [threading.Thread(target=lambda r=r: seen.__setitem__(r, shared_gpu_ids(store, r, 3, own[r])))
+             for r in (2, 0, 1)]  # (in any order: each waits for the others' keys)
+    for thread in ranks:
+        thread.start()
+    for thread in ranks:
+        thread.join(10)
+    assert seen == {r: ["5", "2", "7"] for r in range(3)}  # rank r then takes cuda:r of CUDA_VISIBLE_DEVICES=5,2,7
+    assert rank_device("cpu", store, 0, 3).type == "cpu"
+
+
+def test_autoscale_becomes_serves_autoscaling_config_and_bad_values_are_refused():
+    parse = ray_deployment._parser().parse_args
+    assert ray_deployment.scaling(parse(["--tiny", "--replicas", "3"])) == {"num_replicas": 3}
+    config = ray_deployment.scaling(parse(["--tiny", "--autoscale", "1,4", "--target-ongoing-requests", "1.5"]))
+    assert config == {"autoscaling_config": {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 1.5,
+                                             "upscale_delay_s": 30.0, "downscale_delay_s": 600.0,
+                                             "look_back_period_s": 30.0}}
+    from ray.serve.config import AutoscalingConfig
+
+    AutoscalingConfig(**config["autoscaling_config"])  # Serve's own schema takes it
+    assert ray_deployment.scaling(parse(["--tiny", "--autoscale", "0, 2"]))["autoscaling_config"]["min_replicas"] == 0
+    for bad in ("3,1", "0,0", "2", "one,two", "-1,2"):
+        with pytest.raises(ServeConfigError, match=f"--autoscale '{bad}': "):
+            ray_deployment.scaling(parse(["--tiny", f"--autoscale={bad}"]))
+    with pytest.raises(ServeConfigError, match=r"--target-ongoing-requests 8 must be > 0 and at most "
+                                               r"--max-ongoing-requests \(4\)"):
+        ray_deployment.scaling(parse(["--tiny", "--autoscale", "1,2", "--target-ongoing-requests", "8"]))
+    with pytest.raises(ServeConfigError, match="--upscale-delay"):
+        ray_deployment.scaling(parse(["--tiny", "--autoscale", "1,2", "--upscale-delay", "-1"]))
+    with pytest.raises(ServeConfigError, match="--autoscale"):  # the application builder checks it too
+        ray_deployment.app_builder({"tiny": True, "device": "cpu", "autoscale": "4,1"})
+
+
+def test_the_rayservice_example_is_valid_and_its_serve_config_is_the_one_ci_runs(tmp_path):
+    from ray.serve.schema import ServeDeploySchema
+
+    from ray_service_config import CI_CHANGES, CI_DROPPED, application, ci_args, ray_service, serve_config
+
+    service = ray_service()
+    assert service["apiVersion"] == "ray.io/v1" and service["kind"] == "RayService"
+    config = ServeDeploySchema.model_validate(serve_config())
+    (app,) = config.applications
+    assert app.name == ray_deployment.APP_NAME and app.route_prefix == "/"
+    module, name = app.import_path.split(":")
+    assert module == ray_deployment.__name__ and getattr(ray_deployment, name) is ray_deployment.app_builder
+    # Off loopback, as a Kubernetes service needs: so the API key is set (the replicas would refuse otherwise).
+    assert config.http_options.host == "0.0.0.0" and application()["args"]["api_key_file"]
+
+    # What the RayService deploys on GPUs: 2-GPU replicas, autoscaled 1 to 4, placed on one node each.
+    production = ray_deployment.config_arguments(application()["args"])
+    replica_args, options = ray_deployment.replica_resources(production, cluster_gpus=8)
+    assert options == {"num_cpus": 4.0, "num_gpus": 1}
+    assert ray_deployment.replica_placement(replica_args)["placement_group_bundles"] == [{"CPU": 4.0, "GPU": 1.0}] * 2
+    scaled = ray_deployment.scaling(production)["autoscaling_config"]
+    assert (scaled["min_replicas"], scaled["max_replicas"], scaled["target_ongoing_requests"]) == (1, 4, 2.0)
+    # Worker pods hold what the largest deployment needs: 4 replicas x 2 GPUs.
+    (workers,) = service["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    gpus_per_pod = workers["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
+    assert gpus_per_pod * workers["maxReplicas"] >= scaled["max_replicas"] * production.sequence_parallel
+
+    # CI: the same application args, changed only where a 2-core CPU runner must differ.
+    key_file = tmp_path / "key"
+    ci = ci_args(key_file)
+    changed = {key for key in set(ci) | set(application()["args"]) if ci.get(key) != application()["args"].get(key)}
+    assert changed == {*CI_CHANGES, *CI_DROPPED, "api_key_file"} == {
+        "model", "engine_dir", "tiny", "device", "size", "cpus_per_replica", "autoscale", "upscale_delay",
+        "downscale_delay", "autoscale_look_back", "api_key_file"}
+    for kept in ("sequence_parallel", "target_ongoing_requests", "max_ongoing_requests", "max_queued_requests",
+                 "health_check_period"):
+        assert ci[kept] == application()["args"][kept], kept
+    ci_parsed = ray_deployment.config_arguments(ci)
+    ci_scaled = ray_deployment.scaling(ci_parsed)["autoscaling_config"]
+    assert {k: v for k, v in ci_scaled.items() if scaled[k] != v} == {
+        "max_replicas": 2, "upscale_delay_s": 1.0, "downscale_delay_s": 4.0, "look_back_period_s": 2.0}
+
+
 def test_cli_serve_ray_options_and_the_api_key_rule(capsys, monkeypatch):
     with pytest.raises(SystemExit):
         cli.main(["serve", "--help"])
     help_text = capsys.readouterr().out
-    for option in ("--ray", "--replicas", "--max-ongoing-requests", "--max-queued-requests", "--ray-address"):
+    for option in ("--ray", "--replicas", "--max-ongoing-requests", "--max-queued-requests", "--ray-address",
+                   "--sequence-parallel", "--autoscale", "--target-ongoing-requests", "--upscale-delay",
+                   "--downscale-delay", "--autoscale-look-back"):
         assert option in help_text
     assert "(default: 64)" in help_text  # --max-queued-requests shows its default
     # A public address without a key is refused before Ray starts.

@@ -47,13 +47,13 @@ def server_env() -> dict:
     return env
 
 
-def start_server(tmp_path, *extra: str):
+def start_server(tmp_path, *extra: str, launcher=(sys.executable,)):
     key_file = tmp_path / "api-key"
     key_file.write_text(KEY + "\n")
     port = free_port()
     log = open(tmp_path / "server.log", "w+")
     process = subprocess.Popen(
-        [sys.executable, "-m", "zimage_trt.cli", "serve", "--tiny", "--device", "cpu", "--port", str(port),
+        [*launcher, "-m", "zimage_trt.cli", "serve", "--tiny", "--device", "cpu", "--port", str(port),
          "--api-key-file", str(key_file), "--log-level", "warning", *extra],
         env=server_env(), stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -226,4 +226,39 @@ def test_sigterm_finishes_the_running_request_and_answers_the_waiting_ones_503(t
         print(f"\nSIGTERM: 3 waiting answered 503 within {waiting_answered * 1000:.0f} ms; the running request "
               f"(150 steps) finished {finished - signalled:.2f} s after the signal; process exited 0 after {exited:.2f} s")
     finally:
+        stop(process, log)
+
+
+def test_serve_under_torchrun_rank_0_answers_http_and_the_other_rank_computes_its_share(tmp_path, tiny_cpu_pipe):
+    # Two processes over gloo make each image (the tiny model has 2 heads: one each).
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()))
+    process, url, log = start_server(tmp_path, "--sequence-parallel", "2", "--timeout", "4", "--max-steps", "1000",
+                                     launcher=torchrun)
+    try:
+        ranks = psutil.Process(process.pid).children()
+        assert len(ranks) == 2
+        rank_0 = next(p for p in ranks if p.environ().get("RANK") == "0")
+        # The image two ranks make equals one process's (latents within 1e-5: a pixel level at most).
+        status, body, _ = post(url, {"prompt": "a lighthouse", "seed": 3, "num_inference_steps": 2, "size": "256x256"})
+        assert status == 200, body
+        assert np.abs(decode(body["data"][0]["b64_json"]) - solo(tiny_cpu_pipe, "a lighthouse", 3, 2)).max() <= 1
+        # A request past --timeout is stopped at its next step on both ranks (504), and the group goes on.
+        started = time.perf_counter()
+        status, body, _ = post(url, {"prompt": "a long one", "seed": 1, "num_inference_steps": 1000, "size": "256x256"})
+        assert status == 504 and body["error"]["type"] == "timeout", body
+        assert time.perf_counter() - started < 15
+        status, body, _ = post(url, {"prompt": "a fox", "seed": 5, "num_inference_steps": 2, "size": "256x256"})
+        assert status == 200
+        assert np.abs(decode(body["data"][0]["b64_json"]) - solo(tiny_cpu_pipe, "a fox", 5, 2)).max() <= 1
+        # SIGTERM to rank 0: it shuts down gracefully and its closing pipeline releases rank 1; all exit 0.
+        signalled = time.perf_counter()
+        rank_0.send_signal(signal.SIGTERM)
+        assert process.wait(60) == 0, _read(log)
+        assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in ranks)
+        assert "Traceback" not in _read(log)
+        print(f"\ntorchrun serve: rank 0 stopped, rank 1 released, torchrun exited 0 "
+              f"{time.perf_counter() - signalled:.1f} s after SIGTERM")
+    finally:
+        for rank in psutil.Process(process.pid).children() if process.poll() is None else []:
+            rank.kill()
         stop(process, log)

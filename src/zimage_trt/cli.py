@@ -242,7 +242,8 @@ def main(argv=None) -> int:
     g.add_argument("--sequence-parallel", type=int, default=1,
                    help="processes making the image together, one per GPU: run under "
                         "`torchrun --nproc-per-node N -m zimage_trt.cli generate ... --sequence-parallel N`; "
-                        "N must divide the model's attention heads (30: 2, 3, 5, 6)")
+                        "N from 2 up to the model's attention heads (30); where N does not divide them (4, 8) they "
+                        "are padded with zero heads")
     add_task_arguments(g)
     g.set_defaults(func=run_generate)
 

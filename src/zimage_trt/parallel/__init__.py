@@ -3,8 +3,9 @@ slice of the tokens (`group.py`: the process group; `attention.py`: the all-to-a
 `denoiser.py`: the sharded forward; `serve.py`: how the ranks share each pipeline call)."""
 
 from .denoiser import SequenceShardedDenoiser, shard_engine
-from .group import ParallelGroup, SequenceParallelError, check_degree, check_launch, join, valid_degrees
+from .group import (ParallelGroup, SequenceParallelError, check_degree, check_launch, join, padded_heads,
+                    valid_degrees)
 from .serve import Coordinator, start
 
 __all__ = ["Coordinator", "ParallelGroup", "SequenceParallelError", "SequenceShardedDenoiser", "check_degree",
-           "check_launch", "join", "shard_engine", "start", "valid_degrees"]
+           "check_launch", "join", "padded_heads", "shard_engine", "start", "valid_degrees"]

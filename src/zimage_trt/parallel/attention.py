@@ -3,9 +3,18 @@ into every token with a slice of the heads, the block's own attention op runs on
 all-to-all turns the result back.
 
     q, k, v   [B, S/P, H, D]   this rank's tokens, all heads
-    -> a2a -> [B, S, H/P, D]   every rank's tokens (rank 0's first), this rank's heads
+    -> pad    [B, S/P, Hp, D]  Hp = P * ceil(H / P): zero heads at the end when P does not divide H
+    -> a2a -> [B, S, Hp/P, D]  every rank's tokens (rank 0's first), this rank's heads
     -> the wrapped op (SDPA, FlashAttention, ...) with the key mask over the gathered sequence
-    -> a2a -> [B, S/P, H, D]
+    -> a2a -> [B, S/P, Hp, D]  -> the first H heads
+
+Any degree up to H therefore runs (Z-Image's 30 heads: 4 and 8 GPUs pad to 32). The zero heads cannot
+change the real ones: every attention op computes each head from that head's q, k and v alone, and the
+padded heads are dropped after the second all-to-all. (What they compute is 0 anyway: q = k = 0 gives
+equal scores, a uniform softmax over the unmasked keys, and v = 0 makes its output 0, finite with or
+without a key mask and through FA3's per-head FP8 scales, which clamp a zero amax.) Their cost: every
+rank attends with ceil(H / P) heads, which a split of unequal shares would not improve (the slowest
+rank sets the pace), and the all-to-alls carry Hp / H as many bytes (32 / 30 at 4 and 8 GPUs).
 
 q, k and v travel in one all-to-all. The collectives are torch's functional ones, which
 torch.compile traces into the block's graph (and which run eagerly as well), over NCCL or gloo.
@@ -16,6 +25,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
+import torch.nn.functional as F
 
 
 class UlyssesAttention:
@@ -32,16 +42,26 @@ class UlyssesAttention:
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         p = self.degree
         batch, local, heads, dim = q.shape
-        # [3, B, S/P, P, H/P, D] -> [P, 3, B, S/P, H/P, D]: chunk j (heads of rank j) goes to rank j.
-        qkv = torch.stack((q, k, v)).view(3, batch, local, p, heads // p, dim).permute(3, 0, 1, 2, 4, 5).contiguous()
+        share = heads_per_rank(heads, p)
+        qkv = torch.stack((q, k, v))  # [3, B, S/P, H, D]
+        if share * p != heads:
+            qkv = F.pad(qkv, (0, 0, 0, share * p - heads))  # zero heads after the real ones
+        # [3, B, S/P, P, Hp/P, D] -> [P, 3, B, S/P, Hp/P, D]: chunk j (heads of rank j) goes to rank j.
+        qkv = qkv.view(3, batch, local, p, share, dim).permute(3, 0, 1, 2, 4, 5).contiguous()
         qkv = funcol.all_to_all_single(qkv, None, None, self.group)
-        # Received chunk j is rank j's tokens: [P, 3, B, S/P, H/P, D] -> [3, B, S, H/P, D].
-        qkv = qkv.permute(1, 2, 0, 3, 4, 5).reshape(3, batch, p * local, heads // p, dim)
-        out = self.inner(qkv[0], qkv[1], qkv[2], mask)  # [B, S, H/P, D]
+        # Received chunk j is rank j's tokens: [P, 3, B, S/P, Hp/P, D] -> [3, B, S, Hp/P, D].
+        qkv = qkv.permute(1, 2, 0, 3, 4, 5).reshape(3, batch, p * local, share, dim)
+        out = self.inner(qkv[0], qkv[1], qkv[2], mask)  # [B, S, Hp/P, D]
         # Back: chunk j (rank j's tokens) goes to rank j; received chunk j is head slice j.
-        out = out.reshape(batch, p, local, heads // p, dim).transpose(0, 1).contiguous()
+        out = out.reshape(batch, p, local, share, dim).transpose(0, 1).contiguous()
         out = funcol.all_to_all_single(out, None, None, self.group)
-        return out.permute(1, 2, 0, 3, 4).reshape(batch, local, heads, dim)
+        out = out.permute(1, 2, 0, 3, 4).reshape(batch, local, share * p, dim)
+        return out if share * p == heads else out[:, :, :heads]
+
+
+def heads_per_rank(heads: int, degree: int) -> int:
+    """Heads each rank attends with: ceil(heads / degree); zero heads fill the last shares."""
+    return -(-heads // degree)
 
 
 # (torch 2.13 renamed all_gather_tensor; older releases have only the old name)

@@ -12,7 +12,10 @@ computes a slice of each step. So before its loop, rank 0 sends the loop's input
 The other ranks wait in `serve` for the next header, run the same loop on what they received, and
 go back to waiting. Each rank gets every step's whole model output (all-gathered), so the Euler
 updates, and the latents, stay the same everywhere. A step callback on rank 0 may replace the
-latents: when there is one, rank 0 sends the latents after it at each step. Nothing is pickled.
+latents: when there is one, rank 0 sends after it at each step a go/stop flag (control group) and,
+on go, the latents (data group). A callback that raises (a served request timed out, or the service
+shuts down) sends stop: every rank leaves that loop and the group stays usable for the next call.
+Nothing is pickled.
 """
 
 from __future__ import annotations
@@ -102,6 +105,7 @@ class Coordinator:
         self.engine_dir = engine_dir
         self.kept_shapes: set[str] = set()  # shapes whose compiled kernels are in engine_dir
         self.stopped = False
+        self.calls_stopped = 0  # ranks other than 0: calls rank 0 stopped midway (its step callback raised)
 
     @property
     def is_main(self) -> bool:
@@ -159,7 +163,7 @@ class Coordinator:
     # -- ranks other than 0 ----------------------------------------------------------------------
     def serve(self, denoise_loop: Callable) -> int:
         """Run each call rank 0 sends (`denoise_loop(resolution, images, cfg)` gives the loop) until it
-        stops; returns how many calls were served."""
+        stops; returns how many calls were served (those rank 0 stopped midway included)."""
         served = 0
         while True:
             with collective_errors(self.group, "waiting for rank 0's next call"):
@@ -172,11 +176,14 @@ class Coordinator:
                 dist.broadcast(payload, 0, group=self.group.data)
             call = _unpack(header, payload)
             loop = denoise_loop(call.resolution, call.images, call.cfg)
-            with collective_errors(self.group, "a denoising step with the other ranks"):
-                loop(call.latents, call.positive, call.negative, call.timesteps, call.sigmas,
-                     guidance_scale=call.guidance_scale, cfg_normalization=call.cfg_normalization,
-                     cfg_truncation=call.cfg_truncation, callback=self._follow_latents if call.step_sync else None,
-                     progress=False)
+            try:
+                with collective_errors(self.group, "a denoising step with the other ranks"):
+                    loop(call.latents, call.positive, call.negative, call.timesteps, call.sigmas,
+                         guidance_scale=call.guidance_scale, cfg_normalization=call.cfg_normalization,
+                         cfg_truncation=call.cfg_truncation, callback=self._follow_latents if call.step_sync else None,
+                         progress=False)
+            except CallStopped:
+                self.calls_stopped += 1
             served += 1
 
     def keep_compiled(self, engine, shape_key: str) -> None:
@@ -187,9 +194,24 @@ class Coordinator:
             artifacts.save(self.engine_dir, self.group.degree, shape_key)
 
     def _follow_latents(self, index, timestep, latents: torch.Tensor) -> torch.Tensor:
+        if not self.step_flag():
+            raise CallStopped(f"rank 0 stopped the call after step {index + 1}")
         received = latents.clone()
         dist.broadcast(received, 0, group=self.group.data)
         return received
+
+    # -- after each step of a call with a step callback: go on, or stop -----------------------------
+    def step_flag(self, go: bool = False) -> bool:
+        """Rank 0 sends `go`; the others receive it. On the control group (CPU: no GPU sync), but with the
+        data group's timeout: a call in progress is not an idle wait."""
+        flag = torch.tensor([1 if self.group.is_main and go else 0], dtype=torch.uint8)
+        work = dist.broadcast(flag, 0, group=self.group.control, async_op=True)
+        work.wait(timedelta(seconds=self.group.timeout_s))
+        return bool(flag[0])
+
+
+class CallStopped(Exception):
+    """Ranks other than 0: rank 0's step callback raised, so this call ends here (the group goes on)."""
 
 
 class LeadingLoop:
@@ -216,7 +238,7 @@ class LeadingLoop:
             None if negative_prompt_embeds is None else list(negative_prompt_embeds), timesteps.float(), sigmas.float(),
             guidance_now, cfg_normalization, cfg_truncation, self.step_sync))
         if self.step_sync:
-            callback = _sending_latents(callback, group)
+            callback = _sending_latents(callback, self.coordinator)
         with collective_errors(group, "a denoising step with the other ranks"):
             result = self.loop(latents, prompt_embeds, negative_prompt_embeds, timesteps, sigmas,
                                guidance_scale=guidance_scale, cfg_normalization=cfg_normalization,
@@ -226,9 +248,16 @@ class LeadingLoop:
         return result
 
 
-def _sending_latents(callback, group: ParallelGroup):
+def _sending_latents(callback, coordinator: Coordinator):
+    group = coordinator.group
+
     def on_step(index, timestep, latents):
-        replaced = callback(index, timestep, latents) if callback is not None else None
+        try:
+            replaced = callback(index, timestep, latents) if callback is not None else None
+        except BaseException:
+            coordinator.step_flag(go=False)  # the other ranks leave this call too
+            raise
+        coordinator.step_flag(go=True)
         current = (replaced if replaced is not None else latents).to(group.device, torch.float32).contiguous()
         dist.broadcast(current, 0, group=group.data)
         return replaced

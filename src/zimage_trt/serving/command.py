@@ -2,17 +2,23 @@
 
 SIGTERM / Ctrl-C: the waiting requests are answered 503 at once, the running one finishes, uvicorn
 closes the connections, the app's shutdown closes the service, and the process exits 0.
+
+With `--sequence-parallel N` under torchrun, every rank loads the pipeline; rank 0 serves HTTP as
+above, the others run `pipe.serve()` (their share of each image) until rank 0 closes its pipeline at
+shutdown, then exit 0 too.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 
 import uvicorn
 
 from ..model.precision import precision_dtype, run_precision
+from ..parallel import check_launch
 from ..pipeline import ZImageTRTPipeline
 from ..testing.tiny import make_tiny_components
 from .app import AppSettings, create_app
@@ -46,7 +52,7 @@ def pipeline_factory(args):
     """A zero-argument function that loads the pipeline (called in the service's warm-up thread)."""
     precision = run_precision(args.precision, args.device, with_engines=args.engine_dir is not None)
     options = dict(device=args.device, allow_fallback=args.allow_fallback, torch_dtype=precision_dtype(precision),
-                   precision=precision)
+                   precision=precision, sequence_parallel=getattr(args, "sequence_parallel", 1))
     if args.tiny:
         return lambda: ZImageTRTPipeline.from_components(**make_tiny_components(seed=0), engine_dir=args.engine_dir,
                                                          **options)
@@ -83,11 +89,24 @@ def run_server(args) -> int:
     api_key = read_api_key(args.api_key_file)
     check_bind(args.host, api_key)  # before anything is loaded: a refusal is immediate
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    service = build_service(args)
+    service = build_service(args)  # (every rank checks the options: a bad one stops them all alike)
+    if args.sequence_parallel != 1:
+        check_launch(args.sequence_parallel)  # torchrun's variables, before anything loads
+        if int(os.environ.get("RANK", "0")) != 0:
+            return serve_share(args)
     app = serving_app(service, api_key, args.host, url_max_images=args.url_max_images, url_ttl_s=args.url_ttl)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=args.timeout + 30.0)
     server = _GracefulServer(config, service)
     log.info("serving on http://%s:%d (%s)", args.host, args.port, "API key required" if api_key else "no API key")
     server.run()
+    return 0
+
+
+def serve_share(args) -> int:
+    """A rank other than 0 of `serve --sequence-parallel N`: its share of each image until rank 0 closes."""
+    with pipeline_factory(args)() as pipe:
+        log.info("rank %s of %d: serving rank 0's calls", os.environ.get("RANK"), args.sequence_parallel)
+        served = pipe.serve()
+    log.info("rank %s: rank 0 closed after %d call(s)", os.environ.get("RANK"), served)
     return 0

@@ -8,6 +8,12 @@ Each replica is one `ImageService` (one pipeline and its queue) behind the same 
 one-GPU server (`create_app`), so the HTTP API is unchanged; Ray Serve's proxy spreads the requests.
 - Ray gives each replica one GPU (`num_gpus=1`, `--device cpu`: CPU replicas). A replica gets requests
   only once it has loaded and warmed every served size (its constructor waits for that).
+- `--sequence-parallel N`: each replica is a group of N GPUs on one node making each image together
+  (a placement group of N bundles; its ranks 1..N-1 are actors it starts: `ray_ranks.py`), so a 4-GPU
+  host serves 2 replicas x 2 GPUs behind the same proxy.
+- `--autoscale MIN,MAX`: Serve's autoscaler adds replicas while the requests per replica stay above
+  `--target-ongoing-requests` and removes them when idle; a new replica gets requests only once warm, a
+  removed one first finishes every request it holds (graceful shutdown, then `__del__`).
 - Backpressure is Ray Serve's: a replica holds at most `max_ongoing_requests` requests (one runs, the
   others wait in its queue); at most `max_queued_requests` more wait in the proxy for a free replica;
   beyond that the proxy answers 429 with Retry-After at once (as the one-GPU server does when full).
@@ -34,7 +40,8 @@ import threading
 from .cluster_stats import REPORT_PERIOD_S, STALE_AFTER_S, StatsBoard, merge_metrics, merge_stats
 from .command import build_service, pipeline_factory, serving_app
 from .metrics import ServiceMetrics
-from .ray_settings import add_ray_arguments
+from .ray_ranks import ReplicaRanks, rank_bundle
+from .ray_settings import add_ray_arguments, parse_autoscale
 from .service import ImageService
 from .settings import DEFAULT_HOST, ServeConfigError, add_arguments, check_bind, is_loopback, read_api_key
 
@@ -126,7 +133,9 @@ class ClusterImageService(ImageService):
         self._reporter = reporter
 
     def own_stats(self) -> dict:
-        return super().stats()
+        stats = super().stats()
+        stats["sequence_parallel"] = getattr(getattr(self.pipe, "options", None), "sequence_parallel", 1)
+        return stats
 
     def stats(self) -> dict:
         return merge_stats([(replica, age, stats) for replica, age, stats, _ in self._reporter.collect()])
@@ -140,8 +149,11 @@ def board_actor(app_name: str):
     """The application's stats board: a detached actor (it outlives any one replica), made once."""
     import ray
 
+    # "DEFAULT" scheduling: outside the placement group of the replica that makes it (a sequence-parallel
+    # replica's, which Serve removes with that replica, and every actor in it).
     return ray.remote(num_cpus=0)(StatsBoard).options(
-        name=f"stats:{app_name}", namespace=BOARD_NAMESPACE, lifetime="detached", get_if_exists=True).remote()
+        name=f"stats:{app_name}", namespace=BOARD_NAMESPACE, lifetime="detached", get_if_exists=True,
+        scheduling_strategy="DEFAULT").remote()
 
 
 def _proxy_host() -> str | None:
@@ -167,6 +179,7 @@ class ImageReplica:
         from ray import serve
 
         self.replica = serve.get_replica_context().replica_tag
+        self._closed = False
         self.api_key = read_api_key(args.api_key_file)
         host = await asyncio.to_thread(_proxy_host)
         if host is not None and self.api_key is None and not is_loopback(host):
@@ -174,13 +187,21 @@ class ImageReplica:
         self.host = host or DEFAULT_HOST  # (unread: keyless, the loopback names only)
         reporter = _Reporter(app_name, self.replica)
         base = build_service(args)  # the checked sizes and limits; its pipeline is never loaded
+        self.ranks = None
+        if args.sequence_parallel > 1:  # ranks 1..N-1 start in this replica's placement group; all join one group
+            self.ranks = ReplicaRanks(args, pipeline, name=f"{app_name}#{self.replica}")
+            await self.ranks.while_watching(asyncio.to_thread(self.ranks.join))
         self.service = ClusterImageService(pipeline or pipeline_factory(args), base.settings, reporter)
         # Load and warm here, in a thread: Serve routes nothing to a replica before its constructor returns.
-        await asyncio.to_thread(self.service.start, False)
+        loading = asyncio.to_thread(self.service.start, False)
+        await (self.ranks.while_watching(loading) if self.ranks is not None else loading)
         if not self.service.ready:
             raise RuntimeError(f"replica {self.replica} could not load and warm its pipeline: {self.service.failure}")
         reporter.start(self.service)
-        log.info("replica %s ready on %s", self.replica, self.service.pipe.device)
+        if self.ranks is not None:
+            self.ranks.watch(self.service)
+        log.info("replica %s ready on %s%s", self.replica, self.service.pipe.device,
+                 f" with {args.sequence_parallel - 1} more rank(s)" if self.ranks is not None else "")
 
     def __serve_build_asgi_app__(self):
         # The one-GPU server's app and host rule; no links (response_format "url"): the proxy may send the
@@ -188,9 +209,28 @@ class ImageReplica:
         return serving_app(self.service, self.api_key, self.host, url_max_images=0)
 
     def check_health(self) -> None:
-        """Serve's periodic health check: a failed or stopped service gets this replica replaced."""
+        """Serve's periodic health check: a failed or stopped service, or a rank of its group that ended,
+        gets this replica replaced (its rank actors end with it)."""
         if self.service.state in ("failed", "stopped"):
             raise RuntimeError(f"replica {self.replica} is {self.service.state}")
+        reason = self.ranks.failure() if self.ranks is not None else None
+        if reason is not None:
+            raise RuntimeError(f"replica {self.replica}: {reason}")
+
+    def __del__(self):
+        """Serve's graceful stop, once the replica holds no request: close the service (and its pipeline,
+        which releases the other ranks), then end the rank actors. (Once: the garbage collector may call it
+        again.)"""
+        if getattr(self, "_closed", True):  # (a constructor that failed early has nothing to close)
+            return
+        self._closed = True
+        service, ranks = getattr(self, "service", None), getattr(self, "ranks", None)
+        if ranks is not None:
+            ranks.closing()
+        if service is not None:
+            service.close(True)
+        if ranks is not None:
+            ranks.close()
 
 
 # -- the deployment ----------------------------------------------------------------------------------
@@ -216,9 +256,38 @@ def replica_resources(args: argparse.Namespace, cluster_gpus: float | None = Non
     return replica_args, options
 
 
+def replica_placement(args: argparse.Namespace) -> dict:
+    """The deployment's placement-group options: with --sequence-parallel N, N bundles on one node (the
+    replica in the first, its other ranks in the rest); nothing for one process per replica."""
+    if args.sequence_parallel == 1:
+        return {}
+    if args.sequence_parallel < 1:
+        raise ServeConfigError(f"--sequence-parallel must be >= 1, got {args.sequence_parallel}")
+    return {"placement_group_bundles": [rank_bundle(args) for _ in range(args.sequence_parallel)],
+            "placement_group_strategy": "STRICT_PACK"}
+
+
+def scaling(args: argparse.Namespace) -> dict:
+    """`num_replicas`, or with --autoscale Serve's `autoscaling_config` (the options' values, checked)."""
+    bounds = parse_autoscale(args.autoscale)
+    if bounds is None:
+        return {"num_replicas": args.replicas}
+    if not 0 < args.target_ongoing_requests <= args.max_ongoing_requests:
+        raise ServeConfigError(
+            f"--target-ongoing-requests {args.target_ongoing_requests:g} must be > 0 and at most "
+            f"--max-ongoing-requests ({args.max_ongoing_requests}): a replica never holds more, so it would never scale")
+    if min(args.upscale_delay, args.downscale_delay) < 0 or args.autoscale_look_back <= 0:
+        raise ServeConfigError("--upscale-delay and --downscale-delay must be >= 0 and --autoscale-look-back > 0")
+    return {"autoscaling_config": {
+        "min_replicas": bounds[0], "max_replicas": bounds[1], "target_ongoing_requests": args.target_ongoing_requests,
+        "upscale_delay_s": args.upscale_delay, "downscale_delay_s": args.downscale_delay,
+        "look_back_period_s": args.autoscale_look_back}}
+
+
 def deployment(args: argparse.Namespace, ray_actor_options: dict, app_name: str = APP_NAME, pipeline=None):
-    """The bound Serve application: `args.replicas` replicas of `ImageReplica` over `args` (and `pipeline`,
-    a picklable zero-argument function making each replica's pipeline, when given)."""
+    """The bound Serve application: `args.replicas` replicas (or --autoscale's range) of `ImageReplica` over
+    `args` (and `pipeline`, a picklable zero-argument function making each replica's pipeline, when given;
+    with --sequence-parallel N it runs on every rank and must pass sequence_parallel=N)."""
     from ray import serve
 
     if args.replicas < 1 or args.max_ongoing_requests < 1 or args.max_queued_requests < 1:
@@ -227,7 +296,8 @@ def deployment(args: argparse.Namespace, ray_actor_options: dict, app_name: str 
     replica = serve.deployment(
         serve.ingress()(ImageReplica),
         name=DEPLOYMENT_NAME,
-        num_replicas=args.replicas,
+        **scaling(args),
+        **replica_placement(args),
         ray_actor_options=ray_actor_options,
         max_ongoing_requests=args.max_ongoing_requests,
         max_queued_requests=args.max_queued_requests,
@@ -248,10 +318,8 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
-def app_builder(config: dict):
-    """Ray Serve's application builder (`serve run ...:app_builder key=value ...`, or a config file's
-    `import_path` with `args:`). Keys are `zimage-trt serve`'s options with underscores ("engine_dir",
-    "replicas", "max_ongoing_requests", ...); they are checked as the command line checks them."""
+def config_arguments(config: dict) -> argparse.Namespace:
+    """A Serve config's `args:` as `zimage-trt serve`'s options, parsed and checked as the command line's."""
     ap = _parser()
     known = {action.dest: action for action in ap._actions}
     argv = []
@@ -269,9 +337,16 @@ def app_builder(config: dict):
         for item in value if isinstance(value, list) else [value]:
             argv += [flag, str(item)]
     try:
-        args = ap.parse_args(argv)
+        return ap.parse_args(argv)
     except SystemExit:
         raise ServeConfigError(f"invalid arguments for the zimage-trt Serve application: {config}") from None
+
+
+def app_builder(config: dict):
+    """Ray Serve's application builder (`serve run ...:app_builder key=value ...`, or a config file's
+    `import_path` with `args:`). Keys are `zimage-trt serve`'s options with underscores ("engine_dir",
+    "replicas", "max_ongoing_requests", ...); they are checked as the command line checks them."""
+    args = config_arguments(config)
     build_service(args)  # the same checks as `zimage-trt serve`, before any replica starts
     import ray
 
@@ -286,6 +361,7 @@ def run_ray_server(args: argparse.Namespace) -> int:
     api_key = read_api_key(args.api_key_file)
     check_bind(args.host, api_key)  # before anything starts: a refusal is immediate
     build_service(args)  # bad sizes or limits are refused before Ray starts too
+    scaling(args)  # and a bad --autoscale
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import ray
     from ray import serve
@@ -294,9 +370,11 @@ def run_ray_server(args: argparse.Namespace) -> int:
     try:
         replica_args, options = replica_resources(args, ray.cluster_resources().get("GPU", 0))
         serve.start(http_options={"host": args.host, "port": args.port})
-        log.info("starting %d replica(s) (%s each); each loads and warms before it serves", args.replicas, options)
+        count = f"{args.replicas}" if args.autoscale is None else f"{args.autoscale.replace(',', ' to ')} (autoscaled)"
+        group = f", {args.sequence_parallel} processes each" if args.sequence_parallel > 1 else ""
+        log.info("starting %s replica(s) (%s%s); each loads and warms before it serves", count, options, group)
         serve.run(deployment(replica_args, options), name=APP_NAME, route_prefix="/")
-        log.info("serving on http://%s:%d with %d replica(s) (%s)", args.host, args.port, args.replicas,
+        log.info("serving on http://%s:%d with %s replica(s) (%s)", args.host, args.port, count,
                  "API key required" if api_key else "no API key")
         _wait_for_signal()
         log.info("shutting down: replicas finish their running requests")

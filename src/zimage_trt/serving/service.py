@@ -216,6 +216,20 @@ class ImageService:
         if final:
             self.previewer.observe(final[0], out.images[0])
 
+    def mark_failed(self, reason: str) -> bool:
+        """The pipeline cannot serve any more (e.g. a rank of its sequence-parallel group died): /readyz and
+        new requests say so (503), the waiting requests are answered 503 at once instead of failing in turn.
+        False (nothing done) when the service is stopping, stopped or failed already."""
+        with self._lock:
+            if self.state in ("stopping", "stopped", "failed"):
+                return False
+            self.failure, self.state = reason, "failed"
+            waiting = list(self._waiting)
+        for job in waiting:
+            self._abort(job, "shutdown")
+        log.error("the service cannot serve any more: %s", reason)
+        return True
+
     def begin_shutdown(self) -> None:
         """Refuse new requests and answer every waiting one 503; the running one goes on."""
         with self._lock:
@@ -241,6 +255,12 @@ class ImageService:
             self._queue.close(cancel_pending=True, wait=True, timeout=timeout)
         if self._gpu_monitor is not None:
             self._gpu_monitor.stop()
+        if self._factory is not None and self.pipe is not None and hasattr(self.pipe, "close"):
+            # A pipeline we made is ours to close (sequence-parallel: that releases its other ranks).
+            try:
+                self.pipe.close()
+            except Exception as error:  # noqa: BLE001 - e.g. a rank already gone: nothing left to release
+                log.warning("closing the pipeline: %s", error)
         self.state = "stopped"
 
     # -- requests ------------------------------------------------------------------------------

@@ -116,5 +116,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--not-ready-when-shared", action="store_true",
                     help="answer /readyz 503 (with the reason) while another process computes on the GPU, so a "
                          "load balancer sends traffic elsewhere; requests are still served")
+    ap.add_argument("--sequence-parallel", type=int, default=1,
+                    help="processes making each image together, one GPU each: under `torchrun --nproc-per-node N -m "
+                         "zimage_trt.cli serve ... --sequence-parallel N` rank 0 serves HTTP and the others compute "
+                         "their share of each image; with --ray each replica is such a group of N GPUs")
     ap.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
                     help="server log level")
