@@ -28,11 +28,13 @@ ALLOWED = {
     "request": {"model"},
     "options": {"model", "runtime"},
     "pipeline": {"runtime", "parallel", "engines", "model", "request", "options", "errors", "lora"},
-    "benchmark": {"benchmark", "pipeline", "compiler", "runtime", "engines", "model", "testing", "files", "lora"},
+    "tasks": {"pipeline", "runtime", "model", "request", "options", "errors"},
+    "benchmark": {"benchmark", "pipeline", "tasks", "compiler", "runtime", "engines", "model", "testing", "files",
+                  "lora"},
     "demo": {"pipeline", "compiler", "engines", "model", "testing"},
     "compare": {"benchmark", "pipeline", "compiler", "model", "testing", "files"},
     "serving": {"serving", "pipeline", "request", "options", "runtime", "engines", "model", "errors", "files", "testing"},
-    "cli": {"benchmark", "pipeline", "parallel", "compiler", "compare", "demo", "model", "serving", "runtime"},
+    "cli": {"benchmark", "pipeline", "tasks", "parallel", "compiler", "compare", "demo", "model", "serving", "runtime"},
 }
 FP8_HOME = "model/fp8.py"
 PRECISION_HOME = "model/precision.py"

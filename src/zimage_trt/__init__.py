@@ -2,7 +2,10 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["build_engines", "StaticZImageDenoiser", "EngineNotFound", "open_denoiser", "Resolution", "ZImageTRTPipeline"]
+TASK_PIPELINES = ("ZImageTRTImg2ImgPipeline", "ZImageTRTInpaintPipeline", "ZImageTRTControlNetPipeline",
+                  "ZImageTRTControlNetInpaintPipeline")
+__all__ = ["build_engines", "StaticZImageDenoiser", "EngineNotFound", "open_denoiser", "Resolution", "ZImageTRTPipeline",
+           *TASK_PIPELINES]
 
 
 def __getattr__(name):
@@ -12,6 +15,10 @@ def __getattr__(name):
         from .pipeline import ZImageTRTPipeline
 
         return ZImageTRTPipeline
+    if name in TASK_PIPELINES:
+        from . import tasks
+
+        return getattr(tasks, name)
     if name == "build_engines":
         from .compiler.build import build_engines
 

@@ -25,9 +25,10 @@ after releasing that request's buffers; the pipeline serves the next request as 
 from __future__ import annotations
 
 import contextlib
+import copy
+import inspect
 import threading
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -37,7 +38,7 @@ from diffusers.pipelines.z_image.pipeline_z_image import calculate_shift, get_de
 from diffusers.utils.torch_utils import randn_tensor
 
 from .engines.select import fp8_keep_in, open_denoiser
-from .engines.torch_compiled import compile_vae_decoder
+from .engines.torch_compiled import compile_vae_decoder, compile_vae_encoder
 from .errors import GenerationOOMError, NonFiniteOutputError, PromptTruncatedWarning
 from .lora.pipeline_mixin import LoraPipelineMixin
 from .model.shapes import Resolution
@@ -58,15 +59,20 @@ from .request import (
     check_request,
 )
 from .runtime import image_output, out_of_memory
-from .runtime.denoise_loop import DenoiseLoop
+from .runtime.denoise_loop import ControlInput, DenoiseLoop, InpaintBlend
 from .runtime.placement import place_components, use_text_encoder_fp8_kernel
 from .runtime.queue import GenerationQueue
+from .runtime.step_callback import diffusers_step_callback
 from .runtime.telemetry import Telemetry, Timings
 from .runtime.text_encoder import PromptEncoder
 
 # The errors a call raises are importable from here too, as before the errors had a module of their own.
-__all__ = ["ZImageTRTPipeline", "ZImageTRTPipelineOutput", "GenerationOOMError", "NonFiniteOutputError",
+__all__ = ["ZImageTRTPipeline", "ZImageTRTPipelineOutput", "DenoisePlan", "GenerationOOMError", "NonFiniteOutputError",
            "PromptTruncatedWarning"]
+
+# check_request's keywords, taken from a call's arguments (the rest are the call's own: output, callback, ...).
+REQUEST_ARGUMENTS = tuple(p for p in inspect.signature(check_request).parameters if p != "limits")
+TEXT_TO_IMAGE = "text-to-image"
 
 
 @dataclass
@@ -87,6 +93,26 @@ class ZImageTRTPipelineOutput:
         return self.to_tuple()[key]
 
 
+@dataclass
+class DenoisePlan:
+    """What a task (tasks/) hands the one denoising core: the starting latents and the schedule it runs
+    (cut by `strength` for image to image), and what the loop does inside each step besides the model:
+    the inpaint blend and the ControlNet (None for text to image, which then pays nothing for them)."""
+
+    latents: torch.Tensor
+    timesteps: torch.Tensor
+    sigmas: torch.Tensor
+    blend: InpaintBlend | None = None
+    control: ControlInput | None = None
+
+
+class SharedLora:
+    """The LoRA state of pipelines made from one another (`from_pipe`): they share the weights."""
+
+    state = None
+    merger = None
+
+
 class ZImageTRTPipeline(LoraPipelineMixin):
     """Text -> image with Z-Image-Turbo, the denoiser running as compiled engines.
 
@@ -100,6 +126,8 @@ class ZImageTRTPipeline(LoraPipelineMixin):
     # What a step callback may read and replace (diffusers' name): the loop keeps the prompt embeddings in
     # engine buffers, so only the latents.
     _callback_tensor_inputs = list(CALLBACK_TENSOR_INPUTS)
+    # A task class's own constructor keywords, which from_pretrained/from_single_file pass on (controlnet=).
+    TASK_KEYWORDS: tuple[str, ...] = ()
 
     def __init__(self, *, transformer, vae, text_encoder, tokenizer, scheduler,
                  options: PipelineOptions | None = None, **option_keywords):
@@ -135,12 +163,14 @@ class ZImageTRTPipeline(LoraPipelineMixin):
             # One static graph per resolution at its first image (from the engine's artefacts when the
             # build compiled the VAE too).
             compile_vae_decoder(vae)
+            compile_vae_encoder(vae)  # (the image tasks' inputs; compiled at its first image, if any)
         self.telemetry = Telemetry(self.device, history=opts.telemetry_history)
         self._pinned_images = image_output.PinnedImages()  # host buffers for the decoded pixels (GPU only)
         self.show_progress = True
         self._loops: dict[tuple, DenoiseLoop] = {}
         self._engines: dict[tuple, Any] = {}  # engine files opened once, whatever the number of shapes
         self._lock = threading.RLock()
+        self._shared_lora = SharedLora()
         self._queue = None
         self._queue_lock = threading.Lock()
         # The current (or last) call's, as diffusers' pipelines expose them to step callbacks; a callback
@@ -157,6 +187,7 @@ class ZImageTRTPipeline(LoraPipelineMixin):
         default), else bf16 on CUDA and fp32 on CPU.
         `text_encoder_device` puts the text encoder elsewhere (e.g. "cpu" to save GPU memory).
         """
+        parts_of_task = {name: options.pop(name) for name in cls.TASK_KEYWORDS if name in options}
         opts = PipelineOptions.from_keywords(engine_dir=engine_dir, **options)
         check_launch(opts.sequence_parallel)  # before loading gigabytes: is this a torchrun process?
         # Load on the CPU; the constructor moves each part once (the text encoder may live elsewhere).
@@ -168,19 +199,20 @@ class ZImageTRTPipeline(LoraPipelineMixin):
             # Same digest as the build's when it built from these files (stored dtype, sampled bytes):
             # an engine with other weights baked in is refused instead of silently used.
             opts.weights_fingerprint = weights_fingerprint(model)
-        return cls.from_components(transformer, **parts, options=opts)
+        return cls.from_components(transformer, **parts, options=opts, **parts_of_task)
 
     @classmethod
     def from_single_file(cls, path, config=None, engine_dir=None, **options) -> "ZImageTRTPipeline":
         """The transformer from one .safetensors checkpoint (ComfyUI-style keys or diffusers'), through
         diffusers' single-file loader; its config and the other parts from `config`, a diffusers-format
         folder or hub id (default, as diffusers: Tongyi-MAI/Z-Image-Turbo). Other arguments as from_pretrained."""
+        parts_of_task = {name: options.pop(name) for name in cls.TASK_KEYWORDS if name in options}
         opts = PipelineOptions.from_keywords(engine_dir=engine_dir, **options)
         transformer, fingerprint = load_single_file_transformer(path, config, torch_dtype=opts.torch_dtype)
         parts = load_pipeline_parts(config or SINGLE_FILE_DEFAULT_CONFIG, torch_dtype=opts.torch_dtype, device="cpu")
         if engine_dir is not None and opts.weights_fingerprint is None:
             opts.weights_fingerprint = fingerprint
-        return cls.from_components(transformer, **parts, options=opts)
+        return cls.from_components(transformer, **parts, options=opts, **parts_of_task)
 
     @classmethod
     def from_components(cls, transformer, vae, text_encoder, tokenizer, scheduler, engine_dir=None,
@@ -190,6 +222,33 @@ class ZImageTRTPipeline(LoraPipelineMixin):
             options["engine_dir"] = engine_dir
         return cls(transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                    scheduler=scheduler, **options)
+
+    @classmethod
+    def from_pipe(cls, pipe: "ZImageTRTPipeline", **kwargs) -> "ZImageTRTPipeline":
+        """diffusers' `from_pipe`: a pipeline of this class over `pipe`'s already-loaded parts, sharing
+        its engines, loops and buffers, LoRA state, telemetry and lock (one family of pipelines over one
+        set of weights: a call of one waits for a call of another). `kwargs`: this class's own parts
+        (`controlnet=` for the ControlNet classes); the shared ones cannot be swapped (engines are tied
+        to the weights they were opened with)."""
+        if not isinstance(pipe, ZImageTRTPipeline):
+            raise TypeError(f"from_pipe takes one of our pipelines (ZImageTRTPipeline or a task class), got "
+                            f"{type(pipe).__name__}; for diffusers' own pipeline use from_components(**pipe.components)")
+        new = cls.__new__(cls)
+        new.__dict__.update(copy.copy(pipe.__dict__))  # the same objects: nothing is copied or reloaded
+        new._queue, new._queue_lock = None, threading.Lock()  # each pipeline's own worker (its own __call__)
+        new._task_parts(pipe, **kwargs)
+        return new
+
+    def _task_parts(self, source, **kwargs) -> None:
+        """A task class's own parts when made by `from_pipe` (the ControlNet classes take `controlnet=`)."""
+        if kwargs:
+            raise TypeError(f"{type(self).__name__}.from_pipe takes no {sorted(kwargs)}: the parts, engines and "
+                            f"options are {type(source).__name__}'s, shared")
+
+    _lora_state = property(lambda self: self._shared_lora.state,
+                           lambda self, value: setattr(self._shared_lora, "state", value))
+    _lora_merger = property(lambda self: self._shared_lora.merger,
+                            lambda self, value: setattr(self._shared_lora, "merger", value))
 
     def set_progress_bar_config(self, disable: bool = False, **_ignored) -> None:
         """diffusers-compatible switch for the per-step progress bar."""
@@ -250,10 +309,12 @@ class ZImageTRTPipeline(LoraPipelineMixin):
                             dtype=torch.float32)
 
     # -- 3. schedule -----------------------------------------------------------------------------
-    def schedule(self, num_inference_steps: int, latents: torch.Tensor, sigmas: list[float] | None = None):
-        """(timesteps, sigmas) from diffusers' scheduler, set up exactly as `ZImagePipeline` does."""
+    def schedule(self, num_inference_steps: int, latents, sigmas: list[float] | None = None):
+        """(timesteps, sigmas) from diffusers' scheduler, set up exactly as `ZImagePipeline` does, for
+        `latents` (a tensor or its shape)."""
         config = self.scheduler.config
-        image_seq_len = (latents.shape[2] // 2) * (latents.shape[3] // 2)
+        shape = tuple(getattr(latents, "shape", latents))
+        image_seq_len = (shape[2] // 2) * (shape[3] // 2)
         mu = calculate_shift(
             image_seq_len,
             config.get("base_image_seq_len", 256),
@@ -332,27 +393,43 @@ class ZImageTRTPipeline(LoraPipelineMixin):
         Every argument is checked before any work starts; a bad one raises ValueError/TypeError naming
         the argument, its value and the rule.
         """
+        arguments = dict(locals())
+        del arguments["self"]
+        return self._call(None, arguments)
+
+    def _call_arguments(self, **kwargs) -> dict[str, Any]:
+        """A task class's keyword arguments with ZImageTRTPipeline's defaults for the rest (an unknown one
+        is a TypeError naming what the call takes)."""
+        try:
+            bound = inspect.signature(ZImageTRTPipeline.__call__).bind(self, **kwargs)
+        except TypeError as error:
+            raise TypeError(f"{type(self).__name__}.__call__: {error}; it takes "
+                            f"{list(inspect.signature(type(self).__call__).parameters)[1:]}") from None
+        bound.apply_defaults()
+        arguments = dict(bound.arguments)
+        del arguments["self"]
+        return arguments
+
+    def _call(self, task, arguments: dict[str, Any]):
+        """The one call behind every class: checks, then text -> task plan -> DenoiseLoop -> image.
+        `task` (tasks/: None for text to image) prepares the starting latents, schedule, mask and ControlNet
+        context; everything else is this method's."""
         started = time.perf_counter()
         if self._parallel is not None and not self._parallel.is_main:
             raise SequenceParallelError("this is not rank 0 of the sequence-parallel group: call pipe.serve() "
                                         "here, and the pipeline itself on rank 0 (pipe.is_main_process)")
-        request = check_request(
-            self._limits, prompt=prompt, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds, height=height, width=width,
-            num_inference_steps=num_inference_steps, sigmas=sigmas, guidance_scale=guidance_scale,
-            cfg_normalization=cfg_normalization, cfg_truncation=cfg_truncation,
-            num_images_per_prompt=num_images_per_prompt, max_sequence_length=max_sequence_length,
-            output_type=output_type, callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, generator=generator,
-            latents=latents,
-        )
-        check_attention_kwargs(joint_attention_kwargs, attention_kwargs)
+        request = check_request(self._limits, **{name: arguments[name] for name in REQUEST_ARGUMENTS})
+        check_attention_kwargs(arguments["joint_attention_kwargs"], arguments["attention_kwargs"])
+        if task is not None:
+            task.check(self, request)  # its images, mask, strength, ControlNet: before any work
+        joint = arguments["joint_attention_kwargs"]
         with self._lock, self._on_device():
             self._guidance_scale = request.guidance
-            self._joint_attention_kwargs = joint_attention_kwargs if joint_attention_kwargs is not None else attention_kwargs
-            timings = Timings(num_images=request.images)
+            self._joint_attention_kwargs = joint if joint is not None else arguments["attention_kwargs"]
+            timings = Timings(num_images=request.images, task=task.name if task is not None else TEXT_TO_IMAGE)
             try:
-                images = self._generate(request, generator, latents, callback_on_step_end, timings)
+                images = self._generate(request, task, arguments["generator"], arguments["latents"],
+                                        arguments["callback_on_step_end"], timings)
             except Exception as error:
                 if not out_of_memory.is_out_of_memory(error):
                     raise
@@ -364,32 +441,44 @@ class ZImageTRTPipeline(LoraPipelineMixin):
             timings.total_ms = (time.perf_counter() - started) * 1000.0
         self.telemetry.record(timings)
         output = ZImageTRTPipelineOutput(images=images, timings=timings)
-        return output if return_dict else output.to_tuple()
+        return output if arguments["return_dict"] else output.to_tuple()
 
-    def _generate(self, request: Request, generator, latents, callback, timings: Timings):
-        """Steps 1-5 for checked arguments; fills `timings` as it goes."""
-        with self._stage(timings, "text_encode_ms", self.text_encoder_device):
-            positive, negative = self._text_embeddings(request)
+    def plan(self, request: Request, generator, latents) -> DenoisePlan:
+        """Text to image: seeded noise (or the caller's latents) over the whole schedule."""
         initial = self.prepare_latents(request.images, request.resolution, generator, latents)
         timesteps, sigmas = self.schedule(request.steps, initial, request.sigmas)
-        self._num_timesteps = len(timesteps)
+        return DenoisePlan(initial, timesteps, sigmas)
+
+    def _generate(self, request: Request, task, generator, latents, callback, timings: Timings):
+        """Text, the task's plan, the loop, the image, for checked arguments; fills `timings` as it goes."""
+        with self._stage(timings, "text_encode_ms", self.text_encoder_device):
+            positive, negative = self._text_embeddings(request)
+        if task is None:
+            plan = self.plan(request, generator, latents)
+        else:
+            with self._stage(timings, "vae_encode_ms"):
+                plan = task.plan(self, request, generator, latents)
+        self._num_timesteps = len(plan.timesteps)
         loop = self.denoise_loop(request.resolution, request.images, request.cfg)
         if self._parallel is not None:  # the other ranks get this loop's inputs and run it with us
             loop = self._parallel.lead(loop, request.resolution.key, request.images, request.cfg, callback is not None)
-        step_callback = self._step_callback(callback, request.tensor_inputs, timings)
+        step_callback = diffusers_step_callback(self, callback, request.tensor_inputs, timings)
+        # Only what a task needs reaches the loop: text to image runs exactly the plain step.
+        extras = {name: value for name, value in (("blend", plan.blend), ("control", plan.control)) if value is not None}
         with self._stage(timings, "denoise_ms"):
             final = loop(
-                initial,
+                plan.latents,
                 positive,
                 negative,
-                timesteps,
-                sigmas,
+                plan.timesteps,
+                plan.sigmas,
                 # With a callback, each step reads the guidance the callback may have changed.
                 guidance_scale=request.guidance if callback is None else lambda: float(self._guidance_scale),
                 cfg_normalization=request.normalization,
                 cfg_truncation=request.truncation,
                 callback=step_callback,
                 progress=self.show_progress,
+                **extras,
             )
         if self.device.type == "cuda":  # the loop timed each step with CUDA events
             timings.step_ms = list(loop.last_step_times_ms)
@@ -421,45 +510,6 @@ class ZImageTRTPipeline(LoraPipelineMixin):
             if negative is None:
                 negative = self.encode_prompt(request.negative_texts, request.max_tokens)
         return _repeat_per_image(positive, request.per_prompt), _repeat_per_image(negative, request.per_prompt)
-
-    def _step_callback(self, callback, tensor_inputs: list[str], timings: Timings):
-        """Adapts diffusers' `callback_on_step_end(pipe, i, t, kwargs)` to the loop's `callback(i, t, latents)`.
-
-        On CPU it also times each step (on CUDA the loop times steps with events, without syncing).
-        """
-        timing_steps = self.device.type != "cuda"
-        if callback is None and not timing_steps:
-            return None
-        last = [time.perf_counter()]
-
-        def on_step(index: int, timestep: torch.Tensor, latents: torch.Tensor):
-            replaced = None
-            if callback is not None:
-                # The loop's latents are a reused buffer; a callback that keeps them must see this step's values.
-                current = latents.clone()
-                kwargs = {name: current for name in tensor_inputs}
-                outputs = callback(self, index, timestep, kwargs)
-                outputs = {} if outputs is None else outputs
-                if not isinstance(outputs, Mapping):
-                    raise TypeError(
-                        f"callback_on_step_end must return a dict (or None), got {type(outputs).__name__} at step {index}"
-                    )
-                replaced = outputs.get("latents", current if "latents" in tensor_inputs else None)
-                if replaced is not None and replaced is not current and (
-                    not isinstance(replaced, torch.Tensor) or replaced.shape != current.shape
-                ):
-                    got = f"shape {tuple(replaced.shape)}" if isinstance(replaced, torch.Tensor) else type(replaced).__name__
-                    raise ValueError(
-                        f"callback_on_step_end returned latents of {got} at step {index}; "
-                        f"expected a tensor of shape {tuple(current.shape)}"
-                    )
-            if timing_steps:
-                now = time.perf_counter()
-                timings.step_ms.append((now - last[0]) * 1000.0)
-                last[0] = now
-            return replaced
-
-        return on_step
 
     @contextlib.contextmanager
     def _stage(self, timings: Timings, name: str, *devices: torch.device):

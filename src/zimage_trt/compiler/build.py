@@ -334,7 +334,8 @@ def _build_torch_compiled(denoiser, shapes, out_dir, name, device, vae, progress
         torch_compiled.warm_up(engine, shapes, cap_dim, progress=bar)
         if vae is not None:
             torch_compiled.compile_vae_decoder(vae)
-            torch_compiled.warm_up_vae_decoder(vae, shapes, progress=bar)
+            torch_compiled.compile_vae_encoder(vae)  # (the image tasks' inputs)
+            torch_compiled.warm_up_vae_decoder(vae, shapes, progress=bar, encoder=True)
     data = torch_compiled.save_artifacts()
     path = _content_named(out_dir, name, torch_compiled.ARTIFACT_SUFFIX, lambda p: p.write_bytes(data))
     ccs = []

@@ -7,32 +7,14 @@ module measures each block's peaks in a wide dtype and picks the smallest shrink
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ..model.denoiser import StaticZImageDenoiser
 # The measuring lives in model/ (the runtime measures again after merging a LoRA); re-exported here.
-from ..model.fp16_range import FP16_SAFE_MAGNITUDE, calibration_inputs, measure_block_outputs
+from ..model.fp16_range import FP16_SAFE_MAGNITUDE, calibration_inputs, downscale_from_peaks, measure_block_outputs
 
 __all__ = ["FP16_SAFE_MAGNITUDE", "calibration_inputs", "measure_block_outputs", "downscale_from_peaks",
            "calibrate_downscale"]
-
-
-def downscale_from_peaks(peaks: dict[str, tuple[float, float]], limit: float = FP16_SAFE_MAGNITUDE):
-    """Smallest power-of-two shrink per block that brings each measured peak under `limit`."""
-
-    def log2_needed(peak: float) -> int:
-        if not math.isfinite(peak):
-            raise ValueError("calibration saw a non-finite activation: calibrate in fp32 or bf16, not fp16")
-        return max(0, math.ceil(math.log2(peak / limit))) if peak > limit else 0
-
-    result = {}
-    for name, (attn_peak, ffn_peak) in peaks.items():
-        k = (log2_needed(attn_peak), log2_needed(ffn_peak))
-        if any(k):
-            result[name] = k
-    return result
 
 
 def calibrate_downscale(denoiser: StaticZImageDenoiser, inputs=None, limit: float = FP16_SAFE_MAGNITUDE):

@@ -6,6 +6,7 @@ from abc import ABC, abstractmethod
 
 import torch
 
+from ..model.controlnet import StaticZImageControlNet
 from ..model.denoiser import StaticZImageDenoiser
 from ..model.shapes import padded_caption_length
 
@@ -45,6 +46,13 @@ class DenoiserEngine(ABC):
     # engines run the model's own forward, which takes them; a TensorRT engine only in its ControlNet-ready
     # variant (a build option).
     takes_controlnet_hints = True
+    # Whether `run` takes `control=` (a model.controlnet.ControlStep): the ControlNet computed inside the
+    # step, from the denoiser's own refined tokens (engines that run the static model themselves).
+    runs_controlnet = False
+
+    def controlnet_runner(self, controlnet):
+        """The form of a ControlNet this engine runs inside its step (`runs_controlnet` engines)."""
+        raise ValueError(f"this {self.kind} engine cannot run a ControlNet inside its step")
 
     @abstractmethod
     def run(self, latents, timestep, cap_feats, cap_lens, masked: bool, controlnet_hints=None) -> torch.Tensor:
@@ -58,13 +66,31 @@ class TorchDenoiserEngine(DenoiserEngine):
     """Eager PyTorch: the reference engine (CPU tests, the demo, `allow_fallback=True`)."""
 
     kind = "eager"
+    runs_controlnet = True
 
     def __init__(self, denoiser: StaticZImageDenoiser):
         super().__init__(denoiser.device, denoiser.dtype)
         self.denoiser = denoiser.eval()
         self.supports_cuda_graph = self.device.type == "cuda"
+        self._controlnets: dict[int, tuple] = {}  # id(diffusers ControlNet) -> (it, its static form here)
+
+    def controlnet_runner(self, controlnet) -> StaticZImageControlNet:
+        """`controlnet`'s static form over this engine's denoiser, configured as it runs (attention,
+        fused kernels, FP8, fp16 downscale), made at its first use and kept."""
+        known = self._controlnets.get(id(controlnet))
+        if known is not None and known[0] is controlnet:
+            return known[1]
+        net = StaticZImageControlNet(controlnet, self.denoiser).eval()
+        net.configure_like(self.denoiser)
+        self._controlnet_ready(net)
+        self._controlnets[id(controlnet)] = (controlnet, net)
+        return net
+
+    def _controlnet_ready(self, net: StaticZImageControlNet) -> None:
+        """A torch-compiled engine compiles its blocks here; eager runs them as they are."""
 
     @torch.no_grad()
-    def run(self, latents, timestep, cap_feats, cap_lens, masked: bool, controlnet_hints=None) -> torch.Tensor:
+    def run(self, latents, timestep, cap_feats, cap_lens, masked: bool, controlnet_hints=None, control=None) -> torch.Tensor:
+        extra = {} if control is None else {"control": control}  # (a sharded denoiser takes none)
         return self.denoiser(latents, timestep, cap_feats, cap_lens, mask_caption_keys=masked,
-                             controlnet_hints=controlnet_hints)
+                             controlnet_hints=controlnet_hints, **extra)

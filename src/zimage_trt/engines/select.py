@@ -15,7 +15,7 @@ from ..model import attention
 from ..model.denoiser import StaticZImageDenoiser
 from ..model.precision import precision_of
 from ..model.weights import config_fingerprint
-from . import torch_compiled
+from . import kept_artifacts, torch_compiled
 from .base import DenoiserEngine, TorchDenoiserEngine
 from .manifest import Manifest, ManifestError, find_manifests
 from .tensorrt.denoiser import BUILD_OPTION, TensorRTDenoiserEngine
@@ -224,7 +224,13 @@ def _open(manifest: Manifest, folder: Path, transformer, device, attention_backe
         log.info("%s; fused kernels %s%s", attention.describe(backend, denoiser.dtype),
                  "on" if manifest.fused_kernels else "off",
                  f"; FP8 blocks kept bf16: {manifest.fp8_keep}" if manifest.fp8_keep else "")
-        return torch_compiled.CompiledDenoiserEngine(denoiser)
+        engine = torch_compiled.CompiledDenoiserEngine(denoiser)
+        # Kernels compiled after the build (a ControlNet's, at its first use) are kept beside the engine.
+        prefix, identity = f"controlnet-{manifest.name}-", {"engine": manifest.files[0].sha256}
+        kept_artifacts.load(folder, prefix, identity)
+        engine.keep_kernels = lambda key: kept_artifacts.save(folder, prefix, key, identity,
+                                                               "ControlNet's compiled kernels")
+        return engine
     if manifest.controlnet_places:
         log.info("%s: ControlNet-ready TensorRT engine, hints after main layers %s", manifest.name,
                  manifest.controlnet_places)

@@ -16,13 +16,15 @@ their sha256 matches the manifest the user's own build wrote (`engines.open_deno
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 
 import torch
 
 from ..model.denoiser import StaticZImageDenoiser
 from ..model.shapes import Resolution
 from . import contract
-from .base import DenoiserEngine
+from .base import DenoiserEngine, TorchDenoiserEngine
 
 ARTIFACT_SUFFIX = ".inductor-cache.bin"
 
@@ -41,15 +43,14 @@ def sdpa_priority_context(device: torch.device):
         return contextlib.nullcontext()
 
 
-class CompiledDenoiserEngine(DenoiserEngine):
+class CompiledDenoiserEngine(TorchDenoiserEngine):
     """The static denoiser with each block compiled by torch.compile (regional compilation)."""
 
     kind = "torch-compiled"
 
     def __init__(self, denoiser: StaticZImageDenoiser, *, mode: str | None = None):
-        super().__init__(denoiser.device, denoiser.dtype)
-        self.denoiser = denoiser.eval()
-        self.supports_cuda_graph = self.device.type == "cuda"
+        super().__init__(denoiser)
+        self.mode = mode
         # Shapes: dynamo's automatic-dynamic compiles a block static first, then once more with the
         # sequence length symbolic when a second caption length shows up (warm_up makes sure it does),
         # so any caption length runs without recompiling. Blocks of three kinds x shapes x masks exceed
@@ -58,12 +59,29 @@ class CompiledDenoiserEngine(DenoiserEngine):
         for _, block in denoiser.named_blocks():
             block.compile(fullgraph=True, mode=mode)
         self._attention_ctx = lambda: sdpa_priority_context(self.device)
+        # Set by engines.select for an engine opened from a folder: keeps the compile caches under a key
+        # (engines/kept_artifacts.py), so the ControlNet's kernels compiled at first use outlive the process.
+        self.keep_kernels = None
+        self._kept: set[str] = set()
+
+    def _controlnet_ready(self, net) -> None:
+        # The ControlNet's blocks are StaticBlocks of the shapes the denoiser's own run: compiled the same
+        # way, they mostly reuse the denoiser's graphs; the rest compile at their first step.
+        for _, block in net.named_blocks():
+            block.compile(fullgraph=True, mode=self.mode)
+
+    def controlnet_kernels_compiled(self, controlnet, latent_shape, model_batch: int) -> None:
+        """After a ControlNet's first loop at a shape: keep what was compiled for it, once per shape."""
+        config = json.dumps(dict(controlnet.config), sort_keys=True, default=str)
+        key = f"{hashlib.sha256(config.encode()).hexdigest()[:12]}-{latent_shape[-2] * 8}x{latent_shape[-1] * 8}-b{model_batch}"
+        if self.keep_kernels is not None and key not in self._kept:
+            self._kept.add(key)
+            self.keep_kernels(key)
 
     @torch.no_grad()
-    def run(self, latents, timestep, cap_feats, cap_lens, masked: bool, controlnet_hints=None) -> torch.Tensor:
+    def run(self, latents, timestep, cap_feats, cap_lens, masked: bool, controlnet_hints=None, control=None) -> torch.Tensor:
         with self._attention_ctx():
-            return self.denoiser(latents, timestep, cap_feats, cap_lens, mask_caption_keys=masked,
-                                 controlnet_hints=controlnet_hints)
+            return super().run(latents, timestep, cap_feats, cap_lens, masked, controlnet_hints, control)
 
 
 def warm_up(engine: DenoiserEngine, shapes, cap_dim: int, progress=None) -> None:
@@ -104,14 +122,27 @@ def compile_vae_decoder(vae, *, channels_last: bool = False, options: dict | Non
     vae.decoder.compile(fullgraph=False, dynamic=False, options=options)
 
 
+def compile_vae_encoder(vae) -> None:
+    """The VAE encoder (image to image, inpainting, ControlNet inputs) as the decoder is compiled: one
+    static graph per resolution, here in channels-last memory (its convolutions' weights, and the images
+    runtime/image_input.py hands it); compiled lazily, so text to image pays nothing for it."""
+    vae.eval().requires_grad_(False)
+    vae.encoder.to(memory_format=torch.channels_last)
+    vae.encoder.compile(fullgraph=False, dynamic=False)
+
+
 @torch.no_grad()
-def warm_up_vae_decoder(vae, shapes, progress=None) -> None:
-    """Decode once at each (resolution, batch) so the compiled decoder's kernels exist now."""
+def warm_up_vae_decoder(vae, shapes, progress=None, encoder: bool = False) -> None:
+    """Decode (and with `encoder`, encode) once at each (resolution, batch) so the compiled kernels exist
+    now (the build keeps them with the engine's artefacts)."""
     for shape in shapes:
         res = Resolution.parse(shape.resolution)
         for batch in sorted({1, shape.batch}):
             latents = torch.randn(res.latent_shape(batch), device=vae.device, dtype=vae.dtype)
             vae.decode(latents, return_dict=False)
+            if encoder:
+                pixels = torch.rand(batch, 3, res.height, res.width, device=vae.device, dtype=vae.dtype) * 2 - 1
+                vae.encode(pixels.contiguous(memory_format=torch.channels_last))
         if progress is not None:
             progress.update()
 

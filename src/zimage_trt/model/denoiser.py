@@ -29,6 +29,8 @@ magnitudes (`model/fp16_range.py`, `compiler/fp16_calibration.py`).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -368,13 +370,26 @@ class StaticZImageDenoiser(nn.Module):
             out.append(t[None, :, None, :].expand(batch, -1, -1, -1))
         return out[0], out[1]
 
-    def forward(self, latents, timestep, cap_feats, cap_lens, mask_caption_keys: bool = True, controlnet_hints=None):
+    def forward(self, latents, timestep, cap_feats, cap_lens, mask_caption_keys: bool = True, controlnet_hints=None,
+                control=None):
         """`mask_caption_keys=False` skips the caption key mask: valid only when every item's padded
         caption length equals the caption capacity C (the GPU runtime calls it that way so attention
         runs on the fastest fused kernels, which take no mask). Exported engines always mask.
 
         `controlnet_hints`: [P, B, S, dim] in the model dtype, S = padded image tokens + C (the joint
-        sequence, image first); hint k is added to the stream after main layer `control_places[k]`."""
+        sequence, image first); hint k is added to the stream after main layer `control_places[k]`.
+        `control`: a `model.controlnet.ControlStep`, a ControlNet run inside this forward (see run_blocks)."""
+        stream = self.embed(latents, timestep, cap_feats, cap_lens, mask_caption_keys)
+        if controlnet_hints is not None:
+            batch, tokens = stream.x.shape[0], stream.x.shape[1] + stream.cap.shape[1]
+            check_hints(controlnet_hints, len(self.control_places), batch, tokens, self.dim)
+        hidden = self.run_blocks(stream.x, stream.cap, stream.img_rope, stream.cap_rope, None, stream.cap_mask,
+                                 stream.unified_mask, stream.adaln, hints=controlnet_hints, control=control)
+        batch, channels, height, width = latents.shape
+        return unpatchify(self.final_layer(hidden[:, :stream.n_img], c=stream.adaln), batch, channels, height, width)
+
+    def embed(self, latents, timestep, cap_feats, cap_lens, mask_caption_keys: bool = True) -> "Stream":
+        """The inputs as the blocks take them: embedded image tokens and caption rows, RoPE, masks, adaLN."""
         batch, channels, height, width = latents.shape
         capacity = cap_feats.shape[1]
         ht, wt = height // PATCH_SIZE, width // PATCH_SIZE
@@ -384,12 +399,7 @@ class StaticZImageDenoiser(nn.Module):
         device = latents.device
 
         adaln = self.timestep_embedding(timestep)
-
-        # Image tokens: patchify "c (h ph) (w pw) -> (h w) (ph pw c)", embed, pad with x_pad_token.
-        x = latents.to(dtype).reshape(batch, channels, ht, PATCH_SIZE, wt, PATCH_SIZE)
-        x = x.permute(0, 2, 4, 3, 5, 1).reshape(batch, n_img, PATCH_SIZE * PATCH_SIZE * channels)
-        x = self.x_embedder(x)
-        x = torch.cat([x, self.x_pad_token.to(dtype)[None].expand(batch, n_pad, -1)], dim=1)
+        x = self.embed_image_tokens(self.x_embedder, latents)
 
         # Caption rows: embed; rows past each item's real length become cap_pad_token.
         cap_lens = cap_lens.to(torch.long)
@@ -398,39 +408,69 @@ class StaticZImageDenoiser(nn.Module):
         cap = self.cap_embedder(cap_feats.to(dtype))
         cap = torch.where((row < cap_lens[:, None])[..., None], cap, self.cap_pad_token.to(dtype))
 
-        img_cos, img_sin = self.image_rope(padded_cap, ht, wt, n_pad)
-        cap_cos, cap_sin = self.caption_rope(capacity, batch, device)
+        img_rope = self.image_rope(padded_cap, ht, wt, n_pad)
+        cap_rope = self.caption_rope(capacity, batch, device)
         cap_mask = unified_mask = None
         if mask_caption_keys:
             cap_keys = row < padded_cap[:, None]  # [B, C]
             cap_mask = cap_keys[:, None, None, :]
             img_keys = torch.ones(batch, n_img + n_pad, dtype=torch.bool, device=device)
             unified_mask = torch.cat([img_keys, cap_keys], dim=1)[:, None, None, :]
+        return Stream(x, cap, img_rope, cap_rope, cap_mask, unified_mask, adaln, n_img)
 
-        if controlnet_hints is not None:
-            check_hints(controlnet_hints, len(self.control_places), batch, n_img + n_pad + capacity, self.dim)
-        hidden = self.run_blocks(x, cap, (img_cos, img_sin), (cap_cos, cap_sin), None, cap_mask, unified_mask, adaln,
-                                 hints=controlnet_hints)
-        return unpatchify(self.final_layer(hidden[:, :n_img], c=adaln), batch, channels, height, width)
+    def embed_image_tokens(self, embedder: nn.Module, latents: torch.Tensor) -> torch.Tensor:
+        """Patchify "c (h ph) (w pw) -> (h w) (ph pw c)", embed, pad to a multiple of 32 with x_pad_token
+        (the image latents through x_embedder; a ControlNet's context through its own embedder)."""
+        batch, channels, height, width = latents.shape
+        ht, wt = height // PATCH_SIZE, width // PATCH_SIZE
+        n_img = ht * wt
+        x = latents.to(self.dtype).reshape(batch, channels, ht, PATCH_SIZE, wt, PATCH_SIZE)
+        x = x.permute(0, 2, 4, 3, 5, 1).reshape(batch, n_img, PATCH_SIZE * PATCH_SIZE * channels)
+        x = embedder(x)
+        pads = self.x_pad_token.to(self.dtype)[None].expand(batch, (-n_img) % SEQ_MULTI_OF, -1)
+        return torch.cat([x, pads], dim=1)
 
-    def run_blocks(self, x, cap, img_rope, cap_rope, img_mask, cap_mask, unified_mask, adaln, hints=None):
-        """The block schedule: the noise refiner over the image tokens, the context refiner over the caption
-        rows, then the main layers over [image | caption], a ControlNet hint (if any) added after each of
-        `control_places`, as diffusers adds `controlnet_block_samples[i]`. Sequence parallelism runs it on
-        its shards."""
+    def refine(self, x, cap, img_rope, cap_rope, img_mask, cap_mask, adaln):
+        """The noise refiner over the image tokens, the context refiner over the caption rows; returns the
+        joint stream [image | caption] and its RoPE."""
         (img_cos, img_sin), (cap_cos, cap_sin) = img_rope, cap_rope
         for block in self.noise_refiner:
             x = block(x, img_cos, img_sin, img_mask, adaln)
         for block in self.context_refiner:
             cap = block(cap, cap_cos, cap_sin, cap_mask)
-        hidden = torch.cat([x, cap], dim=1)
-        cos, sin = torch.cat([img_cos, cap_cos], dim=1), torch.cat([img_sin, cap_sin], dim=1)
+        rope = (torch.cat([img_cos, cap_cos], dim=1), torch.cat([img_sin, cap_sin], dim=1))
+        return torch.cat([x, cap], dim=1), rope
+
+    def run_blocks(self, x, cap, img_rope, cap_rope, img_mask, cap_mask, unified_mask, adaln, hints=None,
+                   control=None):
+        """The block schedule: `refine`, then the main layers over [image | caption], a ControlNet hint (if
+        any) added after each of `control_places`, as diffusers adds `controlnet_block_samples[i]`.
+        `control` (a `model.controlnet.ControlStep`) computes the hints here, from this step's own refined
+        tokens. Sequence parallelism runs it on its shards."""
+        hidden, (cos, sin) = self.refine(x, cap, img_rope, cap_rope, img_mask, cap_mask, adaln)
         places = {place: k for k, place in enumerate(self.control_places)} if hints is not None else {}
+        if control is not None:
+            hints = control.hints(self, x, hidden, img_rope, (cos, sin), unified_mask, adaln)
+            places = {place: k for k, place in enumerate(control.net.control_places)}
         for index, block in enumerate(self.layers):
             hidden = block(hidden, cos, sin, unified_mask, adaln)
             if index in places:
                 hidden = hidden + hints[places[index]]
         return hidden
+
+
+@dataclass
+class Stream:
+    """A step's inputs as the blocks take them (`StaticZImageDenoiser.embed`)."""
+
+    x: torch.Tensor  # [B, N_img + n_pad, dim] embedded image tokens
+    cap: torch.Tensor  # [B, C, dim] embedded caption rows
+    img_rope: tuple[torch.Tensor, torch.Tensor]
+    cap_rope: tuple[torch.Tensor, torch.Tensor]
+    cap_mask: torch.Tensor | None
+    unified_mask: torch.Tensor | None
+    adaln: torch.Tensor
+    n_img: int
 
 
 def check_hints(hints, places: int, batch: int, tokens: int, dim: int) -> None:

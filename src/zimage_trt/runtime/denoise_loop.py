@@ -4,6 +4,11 @@ on the GPU, a CUDA graph over each step, and no host synchronisation until the l
 The sigma schedule and timesteps come from diffusers' `FlowMatchEulerDiscreteScheduler` (computed by
 the pipeline); this loop only applies its update, `x <- x + (sigma_next - sigma) * model_output`, in
 fp32 exactly as `FlowMatchEulerDiscreteScheduler.step` does, so that it can live inside the graph.
+
+The image tasks add to the same step, inside the same graph, from persistent buffers: the inpaint blend
+(`InpaintBlend`, after the update, as diffusers' inpaint pipeline) and a ControlNet (`ControlInput`: the
+engine runs it on the step's noisy latents and adds its hints inside the model). A step without them is
+the plain step: no zero hints, no blend, no extra kernels.
 """
 
 from __future__ import annotations
@@ -17,7 +22,36 @@ from tqdm.auto import tqdm
 
 from ..engines import contract
 from ..engines.base import DenoiserEngine
+from ..model.controlnet import ControlStep
 from ..model.shapes import Resolution, padded_caption_length
+
+
+@dataclass
+class InpaintBlend:
+    """diffusers' inpaint blend after every step: latents = (1 - mask) * noised + mask * latents, where
+    noised = sigma_next * noise + (1 - sigma_next) * image_latents (`scheduler.scale_noise` at the next
+    step's sigma) and, after the last step, the clean image latents (sigma 0)."""
+
+    mask: torch.Tensor  # [B, 1, h, w] float32 in [0, 1], 1 = repaint
+    image_latents: torch.Tensor  # [B, 16, h, w] float32
+    noise: torch.Tensor  # [B, 16, h, w] float32, the noise the starting latents were made with
+
+
+@dataclass
+class ControlInput:
+    """A ControlNet run every step on the noisy latents and `context`, its hints added inside the step."""
+
+    controlnet: torch.nn.Module  # diffusers' ZImageControlNetModel; the engine runs its static form
+    context: torch.Tensor  # [B, control_in_dim, h, w]: the encoded control image (+ mask and masked image)
+    scales: torch.Tensor  # [hints] float32: one conditioning scale per control place
+
+
+@dataclass
+class BlendBuffers:
+    mask: torch.Tensor
+    image_latents: torch.Tensor
+    noise: torch.Tensor
+    sigma: torch.Tensor  # [] float32: the next step's sigma (0 after the last)
 
 
 @dataclass
@@ -33,6 +67,8 @@ class StepSlot:
     cfg: bool
     normalization: float
     masked: bool
+    blend: BlendBuffers | None = None
+    control: ControlStep | None = None  # its context [B_model, C, h, w] and scales are buffers too
     graph: torch.cuda.CUDAGraph | None = None
 
 
@@ -58,8 +94,11 @@ class DenoiseLoop:
             add_release_hook(self.discard_slots)
 
     # -- buffers -----------------------------------------------------------------------------
-    def _slot(self, latents, feats_dim, capacity, model_batch, cfg, normalization, masked) -> StepSlot:
-        key = (tuple(latents.shape), feats_dim, capacity, model_batch, cfg, float(normalization), masked)
+    def _slot(self, latents, feats_dim, capacity, model_batch, cfg, normalization, masked, blend=None,
+              control=None) -> StepSlot:
+        key = (tuple(latents.shape), feats_dim, capacity, model_batch, cfg, float(normalization), masked,
+               None if blend is None else tuple(blend.mask.shape),
+               None if control is None else (id(control.controlnet), tuple(control.context.shape[1:])))
         slot = self._slots.get(key)
         if slot is None:
             dev = self.device
@@ -75,8 +114,35 @@ class DenoiseLoop:
                 normalization=float(normalization),
                 masked=masked,
             )
+            if blend is not None:
+                slot.blend = BlendBuffers(*(torch.empty(t.shape, dtype=torch.float32, device=dev)
+                                            for t in (blend.mask, blend.image_latents, blend.noise)),
+                                          sigma=torch.empty((), dtype=torch.float32, device=dev))
+            if control is not None:
+                runner = self._controlnet_runner(control.controlnet)
+                slot.control = ControlStep(
+                    runner, torch.empty(model_batch, *control.context.shape[1:], dtype=self.engine.dtype, device=dev),
+                    torch.empty(control.scales.shape, dtype=torch.float32, device=dev))
             self._slots[key] = slot
         return slot
+
+    def _controlnet_runner(self, controlnet):
+        if not getattr(self.engine, "runs_controlnet", False):
+            raise ValueError(f"this {self.engine.kind} engine cannot run a ControlNet inside its step; use the "
+                             f"eager or torch-compiled engines (engine_dir=None, or a torch-compiled build)")
+        return self.engine.controlnet_runner(controlnet)
+
+    def _fill_task_buffers(self, slot: StepSlot, blend, control) -> None:
+        """Entering a slot: the call's mask, image latents, noise and ControlNet context into its buffers."""
+        if slot.blend is not None:
+            for buffer, value in zip((slot.blend.mask, slot.blend.image_latents, slot.blend.noise),
+                                     (blend.mask, blend.image_latents, blend.noise)):
+                buffer.copy_(value, non_blocking=True)
+        if slot.control is not None:
+            batch = control.context.shape[0]
+            for half in range(slot.control.context.shape[0] // batch):  # CFG: the context for both halves
+                slot.control.context[half * batch:(half + 1) * batch].copy_(control.context, non_blocking=True)
+            slot.control.scales.copy_(control.scales, non_blocking=True)
 
     def discard_slots(self, latent_shape=None) -> int:
         """Drop the buffers and captured graphs for `latent_shape` (every shape when None); returns how many.
@@ -91,15 +157,21 @@ class DenoiseLoop:
 
     def buffer_pointers(self) -> list[tuple[int, ...]]:
         """Device addresses of every persistent buffer (tests check they stay put across calls)."""
-        return [
-            tuple(t.data_ptr() for t in (s.latents, s.timestep, s.dt, s.guidance, s.cap_feats, s.cap_lens))
-            for s in self._slots.values()
-        ]
+        def pointers(s: StepSlot):
+            tensors = [s.latents, s.timestep, s.dt, s.guidance, s.cap_feats, s.cap_lens]
+            if s.blend is not None:
+                tensors += [s.blend.mask, s.blend.image_latents, s.blend.noise, s.blend.sigma]
+            if s.control is not None:
+                tensors += [s.control.context, s.control.scales]
+            return tuple(t.data_ptr() for t in tensors)
+
+        return [pointers(s) for s in self._slots.values()]
 
     # -- one step (what the graph holds) -----------------------------------------------------
     def _step(self, slot: StepSlot) -> None:
         model_in = torch.cat([slot.latents, slot.latents]) if slot.cfg else slot.latents
-        out = self.engine.run(model_in, slot.timestep, slot.cap_feats, slot.cap_lens, slot.masked)
+        extra = {} if slot.control is None else {"control": slot.control}  # (plain engines never see it)
+        out = self.engine.run(model_in, slot.timestep, slot.cap_feats, slot.cap_lens, slot.masked, **extra)
         if slot.cfg:
             pos, neg = out.chunk(2)
             pred = pos + slot.guidance * (pos - neg)
@@ -114,6 +186,11 @@ class DenoiseLoop:
             pred = out
         # FlowMatchEulerDiscreteScheduler.step with the pipeline's `noise_pred = -model_output`.
         slot.latents.copy_(slot.latents + slot.dt * (-pred))
+        if slot.blend is not None:
+            # diffusers' inpaint pipeline, in its order: scale_noise at the next sigma, then the blend.
+            b = slot.blend
+            noised = b.sigma * b.noise + (1.0 - b.sigma) * b.image_latents
+            slot.latents.copy_((1 - b.mask) * noised + b.mask * slot.latents)
 
     def _run_step(self, slot: StepSlot) -> None:
         if not self.use_cuda_graph:
@@ -145,6 +222,8 @@ class DenoiseLoop:
         cfg_truncation: float = 1.0,
         callback=None,
         progress: bool = True,
+        blend: InpaintBlend | None = None,
+        control: ControlInput | None = None,
     ) -> torch.Tensor:
         # A callable guidance is read before every step (a step callback may change it, as in diffusers);
         # whether CFG runs at all is decided by its value at the start (the negative prompts exist or not).
@@ -171,24 +250,32 @@ class DenoiseLoop:
             model_t = ((1000 - timesteps.to(dev, torch.float32)) / 1000).contiguous()
             sig = sigmas.to(dev, torch.float32)
             dts = (sig[1:] - sig[:-1]).contiguous()
+            # The blend's sigma after step i: the next step's; after the last step the clean image (diffusers
+            # blends with the image latents themselves there).
+            blend_sigmas = torch.cat([sig[1:-1], sig.new_zeros(1)])[:steps] if blend is not None else None
             current = latents.to(dev, torch.float32)
             events = []
+            slots_before = set(self._slots)
             bar = tqdm(total=steps, desc="denoising", disable=not progress, leave=False)
             slot = None
             for i in range(steps):
                 embeds = prompt_embeds + negative_prompt_embeds if cfg_on[i] else prompt_embeds
                 lengths = [int(e.shape[0]) for e in embeds]
                 capacity, masked = self.engine.caption_layout(lengths, Resolution.of_latents(latents).key, len(embeds))
-                new_slot = self._slot(current, embeds[0].shape[-1], capacity, len(embeds), cfg_on[i], normalization, masked)
+                new_slot = self._slot(current, embeds[0].shape[-1], capacity, len(embeds), cfg_on[i], normalization,
+                                      masked, blend, control)
                 if new_slot is not slot:
                     # Entering a slot: move the running latents and this step's captions into its buffers.
                     new_slot.latents.copy_(current)
                     _fill_captions(new_slot, embeds, lengths)
+                    self._fill_task_buffers(new_slot, blend, control)
                 if new_slot is not slot or dynamic_guidance:
                     new_slot.guidance.fill_(float(guidance_now()))
                 slot = new_slot
                 slot.timestep.copy_(model_t[i].expand(len(embeds)))
                 slot.dt.copy_(dts[i])
+                if slot.blend is not None:
+                    slot.blend.sigma.copy_(blend_sigmas[i])
                 if self.on_cuda:
                     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                     start.record(self.stream)
@@ -209,6 +296,10 @@ class DenoiseLoop:
             self.last_step_times_ms = [s.elapsed_time(e) for s, e in events]
         else:
             self.last_step_times_ms = []
+        kept = getattr(self.engine, "controlnet_kernels_compiled", None)
+        if control is not None and kept is not None:
+            for key in set(self._slots) - slots_before:  # a ControlNet's first loop at this shape compiled it
+                kept(control.controlnet, key[0], key[3])
         return result
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 # The stages every generation reports, in the order they run.
-STAGES = ("text_encode_ms", "denoise_ms", "vae_decode_ms", "total_ms")
+STAGES = ("text_encode_ms", "vae_encode_ms", "denoise_ms", "vae_decode_ms", "total_ms")
 # Present only for requests that went through the GenerationQueue.
 QUEUE_STAGES = ("queue_wait_ms", "run_ms")
 
@@ -30,6 +30,7 @@ class Timings:
     """Wall-clock milliseconds of one pipeline call (all its images together)."""
 
     text_encode_ms: float = 0.0
+    vae_encode_ms: float = 0.0  # the input images (image to image, inpainting, ControlNet); 0 for text to image
     denoise_ms: float = 0.0
     step_ms: list[float] = field(default_factory=list)
     vae_decode_ms: float = 0.0
@@ -37,6 +38,7 @@ class Timings:
     num_images: int = 1
     queue_wait_ms: float | None = None  # time between submit() and the worker starting the request
     run_ms: float | None = None  # time the worker spent on the request
+    task: str = "text-to-image"  # which pipeline class ran it (tasks/: image-to-image, inpaint, controlnet, ...)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

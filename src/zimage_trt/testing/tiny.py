@@ -273,3 +273,39 @@ def make_tiny_transformer(seed: int = 0, dtype: torch.dtype = torch.float32, **c
         model = ZImageTransformer2DModel(**{**tiny_transformer_config(), **config})
     _randomize_(model, torch.Generator().manual_seed(seed))
     return model.to(dtype).eval().requires_grad_(False)
+
+
+def tiny_controlnet_config(variant: str | None = None, control_in_dim: int = 16, transformer_config: dict | None = None,
+                           **overrides) -> dict:
+    """Config of a tiny ``ZImageControlNetModel`` that fits the tiny transformer: Union v1 (`variant` None:
+    its own noise refiner), 2.0 ("control_layers") or 2.1 ("control_noise_refiner"); 16 control channels
+    (a control image) or 33 (control image + mask + masked image: inpainting)."""
+    t = {**tiny_transformer_config(), **(transformer_config or {})}
+    config = {
+        "control_layers_places": list(range(t["n_layers"])),
+        "control_refiner_layers_places": list(range(t["n_refiner_layers"])) if variant else [],
+        "control_in_dim": control_in_dim,
+        "add_control_noise_refiner": variant,
+        "all_patch_size": tuple(t["all_patch_size"]),
+        "all_f_patch_size": tuple(t["all_f_patch_size"]),
+        "dim": t["dim"],
+        "n_refiner_layers": 2 if variant == "control_noise_refiner" else t["n_refiner_layers"],
+        "n_heads": t["n_heads"],
+        "n_kv_heads": t["n_kv_heads"],
+        "norm_eps": t["norm_eps"],
+        "qk_norm": t["qk_norm"],
+    }
+    return {**config, **overrides}
+
+
+def make_tiny_controlnet(seed: int = 0, dtype: torch.dtype = torch.float32, **config) -> nn.Module:
+    """A tiny random ``ZImageControlNetModel`` (`config` as `tiny_controlnet_config`). Every weight random,
+    the zero-initialised before/after projections too: with diffusers' zeros every hint would be 0."""
+    from diffusers import ZImageControlNetModel
+
+    with torch.random.fork_rng(devices=[]):
+        model = ZImageControlNetModel(**tiny_controlnet_config(**config))
+    _randomize_(model, torch.Generator().manual_seed(seed))
+    if dtype != torch.float32:  # diffusers warns on any .to(dtype), even a no-op one
+        model.to(dtype)
+    return model.eval().requires_grad_(False)

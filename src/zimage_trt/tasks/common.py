@@ -1,0 +1,60 @@
+"""What the task classes share: their call signatures, `strength` and the schedule it cuts, the checks of
+a task's inputs against the request."""
+
+from __future__ import annotations
+
+import inspect
+import math
+import numbers
+
+from ..pipeline import ZImageTRTPipeline
+from ..request import Request
+
+
+def with_call_signature(call):
+    """A task's `__call__(self, <its own parameters>, **kwargs)` shown (inspect, help) with its own
+    parameters and then every one of ZImageTRTPipeline's it passes on (keyword-only)."""
+    own = [p for p in inspect.signature(call).parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    names = {p.name for p in own}
+    base = inspect.signature(ZImageTRTPipeline.__call__)
+    rest = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for name, p in base.parameters.items()
+            if name not in names and name != "self"]
+    call.__signature__ = inspect.Signature(own + rest, return_annotation=base.return_annotation)
+    return call
+
+
+def check_strength(strength) -> float:
+    if not isinstance(strength, numbers.Real) or isinstance(strength, bool):
+        raise TypeError(f"strength must be a number in [0, 1], got {type(strength).__name__} {strength!r}")
+    if not math.isfinite(float(strength)) or not 0 <= strength <= 1:
+        raise ValueError(f"strength must be in [0.0, 1.0] (1 ignores the image, smaller keeps more of it), "
+                         f"got {strength}")
+    return float(strength)
+
+
+def first_step(steps: int, strength: float) -> int:
+    """diffusers' `get_timesteps`: the index of the first step `strength` leaves."""
+    return int(max(steps - min(steps * strength, steps), 0))
+
+
+def check_steps_left(request: Request, strength: float) -> None:
+    left = request.steps - first_step(request.steps, strength)
+    if left < 1:
+        raise ValueError(f"strength={strength} with {request.steps} steps leaves {left} denoising steps; raise "
+                         f"strength to at least {1 / request.steps:.4g} or num_inference_steps")
+
+
+def strength_schedule(pipe, request: Request, strength: float):
+    """(timesteps, sigmas) of the steps `strength` leaves, diffusers' `get_timesteps` (and the scheduler's
+    begin index, so that its `scale_noise` noises the image at the first of them)."""
+    timesteps, sigmas = pipe.schedule(request.steps, pipe.latent_shape(request.images, request.resolution),
+                                      request.sigmas)
+    start = first_step(len(timesteps), strength)
+    pipe.scheduler.set_begin_index(start)
+    return timesteps[start:], sigmas[start:]
+
+
+def resolved_size(pixels, height, width) -> tuple[int, int]:
+    """(height, width): the caller's, else the preprocessed image's (diffusers' default)."""
+    return (int(height) if height is not None else int(pixels.shape[-2]),
+            int(width) if width is not None else int(pixels.shape[-1]))

@@ -1,0 +1,85 @@
+"""`ZImageTRTImg2ImgPipeline`: diffusers' `ZImageImg2ImgPipeline` over the engines.
+
+    pipe = ZImageTRTImg2ImgPipeline.from_pretrained("path/to/Z-Image-Turbo", engine_dir="engines/")
+    image = pipe("a watercolour fox", image=photo, strength=0.6).images[0]
+
+As diffusers: the image is encoded (a sample of the VAE's latent distribution, drawn with the caller's
+generator), `strength` keeps the last `int(steps * strength)`-ish steps of the schedule (its
+`get_timesteps`), and the image latents are noised to the first of them by the scheduler's own
+`scale_noise`; then the same loop as text to image runs, and its time follows the steps it runs. One
+difference: an image whose size is not height x width is resized to it by diffusers' image processor
+(diffusers 0.42 fails inside the model on it).
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+
+from ..pipeline import DenoisePlan, ZImageTRTPipeline
+from ..request import Request
+from ..runtime import image_input
+from .common import check_steps_left, check_strength, resolved_size, strength_schedule, with_call_signature
+
+DEFAULT_STRENGTH = 0.6  # diffusers' ZImageImg2ImgPipeline
+
+
+class StartImage:
+    """The starting image of image to image and inpainting: checked, preprocessed at the output size."""
+
+    def __init__(self, pipe, image, height, width):
+        image_input.check_image("image", image)
+        pixels = image_input.preprocess(pipe.image_processor, "image", image)
+        self.height, self.width = resolved_size(pixels, height, width)
+        if tuple(pixels.shape[-2:]) != (self.height, self.width):
+            pixels = image_input.preprocess(pipe.image_processor, "image", image, self.height, self.width)
+        self.image = image
+        self.pixels = pixels
+
+    def check_batch(self, request: Request) -> None:
+        image_input.check_count("image", self.pixels.shape[0], request.images, request.per_prompt, "tile")
+
+    def latents(self, pipe, request: Request, generator) -> torch.Tensor:
+        """The image's latents, one per image to make ([a, b, a, b] for two images, as diffusers)."""
+        if self.pixels.shape[1] == pipe.latent_channels:  # already latents (diffusers takes those as they are)
+            encoded = self.pixels.to(pipe.device)
+        else:
+            encoded = image_input.encode(pipe.vae, self.pixels, generator, sample=True).to(pipe.device)
+        return image_input.batch_of("image", encoded, request.images, request.per_prompt, "tile")
+
+
+class ImageToImage:
+    name = "image-to-image"
+
+    def __init__(self, pipe, image, strength, height, width):
+        self.strength = check_strength(strength)
+        self.start = StartImage(pipe, image, height, width)
+
+    def check(self, pipe, request: Request) -> None:
+        check_steps_left(request, self.strength)
+        self.start.check_batch(request)
+
+    def plan(self, pipe, request: Request, generator, latents) -> DenoisePlan:
+        timesteps, sigmas = strength_schedule(pipe, request, self.strength)
+        if latents is not None:  # diffusers: the caller's latents as they are
+            return DenoisePlan(latents.to(pipe.device, torch.float32), timesteps, sigmas)
+        image_latents = self.start.latents(pipe, request, generator)
+        noise = randn_tensor(pipe.latent_shape(request.images, request.resolution), generator=generator,
+                             device=pipe.device, dtype=torch.float32)
+        initial = pipe.scheduler.scale_noise(image_latents, timesteps[:1].repeat(request.images), noise)
+        return DenoisePlan(initial, timesteps, sigmas)
+
+
+class ZImageTRTImg2ImgPipeline(ZImageTRTPipeline):
+    """Image + text -> image. Everything ZImageTRTPipeline takes, plus `image` and `strength`."""
+
+    @with_call_signature
+    @torch.no_grad()
+    def __call__(self, prompt=None, image=None, strength: float = DEFAULT_STRENGTH, height: int | None = None,
+                 width: int | None = None, **kwargs):
+        """diffusers' `ZImageImg2ImgPipeline.__call__` (Turbo's 8 steps and guidance 0 by default, as ours):
+        `image` (PIL, numpy, tensor, or a list), `strength` in [0, 1] (1 ignores the image), height/width
+        default to the image's (rounded down to multiples of 16)."""
+        task = ImageToImage(self, image, strength, height, width)
+        return self._call(task, self._call_arguments(prompt=prompt, height=task.start.height,
+                                                     width=task.start.width, **kwargs))
