@@ -33,7 +33,8 @@ ALLOWED = {
                   "lora"},
     "demo": {"pipeline", "compiler", "engines", "model", "testing"},
     "compare": {"benchmark", "pipeline", "compiler", "model", "testing", "files"},
-    "serving": {"serving", "pipeline", "request", "options", "runtime", "engines", "model", "errors", "files", "testing"},
+    "serving": {"serving", "pipeline", "tasks", "request", "options", "runtime", "engines", "model", "errors", "files",
+                "testing"},
     "cli": {"benchmark", "pipeline", "tasks", "parallel", "compiler", "compare", "demo", "model", "serving", "runtime"},
 }
 FP8_HOME = "model/fp8.py"
