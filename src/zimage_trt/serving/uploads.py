@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import re
 import warnings
 
 import PIL.Image
@@ -61,7 +62,10 @@ def open_image(field: str, data: bytes, max_pixels: int) -> PIL.Image.Image:
             image.load()
             image = ImageOps.exif_transpose(image)
     except (_TooLarge, PIL.Image.DecompressionBombError, PIL.Image.DecompressionBombWarning) as error:
-        size = f"{error.width}x{error.height} (WIDTHxHEIGHT)" if isinstance(error, _TooLarge) else "too large"
+        # (Pillow's own bound stops a canvas past its MAX_IMAGE_PIXELS at open, before ours is read.)
+        claimed = re.search(r"\((\d+) pixels\)", str(error))
+        size = f"{error.width}x{error.height} (WIDTHxHEIGHT)" if isinstance(error, _TooLarge) else \
+            f"{claimed.group(1) if claimed else 'too many'} pixels"
         raise ServiceError(400, "image_too_large", f"{field} is {size}: at most {max_pixels} pixels are taken; "
                            f"scale it down (it is resized to the output size anyway)", param=field) from None
     except (OSError, SyntaxError, ValueError, EOFError) as error:  # Pillow's ways of saying "broken file"
