@@ -370,3 +370,82 @@ def test_an_edit_with_a_mask_and_a_control_image_is_controlnet_inpainting(contro
     with pytest.raises(openai.UnprocessableEntityError, match="strength is not taken"):
         client.images.edit(image=upload(source), mask=upload(white_window(), "m.png"), prompt=PROMPT,
                            extra_body={"strength": 0.5, "control_image": base64.b64encode(encoded(control)).decode()})
+
+
+def test_warm_up_runs_every_served_task_at_every_size_before_ready(tiny_cpu_pipe, controlnet, monkeypatch):
+    from zimage_trt.serving.family import PipelineFamily
+
+    ran = []
+    run = PipelineFamily.run
+
+    def recorded(self, task, images, prompt, **call):
+        ran.append((task, f"{call['width']}x{call['height']}", call["num_inference_steps"], self.pipes[task]))
+        return run(self, task, images, prompt, **call)
+
+    monkeypatch.setattr(PipelineFamily, "run", recorded)
+    sizes = ("256x256", "384x256")
+    service = ImageService(tiny_cpu_pipe, ServiceSettings(limits=ServingLimits(sizes=sizes), warm_steps=1,
+                                                          controlnet=controlnet))
+    service.start(background=False)
+    assert service.ready
+    tasks = ("image-to-image", "inpaint", "controlnet", "controlnet-inpaint")
+    assert sorted((task, size, steps) for task, size, steps, _ in ran) == sorted(
+        (task, size, 1) for task in tasks for size in sizes)
+    # Each task by its own class, all over the one pipeline's parts and engines.
+    classes = {task: type(pipe) for task, _, _, pipe in ran}
+    assert classes == {"image-to-image": ZImageTRTImg2ImgPipeline, "inpaint": ZImageTRTInpaintPipeline,
+                       "controlnet": ZImageTRTControlNetPipeline, "controlnet-inpaint": ZImageTRTControlNetInpaintPipeline}
+    assert all(pipe.transformer is tiny_cpu_pipe.transformer and pipe._loops is tiny_cpu_pipe._loops
+               for _, _, _, pipe in ran)
+    service.close()
+
+
+def test_serve_takes_a_controlnet_folder_and_checks_its_options(tmp_path, controlnet):
+    import argparse
+
+    from zimage_trt.serving.command import build_service, control_scale
+    from zimage_trt.serving.settings import ServeConfigError, add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    folder = tmp_path / "controlnet"
+    controlnet.save_pretrained(folder)  # a diffusers-format folder (config.json + safetensors)
+    args = parser.parse_args(["--tiny", "--device", "cpu", "--controlnet", str(folder), "--control-scale", "0.5",
+                              "--max-upload-bytes", "1000000"])
+    service = build_service(args)
+    assert service.takes_control_images and service.settings.control_scale == 0.5
+    assert service.limits.max_upload_bytes == 1_000_000
+    service.settings.warm_steps = 1
+    service.start(background=False)
+    assert service.ready and "controlnet-inpaint" in service.family.tasks
+    loaded = service.family.pipes["controlnet"].controlnet
+    assert loaded is not controlnet and all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(),
+                                                                                 controlnet.state_dict().values()))
+    service.close()
+    assert control_scale("0.5,0.75,1") == [0.5, 0.75, 1.0]
+    for bad in ("strong", "nan", "0.5,,1"):
+        with pytest.raises(ServeConfigError, match="--control-scale"):
+            control_scale(bad)
+    with pytest.raises(ServeConfigError, match="no such file or folder"):
+        build_service(parser.parse_args(["--tiny", "--device", "cpu", "--controlnet", str(tmp_path / "missing")]))
+
+
+def test_the_mask_rule_and_auto_sizes():
+    from zimage_trt.serving.edits import auto_size
+    from zimage_trt.serving.uploads import repaint_mask
+
+    # OpenAI's: alpha 0 -> repaint (255), alpha 255 -> keep (0); half-transparent pixels fall on either side.
+    alpha = Image.new("RGBA", (4, 1), (255, 255, 255, 255))
+    for x, a in enumerate((0, 100, 200, 255)):
+        alpha.putpixel((x, 0), (255, 255, 255, a))
+    mask, rule = repaint_mask(alpha)
+    assert rule == "alpha" and np.asarray(mask).ravel().tolist() == [255, 155, 55, 0]
+    # diffusers': no transparency, the greyscale itself (white = repaint), whatever the colour channels.
+    grey, rule = repaint_mask(Image.new("RGB", (2, 1), (255, 255, 255)))
+    assert rule == "greyscale" and np.asarray(grey).ravel().tolist() == [255, 255]
+    fixed = ServingLimits(sizes=SIZES)
+    assert [auto_size(w, h, fixed) for w, h in ((256, 256), (1920, 1080), (1080, 1920), (1000, 990))] == [
+        "256x256", "384x256", "256x384", "256x256"]
+    anything = ServingLimits(sizes=("512x512",), any_size=True)
+    assert auto_size(300, 200, anything) == "288x192"  # its own size, rounded down to multiples of 16
+    assert auto_size(4000, 3000, anything) == "576x432"  # scaled to at most 512x512's area, aspect kept
