@@ -15,6 +15,7 @@ ControlNet (random values in its zero-initialised projections, so its hints are 
 from __future__ import annotations
 
 import base64
+import copy
 import io
 import struct
 import zlib
@@ -449,3 +450,43 @@ def test_the_mask_rule_and_auto_sizes():
     anything = ServingLimits(sizes=("512x512",), any_size=True)
     assert auto_size(300, 200, anything) == "288x192"  # its own size, rounded down to multiples of 16
     assert auto_size(4000, 3000, anything) == "576x432"  # scaled to at most 512x512's area, aspect kept
+
+
+@pytest.mark.gpu
+def test_edits_and_the_controlnet_on_a_gpu_are_the_python_classes_images(controlnet):
+    """The same routes on CUDA (the tiny model, the eager engine's captured step graphs, the worker's step
+    syncs for a streamed edit, previews read at the skipped steps' sigmas)."""
+    from zimage_trt import ZImageTRTPipeline
+    from zimage_trt.testing.tiny import make_tiny_components
+
+    pipe = ZImageTRTPipeline.from_components(**make_tiny_components(seed=0), device="cuda")
+    pipe.set_progress_bar_config(disable=True)
+    service, running = start(pipe, controlnet=copy.deepcopy(controlnet))  # (the CPU tests' one stays on the CPU)
+
+    def near(served: np.ndarray, expected: np.ndarray) -> bool:
+        # The same computation in the server's worker thread: at most one 8-bit level apart, should a GPU
+        # kernel split a reduction otherwise between the two calls.
+        return served.shape == expected.shape and int(np.abs(served.astype(int) - expected.astype(int)).max()) <= 1
+
+    with running as url, openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=120) as client:
+        source, control = picture(21, (384, 256)), picture(22, (384, 256))
+        edited = client.images.edit(image=upload(source), prompt=PROMPT,
+                                    extra_body={"seed": 1, "num_inference_steps": STEPS, "strength": 0.6})
+        assert edited.size == "384x256"
+        expected = alone(ZImageTRTImg2ImgPipeline.from_pipe(pipe), 1, image=same_file_decoded(source), strength=0.6,
+                         height=256, width=384)
+        assert near(decoded(edited.data[0].b64_json), expected)
+        mask = transparent_window((384, 256), (100, 40, 300, 200))
+        events = list(client.images.edit(image=upload(source), mask=upload(mask, "m.png"), prompt=PROMPT, stream=True,
+                                         partial_images=2, extra_body={"seed": 2, "num_inference_steps": 6}))
+        assert [event.type for event in events] == ["image_edit.partial_image"] * 2 + ["image_edit.completed"]
+        expected = alone(ZImageTRTInpaintPipeline.from_pipe(pipe), 2, steps=6, image=same_file_decoded(source),
+                         mask_image=white_window((384, 256), (100, 40, 300, 200)), height=256, width=384)
+        assert near(decoded(events[-1].b64_json), expected)
+        posed = client.images.generate(prompt=PROMPT, size="384x256", extra_body={
+            "seed": 3, "num_inference_steps": STEPS, "control_image": base64.b64encode(encoded(control)).decode()})
+        reference = ZImageTRTControlNetPipeline.from_pipe(pipe, controlnet=service.family.pipes["controlnet"].controlnet)
+        expected = alone(reference, 3, control_image=same_file_decoded(control), controlnet_conditioning_scale=0.75,
+                         height=256, width=384)
+        assert posed.model_extra["task"] == "controlnet" and near(decoded(posed.data[0].b64_json), expected)
+    pipe.close()
