@@ -186,7 +186,7 @@ def test_sizes_are_width_by_height_and_auto_is_the_images_own(client, tiny_cpu_p
                           alone(reference, 4, image=same_file_decoded(square), height=256, width=384))
 
 
-def test_a_streamed_edit_sends_partial_images_then_the_same_image(client):
+def test_a_streamed_edit_sends_partial_images_then_the_same_image(client, server):
     extras = {"seed": 9, "num_inference_steps": 6, "strength": 0.5}  # 3 steps run: one preview fits
     source = upload(picture(6))
     plain = client.images.edit(image=source, prompt=PROMPT, size="256x256", extra_body=extras)
@@ -195,9 +195,18 @@ def test_a_streamed_edit_sends_partial_images_then_the_same_image(client):
     assert [event.type for event in events] == ["image_edit.partial_image", "image_edit.completed"]
     assert Image.open(io.BytesIO(base64.b64decode(events[0].b64_json))).size == (256 // 8, 256 // 8)
     assert np.array_equal(decoded(events[-1].b64_json), decoded(plain.data[0].b64_json))
+    # Our progress events (the dashboard's ?stream=true) for an edit: the steps it runs, then the same image.
+    url, _ = server
+    progress = httpx.post(url + "/v1/images/edits?stream=true", headers={"Authorization": f"Bearer {KEY}"},
+                          files={"image": source}, timeout=120,
+                          data={"prompt": PROMPT, "size": "256x256", **{k: str(v) for k, v in extras.items()}})
+    names = [line.split(":", 1)[1].strip() for line in progress.text.splitlines() if line.startswith("event:")]
+    assert names == ["queued", "started", "step", "step", "step", "done"], names
+    queued = next(line for line in progress.text.splitlines() if line.startswith("data:"))
+    assert '"task": "image-to-image"' in queued and '"steps": 3' in queued
 
 
-def test_the_task_of_each_request_is_in_stats_and_metrics(client, server):
+def test_the_task_of_each_request_is_in_stats_and_metrics(client, server, tiny_cpu_pipe):
     url, service = server
     client.images.generate(prompt=PROMPT, size="256x256", extra_body={"num_inference_steps": 1})
     client.images.edit(image=upload(picture(7)), prompt=PROMPT, extra_body={"num_inference_steps": 2})
@@ -212,6 +221,10 @@ def test_the_task_of_each_request_is_in_stats_and_metrics(client, server):
     metrics = httpx.get(url + "/metrics", headers=headers, timeout=60).text
     for task in ("text-to-image", "image-to-image", "inpaint"):
         assert f'zimage_task_requests_total{{task="{task}"}}' in metrics
+    # The family shares one scheduler: after the edits (a cut schedule, a blend), text to image is its own.
+    after = client.images.generate(prompt=PROMPT, size="256x256", extra_body={"seed": 4, "num_inference_steps": 2})
+    assert after.model_extra["task"] == "text-to-image"
+    assert np.array_equal(decoded(after.data[0].b64_json), alone(tiny_cpu_pipe, 4, steps=2, height=256, width=256))
 
 
 # -- refusals --------------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 
 from . import openai_api, uploads
 from .edits import read_edit
-from .family import TaskImages
+from .family import TaskImages, no_controlnet
 from .image_store import ImageStore
 from .openai_api import error_response, service_error_response
 from .outcome import parsed
@@ -332,15 +332,12 @@ async def _generations(request: Request, service: ImageService, rid: str, progre
 async def control_images(service: ImageService, req: ImageGenerationRequest) -> TaskImages:
     """A generation's base64 control image, decoded and at the request's size."""
     if not service.takes_control_images:
-        raise ServiceError(422, "invalid_value", "control_image needs a server started with --controlnet (this one "
-                           "serves no ControlNet)", param="control_image")
-    if service.family is None:
-        raise ServiceError(503, "not_ready", f"the service is {service.state}; retry later", retry_after=5.0)
-    limit, resolution = service.limits.max_image_pixels, req.resolution
+        raise no_controlnet()
+    family, limit, resolution = service.task_family(), service.limits.max_image_pixels, req.resolution
 
     def decode() -> TaskImages:
         image = uploads.open_image("control_image", uploads.decode_base64("control_image", req.control_image), limit)
-        return service.family.fit(TaskImages(control_image=uploads.as_rgb(image)), resolution.height, resolution.width)
+        return family.fit(TaskImages(control_image=uploads.as_rgb(image)), resolution.height, resolution.width)
 
     return await asyncio.to_thread(decode)
 

@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 
 from ..model.shapes import PIXELS_PER_TOKEN, Resolution
-from .family import TaskImages
+from .family import TaskImages, no_controlnet
 from .outcome import ServiceError, parsed
 from .schema import ImageEditRequest, ServingLimits
 from .uploads import ALLOWED, as_rgb, decode_base64, open_image, repaint_mask
@@ -142,8 +142,5 @@ async def read_edit(request: Request, model: type[ImageEditRequest], service) ->
         raise ServiceError(422, "invalid_value", f"image is required: the image to edit, {ALLOWED}, as the "
                            f"multipart file 'image'", param="image")
     if "control_image" in files and not service.takes_control_images:
-        raise ServiceError(422, "invalid_value", "control_image needs a server started with --controlnet "
-                           "(this one serves no ControlNet)", param="control_image")
-    if service.family is None:
-        raise ServiceError(503, "not_ready", f"the service is {service.state}; retry later", retry_after=5.0)
-    return await asyncio.to_thread(edit_images, req, files, limits, service.family)
+        raise no_controlnet()
+    return await asyncio.to_thread(edit_images, req, files, limits, service.task_family())

@@ -74,6 +74,11 @@ class TaskImages:
         return IMG2IMG_STRENGTH if task == IMAGE_TO_IMAGE else INPAINT_STRENGTH
 
 
+def no_controlnet() -> ServiceError:
+    return ServiceError(422, "invalid_value", "control_image needs a server started with --controlnet (this one "
+                        "serves no ControlNet)", param="control_image")
+
+
 def steps_run(task: str, steps: int, strength: float | None) -> int:
     """Denoising steps a request runs: `strength` keeps the last ones (diffusers' get_timesteps)."""
     return steps - first_step(steps, strength) if task in _WITH_STRENGTH and strength is not None else steps
@@ -128,8 +133,7 @@ class PipelineFamily:
         if task in self.pipes:
             return task
         if task in (CONTROLNET, CONTROLNET_INPAINT) and CONTROLNET not in self.pipes:
-            raise ServiceError(422, "invalid_value", "control_image needs a server started with --controlnet "
-                               "(this one serves no ControlNet)", param="control_image")
+            raise no_controlnet()
         if task == CONTROLNET_INPAINT:
             raise ServiceError(422, "invalid_value", f"this server's ControlNet takes {self.controlnet_channels} "
                                f"control channels; inpainting with control_image needs an inpaint-capable one "

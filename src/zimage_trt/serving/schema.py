@@ -103,8 +103,8 @@ class ImageRequest(BaseModel):
                                            "100); png is lossless and ignores it")
     background: Literal["auto", "opaque", "transparent"] | None = Field(
         None, description="the images are opaque: 'transparent' is refused")
-    stream: bool | None = Field(None, description="true: server-sent events image_generation.partial_image "
-                                "and image_generation.completed, as OpenAI's")
+    stream: bool | None = Field(None, description="true: server-sent events, as OpenAI's: partial images, then "
+                                "the images (image_generation.* for a generation, image_edit.* for an edit)")
     partial_images: int | None = Field(None, ge=0, le=MAX_PARTIAL_IMAGES,
                                        description="previews of the image so far per image, when streaming")
     # Accepted as OpenAI's, and ignored: one model, one quality, no moderation model, nothing logged per user.

@@ -232,6 +232,12 @@ class ImageService:
         """Started with a ControlNet: generations (and edits with a mask) may carry a control image."""
         return self.settings.controlnet is not None
 
+    def task_family(self) -> PipelineFamily:
+        """The pipelines by task, or a ServiceError 503 while the pipeline is loading."""
+        if self.family is None:
+            raise ServiceError(503, "not_ready", f"the service is {self.state}; retry later", retry_after=5.0)
+        return self.family
+
     def submit(self, req: ImageRequest, request_id: str | None = None, listen: bool = False,
                progress: bool = False, images: TaskImages | None = None) -> Job:
         """Check and queue a request; raises ServiceError (422, 429, 503) at once instead of queueing.
@@ -248,7 +254,7 @@ class ImageService:
         seed = req.seed if req.seed is not None else secrets.randbelow(2**62)
         steps = steps_run(task, req.num_inference_steps, strength)
         job = Job(req, request_id, [seed + i for i in range(req.n)], estimate_ms=self._estimate_ms(req.n, steps),
-                   task=task, images=images, steps=steps, progress=listen and progress)
+                  task=task, images=images, steps=steps, progress=listen and progress)
         if listen:
             job.listeners.append((asyncio.get_running_loop(), asyncio.Queue()))
         with self._lock:
