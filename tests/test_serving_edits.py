@@ -132,6 +132,11 @@ def test_image_to_image_is_the_python_pipelines_image(client, tiny_cpu_pipe):
     assert response.size == "256x256" and response.model_extra["task"] == "image-to-image"
     assert len(response.model_extra["timings"]["step_ms"]) == 2  # strength 0.5 of 4 steps runs the last 2
     assert response.usage.input_tokens_details.image_tokens == (256 // 16) ** 2  # the image, as the model sees it
+    # By link (response_format "url"), behind the key, as a generation's.
+    linked = client.images.edit(image=upload(source), prompt=PROMPT, size="256x256", response_format="url",
+                                extra_body={"seed": 5, "num_inference_steps": STEPS, "strength": 0.5})
+    fetched = httpx.get(linked.data[0].url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    assert fetched.status_code == 200 and np.array_equal(decoded(base64.b64encode(fetched.content)), expected)
     # No strength: diffusers' 0.6; n = 2 runs seeds 7 and 8; a JPEG upload is taken too.
     two = client.images.edit(image=upload(source, "image.jpg", "JPEG"), prompt=PROMPT, n=2, size="256x256",
                              extra_body={"seed": 7, "num_inference_steps": STEPS})
