@@ -30,13 +30,17 @@ from ..tasks import (
     ZImageTRTInpaintPipeline,
 )
 from ..tasks.common import first_step
-from ..tasks.controlnet import DEFAULT_CONDITIONING_SCALE
+from ..tasks.controlnet import DEFAULT_CONDITIONING_SCALE, ControlNet
+from ..tasks.controlnet_inpaint import ControlNetInpaint
 from ..tasks.img2img import DEFAULT_STRENGTH as IMG2IMG_STRENGTH
+from ..tasks.img2img import ImageToImage
 from ..tasks.inpaint import DEFAULT_STRENGTH as INPAINT_STRENGTH
-from ..tasks.inpaint import mask_processor
+from ..tasks.inpaint import Inpaint, mask_processor
 from .outcome import ServiceError
 
-IMAGE_TO_IMAGE, INPAINT, CONTROLNET, CONTROLNET_INPAINT = "image-to-image", "inpaint", "controlnet", "controlnet-inpaint"
+# The tasks' own names (what each pipeline call records in its Timings): "image-to-image", "inpaint", ...
+IMAGE_TO_IMAGE, INPAINT, CONTROLNET, CONTROLNET_INPAINT = (ImageToImage.name, Inpaint.name, ControlNet.name,
+                                                           ControlNetInpaint.name)
 TASKS = (TEXT_TO_IMAGE, IMAGE_TO_IMAGE, INPAINT, CONTROLNET, CONTROLNET_INPAINT)
 _CLASSES = {IMAGE_TO_IMAGE: ZImageTRTImg2ImgPipeline, INPAINT: ZImageTRTInpaintPipeline}
 _WITH_STRENGTH = (IMAGE_TO_IMAGE, INPAINT)
