@@ -383,6 +383,12 @@ def test_an_edit_with_a_mask_and_a_control_image_is_controlnet_inpainting(contro
     assert response.model_extra["task"] == "controlnet-inpaint"
     assert np.array_equal(decoded(response.data[0].b64_json), expected)
     assert response.usage.input_tokens_details.image_tokens == 2 * (256 // 16) ** 2  # the image and the control
+    # The control image as a third file of the form does the same.
+    files = {"image": upload(source), "mask": upload(transparent_window(), "m.png"), "control_image": upload(control)}
+    as_file = httpx.post(str(client.base_url) + "images/edits", headers={"Authorization": f"Bearer {KEY}"}, files=files,
+                         data={"prompt": PROMPT, "seed": "2", "num_inference_steps": str(STEPS)}, timeout=120)
+    assert as_file.status_code == 200, as_file.text
+    assert np.array_equal(decoded(as_file.json()["data"][0]["b64_json"]), expected)
     with pytest.raises(openai.UnprocessableEntityError, match="needs a mask"):
         client.images.edit(image=upload(source), prompt=PROMPT,
                            extra_body={"control_image": base64.b64encode(encoded(control)).decode()})
