@@ -29,11 +29,12 @@ setup(
         # the peers of `zimage-trt bench` (torchao: the FP8 one; cache-dit: DBCache on the compiled pipeline)
         "bench": ["torchao>=0.18", "cache-dit>=1.5.3"],
         "lora": ["peft>=0.17"],  # PEFT's rank/alpha pattern matching for adapters with metadata
+        # (python-multipart: Starlette's form parser, for POST /v1/images/edits' multipart uploads)
         "serve": ["fastapi>=0.115", "uvicorn>=0.30", "sse-starlette>=2.1", "prometheus-client>=0.20", "pydantic>=2.7",
-                  "nvidia-ml-py>=12"],
-        # `zimage-trt serve --ray`: ray[serve] brings fastapi, uvicorn, pydantic and prometheus-client too.
-        # 2.60: the late-bound ingress app (`__serve_build_asgi_app__`) the replicas build after loading.
-        "ray": ["ray[serve]>=2.60,<3", "sse-starlette>=2.1", "nvidia-ml-py>=12"],
+                  "nvidia-ml-py>=12", "python-multipart>=0.0.18"],
+        # `zimage-trt serve --ray`: ray[serve] brings fastapi, uvicorn, pydantic and prometheus-client too, not
+        # python-multipart. 2.60: the late-bound ingress app (`__serve_build_asgi_app__`) the replicas build after loading.
+        "ray": ["ray[serve]>=2.60,<3", "sse-starlette>=2.1", "nvidia-ml-py>=12", "python-multipart>=0.0.18"],
         # (tests make LoRAs with PEFT; Starlette's TestClient uses httpx2; the dashboard test drives chromium;
         # the service is tested through OpenAI's own client, whose image streaming came in 2.x)
         "test": ["pytest>=8", "pytest-xdist>=3.5", "peft>=0.17", "httpx2>=2", "selenium>=4.20", "psutil>=5.9",

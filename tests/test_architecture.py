@@ -33,7 +33,7 @@ ALLOWED = {
                   "lora"},
     "demo": {"pipeline", "compiler", "engines", "model", "testing"},
     "compare": {"benchmark", "pipeline", "compiler", "model", "testing", "files"},
-    "serving": {"serving", "pipeline", "parallel", "request", "options", "runtime", "engines", "model", "errors", "files",
+    "serving": {"serving", "pipeline", "parallel", "tasks", "request", "options", "runtime", "engines", "model", "errors", "files",
                 "testing"},
     "cli": {"benchmark", "pipeline", "tasks", "parallel", "compiler", "compare", "demo", "model", "serving", "runtime"},
 }

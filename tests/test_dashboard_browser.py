@@ -1,8 +1,9 @@
 """The dashboard in a real headless browser (Debian's chromium + chromedriver, driven by selenium).
 
 The page loads from a real server over loopback, a generation typed into the page's prompt box comes
-back as an image (the very image the pipeline makes alone for that seed), and the latency chart gains
-a point. A screenshot is saved (to $ZIMAGE_DASHBOARD_SCREENSHOT when set: how docs/dashboard.png is made).
+back as an image (the very image the pipeline makes alone for that seed), the latency chart gains
+a point, and the tasks table says which task each request ran (the page's text to image, a client's
+inpainting edit). A screenshot is saved (to $ZIMAGE_DASHBOARD_SCREENSHOT when set: how docs/dashboard.png is made).
 CI needs `apt-get install -y chromium chromium-driver`.
 """
 
@@ -13,6 +14,7 @@ import io
 import os
 import shutil
 
+import httpx2 as httpx
 import numpy as np
 import pytest
 import torch
@@ -82,9 +84,29 @@ def test_the_page_generates_an_image_and_the_latency_chart_gains_a_point(tiny_cp
         assert drawn > 100
         assert service.stats()["counts"]["completed"] == 1
 
+        # Which task each request ran: the page's generation, then an inpainting edit sent by a client.
+        def task_rows(b):
+            return [[td.text for td in tr.find_elements(By.TAG_NAME, "td")]
+                    for tr in b.find_element(By.ID, "tasks").find_elements(By.CSS_SELECTOR, "tbody tr")]
+
+        wait.until(lambda b: [row[:3] for row in task_rows(b)] == [["text-to-image", "1", "1"]])
+        assert browser.find_element(By.ID, "tasks-served").text == "text-to-image, image-to-image, inpaint"
+        picture, mask = Image.new("RGB", (256, 256), (90, 140, 200)), Image.new("L", (256, 256), 255)
+        files = {name: (name + ".png", _png(image), "image/png") for name, image in (("image", picture), ("mask", mask))}
+        edit = httpx.post(url + "/v1/images/edits", files=files, timeout=WAIT_S,
+                          data={"prompt": "a red door", "num_inference_steps": "1"})
+        assert edit.status_code == 200 and edit.json()["task"] == "inpaint", edit.text
+        wait.until(lambda b: [row[:3] for row in task_rows(b)] == [["inpaint", "1", "1"], ["text-to-image", "1", "1"]])
+
         shot = tmp_path / "dashboard.png"
         assert browser.save_screenshot(str(shot))
         assert Image.open(shot).size[0] >= 1000
         target = os.environ.get("ZIMAGE_DASHBOARD_SCREENSHOT")
         if target:
             shutil.copyfile(shot, target)
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -4,6 +4,9 @@
   so `zimage-trt --help` needs none of the `serve` extra);
 - `schema.py`: the OpenAI-shaped request/response models and their 422 bodies (pydantic);
 - `service.py`: `ImageService`, one pipeline and its `GenerationQueue`, async `generate` / `stream`;
+- `family.py`: the task pipelines made from it with `from_pipe` (image to image, inpainting, ControlNet),
+  which task a request runs; `edits.py`: POST /v1/images/edits' multipart form; `uploads.py`: uploaded
+  images checked and decoded, the mask rule; `steps.py`: a request in the service and its step callback;
 - `outcome.py`: the errors a client sees (`ServiceError`), the pipeline's checks before queueing, PNG/JSON;
 - `metrics.py`: Prometheus metrics (prometheus-client), GPU readings through NVML;
 - `app.py`: `create_app`, the ASGI app (FastAPI) with the dashboard (`dashboard.html`, `dashboard.js`);

@@ -1,7 +1,10 @@
 """`create_app`: the HTTP API and the dashboard in front of one `ImageService` (FastAPI / Starlette).
 
     POST /v1/images/generations      OpenAI's images API (openai_api.py); `"stream": true` in the body answers
-                                     OpenAI's server-sent events, `?stream=true` our progress events
+                                     OpenAI's server-sent events, `?stream=true` our progress events; with
+                                     --controlnet a `control_image` (base64) runs the ControlNet
+    POST /v1/images/edits            OpenAI's multipart edit (edits.py): image to image, or inpainting with a
+                                     `mask`; the same answers, streams, limits and queue
     GET  /v1/images/files/NAME       an image answered by link (`response_format: "url"`; image_store.py)
     GET  /v1/models, /v1/models/ID   the served model, as OpenAI lists models
     GET  /healthz  /readyz           live; loaded and warmed
@@ -31,19 +34,22 @@ from typing import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from pydantic import ValidationError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import HTMLResponse, JSONResponse, Response
 
-from . import openai_api
+from . import openai_api, uploads
+from .edits import read_edit
+from .family import TaskImages, no_controlnet
 from .image_store import ImageStore
 from .openai_api import error_response, service_error_response
-from .schema import ImageGenerationRequest, parse_request, request_model, validation_errors
+from .outcome import parsed
+from .schema import ImageEditRequest, ImageGenerationRequest, ImageRequest, request_model
 from .service import ImageService, ServiceError
 
 log = logging.getLogger("zimage_trt.serving")
 _CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+GENERATIONS, EDITS = "/v1/images/generations", "/v1/images/edits"
 
 
 @dataclass
@@ -62,10 +68,11 @@ class AppSettings:
 
 class _RequestIdAndBodyLimit:
     """ASGI middleware: a request id for every request (in `scope["state"]` and `X-Request-ID`), and a
-    413 for a body over the limit (declared or streamed), before the app reads it."""
+    413 for a body over the limit (declared or streamed), before the app reads it. `body_limit(path)`: the
+    limit of a path (a body with images may be larger than a JSON one)."""
 
-    def __init__(self, app, max_body_bytes: int, allowed_hosts: tuple[str, ...] | None = None):
-        self.app, self.max_body_bytes = app, max_body_bytes
+    def __init__(self, app, body_limit: Callable[[str], int], allowed_hosts: tuple[str, ...] | None = None):
+        self.app, self.body_limit = app, body_limit
         self.allowed_hosts = {h.lower().strip("[]") for h in allowed_hosts} if allowed_hosts is not None else None
 
     async def __call__(self, scope, receive, send):
@@ -89,7 +96,7 @@ class _RequestIdAndBodyLimit:
             refused = error_response(421, "unknown_host", "this server answers only to the host names "
                                      f"{sorted(self.allowed_hosts)}", request_id)
             return await refused(scope, receive, send_with_id)
-        limit = self.max_body_bytes
+        limit = self.body_limit(scope.get("path", ""))
         too_large = error_response(413, "body_too_large", f"the request body is over {limit} bytes", request_id)
         declared = headers.get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
@@ -143,10 +150,18 @@ def create_app(service: ImageService | Callable[[], ImageService], settings: App
             await asyncio.to_thread(holder["service"].close, True)
 
     app = FastAPI(title="zimage-trt", lifespan=lifespan, docs_url=None, redoc_url=None)  # the docs pages use a CDN
-    first = holder["service"]
-    limits = first.limits if first is not None else None
-    max_body = settings.max_body_bytes or (limits.max_body_bytes if limits is not None else 64 * 1024)
-    app.add_middleware(_RequestIdAndBodyLimit, max_body_bytes=max_body, allowed_hosts=settings.allowed_hosts)
+
+    def body_limit(path: str) -> int:
+        """A JSON body's limit; an edit's, or a generation's on a ControlNet server, may hold images."""
+        service = holder["service"]
+        if service is None:
+            return settings.max_body_bytes or 64 * 1024
+        limits = service.limits
+        plain = settings.max_body_bytes or limits.max_body_bytes
+        with_images = path == EDITS or (path == GENERATIONS and service.takes_control_images)
+        return max(plain, limits.max_upload_bytes) if with_images else plain
+
+    app.add_middleware(_RequestIdAndBodyLimit, body_limit=body_limit, allowed_hosts=settings.allowed_hosts)
     models: dict = {}
     store = app.state.image_store = ImageStore(settings.url_max_images, settings.url_ttl_s)
     started = int(time.time())
@@ -269,17 +284,31 @@ def create_app(service: ImageService | Callable[[], ImageService], settings: App
 
         return link
 
-    @app.post("/v1/images/generations")
+    @app.post(GENERATIONS)
     async def generations(request: Request, stream: bool = False):
+        return await counted(request, _generations, stream)
+
+    @app.post(EDITS)
+    async def edits(request: Request, stream: bool = False):
+        return await counted(request, _edits, stream)
+
+    async def counted(request: Request, handler, stream: bool) -> Response:
         rid = request_id(request)
         if (denied := refused(request)) is not None:
             return denied
         service = current()
-        response = await _generations(request, service, rid, stream, models, settings, store, link_maker(request))
+        response = await handler(request, service, rid, stream, models, settings, store, link_maker(request))
         service.metrics.http_requests.labels(status=str(response.status_code)).inc()
         return response
 
     return app
+
+
+def _request_model(models: dict, limits, base) -> type:
+    key = (id(limits), base)
+    if key not in models:
+        models[key] = request_model(limits, base)
+    return models[key]
 
 
 async def _generations(request: Request, service: ImageService, rid: str, progress: bool, models: dict,
@@ -287,13 +316,39 @@ async def _generations(request: Request, service: ImageService, rid: str, progre
     body = await json_body(request, rid)
     if isinstance(body, Response):
         return body
-    model = models.get(id(service.limits))
-    if model is None:
-        model = models[id(service.limits)] = request_model(service.limits)
-    req = parse_or_refuse(model, body, rid)
+    req = parse_or_refuse(_request_model(models, service.limits, ImageGenerationRequest), body, rid)
     if isinstance(req, Response):
         return req
-    return await answer(service, req, rid, settings, store, link, progress)
+    images = None
+    if req.control_image is not None:
+        try:
+            images = await control_images(service, req)
+        except ServiceError as error:
+            return service_error_response(error, rid)
+        req = req.model_copy(update={"control_image": None})  # (decoded: the text need not wait in the queue)
+    return await answer(service, req, rid, settings, store, link, progress, images)
+
+
+async def control_images(service: ImageService, req: ImageGenerationRequest) -> TaskImages:
+    """A generation's base64 control image, decoded and at the request's size."""
+    if not service.takes_control_images:
+        raise no_controlnet()
+    family, limit, resolution = service.task_family(), service.limits.max_image_pixels, req.resolution
+
+    def decode() -> TaskImages:
+        image = uploads.open_image("control_image", uploads.decode_base64("control_image", req.control_image), limit)
+        return family.fit(TaskImages(control_image=uploads.as_rgb(image)), resolution.height, resolution.width)
+
+    return await asyncio.to_thread(decode)
+
+
+async def _edits(request: Request, service: ImageService, rid: str, progress: bool, models: dict,
+                 settings: AppSettings, store: ImageStore, link) -> Response:
+    try:
+        req, images = await read_edit(request, _request_model(models, service.limits, ImageEditRequest), service)
+    except ServiceError as error:
+        return service_error_response(error, rid)
+    return await answer(service, req, rid, settings, store, link, progress, images)
 
 
 async def json_body(request: Request, rid: str):
@@ -308,20 +363,18 @@ async def json_body(request: Request, rid: str):
         return error_response(400, "invalid_json", f"the body is not JSON: {getattr(error, 'msg', error)}", rid)
 
 
-def parse_or_refuse(model: type[ImageGenerationRequest], body, rid: str):
+def parse_or_refuse(model: type[ImageRequest], body, rid: str):
     """The validated request, or a 422 whose message names each field at fault and what it may be."""
     try:
-        return parse_request(model, body)
-    except ValidationError as error:
-        problems = validation_errors(error)
-        message = "invalid field(s): " + "; ".join(f"{p['field']}: {p['allowed']}" for p in problems)
-        return error_response(422, "invalid_value", message, rid, param=problems[0]["field"], errors=problems)
+        return parsed(model, body)
+    except ServiceError as error:
+        return service_error_response(error, rid)
 
 
-async def answer(service: ImageService, req: ImageGenerationRequest, rid: str, settings: AppSettings,
-                 store: ImageStore, link, progress: bool) -> Response:
-    """Run `req` and answer: OpenAI's images response, OpenAI's stream (`stream: true` in the body), or
-    our progress events (`?stream=true`, the dashboard's)."""
+async def answer(service: ImageService, req: ImageRequest, rid: str, settings: AppSettings,
+                 store: ImageStore, link, progress: bool, images: TaskImages | None = None) -> Response:
+    """Run `req` (with an edit's or a ControlNet request's `images`) and answer: OpenAI's images response,
+    OpenAI's stream (`stream: true` in the body), or our progress events (`?stream=true`, the dashboard's)."""
     if progress and req.stream:
         return error_response(422, "invalid_value", "ask for one stream: 'stream': true in the body (OpenAI's "
                               "events) or ?stream=true (progress events), not both", rid, param="stream")
@@ -331,11 +384,11 @@ async def answer(service: ImageService, req: ImageGenerationRequest, rid: str, s
     link = link if req.response_format == "url" else None
     if not (req.stream or progress):
         try:
-            result = await service.generate(req, rid)
+            result = await service.generate(req, rid, images)
         except ServiceError as error:
             return service_error_response(error, rid)
         return JSONResponse(openai_api.images_body(result, req, link))
-    events = service.stream(req, rid, progress=progress)
+    events = service.stream(req, rid, progress=progress, images=images)
     try:
         first = await events.__anext__()  # queues the request: a refusal is still a plain HTTP error here
     except ServiceError as error:
@@ -355,7 +408,7 @@ async def answer(service: ImageService, req: ImageGenerationRequest, rid: str, s
     return EventSourceResponse(send(), ping=settings.sse_ping_s, headers={"Cache-Control": "no-store"})
 
 
-def _progress_events(event, req: ImageGenerationRequest, rid: str, link) -> list[ServerSentEvent]:
+def _progress_events(event, req: ImageRequest, rid: str, link) -> list[ServerSentEvent]:
     if event.event == "done":
         return [ServerSentEvent(data=json.dumps(openai_api.images_body(event.data, req, link)), event="done")]
     if event.event == "error":
@@ -363,7 +416,7 @@ def _progress_events(event, req: ImageGenerationRequest, rid: str, link) -> list
     return [ServerSentEvent(data=json.dumps(event.data), event=event.event)]
 
 
-def _openai_events(event, req: ImageGenerationRequest, rid: str, link) -> list[ServerSentEvent]:
+def _openai_events(event, req: ImageRequest, rid: str, link) -> list[ServerSentEvent]:
     """OpenAI's events only: previews, then one `image_generation.completed` per image (queue and step
     events are ours, for the progress stream)."""
     if event.event == "partial_image":

@@ -25,7 +25,7 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from ..runtime.telemetry import summarize
-from .outcome import json_finite
+from .outcome import json_finite, task_summary
 
 REPORT_PERIOD_S = 1.0
 STALE_AFTER_S = 5.0
@@ -105,6 +105,8 @@ def merge_stats(reports: list[tuple[str, float, dict]], now: float | None = None
         "gpu": gpus[0] if gpus else {},  # the first replica's card; every card is in `gpus`
         "gpus": gpus,
         "pipeline": replicas[0].get("pipeline", {}) if replicas else {},
+        "tasks": task_summary(dict.fromkeys(t for r in replicas for t in (r.get("tasks") or {}).get("served", [])),
+                              [e for e in recent if "task" in e]),
         "replicas": replicas,
         "totals": {
             "replicas": len(replicas), "ready_replicas": ready,

@@ -11,9 +11,11 @@ shutdown, then exit 0 too.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import threading
+from pathlib import Path
 
 import uvicorn
 
@@ -72,10 +74,27 @@ def build_service(args) -> ImageService:
         sizes = [TINY_SIZE if args.tiny else "1024x1024"]
     limits = ServingLimits(sizes=tuple(sizes), any_size=args.allow_fallback, max_n=args.max_n,
                            max_steps=args.max_steps, max_prompt_chars=args.max_prompt_chars,
-                           max_body_bytes=args.max_body_bytes, model_id=args.model_name)
+                           max_body_bytes=args.max_body_bytes, max_upload_bytes=args.max_upload_bytes,
+                           max_image_pixels=args.max_image_pixels, model_id=args.model_name)
+    if args.controlnet is not None and not Path(args.controlnet).exists():
+        raise ServeConfigError(f"--controlnet {args.controlnet}: no such file or folder (a diffusers-format folder "
+                               f"or one .safetensors file)")
     settings = ServiceSettings(limits=limits, max_queue=args.max_queue, timeout_s=args.timeout,
-                               not_ready_when_shared=args.not_ready_when_shared)
+                               not_ready_when_shared=args.not_ready_when_shared, controlnet=args.controlnet,
+                               controlnet_config=args.controlnet_config, control_scale=control_scale(args.control_scale))
     return ImageService(pipeline_factory(args), settings)
+
+
+def control_scale(text: str) -> float | list[float]:
+    """--control-scale: a number, or comma-separated numbers (one per control place)."""
+    try:
+        values = [float(v) for v in str(text).split(",")]
+    except ValueError:
+        values = []
+    if not values or not all(math.isfinite(v) for v in values):
+        raise ServeConfigError(f"--control-scale {text!r}: write a number (0.75) or one per control place, "
+                               f"comma-separated (0.5,0.75,1)")
+    return values[0] if len(values) == 1 else values
 
 
 def serving_app(service: ImageService, api_key: str | None, host: str, **app_settings):

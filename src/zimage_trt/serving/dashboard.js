@@ -1,12 +1,13 @@
 // zimage-trt dashboard: polls v1/stats once a second and draws it on canvases (no libraries).
 // A stats body may hold {"replicas": [stats, ...]} (a Ray Serve deployment): the page merges them.
+// Every request says which task it ran (text-to-image, image-to-image, inpaint, controlnet, controlnet-inpaint).
 "use strict";
 
 const POLL_MS = 1000;
 const KEEP = 300; // client-side history: 5 minutes of GPU and queue samples
 const gpuHistory = [];
 const queueHistory = [];
-const state = { key: sessionStorage.getItem("zimage-api-key") || "", latencyPoints: 0, slowedPoints: 0 };
+const state = { key: sessionStorage.getItem("zimage-api-key") || "", latencyPoints: 0, slowedPoints: 0, tasks: {} };
 const SLOWED_ROWS = 8;
 window.dashboard = state; // read by the browser test
 
@@ -33,7 +34,8 @@ function fmtMs(ms) {
 function merge(stats) {
   const parts = Array.isArray(stats.replicas) ? stats.replicas : [stats];
   const out = { state: stats.state, device: stats.device, sizes: stats.sizes || [], recent: [], waiting: [],
-                running: [], depth: 0, gpus: [], lastSteps: [], completed: 0, failed: 0, sharing: [] };
+                running: [], depth: 0, gpus: [], lastSteps: [], completed: 0, failed: 0, sharing: [],
+                tasks: (stats.tasks || {}).recent || {}, served: (stats.tasks || {}).served || [] };
   parts.forEach((p, i) => {
     out.state = out.state || p.state;
     out.device = out.device || p.device;
@@ -120,6 +122,14 @@ function chart(canvas, series, opts) {
   });
 }
 
+function fillTable(table, rows) {
+  table.tBodies[0].replaceChildren(...rows.map((cells) => {
+    const tr = document.createElement("tr");
+    cells.forEach((c) => { const td = document.createElement("td"); td.textContent = c; tr.appendChild(td); });
+    return tr;
+  }));
+}
+
 // -- one poll ----------------------------------------------------------------------------------
 function render(stats) {
   const s = merge(stats);
@@ -146,7 +156,7 @@ function render(stats) {
   lat.dataset.points = String(s.recent.length);
   $("slowed").tBodies[0].replaceChildren(...slowed.slice(-SLOWED_ROWS).reverse().map((r) => {
     const tr = document.createElement("tr");
-    [new Date(r.t * 1000).toLocaleTimeString(), fmtMs(r.per_image_ms), r.slowed_by.join("; ")].forEach((c) => {
+    [new Date(r.t * 1000).toLocaleTimeString(), r.task || "-", fmtMs(r.per_image_ms), r.slowed_by.join("; ")].forEach((c) => {
       const td = document.createElement("td"); td.textContent = c; tr.appendChild(td);
     });
     return tr;
@@ -175,16 +185,20 @@ function render(stats) {
   gpuChart("gpu-power", "power_w", "#f5a623", "power W");
   gpuChart("gpu-util", "gpu_util_pct", "#3fb950", "utilisation %", { ymax: 100 });
 
-  const rows = s.running.map((r) => [r.request_id, r.size, r.n + " x " + r.steps,
+  const rows = s.running.map((r) => [r.request_id, r.task || "-", r.size, r.n + " x " + r.steps,
     "running " + (r.image + 1) + "/" + r.n + ", step " + r.step + "/" + r.steps, "done in ~" + fmtMs(r.eta_done_s * 1000)])
-    .concat(s.waiting.sort((a, b) => a.eta_start_s - b.eta_start_s).map((w) => [w.request_id, w.size, w.n + " x " + w.steps,
-      "waiting #" + (w.position + 1), "starts in ~" + fmtMs(w.eta_start_s * 1000) + ", done ~" + fmtMs(w.eta_done_s * 1000)]));
-  const body = $("waiting").tBodies[0];
-  body.replaceChildren(...rows.map((cells) => {
-    const tr = document.createElement("tr");
-    cells.forEach((c, i) => { const td = document.createElement("td"); td.textContent = i ? c : String(c).slice(0, 8); tr.appendChild(td); });
-    return tr;
+    .concat(s.waiting.sort((a, b) => a.eta_start_s - b.eta_start_s).map((w) => [w.request_id, w.task || "-", w.size,
+      w.n + " x " + w.steps, "waiting #" + (w.position + 1),
+      "starts in ~" + fmtMs(w.eta_start_s * 1000) + ", done ~" + fmtMs(w.eta_done_s * 1000)]));
+  fillTable($("waiting"), rows.map((cells) => [String(cells[0]).slice(0, 8)].concat(cells.slice(1))));
+
+  // Which task the recent requests ran: one row a task, with its per-image latency.
+  state.tasks = s.tasks;
+  fillTable($("tasks"), Object.keys(s.tasks).sort().map((task) => {
+    const t = s.tasks[task], lat = t.per_image_ms || {};
+    return [task, String(t.requests), String(t.images), fmtMs(lat.p50 ?? NaN), fmtMs(lat.p95 ?? NaN)];
   }));
+  $("tasks-served").textContent = s.served.length ? s.served.join(", ") : "-";
 
   const select = $("size");
   if (select.options.length !== s.sizes.length) {

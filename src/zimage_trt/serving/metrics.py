@@ -81,8 +81,11 @@ class _GpuSharingCollector:
 class ServiceMetrics:
     def __init__(self):
         self.registry = registry = CollectorRegistry()
-        self.http_requests = Counter("zimage_http_requests", "Generation requests answered, by HTTP status",
+        self.http_requests = Counter("zimage_http_requests", "Generation and edit requests answered, by HTTP status",
                                      ["status"], registry=registry)
+        self.task_requests = Counter("zimage_task_requests", "Requests completed, by the task they ran (text-to-image, "
+                                     "image-to-image, inpaint, controlnet, controlnet-inpaint)", ["task"],
+                                     registry=registry)
         self.request_latency = Histogram("zimage_request_seconds", "Submit to last image of a completed request "
                                          "(queue wait included)", buckets=LATENCY_BUCKETS, registry=registry)
         self.queue_wait = Histogram("zimage_queue_wait_seconds", "Submit to start of a request",

@@ -20,7 +20,7 @@ from sse_starlette import ServerSentEvent
 from starlette.responses import JSONResponse
 
 from .outcome import GeneratedImages, ServiceError, b64
-from .schema import ImageGenerationRequest
+from .schema import ImageRequest
 
 _TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}
 _NO_RETRY = (500, 504)
@@ -62,45 +62,55 @@ def error_event(error: ServiceError, request_id: str) -> dict:
             **error_body(error.status, error.code, error.message, request_id, param=error.param)}
 
 
-def usage(prompt_tokens: int, image_tokens: int) -> dict:
-    """OpenAI's `usage`: the prompt's text tokens in, the images' tokens (16x16-pixel patches) out."""
-    return {"input_tokens": prompt_tokens, "input_tokens_details": {"text_tokens": prompt_tokens, "image_tokens": 0},
-            "output_tokens": image_tokens, "total_tokens": prompt_tokens + image_tokens}
+def usage(prompt_tokens: int, image_tokens: int, input_image_tokens: int = 0) -> dict:
+    """OpenAI's `usage`: the prompt's text tokens and the input images' tokens in (an edit's image and a
+    control image, as the transformer sees them at the output size), the images' tokens (16x16-pixel
+    patches) out."""
+    given = prompt_tokens + input_image_tokens
+    return {"input_tokens": given,
+            "input_tokens_details": {"text_tokens": prompt_tokens, "image_tokens": input_image_tokens},
+            "output_tokens": image_tokens, "total_tokens": given + image_tokens}
 
 
-def images_body(result: GeneratedImages, req: ImageGenerationRequest,
+def _usage_of(result: GeneratedImages, images: int) -> dict:
+    return usage(result.prompt_tokens, result.image_tokens * images, result.image_tokens * result.input_images)
+
+
+def images_body(result: GeneratedImages, req: ImageRequest,
                 link: Callable[[bytes, str], str] | None = None) -> dict:
     """The response body: OpenAI's ImagesResponse (data[].b64_json, or data[].url through `link`), plus
-    each image's `seed`, the request's `timings` and `request_id`."""
+    each image's `seed`, the request's `timings`, `request_id` and `task` (which pipeline ran)."""
     data = []
     for image, seed in zip(result.images, result.seeds):
         item = {"url": link(image, result.media_type)} if link is not None else {"b64_json": b64(image)}
         data.append({**item, "seed": seed})
     return {
         "created": result.created, "data": data, "background": "opaque", "output_format": result.output_format,
-        "size": result.size, "usage": usage(result.prompt_tokens, result.image_tokens * len(result.images)),
-        "timings": result.timings, "request_id": result.request_id,
+        "size": result.size, "usage": _usage_of(result, len(result.images)),
+        "timings": result.timings, "request_id": result.request_id, "task": result.task,
     }
 
 
-def _event_fields(req: ImageGenerationRequest, created: int, size: str) -> dict:
+def _event_fields(req: ImageRequest, created: int, size: str) -> dict:
     return {"created_at": created, "size": size, "quality": req.quality or "auto",
             "background": req.background or "auto", "output_format": req.image_format}
 
 
-def partial_image_event(req: ImageGenerationRequest, preview: dict, created: int) -> dict:
-    """`image_generation.partial_image` from the service's `partial_image` event data (plus which image
-    of the request it previews, `image_index`: OpenAI's numbering runs per image)."""
-    return {"type": "image_generation.partial_image", "b64_json": preview["b64_json"],
+def partial_image_event(req: ImageRequest, preview: dict, created: int) -> dict:
+    """`image_generation.partial_image` (`image_edit.partial_image` for an edit) from the service's
+    `partial_image` event data (plus which image of the request it previews, `image_index`: OpenAI's
+    numbering runs per image)."""
+    return {"type": f"{req.event_prefix}.partial_image", "b64_json": preview["b64_json"],
             "partial_image_index": preview["partial_image_index"], **_event_fields(req, created, req.size),
             "image_index": preview["image"]}
 
 
-def completed_events(result: GeneratedImages, req: ImageGenerationRequest) -> list[dict]:
-    """One `image_generation.completed` per image, each with its `usage` (and our `seed`, `image_index`)."""
-    return [{"type": "image_generation.completed", "b64_json": b64(image),
+def completed_events(result: GeneratedImages, req: ImageRequest) -> list[dict]:
+    """One `image_generation.completed` (`image_edit.completed`) per image, each with its `usage` (and our
+    `seed`, `image_index`)."""
+    return [{"type": f"{req.event_prefix}.completed", "b64_json": b64(image),
              **_event_fields(req, result.created, result.size), "background": "opaque",
-             "usage": usage(result.prompt_tokens, result.image_tokens), "image_index": index, "seed": seed}
+             "usage": _usage_of(result, 1), "image_index": index, "seed": seed}
             for index, (image, seed) in enumerate(zip(result.images, result.seeds))]
 
 

@@ -1,5 +1,6 @@
-"""What a request comes to: the errors a client sees (`ServiceError`), the pipeline's own argument
-checks run before queueing, the images encoded (`GeneratedImages`), and JSON without NaN."""
+"""What a request comes to: the errors a client sees (`ServiceError`), a body's fields validated
+(`parsed`), the pipeline's own argument checks run before queueing, the images encoded
+(`GeneratedImages`), JSON without NaN, and the stats per task."""
 
 from __future__ import annotations
 
@@ -9,9 +10,12 @@ import math
 import time
 from dataclasses import dataclass, field
 
+from pydantic import ValidationError
+
 from ..model.shapes import Resolution
 from ..request import DEFAULT_MAX_SEQUENCE_LENGTH, RequestLimits, check_request
-from .schema import OUTPUT_FORMATS, ImageGenerationRequest, safe_value
+from ..runtime.telemetry import summarize
+from .schema import OUTPUT_FORMATS, ImageRequest, parse_request, safe_value, validation_errors
 
 # How the pipeline's own argument names appear in the API (its errors start with the argument's name).
 _API_FIELD = {"prompt": "prompt", "negative_prompt": "negative_prompt", "height": "size", "width": "size",
@@ -42,6 +46,8 @@ class GeneratedImages:
     size: str  # WIDTHxHEIGHT
     timings: dict
     prompt_tokens: int  # the prompt's tokens (the pipeline's tokenizer, no chat template), for `usage`
+    input_images: int = 0  # images the request brought (an edit's image, a control image), for `usage`
+    task: str = "text-to-image"  # which pipeline ran (family.py)
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
@@ -54,7 +60,18 @@ class GeneratedImages:
         return Resolution.parse(self.size).image_tokens
 
 
-def check_with_pipeline(pipe, req: ImageGenerationRequest) -> None:
+def parsed(model: type[ImageRequest], body) -> ImageRequest:
+    """The validated request, or a ServiceError 422 whose message names each field at fault and what it
+    may be (its `errors`: field, value, allowed, message for each)."""
+    try:
+        return parse_request(model, body)
+    except ValidationError as error:
+        problems = validation_errors(error, model)
+        message = "invalid field(s): " + "; ".join(f"{p['field']}: {p['allowed']}" for p in problems)
+        raise ServiceError(422, "invalid_value", message, errors=problems) from None
+
+
+def check_with_pipeline(pipe, req: ImageRequest) -> None:
     """The pipeline's own argument checks, run before queueing (so a bad request costs no queue slot)."""
     try:
         limits = RequestLimits(pipe.caption_feature_dim, pipe.max_caption_tokens, pipe.latent_channels,
@@ -110,3 +127,13 @@ def json_finite(value):
     return value
 
 
+def task_summary(served, history) -> dict:
+    """/v1/stats' `tasks`: the tasks this server runs, and for each the recent requests (the service's
+    history), their images and per-image latency (merged replicas' too)."""
+    by_task: dict[str, list[dict]] = {}
+    for entry in history:
+        by_task.setdefault(entry["task"], []).append(entry)
+    return {"served": list(served),
+            "recent": {task: {"requests": len(entries), "images": sum(e["n"] for e in entries),
+                              "per_image_ms": summarize(e["per_image_ms"] for e in entries)}
+                       for task, entries in by_task.items()}}

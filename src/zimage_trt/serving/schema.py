@@ -7,10 +7,15 @@
     -> {"created": 1764140000, "data": [{"b64_json": "...", "seed": 7}], "size": "1536x1024",
         "output_format": "png", "background": "opaque", "usage": {...}, "timings": {...}, "request_id": "..."}
 
-Sizes are WIDTHxHEIGHT, as OpenAI's (`1536x1024` is landscape); `"auto"` is the server's first size.
+    POST /v1/images/edits   multipart/form-data: the files `image` (and `mask`), the rest as form fields
+    (`ImageEditRequest`: OpenAI's fields, plus `strength` and the extras above; edits.py reads the form)
+
+Sizes are WIDTHxHEIGHT, as OpenAI's (`1536x1024` is landscape); `"auto"` is the server's first size for a
+generation, and for an edit the uploaded image's own size snapped to a served one (edits.py).
 OpenAI's `quality`, `style`, `moderation`, `user`, `safety_identifier` and `complexity` are accepted (with
 OpenAI's values) and do not change the image: one model, one quality. `background: "transparent"` is
-refused (the model makes opaque images). Our extras are top-level fields (the `openai` client sends
+refused (the model makes opaque images). With a server started with `--controlnet`, a generation may carry
+`control_image` (a PNG, JPEG or WebP file in base64; uploads.py reads it). Our extras are top-level fields (the `openai` client sends
 them through `extra_body`).
 
 `request_model(limits)` gives the request model for one server's limits (the sizes its engines serve,
@@ -51,11 +56,17 @@ class ServingLimits:
     max_steps: int = 50
     max_guidance: float = 20.0
     max_prompt_chars: int = 4000
-    max_body_bytes: int = 64 * 1024
+    max_body_bytes: int = 64 * 1024  # a JSON body without images
+    # A body with images (an edit's multipart form; a generation with a control image): OpenAI takes files
+    # of up to 50 MB; a 2048x2048 photo is about 10 MB as PNG.
+    max_upload_bytes: int = 32 * 2**20
+    # Pixels of one uploaded image, read from its header before it is decoded (a small file can claim a huge
+    # canvas: a decompression bomb); 2^25 is 8192x4096, above any camera's photo most users have.
+    max_image_pixels: int = 2**25
     model_id: str = MODEL_ID
 
     def __post_init__(self):
-        for name in ("max_n", "max_steps", "max_prompt_chars", "max_body_bytes"):
+        for name in ("max_n", "max_steps", "max_prompt_chars", "max_body_bytes", "max_upload_bytes", "max_image_pixels"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
@@ -71,11 +82,14 @@ class ServingLimits:
         return self.sizes[0] if self.sizes else "1024x1024"
 
 
-class ImageGenerationRequest(BaseModel):
-    """One generation request; unknown fields are refused (a typo must not be silently ignored)."""
+class ImageRequest(BaseModel):
+    """What a generation and an edit both take; unknown fields are refused (a typo must not be silently
+    ignored)."""
 
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=False)
-    auto_size: ClassVar[str] = "1024x1024"  # what size "auto" means (request_model sets the server's)
+    auto_size: ClassVar[str | None] = "1024x1024"  # what size "auto" means (None: kept, resolved later)
+    event_prefix: ClassVar[str] = "image_generation"  # OpenAI's stream event types: image_generation.completed
+    upload_fields: ClassVar[tuple[str, ...]] = ()  # fields sent as files (multipart), outside the model
 
     prompt: str = Field(min_length=1, max_length=4000, description="what to draw")
     model: str | None = Field(None, description="the served model's id (GET /v1/models), if given")
@@ -89,15 +103,13 @@ class ImageGenerationRequest(BaseModel):
                                            "100); png is lossless and ignores it")
     background: Literal["auto", "opaque", "transparent"] | None = Field(
         None, description="the images are opaque: 'transparent' is refused")
-    stream: bool | None = Field(None, description="true: server-sent events image_generation.partial_image "
-                                "and image_generation.completed, as OpenAI's")
+    stream: bool | None = Field(None, description="true: server-sent events, as OpenAI's: partial images, then "
+                                "the images (image_generation.* for a generation, image_edit.* for an edit)")
     partial_images: int | None = Field(None, ge=0, le=MAX_PARTIAL_IMAGES,
                                        description="previews of the image so far per image, when streaming")
     # Accepted as OpenAI's, and ignored: one model, one quality, no moderation model, nothing logged per user.
     quality: Literal["low", "medium", "high", "xhigh", "max", "auto", "standard", "hd"] | None = Field(
         None, description="ignored")
-    style: Literal["vivid", "natural"] | None = Field(None, description="ignored")
-    moderation: Literal["low", "auto"] | None = Field(None, description="ignored")
     complexity: Literal["low", "medium", "high"] | None = Field(None, description="ignored")
     user: str | None = Field(None, max_length=256, description="ignored")
     safety_identifier: str | None = Field(None, max_length=256, description="ignored")
@@ -112,7 +124,7 @@ class ImageGenerationRequest(BaseModel):
     @classmethod
     def _size_is_a_resolution(cls, value: str) -> str:
         if value == "auto":
-            return cls.auto_size
+            return cls.auto_size or value
         return Resolution.parse(value).key  # its error says what a size must look like
 
     @field_validator("background")
@@ -141,23 +153,53 @@ class ImageGenerationRequest(BaseModel):
         return (self.partial_images or 0) if self.stream else 0
 
 
-def request_model(limits: ServingLimits) -> type[ImageGenerationRequest]:
-    """`ImageGenerationRequest` narrowed to one server's limits (so its OpenAPI schema shows them too)."""
+class ImageGenerationRequest(ImageRequest):
+    """POST /v1/images/generations."""
+
+    style: Literal["vivid", "natural"] | None = Field(None, description="ignored")
+    moderation: Literal["low", "auto"] | None = Field(None, description="ignored")
+    # Ours: on a server started with --controlnet, the ControlNet's control image (pose, edges, depth...).
+    control_image: str | None = Field(None, description="a PNG, JPEG or WebP file in base64 (a data: URL too); "
+                                      "needs a server started with --controlnet")
+
+
+class ImageEditRequest(ImageRequest):
+    """POST /v1/images/edits' form fields (the files `image`, `mask` and `control_image` are read apart).
+    Without a mask: image to image; with one: inpainting (or ControlNet inpainting with `control_image`)."""
+
+    auto_size: ClassVar[str | None] = None  # the image's own size, snapped to a served one (edits.py)
+    event_prefix: ClassVar[str] = "image_edit"
+    upload_fields: ClassVar[tuple[str, ...]] = ("image", "mask", "control_image")
+
+    size: str = Field("auto", description="WIDTHxHEIGHT in pixels, or 'auto' (the image's own size, snapped to a "
+                                          "served one)")
+    input_fidelity: Literal["high", "low"] | None = Field(None, description="ignored")
+    # Ours.
+    strength: float | None = Field(None, ge=0.0, le=1.0, allow_inf_nan=False,
+                                   description="how much of the image to repaint, 0..1 (default: 0.6 without a mask, "
+                                               "1.0 with one, as diffusers); not with control_image")
+
+
+def request_model(limits: ServingLimits, base: type[ImageRequest] = ImageGenerationRequest) -> type[ImageRequest]:
+    """`base` (a generation's or an edit's request) narrowed to one server's limits (so its OpenAPI schema
+    shows them too)."""
     size_type: Any = str if limits.any_size else Literal[(*limits.sizes, "auto")]  # type: ignore[valid-type]
+    default_size = "auto" if base.auto_size is None else limits.default_size
     chars = limits.max_prompt_chars
     model = create_model(
-        "ImageGenerationRequest",
-        __base__=ImageGenerationRequest,
+        base.__name__,
+        __base__=base,
         prompt=(str, Field(min_length=1, max_length=chars, description="what to draw")),
         negative_prompt=(str | None, Field(None, max_length=chars, description="what to steer away from")),
-        size=(size_type, Field(limits.default_size, description="WIDTHxHEIGHT in pixels, or 'auto'")),
+        size=(size_type, Field(default_size, description="WIDTHxHEIGHT in pixels, or 'auto'")),
         n=(int, Field(1, ge=1, le=limits.max_n, description="images; image i uses seed + i")),
         num_inference_steps=(int, Field(TURBO_STEPS, ge=1, le=limits.max_steps, description="denoising steps")),
         guidance_scale=(float, Field(TURBO_GUIDANCE, ge=0.0, le=limits.max_guidance, allow_inf_nan=False,
                                      description="classifier-free guidance (Turbo: 0)")),
         model=(Literal[limits.model_id] | None, Field(None, description="the served model's id, if given")),
     )
-    model.auto_size = limits.default_size
+    if base.auto_size is not None:
+        model.auto_size = limits.default_size
     return model
 
 
@@ -184,7 +226,6 @@ _ALLOWED_BY_TYPE = {
     "int_type": "an integer", "int_parsing": "an integer", "int_from_float": "an integer",
     "float_type": "a number", "float_parsing": "a number", "finite_number": "a finite number",
     "string_type": "a string", "string_unicode": "valid Unicode text (no lone surrogates)", "missing": "a value (this field is required)",
-    "extra_forbidden": "no such field: the fields are " + ", ".join(ImageGenerationRequest.model_fields),
     "model_type": "a JSON object", "dict_type": "a JSON object",
 }
 
@@ -207,8 +248,9 @@ def safe_value(value: Any) -> Any:
     return _json_safe(value)
 
 
-def validation_errors(error: ValidationError) -> list[dict]:
-    """One {"field", "value", "allowed", "message"} per problem pydantic found."""
+def validation_errors(error: ValidationError, model: type[ImageRequest] = ImageGenerationRequest) -> list[dict]:
+    """One {"field", "value", "allowed", "message"} per problem pydantic found in a body for `model`."""
+    fields = ", ".join([*model.model_fields, *model.upload_fields])
     problems = []
     for item in error.errors(include_url=False):
         name = ".".join(str(part) for part in item["loc"]) or "(body)"
@@ -216,6 +258,8 @@ def validation_errors(error: ValidationError) -> list[dict]:
         make_allowed = _ALLOWED_FROM_CONTEXT.get(item["type"])
         if make_allowed is not None:
             allowed = make_allowed(context)
+        elif item["type"] == "extra_forbidden":
+            allowed = f"no such field: the fields are {fields}"
         elif item["type"] == "value_error":
             allowed = str(context.get("error", item["msg"]))
         else:
@@ -225,6 +269,6 @@ def validation_errors(error: ValidationError) -> list[dict]:
     return problems
 
 
-def parse_request(model: type[ImageGenerationRequest], body: Any) -> ImageGenerationRequest:
-    """Validate a decoded JSON body; raises pydantic's ValidationError."""
+def parse_request(model: type[ImageRequest], body: Any) -> ImageRequest:
+    """Validate a decoded JSON body (or an edit's form fields); raises pydantic's ValidationError."""
     return model.model_validate(body)

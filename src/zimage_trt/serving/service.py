@@ -2,15 +2,18 @@
 Serve replica) calls.
 
     service = ImageService(lambda: ZImageTRTPipeline.from_pretrained(...), ServiceSettings(...))
-    service.start()                       # loads and warms every served size in a thread; then `ready`
+    service.start()                       # loads and warms every served size and task in a thread; then `ready`
     result = await service.generate(req)  # GeneratedImages: the encoded images, seeds, timings, usage
+    result = await service.generate(edit, images=TaskImages(image=..., mask=...))   # an edit (family.py)
     async for event in service.stream(req): ...   # queued -> started -> step / partial_image ... -> done
     service.stats(); service.close(graceful=True)
 
 One worker thread runs one request at a time (one GPU runs one generation fastest); the others wait
 in the queue's bounded FIFO, so a full queue is refused at once (`ServiceError` 429 with a retry
 estimate). A request's n images run back to back in its turn, image i with seed + i, each exactly
-`pipe(prompt, ..., generator=torch.Generator(device).manual_seed(seed + i))`. Time-outs and
+`pipe(prompt, ..., generator=torch.Generator(device).manual_seed(seed + i))`, where `pipe` is the task's
+pipeline of the one family over the service's weights (family.py: text to image, image to image,
+inpainting, and with a ControlNet its two tasks), all on the one worker. Time-outs and
 shutdown cancel a waiting request outright, and stop a running one at its next denoising step.
 Encoding (PNG, JPEG or WebP) happens off the worker thread, so the GPU goes on with the next request
 meanwhile. A streaming request with `partial_images` gets previews of each image (previews.py: the
@@ -41,11 +44,12 @@ from ..runtime.queue import GenerationQueue, QueueClosedError, QueueFullError
 from ..runtime.gpu_monitor import GpuMonitor, reserved_bytes
 from ..runtime.telemetry import GpuSampler, summarize
 from .metrics import ServiceMetrics
-from .outcome import GeneratedImages, ServiceError, check_with_pipeline, encode_image, json_finite
+from .family import PipelineFamily, TaskImages, check_strength_leaves_steps, steps_run
+from .outcome import GeneratedImages, ServiceError, check_with_pipeline, encode_image, json_finite, task_summary
 from .previews import LatentPreviewer
-from .schema import ImageGenerationRequest, ServingLimits, StreamEvent
+from .schema import ImageRequest, ServingLimits, StreamEvent
 from .steps import Aborted as _Aborted
-from .steps import StepCallback
+from .steps import Job, StepCallback
 
 __all__ = ["ImageService", "ServiceSettings", "ServiceError"]
 
@@ -63,35 +67,9 @@ class ServiceSettings:
     history: int = 500  # requests kept for the dashboard's charts and the latency summaries
     png_compress_level: int = 1  # fast: the PNG is a transport, not an archive
     not_ready_when_shared: bool = False  # /readyz 503 while another process computes on the GPU
-
-
-@dataclass
-class _Job:
-    request: ImageGenerationRequest
-    request_id: str
-    seeds: list[int]
-    estimate_ms: float
-    submitted: float = field(default_factory=time.perf_counter)
-    started: float | None = None
-    image_index: int = 0
-    step: int = 0
-    abort_reason: str | None = None  # "timeout" | "shutdown" | "disconnected"
-    future: Any = None
-    listeners: list = field(default_factory=list)  # (loop, asyncio.Queue) of streaming clients
-    progress: bool = False  # a client follows every step (?stream=true): the worker syncs each step
-    step_ms: list = field(default_factory=list)
-    timings: list = field(default_factory=list)  # one pipeline Timings per image
-    gpu_seen: dict | None = None  # what the GPU monitor saw while the request ran
-    preview_ms: float = 0.0  # time the worker spent on partial images (previews.py), all images
-    previews: int = 0
-    previews_skipped: int = 0  # over the budget
-
-    def emit(self, event: StreamEvent) -> None:
-        for loop, queue in list(self.listeners):
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, event)
-            except RuntimeError:  # the client's loop is closed: nobody listens any more
-                pass
+    controlnet: Any = None  # --controlnet: a folder, one .safetensors file or a loaded ZImageControlNetModel
+    controlnet_config: str | None = None  # for one .safetensors file: a folder with its config.json
+    control_scale: float | list = 0.75  # diffusers' controlnet_conditioning_scale (a list: one per place)
 
 
 def served_sizes(engine_dir) -> list[str]:
@@ -117,14 +95,15 @@ class ImageService:
             self._factory, self.pipe = pipeline, None
         else:
             self._factory, self.pipe = None, pipeline
+        self.family: PipelineFamily | None = None  # made once the pipeline is loaded
         self.limits = self.settings.limits
         self.state = "created"  # created -> loading -> warming -> ready -> stopping -> stopped | failed
         self.failure: str | None = None
         self.started_at = time.time()
         self._queue: GenerationQueue | None = None
         self._lock = threading.Lock()
-        self._waiting: list[_Job] = []  # the queue's FIFO, as far as we know it (for positions and ETAs)
-        self._running: _Job | None = None
+        self._waiting: list[Job] = []  # the queue's FIFO, as far as we know it (for positions and ETAs)
+        self._running: Job | None = None
         self._history: deque[dict] = deque(maxlen=self.settings.history)
         self._counts = dict.fromkeys(("submitted", "completed", "failed", "rejected_full", "timed_out",
                                       "cancelled_shutdown", "disconnected"), 0)
@@ -166,6 +145,9 @@ class ImageService:
                 self.pipe = self._factory()
             if hasattr(self.pipe, "set_progress_bar_config"):
                 self.pipe.set_progress_bar_config(disable=True)
+            settings = self.settings
+            self.family = PipelineFamily(self.pipe, settings.controlnet, settings.controlnet_config,
+                                         settings.control_scale)
             if not self.limits.sizes and not self.limits.any_size:
                 raise ValueError("no sizes to serve")
             with self._lock:
@@ -211,10 +193,11 @@ class ImageService:
         out = self.pipe(WARM_PROMPT, height=resolution.height, width=resolution.width, num_inference_steps=steps,
                         generator=torch.Generator(self.pipe.device).manual_seed(0), callback_on_step_end=keep_last,
                         callback_on_step_end_tensor_inputs=["latents"])
-        log.info("warmed %s in %.0f ms", size, (time.perf_counter() - started) * 1000.0)
         self._learn(out.timings)
         if final:
             self.previewer.observe(final[0], out.images[0])
+        self.family.warm(resolution.height, resolution.width, steps, WARM_PROMPT)
+        log.info("warmed %s (%s) in %.0f ms", size, ", ".join(self.family.tasks), (time.perf_counter() - started) * 1000.0)
 
     def mark_failed(self, reason: str) -> bool:
         """The pipeline cannot serve any more (e.g. a rank of its sequence-parallel group died): /readyz and
@@ -264,18 +247,34 @@ class ImageService:
         self.state = "stopped"
 
     # -- requests ------------------------------------------------------------------------------
-    def submit(self, req: ImageGenerationRequest, request_id: str | None = None, listen: bool = False,
-               progress: bool = False) -> _Job:
+    @property
+    def takes_control_images(self) -> bool:
+        """Started with a ControlNet: generations (and edits with a mask) may carry a control image."""
+        return self.settings.controlnet is not None
+
+    def task_family(self) -> PipelineFamily:
+        """The pipelines by task, or a ServiceError 503 while the pipeline is loading."""
+        if self.family is None:
+            raise ServiceError(503, "not_ready", f"the service is {self.state}; retry later", retry_after=5.0)
+        return self.family
+
+    def submit(self, req: ImageRequest, request_id: str | None = None, listen: bool = False,
+               progress: bool = False, images: TaskImages | None = None) -> Job:
         """Check and queue a request; raises ServiceError (422, 429, 503) at once instead of queueing.
-        `listen`: events go to a queue of this event loop; `progress`: the listener follows every step."""
+        `listen`: events go to a queue of this event loop; `progress`: the listener follows every step;
+        `images`: an edit's or a ControlNet request's (family.py), at the request's size."""
         request_id = request_id or uuid.uuid4().hex
         if self.state != "ready":
             raise ServiceError(503, "not_ready" if self.state in ("created", "loading", "warming") else "shutting_down",
                                f"the service is {self.state}; retry later", retry_after=5.0)
         check_with_pipeline(self.pipe, req)
+        task = self.family.task_for(images)
+        strength = images.resolved_strength(task) if images is not None else None
+        check_strength_leaves_steps(task, req.num_inference_steps, strength)
         seed = req.seed if req.seed is not None else secrets.randbelow(2**62)
-        job = _Job(req, request_id, [seed + i for i in range(req.n)], estimate_ms=self._estimate_ms(req),
-                   progress=listen and progress)
+        steps = steps_run(task, req.num_inference_steps, strength)
+        job = Job(req, request_id, [seed + i for i in range(req.n)], estimate_ms=self._estimate_ms(req.n, steps),
+                  task=task, images=images, steps=steps, progress=listen and progress)
         if listen:
             job.listeners.append((asyncio.get_running_loop(), asyncio.Queue()))
         with self._lock:
@@ -292,13 +291,14 @@ class ImageService:
             self._counts["submitted"] += 1
         return job
 
-    async def generate(self, req: ImageGenerationRequest, request_id: str | None = None) -> GeneratedImages:
+    async def generate(self, req: ImageRequest, request_id: str | None = None,
+                       images: TaskImages | None = None) -> GeneratedImages:
         """The images of `req`, encoded (raises ServiceError for anything but images)."""
-        job = self.submit(req, request_id)
+        job = self.submit(req, request_id, images=images)
         return await self._finish(job)
 
-    async def stream(self, req: ImageGenerationRequest, request_id: str | None = None,
-                     progress: bool = True) -> AsyncIterator[StreamEvent]:
+    async def stream(self, req: ImageRequest, request_id: str | None = None, progress: bool = True,
+                     images: TaskImages | None = None) -> AsyncIterator[StreamEvent]:
         """queued (position, estimated start) -> started -> step (per image and step) and partial_image
         (the request's `previews`) -> done (a GeneratedImages).
 
@@ -306,14 +306,14 @@ class ImageService:
         there, before any event; a failure later comes as an `error` event (its data the ServiceError).
         `progress`: step events arrive as the steps end (on a GPU the worker then syncs each step).
         """
-        job = self.submit(req, request_id, listen=True, progress=progress)
+        job = self.submit(req, request_id, listen=True, progress=progress, images=images)
         _, events = job.listeners[0]
         with self._lock:
             position = self._waiting.index(job) if job in self._waiting else 0
             start_ms = self._eta_ms_locked(position)
         yield StreamEvent("queued", {"request_id": job.request_id, "position": position,
                                      "estimated_start_s": round(start_ms / 1000.0, 3), "images": req.n,
-                                     "steps": req.num_inference_steps})
+                                     "steps": job.steps, "task": job.task})
         finish = asyncio.ensure_future(self._finish(job))
         try:
             while True:
@@ -337,7 +337,7 @@ class ImageService:
                 self._abort(job, "disconnected")
                 finish.cancel()
 
-    async def _finish(self, job: _Job) -> GeneratedImages:
+    async def _finish(self, job: Job) -> GeneratedImages:
         remaining = self.settings.timeout_s - (time.perf_counter() - job.submitted)
         waiter = asyncio.wrap_future(job.future)
         # Nobody awaits a dropped request's end: retrieve its outcome so asyncio does not warn about it.
@@ -365,7 +365,8 @@ class ImageService:
         encoded = await asyncio.gather(*(asyncio.to_thread(encode_image, image, req.image_format, req.compression,
                                                            level) for image in images))
         return GeneratedImages(job.request_id, list(encoded), req.image_format, job.seeds, req.size,
-                               self._job_timings(job), await asyncio.to_thread(self._prompt_tokens, req.prompt))
+                               self._job_timings(job), await asyncio.to_thread(self._prompt_tokens, req.prompt),
+                               input_images=job.images.count if job.images is not None else 0, task=job.task)
 
     def _prompt_tokens(self, prompt: str) -> int:
         """The prompt's tokens by the pipeline's tokenizer (for `usage`; 0 for a pipeline without one)."""
@@ -374,13 +375,13 @@ class ImageService:
             return 0
         return len(tokenizer(prompt, truncation=False).input_ids)
 
-    def _aborted_error(self, job: _Job) -> ServiceError:
+    def _aborted_error(self, job: Job) -> ServiceError:
         if job.abort_reason == "timeout":
             return ServiceError(504, "timeout", f"the request did not finish within {self.settings.timeout_s:g} s")
         return ServiceError(503, "shutting_down", "the service is shutting down; this request was not run",
                             retry_after=5.0)
 
-    def _failure(self, job: _Job, error: Exception) -> ServiceError:
+    def _failure(self, job: Job, error: Exception) -> ServiceError:
         with self._lock:
             self._counts["failed"] += 1
         if isinstance(error, GenerationOOMError):
@@ -401,7 +402,7 @@ class ImageService:
         return ServiceError(500, "internal_error", f"the generation failed; the server log has the details "
                             f"under request id {job.request_id}")
 
-    def _abort(self, job: _Job, reason: str) -> None:
+    def _abort(self, job: Job, reason: str) -> None:
         """Drop a waiting request (its Future is cancelled) or stop a running one at its next step."""
         if job.abort_reason is None:
             job.abort_reason = reason
@@ -415,7 +416,7 @@ class ImageService:
                     self._waiting.remove(job)
 
     # -- the worker thread ---------------------------------------------------------------------
-    def _execute(self, job: _Job):
+    def _execute(self, job: Job):
         """Runs on the queue's worker: every image of one request, back to back. Returns the PIL images."""
         with self._lock:
             if job in self._waiting:
@@ -428,7 +429,7 @@ class ImageService:
             self.metrics.queue_wait.observe(job.started - job.submitted)
             job.emit(StreamEvent("started", {"request_id": job.request_id,
                                              "queue_wait_ms": round((job.started - job.submitted) * 1000.0, 3)}))
-            req, pipe = job.request, self.pipe
+            req, pipe, family = job.request, self.pipe, self.family
             resolution = req.resolution
             monitor = self._gpu_monitor
             mark = monitor.mark() if monitor is not None else None
@@ -438,11 +439,11 @@ class ImageService:
                 # The step-end latents are read only for previews, and while the previewer still learns.
                 read_latents = bool(req.previews) or self.previewer.learning
                 on_step = StepCallback(job, self.pipe, self.previewer, self.settings.png_compress_level, read_latents)
-                out = pipe(req.prompt, negative_prompt=req.negative_prompt, height=resolution.height,
-                           width=resolution.width, num_inference_steps=req.num_inference_steps,
-                           guidance_scale=req.guidance_scale,
-                           generator=torch.Generator(pipe.device).manual_seed(seed), callback_on_step_end=on_step,
-                           callback_on_step_end_tensor_inputs=["latents"] if read_latents else [])
+                out = family.run(job.task, job.images, req.prompt, negative_prompt=req.negative_prompt,
+                                 height=resolution.height, width=resolution.width,
+                                 num_inference_steps=req.num_inference_steps, guidance_scale=req.guidance_scale,
+                                 generator=torch.Generator(pipe.device).manual_seed(seed), callback_on_step_end=on_step,
+                                 callback_on_step_end_tensor_inputs=["latents"] if read_latents else [])
                 images.append(out.images[0])
                 job.timings.append(out.timings)
                 self._learn(out.timings)
@@ -472,9 +473,9 @@ class ImageService:
                 self._step_ms_estimate += alpha * (step - self._step_ms_estimate)
                 self._overhead_ms_estimate += alpha * (overhead - self._overhead_ms_estimate)
 
-    def _estimate_ms(self, req: ImageGenerationRequest) -> float:
+    def _estimate_ms(self, images: int, steps: int) -> float:
         step = self._step_ms_estimate or 0.0
-        return req.n * ((self._overhead_ms_estimate or 0.0) + req.num_inference_steps * step)
+        return images * ((self._overhead_ms_estimate or 0.0) + steps * step)
 
     def _remaining_ms_locked(self) -> float:
         job = self._running
@@ -486,15 +487,15 @@ class ImageService:
         """Estimated ms until the waiting request at `position` starts (the lock held)."""
         return self._remaining_ms_locked() + sum(job.estimate_ms for job in self._waiting[:position])
 
-    def _record(self, job: _Job) -> None:
+    def _record(self, job: Job) -> None:
         done = time.perf_counter()
         per_image = [t.total_ms for t in job.timings]
         # The pipeline's own step times (CUDA events on a GPU, wall time on a CPU) where it has them: the
         # callback's first interval also holds the text encoder.
         steps = [ms for t in job.timings for ms in t.step_ms] or job.step_ms
-        last_steps = list(job.timings[-1].step_ms) or job.step_ms[-job.request.num_inference_steps:]
-        entry = {"t": time.time(), "request_id": job.request_id, "size": job.request.size, "n": job.request.n,
-                 "steps": job.request.num_inference_steps, "request_ms": (done - job.submitted) * 1000.0,
+        last_steps = list(job.timings[-1].step_ms) or job.step_ms[-job.steps:]
+        entry = {"t": time.time(), "request_id": job.request_id, "task": job.task, "size": job.request.size,
+                 "n": job.request.n, "steps": job.steps, "request_ms": (done - job.submitted) * 1000.0,
                  "queue_wait_ms": (job.started - job.submitted) * 1000.0, "per_image_ms": sum(per_image) / len(per_image),
                  "step_ms": sum(steps) / len(steps) if steps else None}
         if job.gpu_seen is not None:
@@ -505,8 +506,9 @@ class ImageService:
             self._counts["completed"] += 1
             self._last_steps = last_steps
         self.metrics.request_latency.observe(entry["request_ms"] / 1000.0)
+        self.metrics.task_requests.labels(task=job.task).inc()
 
-    def _job_timings(self, job: _Job) -> dict:
+    def _job_timings(self, job: Job) -> dict:
         first = job.timings[0] if job.timings else None
         return json_finite({
             "queue_wait_ms": (job.started - job.submitted) * 1000.0 if job.started else None,
@@ -536,12 +538,12 @@ class ImageService:
         now = time.perf_counter()
         run = None
         if running is not None and running.started is not None:
-            run = {"request_id": running.request_id, "size": running.request.size, "n": running.request.n,
-                   "image": running.image_index, "step": running.step, "steps": running.request.num_inference_steps,
+            run = {"request_id": running.request_id, "task": running.task, "size": running.request.size,
+                   "n": running.request.n, "image": running.image_index, "step": running.step, "steps": running.steps,
                    "elapsed_s": now - running.started,
                    "eta_done_s": max(0.0, running.estimate_ms / 1000.0 - (now - running.started))}
-        queue = [{"request_id": job.request_id, "position": i, "size": job.request.size, "n": job.request.n,
-                  "steps": job.request.num_inference_steps, "waited_s": now - job.submitted,
+        queue = [{"request_id": job.request_id, "task": job.task, "position": i, "size": job.request.size,
+                  "n": job.request.n, "steps": job.steps, "waited_s": now - job.submitted,
                   "eta_start_s": eta / 1000.0, "eta_done_s": (eta + job.estimate_ms) / 1000.0}
                  for i, (job, eta) in enumerate(waiting)]
         pipe = self.pipe
@@ -556,6 +558,7 @@ class ImageService:
             "latency": {name: summarize(e[name] for e in history if e[name] is not None)
                         for name in ("request_ms", "per_image_ms", "queue_wait_ms", "step_ms")},
             "recent": history[-200:],
+            "tasks": task_summary(self.family.tasks if self.family is not None else (), history),
             "last_steps_ms": last_steps,
             "gpu": self.gpu_sample(),
             "gpu_sharing": self.gpu_sharing(),

@@ -104,7 +104,22 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--max-n", type=int, default=4, help="largest n (images per request)")
     ap.add_argument("--max-steps", type=int, default=50, help="largest num_inference_steps")
     ap.add_argument("--max-prompt-chars", type=int, default=4000, help="longest prompt, in characters")
-    ap.add_argument("--max-body-bytes", type=int, default=64 * 1024, help="largest request body")
+    ap.add_argument("--max-body-bytes", type=int, default=64 * 1024, help="largest JSON request body without images")
+    ap.add_argument("--max-upload-bytes", type=int, default=32 * 2**20,
+                    help="largest request body with images: an edit's multipart form, a generation with a "
+                         "control_image (with --controlnet)")
+    ap.add_argument("--max-image-pixels", type=int, default=2**25,
+                    help="most pixels of one uploaded image, read before it is decoded (default 2^25: 8192x4096)")
+    ap.add_argument("--controlnet", default=None, metavar="PATH",
+                    help="a Z-Image ControlNet (a diffusers-format folder or one .safetensors file): generations "
+                         "then take control_image, and edits with a mask take it too (a 33-channel one) (default: "
+                         "none; control_image is refused)")
+    ap.add_argument("--controlnet-config", default=None,
+                    help="for a .safetensors --controlnet: a folder with its config.json (default: the hub repo "
+                         "diffusers names for its layout)")
+    ap.add_argument("--control-scale", default="0.75",
+                    help="ControlNet conditioning scale: a number, or one per control place, comma-separated "
+                         "(noise-refiner places first, then layer places) (default: 0.75, diffusers')")
     ap.add_argument("--model-name", default="z-image-turbo",
                     help="the model id clients name in `model` and GET /v1/models lists")
     ap.add_argument("--url-max-images", type=int, default=64,

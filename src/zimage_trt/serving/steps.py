@@ -1,15 +1,53 @@
-"""The pipeline's step callback for one image of a service request: it stops an aborted request at the
-next step, times the step and sends its event, and makes the request's partial images (previews.py)."""
+"""A request in the service (`Job`), and the pipeline's step callback for one of its images: it stops an
+aborted request at the next step, times the step and sends its event, and makes the request's partial
+images (previews.py)."""
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from .outcome import b64, encode_image
 from .previews import LatentPreviewer, PreviewBudget, predicted_x0, preview_steps
-from .schema import StreamEvent
+from .family import TaskImages
+from .schema import ImageRequest, StreamEvent
+
+
+@dataclass
+class Job:
+    """A request in the service: what it asks, where it stands, what it took (service.py)."""
+
+    request: ImageRequest
+    request_id: str
+    seeds: list[int]
+    estimate_ms: float
+    task: str = "text-to-image"  # family.py's task name
+    images: TaskImages | None = None
+    steps: int = 0  # denoising steps each image runs (fewer than asked with an edit's strength)
+    submitted: float = field(default_factory=time.perf_counter)
+    started: float | None = None
+    image_index: int = 0
+    step: int = 0
+    abort_reason: str | None = None  # "timeout" | "shutdown" | "disconnected"
+    future: Any = None
+    listeners: list = field(default_factory=list)  # (loop, asyncio.Queue) of streaming clients
+    progress: bool = False  # a client follows every step (?stream=true): the worker syncs each step
+    step_ms: list = field(default_factory=list)
+    timings: list = field(default_factory=list)  # one pipeline Timings per image
+    gpu_seen: dict | None = None  # what the GPU monitor saw while the request ran
+    preview_ms: float = 0.0  # time the worker spent on partial images (previews.py), all images
+    previews: int = 0
+    previews_skipped: int = 0  # over the budget
+
+    def emit(self, event: StreamEvent) -> None:
+        for loop, queue in list(self.listeners):
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, event)
+            except RuntimeError:  # the client's loop is closed: nobody listens any more
+                pass
 
 
 class Aborted(Exception):
@@ -24,7 +62,8 @@ class StepCallback:
         self.job, self.previewer, self.png_compress_level = job, previewer, png_compress_level
         self.device = getattr(pipe, "device", torch.device("cpu"))
         self.read_latents = read_latents
-        self.steps = job.request.num_inference_steps
+        self.steps = job.steps  # the steps this image runs (an edit's strength skips the first ones)
+        self.skipped = job.request.num_inference_steps - job.steps  # the schedule's steps before them
         self.when = set(preview_steps(self.steps, job.request.previews))
         self.budget = PreviewBudget(previewer.cost_estimate_s)
         self.previous = None
@@ -61,8 +100,9 @@ class StepCallback:
     def _preview(self, pipe, index: int, latents) -> None:
         """One partial image: x0 after step `index`, through the previewer, in the request's format."""
         started = time.perf_counter()
-        sigmas = pipe.scheduler.sigmas  # this call's schedule; the latents after step i are at sigma i + 1
-        x0 = predicted_x0(latents, self.previous, float(sigmas[index + 1]), float(sigmas[index]))
+        # This call's whole schedule: the latents after the run's step i are at sigma skipped + i + 1.
+        sigmas, at = pipe.scheduler.sigmas, self.skipped + index
+        x0 = predicted_x0(latents, self.previous, float(sigmas[at + 1]), float(sigmas[at]))
         req, job = self.job.request, self.job
         data = b64(encode_image(self.previewer.render(x0), req.image_format, req.compression, self.png_compress_level))
         spent = time.perf_counter() - started
