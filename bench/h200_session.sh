@@ -26,8 +26,10 @@ case "$phase" in
     ;;
   tests)
     nvidia-smi > "$res/nvidia-smi.txt" 2>&1
-    python3 -m zimage_trt.cli doctor > "$res/doctor.txt" 2>&1; python3 -m zimage_trt.cli doctor --json > "$res/doctor.json" 2>&1
-    note "doctor rc=$?"
+    if [ -z "${MODULES:-}" ]; then  # (a rerun of some modules skips the doctor)
+      python3 -m zimage_trt.cli doctor > "$res/doctor.txt" 2>&1; python3 -m zimage_trt.cli doctor --json > "$res/doctor.json" 2>&1
+      note "doctor rc=$?"
+    fi
     # The modules holding gpu-marked tests, by name (the others import extras this machine may lack).
     modules=$(grep -l "mark.gpu\|pytestmark.*gpu" tests/test_*.py)
     timeout "${TESTS_S:-400}" python3 -m pytest -q -m gpu -p no:cacheprovider -rs $modules > "$res/gpu_tests.log" 2>&1
@@ -35,7 +37,7 @@ case "$phase" in
     tail -60 "$res/gpu_tests.log" | tee -a "$log"
     ;;
   speed3)
-    timeout $(( ${BUDGET:-450} + 60 )) python3 bench/speed3.py --out "$res" --compile-cache /tmp/zimage-cc --budget-s "${BUDGET:-450}" > "$res/stdout.log" 2>&1
+    timeout $(( ${BUDGET:-450} + 60 )) python3 bench/speed3.py --out "$res" --compile-cache /tmp/zimage-cc --budget-s "${BUDGET:-450}" ${JOBS:+--jobs "$JOBS"} > "$res/stdout.log" 2>&1
     note "speed3 rc=$?"
     tail -50 "$res/stdout.log" | tee -a "$log"
     find "$res" -name '*.png' -size +1M -delete  # (random-weight images: noise, megabytes each)
