@@ -31,7 +31,7 @@ case "$phase" in
       note "doctor rc=$?"
     fi
     # The modules holding gpu-marked tests, by name (the others import extras this machine may lack).
-    modules=$(grep -l "mark.gpu\|pytestmark.*gpu" tests/test_*.py)
+    modules=${MODULES:-$(grep -l "mark.gpu\|pytestmark.*gpu" tests/test_*.py)}
     timeout "${TESTS_S:-400}" python3 -m pytest -q -m gpu -p no:cacheprovider -rs $modules > "$res/gpu_tests.log" 2>&1
     note "pytest -m gpu rc=$?"
     tail -60 "$res/gpu_tests.log" | tee -a "$log"
