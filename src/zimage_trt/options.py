@@ -42,7 +42,7 @@ class PipelineOptions:
     weights_fingerprint: str | None = None  # checked against engine manifests when known
     text_encoder_fp8: bool | None = None  # None: FP8 when precision is "fp8" on a GPU
     # The FP8 text encoder's per-token input quantisation as one Triton kernel (True) or torch ops
-    # (False); None: $ZIMAGE_TRT_TEXT_FP8_KERNEL ("1" = on; off until measured). CUDA only.
+    # (False); None: $ZIMAGE_TRT_TEXT_FP8_KERNEL (on unless "0": measured faster). CUDA with Triton only.
     text_encoder_fp8_kernel: bool | None = None
     # Attention kernel of torch-compiled engines: None = the one the engine was built with where it runs
     # here (else SDPA); "auto" | "sdpa" | "fa3" | "fa3-fp8" (model/attention.py).

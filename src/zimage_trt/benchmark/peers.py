@@ -222,7 +222,7 @@ def main(argv=None) -> int:
     ap.add_argument("--fp8-epilogues", choices=("on", "off"), default=None,
                     help="ours: the FP8 epilogue GEMM (default: $ZIMAGE_TRT_FP8_EPILOGUES, off)")
     ap.add_argument("--text-fp8-kernel", choices=("on", "off"), default=None,
-                    help="ours: the FP8 text encoder's one-pass quantisation (default: $ZIMAGE_TRT_TEXT_FP8_KERNEL, off)")
+                    help="ours: the FP8 text encoder's one-pass quantisation (default: $ZIMAGE_TRT_TEXT_FP8_KERNEL, on unless 0)")
     ap.add_argument("--engines", default=None, help="ours: engine folder to build into (default: engines-bench-LABEL)")
     ap.add_argument("--no-build", action="store_true", help="ours: no engines, the eager static denoiser (tests)")
     args = ap.parse_args(argv)

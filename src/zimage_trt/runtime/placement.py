@@ -13,8 +13,8 @@ import torch
 from ..model import fused_kernels
 from ..model.fp8 import Fp8Linear, quantize_block_fp8, quantize_text_encoder_fp8, set_input_quantizer
 
-# Off until measured on the GPU (bench/speed3.py measures both): "1" turns the fused per-token
-# quantisation of the FP8 text encoder's inputs on where `text_encoder_fp8_kernel` is left None.
+# The fused per-token quantisation of the FP8 text encoder's inputs is on where `text_encoder_fp8_kernel`
+# is left None (measured faster with the same image: BENCHMARKS.md, Speed III); "0" here turns it off.
 TEXT_FP8_KERNEL_ENV = "ZIMAGE_TRT_TEXT_FP8_KERNEL"
 
 
@@ -53,15 +53,20 @@ def wants_fp8_text_encoder(flag, precision: str | None, text_encoder, device: to
     return flag
 
 
-def use_text_encoder_fp8_kernel(text_encoder, flag: bool | None, device: torch.device) -> bool:
-    """Switch the FP8 text encoder's input quantisation to the one-pass Triton kernel (True) or torch
-    ops (False); None follows $ZIMAGE_TRT_TEXT_FP8_KERNEL ("1": on). On only where the kernel can run
-    (CUDA with Triton); returns whether it is on. Switch before the encoder's CUDA graphs are captured
-    (or clear them): a captured graph keeps the kernels it was captured with."""
+def text_fp8_kernel_wanted(flag: bool | None) -> bool:
+    """The `text_encoder_fp8_kernel` option: True / False, or None for $ZIMAGE_TRT_TEXT_FP8_KERNEL (on
+    unless it is "0")."""
     if flag is not None and not isinstance(flag, bool):
         raise TypeError(f"text_encoder_fp8_kernel must be True, False or None (${TEXT_FP8_KERNEL_ENV}), got {flag!r}")
-    wanted = os.environ.get(TEXT_FP8_KERNEL_ENV, "0") == "1" if flag is None else flag
-    on = bool(wanted and text_encoder is not None and device.type == "cuda" and fused_kernels.AVAILABLE)
+    return os.environ.get(TEXT_FP8_KERNEL_ENV, "1") != "0" if flag is None else flag
+
+
+def use_text_encoder_fp8_kernel(text_encoder, flag: bool | None, device: torch.device) -> bool:
+    """Switch the FP8 text encoder's input quantisation to the one-pass Triton kernel (True) or torch
+    ops (False); None follows $ZIMAGE_TRT_TEXT_FP8_KERNEL (on unless "0"). On only where the kernel can run
+    (CUDA with Triton); returns whether it is on. Switch before the encoder's CUDA graphs are captured
+    (or clear them): a captured graph keeps the kernels it was captured with."""
+    on = bool(text_fp8_kernel_wanted(flag) and text_encoder is not None and device.type == "cuda" and fused_kernels.AVAILABLE)
     if text_encoder is not None:
         set_input_quantizer(text_encoder, fused_kernels.quantize_rows_fp8 if on else None)
     return on
