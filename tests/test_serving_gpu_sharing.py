@@ -206,7 +206,8 @@ def test_the_dashboard_script_renders_the_causes(tmp_path):
     stats = {"state": "ready", "device": "cuda:0", "sizes": [SIZE], "queue": {"depth": 0, "waiting": []},
              "counts": {"completed": 2}, "last_steps_ms": [10.0, 10.0], "gpu": {"name": "NVIDIA H200"},
              "recent": [{"t": 100.0, "per_image_ms": 845.0, "slowed_by": []},
-                        {"t": 102.0, "per_image_ms": 1657.0, "slowed_by": ["shared GPU: pid 1234, 40 GiB"]}],
+                        {"t": 102.0, "per_image_ms": 1657.0, "slowed_by": ["shared GPU: pid 1234, 40 GiB"],
+                         "task": "inpaint"}],
              "gpu_sharing": {"current": {"shared": True, "causes": ["shared GPU: pid 1234, 40 GiB", "power cap"]}}}
     harness = tmp_path / "harness.js"
     harness.write_text(NODE_HARNESS.replace("STATS", json.dumps(stats)).replace("SCRIPT", json.dumps(str(DASHBOARD))))
@@ -214,7 +215,7 @@ def test_the_dashboard_script_renders_the_causes(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     shown = json.loads(done.stdout.strip().splitlines()[-1])
     assert shown["shared"] == "shared GPU: pid 1234, 40 GiB · power cap" and shown["sharedShown"]
-    assert shown["slowed"] == [["1.66 s", "shared GPU: pid 1234, 40 GiB"]]
+    assert shown["slowed"] == [["inpaint", "1.66 s", "shared GPU: pid 1234, 40 GiB"]]  # (task, time, cause)
     assert shown["slowedPoints"] == 1
 
 

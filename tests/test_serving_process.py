@@ -245,7 +245,7 @@ def test_serve_under_torchrun_rank_0_answers_http_and_the_other_rank_computes_it
         # A request past --timeout is stopped at its next step on both ranks (504), and the group goes on.
         started = time.perf_counter()
         status, body, _ = post(url, {"prompt": "a long one", "seed": 1, "num_inference_steps": 1000, "size": "256x256"})
-        assert status == 504 and body["error"]["type"] == "timeout", body
+        assert status == 504 and body["error"]["code"] == "timeout", body
         assert time.perf_counter() - started < 15
         status, body, _ = post(url, {"prompt": "a fox", "seed": 5, "num_inference_steps": 2, "size": "256x256"})
         assert status == 200

@@ -235,7 +235,7 @@ def test_the_rayservice_config_scales_two_rank_replicas_up_and_down_and_replaces
         runner.join(DEADLINE_S)
         assert not runner.is_alive(), "the request of the broken group hung"
         status, body, _ = result["answer"]
-        assert status == 500 and body["error"]["type"] == "internal_error", (status, body)
+        assert status == 500 and body["error"]["code"] == "internal_error", (status, body)
         failed_after = result["at"] - killed_at
         assert failed_after < 15, failed_after
         # Until Serve replaces it, the broken replica says so: not ready, and a request is answered 503 with

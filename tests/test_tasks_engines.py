@@ -10,32 +10,42 @@ import textwrap
 import pytest
 import torch
 
-from zimage_trt import ZImageTRTControlNetPipeline, ZImageTRTPipeline, build_engines
+from zimage_trt import ZImageTRTPipeline
 from zimage_trt.engines import kept_artifacts
 from zimage_trt.testing.tiny import make_tiny_controlnet, save_tiny_pipeline
 
 
-@pytest.mark.slow  # (two CPU compiles of a tiny model, one in a fresh process)
+@pytest.mark.slow  # (two CPU compiles of a tiny model, each in a fresh process)
 def test_a_compiled_engine_built_without_a_controlnet_keeps_its_hint_path_kernels(tmp_path):
+    """Both halves run in fresh processes with caches of their own, as a user's build-and-serve process and a
+    later one elsewhere would: in a process that compiled the same tiny graphs before (another test's, under
+    xdist), dynamo reuses them in memory, nothing is compiled or recorded, and the saved kernels lack them."""
     model = save_tiny_pipeline(tmp_path / "model", seed=0)
     engines = tmp_path / "engines"
-    result = build_engines(model, "256x256", engines, backend="torch-compiled", precision="fp32",
-                           caption_capacity=64, progress=False)
     controlnet = make_tiny_controlnet(seed=3, variant="control_noise_refiner", control_in_dim=33)
     controlnet.save_pretrained(tmp_path / "controlnet")
-    pipe = ZImageTRTControlNetPipeline.from_pretrained(model, engine_dir=engines, device="cpu",
-                                                       torch_dtype=torch.float32, controlnet=tmp_path / "controlnet")
-    pipe.set_progress_bar_config(disable=True)
-    control = torch.rand(1, 3, 256, 256) * 2 - 1
-    pipe("a dancer", control_image=control, num_inference_steps=2, output_type="latent")
-    assert {loop.engine.kind for loop in pipe._loops.values()} == {"torch-compiled"}
-    prefix, identity = f"controlnet-{result.manifest.name}-", {"engine": result.manifest.files[0].sha256}
+    first_use = f"""
+        import torch
+        from zimage_trt import ZImageTRTControlNetPipeline, build_engines
+        result = build_engines({str(model)!r}, "256x256", {str(engines)!r}, backend="torch-compiled", precision="fp32",
+                               caption_capacity=64, progress=False)
+        pipe = ZImageTRTControlNetPipeline.from_pretrained({str(model)!r}, engine_dir={str(engines)!r}, device='cpu',
+                                                           torch_dtype=torch.float32,
+                                                           controlnet={str(tmp_path / 'controlnet')!r})
+        pipe.set_progress_bar_config(disable=True)
+        pipe('a dancer', control_image=torch.rand(1, 3, 256, 256) * 2 - 1, num_inference_steps=2, output_type='latent')
+        assert {{loop.engine.kind for loop in pipe._loops.values()}} == {{"torch-compiled"}}
+        print('ENGINE', result.manifest.name, result.manifest.files[0].sha256)
+    """
+    out = run_fresh(first_use, tmp_path / "first")
+    name, sha = out.split("ENGINE")[1].split()
+    prefix, identity = f"controlnet-{name}-", {"engine": sha}
     keys = kept_artifacts.saved_keys(engines, prefix, identity)
     assert len(keys) == 1 and keys[0].endswith("-256x256-b1"), sorted(p.name for p in engines.iterdir())
     record = json.loads(kept_artifacts.record_path(kept_artifacts.artifact_path(engines, prefix, keys[0])).read_text())
     assert record["engine"] == identity["engine"] and record["torch"] == torch.__version__
     assert not [p for p in engines.iterdir() if p.name.startswith(".controlnet-")]  # no staged leftovers
-    script = textwrap.dedent(f"""
+    later = f"""
         import torch
         from torch._dynamo.utils import counters
         from zimage_trt import ZImageTRTControlNetPipeline
@@ -45,12 +55,19 @@ def test_a_compiled_engine_built_without_a_controlnet_keeps_its_hint_path_kernel
         pipe.set_progress_bar_config(disable=True)
         pipe('a dancer', control_image=torch.rand(1, 3, 256, 256) * 2 - 1, num_inference_steps=2, output_type='latent')
         print('HITS', counters['inductor']['fxgraph_cache_hit'], 'MISSES', counters['inductor']['fxgraph_cache_miss'])
-    """)
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"), "TRITON_CACHE_DIR": str(tmp_path / "triton")}
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=900, env=env)
+    """
+    out = run_fresh(later, tmp_path / "later")
+    hits, misses = (int(v) for v in out.split("HITS")[1].split("MISSES"))
+    assert hits >= 1 and misses == 0, out
+
+
+def run_fresh(script: str, caches) -> str:
+    """`script` in a new Python process whose compile caches start empty; returns what it printed."""
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(caches / "inductor"), "TRITON_CACHE_DIR": str(caches / "triton")}
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True, timeout=900,
+                         env=env)
     assert out.returncode == 0, out.stderr[-3000:]
-    hits, misses = (int(v) for v in out.stdout.split("HITS")[1].split("MISSES"))
-    assert hits >= 1 and misses == 0, out.stdout
+    return out.stdout
 
 
 def test_text_to_image_steps_pass_no_controlnet_and_no_blend(tmp_path):

@@ -124,7 +124,7 @@ def run_peers(args, ours: dict, our_image: Path, image_dir: Path, results: dict)
         job = peer_job(name, tiny=args.tiny, side=side, images=args.peer_images, warmup=2,
                        quality_seed=QUALITY_SEED, image_dir=image_dir, prepare_timeout_s=per_peer.get(name, default),
                        compile_cache=args.peer_cache, extra=["--cache-dit-mask", args.cache_dit_mask])
-        outcomes.update(phased.run_wave([job], Path(args.out) / "peer-logs", report=lambda line: None))
+        outcomes.update(phased.run_wave([job], Path(args.engine_dir) / "peer-logs", report=lambda line: None))
     eager_image = outcomes.get("diffusers-eager", {}).get("quality_image")
     if eager_image:
         results["psnr_vs_diffusers_db"] = quality.psnr(load_image(our_image), load_image(eager_image))

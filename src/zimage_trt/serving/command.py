@@ -76,6 +76,9 @@ def build_service(args) -> ImageService:
                            max_steps=args.max_steps, max_prompt_chars=args.max_prompt_chars,
                            max_body_bytes=args.max_body_bytes, max_upload_bytes=args.max_upload_bytes,
                            max_image_pixels=args.max_image_pixels, model_id=args.model_name)
+    if args.controlnet is not None and getattr(args, "sequence_parallel", 1) != 1:
+        raise ServeConfigError("--controlnet with --sequence-parallel: a ControlNet runs inside each step on one GPU; "
+                               "serve it without --sequence-parallel")
     if args.controlnet is not None and not Path(args.controlnet).exists():
         raise ServeConfigError(f"--controlnet {args.controlnet}: no such file or folder (a diffusers-format folder "
                                f"or one .safetensors file)")

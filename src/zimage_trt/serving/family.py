@@ -101,13 +101,22 @@ class PipelineFamily:
     def __init__(self, pipe, controlnet: Any = None, controlnet_config: str | None = None,
                  control_scale: float | list[float] = DEFAULT_CONDITIONING_SCALE):
         self.pipes: dict[str, Any] = {TEXT_TO_IMAGE: pipe}
+        self.unserved: dict[str, str] = {}  # a task this server does not run -> why
         self.control_scale = control_scale
         self.controlnet_channels: int | None = None
         if not isinstance(pipe, ZImageTRTPipeline):
             if controlnet is not None:
                 raise ValueError(f"a ControlNet needs a ZImageTRTPipeline to share, not a {type(pipe).__name__}")
             return
+        # A sequence-parallel pipeline (serve --sequence-parallel N) runs what the sharded loop runs: inpainting
+        # and a ControlNet work inside each step on one GPU (tasks/inpaint.py, tasks/controlnet.py refuse it).
+        sequence_parallel = int(getattr(pipe.options, "sequence_parallel", 1)) != 1
+        if sequence_parallel and controlnet is not None:
+            raise ValueError("a ControlNet runs inside each step on one GPU: serve it without --sequence-parallel")
         for task, cls in _CLASSES.items():
+            if sequence_parallel and task == INPAINT:
+                self.unserved[task] = "a sequence-parallel server runs no inpainting (its blend runs inside each step)"
+                continue
             self.pipes[task] = cls.from_pipe(pipe)
         if controlnet is not None:
             control = ZImageTRTControlNetPipeline.from_pipe(pipe, controlnet=controlnet, controlnet_config=controlnet_config)
@@ -143,8 +152,9 @@ class PipelineFamily:
                                f"control channels; inpainting with control_image needs an inpaint-capable one "
                                f"(33 channels, such as Union 2.x): leave out control_image, or the mask",
                                param="control_image")
-        raise ServiceError(422, "invalid_value", f"this server does not run {task} (it runs {', '.join(self.tasks)})",
-                           param="image")
+        why = f": {self.unserved[task]}" if task in self.unserved else ""
+        raise ServiceError(422, "invalid_value", f"this server does not run {task} (it runs {', '.join(self.tasks)})"
+                           f"{why}", param="image")
 
     def fit(self, images: TaskImages, height: int, width: int) -> TaskImages:
         """The images resized to height x width by the pipelines' own processors (diffusers' resize: what
