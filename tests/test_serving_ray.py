@@ -199,7 +199,11 @@ def test_over_max_queued_requests_is_answered_429_at_once(cluster):
     assert set(statuses) <= {200, 429}, statuses
     last_refusal = max(r[4] for r in refused)
     freed = sum(1 for r in results if r[0] == 200 and r[4] < last_refusal)
-    assert statuses.count(200) <= capacity + freed, (statuses, f"{freed} finished before the last 429")
+    # Serve's router picks a replica from a cached count of its ongoing requests, so in a burst up to one
+    # request per replica gets past the configured limit before the counts catch up (seen: 8 served with a
+    # capacity of 6 on two replicas, none finished before the last 429). A deployment 3 over its limit (the
+    # planted break) serves 11.
+    assert statuses.count(200) <= capacity + freed + REPLICAS, (statuses, f"{freed} finished before the last 429")
     assert all("backpressure" in str(r[1]) and r[2] < 5.0 for r in refused), refused
     print(f"\nbackpressure: {statuses.count(200)} x 200, {len(refused)} x 429 within "
           f"{max(r[2] for r in refused) * 1000:.0f} ms")
