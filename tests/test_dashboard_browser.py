@@ -86,8 +86,10 @@ def test_the_page_generates_an_image_and_the_latency_chart_gains_a_point(tiny_cp
 
         # Which task each request ran: the page's generation, then an inpainting edit sent by a client.
         def task_rows(b):
-            return [[td.text for td in tr.find_elements(By.TAG_NAME, "td")]
-                    for tr in b.find_element(By.ID, "tasks").find_elements(By.CSS_SELECTOR, "tbody tr")]
+            # Read in one script: the page re-renders the table every poll, so rows found by one call and
+            # read by the next can be gone (selenium's StaleElementReferenceException, seen in CI).
+            return b.execute_script("return [...document.querySelectorAll('#tasks tbody tr')]"
+                                    ".map((tr) => [...tr.querySelectorAll('td')].map((td) => td.innerText.trim()));")
 
         wait.until(lambda b: [row[:3] for row in task_rows(b)] == [["text-to-image", "1", "1"]])
         assert browser.find_element(By.ID, "tasks-served").text == "text-to-image, image-to-image, inpaint"
