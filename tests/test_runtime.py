@@ -1,6 +1,7 @@
 """The runtime loop's invariants: same maths as diffusers' scheduler loop, persistent buffers, no
 cache clearing, no host sync inside the loop, flat memory after warm-up (the last three on a GPU)."""
 
+import contextlib
 import copy
 from pathlib import Path
 
@@ -16,6 +17,27 @@ from zimage_trt.testing.tiny import ZIMAGE_TURBO_SCHEDULER_CONFIG, make_tiny_com
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
+
+
+@contextlib.contextmanager
+def sync_free_steps(loop: DenoiseLoop):
+    """Inside the block every step `loop` runs must be asynchronous: any implicit device->host sync in one
+    raises. Yields the list that counts the steps run."""
+    calls, original = [], loop._run_step
+
+    def checked_step(slot):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            original(slot)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        calls.append(1)
+
+    loop._run_step = checked_step
+    try:
+        yield calls
+    finally:
+        loop._run_step = original
 
 def setup(device="cpu", steps=4, seed=0):
     transformer = make_tiny_components(seed=seed)["transformer"].to(device)
@@ -103,21 +125,9 @@ def test_no_host_sync_inside_the_loop_and_flat_memory():
     torch.cuda.synchronize()
     reserved = torch.cuda.memory_reserved()
     pointers = loop.buffer_pointers()
-    calls = []
-    original = loop._run_step
-
-    def checked_step(slot):
-        # Inside the loop every step must be asynchronous: any implicit device->host sync raises here.
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            original(slot)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-        calls.append(1)
-
-    loop._run_step = checked_step
-    for _ in range(3):
-        loop(latents, embeds, None, timesteps, sigmas, progress=False)
+    with sync_free_steps(loop) as calls:
+        for _ in range(3):
+            loop(latents, embeds, None, timesteps, sigmas, progress=False)
     torch.cuda.synchronize()
     assert len(calls) == 3 * len(timesteps)
     assert torch.cuda.memory_reserved() == reserved, "GPU memory grew after warm-up"

@@ -157,12 +157,17 @@ def run_calls(pipe) -> list[torch.Tensor]:
     return [pipe(generator=torch.Generator("cpu").manual_seed(11), output_type="latent", **call).images for call in CALLS]
 
 
-def _pipeline_parity(rank, world, port, parts, expected):
+def rank_pipeline(rank, world, port, parts, timeout_s: float):
+    """This process as rank `rank` of `world`, and its pipeline over the tiny parts (captions unpadded)."""
     from zimage_trt.pipeline import ZImageTRTPipeline
 
     as_torchrun_rank(rank, world, port)
-    pipe = ZImageTRTPipeline.from_components(**parts, device="cpu", sequence_parallel=world,
-                                             sequence_parallel_timeout_s=60, pad_prompts_to_max_length=False)
+    return ZImageTRTPipeline.from_components(**parts, device="cpu", sequence_parallel=world,
+                                             sequence_parallel_timeout_s=timeout_s, pad_prompts_to_max_length=False)
+
+
+def _pipeline_parity(rank, world, port, parts, expected):
+    pipe = rank_pipeline(rank, world, port, parts, timeout_s=60)
     try:
         if not pipe.is_main_process:
             with pytest.raises(SequenceParallelError, match="call pipe.serve"):
@@ -189,11 +194,7 @@ class _StopHere(Exception):
 
 
 def _stopped_call(rank, world, port, parts, expected):
-    from zimage_trt.pipeline import ZImageTRTPipeline
-
-    as_torchrun_rank(rank, world, port)
-    pipe = ZImageTRTPipeline.from_components(**parts, device="cpu", sequence_parallel=world,
-                                             sequence_parallel_timeout_s=20, pad_prompts_to_max_length=False)
+    pipe = rank_pipeline(rank, world, port, parts, timeout_s=20)
     try:
         if not pipe.is_main_process:
             assert pipe.serve() == 2 and pipe._parallel.calls_stopped == 1

@@ -17,6 +17,8 @@ from zimage_trt.model.denoiser import StaticZImageDenoiser
 from zimage_trt.runtime.denoise_loop import ControlInput, DenoiseLoop, InpaintBlend
 from zimage_trt.testing.tiny import ZIMAGE_TURBO_SCHEDULER_CONFIG, make_tiny_controlnet, make_tiny_transformer
 
+from test_runtime import sync_free_steps
+
 pytestmark = pytest.mark.gpu
 STEPS = 4
 
@@ -89,19 +91,9 @@ def test_no_host_sync_and_flat_memory_with_a_controlnet_and_a_blend():
         loop(latents, embeds, None, scheduler.timesteps, scheduler.sigmas, **run)
     torch.cuda.synchronize()
     reserved, pointers = torch.cuda.memory_reserved(), loop.buffer_pointers()
-    original, calls = loop._run_step, []
-
-    def checked_step(slot):
-        torch.cuda.set_sync_debug_mode("error")  # any implicit device->host sync inside a step raises
-        try:
-            original(slot)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-        calls.append(1)
-
-    loop._run_step = checked_step
-    for _ in range(3):
-        loop(latents, embeds, None, scheduler.timesteps, scheduler.sigmas, **run)
+    with sync_free_steps(loop) as calls:  # any implicit device->host sync inside a step raises
+        for _ in range(3):
+            loop(latents, embeds, None, scheduler.timesteps, scheduler.sigmas, **run)
     torch.cuda.synchronize()
     assert len(calls) == 3 * STEPS
     assert torch.cuda.memory_reserved() == reserved and loop.buffer_pointers() == pointers
