@@ -365,7 +365,7 @@ class ImageService:
         encoded = await asyncio.gather(*(asyncio.to_thread(encode_image, image, req.image_format, req.compression,
                                                            level) for image in images))
         return GeneratedImages(job.request_id, list(encoded), req.image_format, job.seeds, req.size,
-                               self._job_timings(job), await asyncio.to_thread(self._prompt_tokens, req.prompt),
+                               self._job_timings(job), job.prompt_tokens,
                                input_images=job.images.count if job.images is not None else 0, task=job.task)
 
     def _prompt_tokens(self, prompt: str) -> int:
@@ -451,6 +451,9 @@ class ImageService:
                 if on_step.final is not None:
                     self.previewer.observe(on_step.final, out.images[0])
             job.gpu_seen = monitor.seen_since(mark) if monitor is not None else None  # (no NVML call here)
+            # Here, not on the event loop's threads: a fast tokenizer switching truncation on two threads at
+            # once raises ("Already borrowed"), and the pipeline's own encoding runs on this thread.
+            job.prompt_tokens = self._prompt_tokens(req.prompt)
             self._record(job)
             return images
         finally:

@@ -38,6 +38,7 @@ class Job:
     step_ms: list = field(default_factory=list)
     timings: list = field(default_factory=list)  # one pipeline Timings per image
     gpu_seen: dict | None = None  # what the GPU monitor saw while the request ran
+    prompt_tokens: int = 0  # for OpenAI's usage: counted on the worker, the one thread using the tokenizer
     preview_ms: float = 0.0  # time the worker spent on partial images (previews.py), all images
     previews: int = 0
     previews_skipped: int = 0  # over the budget
