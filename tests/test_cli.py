@@ -133,6 +133,7 @@ def test_generate_image_to_image_inpainting_and_controlnet(tmp_path, capsys):
 @pytest.mark.parametrize("extra, message", [
     (["--mask", "m.png"], "--mask needs --image"),
     (["--control-image", "c.png"], "--controlnet and --control-image go together"),
+    (["--controlnet", "c", "--control-image", "c.png", "--control-scale", "0.5,,1"], "--control-scale '0.5,,1': write"),
 ])
 def test_generate_refuses_task_options_that_do_not_go_together(tmp_path, capsys, extra, message):
     code = main(["generate", "--model", str(tmp_path), "--prompt", "a fox", "--device", "cpu", *extra])

@@ -453,6 +453,10 @@ def test_serve_takes_a_controlnet_folder_and_checks_its_options(tmp_path, contro
             control_scale(bad)
     with pytest.raises(ServeConfigError, match="no such file or folder"):
         build_service(parser.parse_args(["--tiny", "--device", "cpu", "--controlnet", str(tmp_path / "missing")]))
+    # A hub id is not a missing path: it is loaded (downloaded) when the server starts, as generate's is.
+    hub = build_service(parser.parse_args(["--tiny", "--device", "cpu", "--controlnet", "some-org/z-image-controlnet"]))
+    assert hub.settings.controlnet == "some-org/z-image-controlnet"
+    hub.close()
 
 
 def test_the_mask_rule_and_auto_sizes():

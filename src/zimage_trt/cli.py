@@ -130,15 +130,8 @@ def add_task_arguments(g: argparse.ArgumentParser) -> None:
                    help="how much of --image to repaint, 0..1 (default: 0.6 for image to image, 1.0 with --mask: "
                         "diffusers')")
     g.add_argument("--control-image", default=None, help="with --controlnet: the control image (pose, edges, depth...) (default: none)")
-    g.add_argument("--controlnet", default=None,
-                   help="a Z-Image ControlNet: a diffusers-format folder, a hub id, or one .safetensors file (Union "
-                        "v1 / 2.0 / 2.1); with --mask and --image it inpaints (a 33-channel one) (default: none)")
-    g.add_argument("--controlnet-config", default=None,
-                   help="for a .safetensors --controlnet: a folder or hub id with its config.json (default: the hub "
-                        "repo diffusers names for its layout)")
-    g.add_argument("--control-scale", default="0.75",
-                   help="ControlNet conditioning scale: a number, or one per control place, comma-separated "
-                        "(noise-refiner places first, then layer places)")
+    serve_settings.add_controlnet_arguments(
+        g, "with --mask and --image it inpaints (a 33-channel one) (default: none)")
 
 
 def task_for(args):
@@ -165,9 +158,8 @@ def task_for(args):
         raise ValueError("--strength is for --image without --controlnet (diffusers' ControlNet pipelines take none)")
     if args.image is not None and args.mask is None:
         raise ValueError("--image with --controlnet needs --mask (ControlNet inpainting)")
-    scales = [float(v) for v in args.control_scale.split(",")]
-    call.update(control_image=read(args.control_image, "RGB"),
-                controlnet_conditioning_scale=scales[0] if len(scales) == 1 else scales)
+    scale = serve_settings.control_scale(args.control_scale)  # (before any file is read)
+    call.update(control_image=read(args.control_image, "RGB"), controlnet_conditioning_scale=scale)
     cls = tasks.ZImageTRTControlNetInpaintPipeline if args.mask else tasks.ZImageTRTControlNetPipeline
     return cls, {"controlnet": args.controlnet, "controlnet_config": args.controlnet_config}, call
 

@@ -68,6 +68,11 @@ class WeightsError(ValueError):
 # --------------------------------------------------------------------------- sources
 
 
+def is_hub_id(text: str) -> bool:
+    """`text` names a Hugging Face hub repo ('org/name'), not a relative path ('./x', '../x/y')."""
+    return bool(_HUB_ID.fullmatch(text)) and not text.startswith(".")
+
+
 def _download(repo_id: str, allow_patterns: list[str], revision: str | None) -> Path:
     """Fetch only the allowed files of a hub repo (used at user sites, never in tests)."""
     import huggingface_hub  # looked up at call time so tests can monkeypatch it
@@ -89,7 +94,7 @@ def _resolve_root(source: str | os.PathLike, allow_patterns: list[str], revision
             raise WeightsError(f"{path}: is a file; expected a diffusers-format Z-Image folder")
         return path
     text = os.fspath(source)
-    if _HUB_ID.fullmatch(text) and not text.startswith("."):
+    if is_hub_id(text):
         return _download(text, allow_patterns, revision)
     raise WeightsError(
         f"{path}: folder not found; expected a diffusers-format Z-Image pipeline folder "

@@ -11,7 +11,6 @@ shutdown, then exit 0 too.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import signal
 import threading
@@ -20,13 +19,15 @@ from pathlib import Path
 import uvicorn
 
 from ..model.precision import precision_dtype, run_precision
+from ..model.weights import is_hub_id
 from ..parallel import check_launch
 from ..pipeline import ZImageTRTPipeline
 from ..testing.tiny import make_tiny_components
 from .app import AppSettings, create_app
 from .schema import ServingLimits
 from .service import ImageService, ServiceSettings, served_sizes
-from .settings import ServeConfigError, allowed_host_names, check_bind, read_api_key
+from .family import CONTROLNET_NEEDS_ONE_GPU
+from .settings import ServeConfigError, allowed_host_names, check_bind, control_scale, read_api_key
 
 log = logging.getLogger("zimage_trt.serving")
 TINY_SIZE = "256x256"
@@ -77,27 +78,14 @@ def build_service(args) -> ImageService:
                            max_body_bytes=args.max_body_bytes, max_upload_bytes=args.max_upload_bytes,
                            max_image_pixels=args.max_image_pixels, model_id=args.model_name)
     if args.controlnet is not None and getattr(args, "sequence_parallel", 1) != 1:
-        raise ServeConfigError("--controlnet with --sequence-parallel: a ControlNet runs inside each step on one GPU; "
-                               "serve it without --sequence-parallel")
-    if args.controlnet is not None and not Path(args.controlnet).exists():
-        raise ServeConfigError(f"--controlnet {args.controlnet}: no such file or folder (a diffusers-format folder "
-                               f"or one .safetensors file)")
+        raise ServeConfigError(f"--controlnet with --sequence-parallel: {CONTROLNET_NEEDS_ONE_GPU}")
+    if args.controlnet is not None and not Path(args.controlnet).exists() and not is_hub_id(args.controlnet):
+        raise ServeConfigError(f"--controlnet {args.controlnet}: no such file or folder (a diffusers-format folder, "
+                               f"one .safetensors file, or a hub id 'org/name')")
     settings = ServiceSettings(limits=limits, max_queue=args.max_queue, timeout_s=args.timeout,
                                not_ready_when_shared=args.not_ready_when_shared, controlnet=args.controlnet,
                                controlnet_config=args.controlnet_config, control_scale=control_scale(args.control_scale))
     return ImageService(pipeline_factory(args), settings)
-
-
-def control_scale(text: str) -> float | list[float]:
-    """--control-scale: a number, or comma-separated numbers (one per control place)."""
-    try:
-        values = [float(v) for v in str(text).split(",")]
-    except ValueError:
-        values = []
-    if not values or not all(math.isfinite(v) for v in values):
-        raise ServeConfigError(f"--control-scale {text!r}: write a number (0.75) or one per control place, "
-                               f"comma-separated (0.5,0.75,1)")
-    return values[0] if len(values) == 1 else values
 
 
 def serving_app(service: ImageService, api_key: str | None, host: str, **app_settings):

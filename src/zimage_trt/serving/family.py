@@ -78,6 +78,9 @@ class TaskImages:
         return IMG2IMG_STRENGTH if task == IMAGE_TO_IMAGE else INPAINT_STRENGTH
 
 
+CONTROLNET_NEEDS_ONE_GPU = "a ControlNet runs inside each step on one GPU: serve it without --sequence-parallel"
+
+
 def no_controlnet() -> ServiceError:
     return ServiceError(422, "invalid_value", "control_image needs a server started with --controlnet (this one "
                         "serves no ControlNet)", param="control_image")
@@ -112,7 +115,7 @@ class PipelineFamily:
         # and a ControlNet work inside each step on one GPU (tasks/inpaint.py, tasks/controlnet.py refuse it).
         sequence_parallel = int(getattr(pipe.options, "sequence_parallel", 1)) != 1
         if sequence_parallel and controlnet is not None:
-            raise ValueError("a ControlNet runs inside each step on one GPU: serve it without --sequence-parallel")
+            raise ValueError(CONTROLNET_NEEDS_ONE_GPU)
         for task, cls in _CLASSES.items():
             if sequence_parallel and task == INPAINT:
                 self.unserved[task] = "a sequence-parallel server runs no inpainting (its blend runs inside each step)"

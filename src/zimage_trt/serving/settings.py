@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import math
 import os
 from pathlib import Path
 
@@ -76,6 +77,32 @@ def check_bind(host: str, api_key: str | None) -> None:
         )
 
 
+def add_controlnet_arguments(ap, use: str) -> None:
+    """--controlnet, --controlnet-config and --control-scale, as `generate` and `serve` take them; `use`: what
+    --controlnet does in that command, and its default."""
+    ap.add_argument("--controlnet", default=None, metavar="PATH",
+                    help="a Z-Image ControlNet: a diffusers-format folder, a hub id, or one .safetensors file (Union "
+                         f"v1 / 2.0 / 2.1); {use}")
+    ap.add_argument("--controlnet-config", default=None,
+                    help="for a .safetensors --controlnet: a folder or hub id with its config.json (default: the hub "
+                         "repo diffusers names for its layout)")
+    ap.add_argument("--control-scale", default="0.75",
+                    help="ControlNet conditioning scale: a number, or one per control place, comma-separated "
+                         "(noise-refiner places first, then layer places) (default: 0.75, diffusers')")
+
+
+def control_scale(text: str) -> float | list[float]:
+    """--control-scale: a number, or comma-separated numbers (one per control place)."""
+    try:
+        values = [float(v) for v in str(text).split(",")]
+    except ValueError:
+        values = []
+    if not values or not all(math.isfinite(v) for v in values):
+        raise ServeConfigError(f"--control-scale {text!r}: write a number (0.75) or one per control place, "
+                               f"comma-separated (0.5,0.75,1)")
+    return values[0] if len(values) == 1 else values
+
+
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--model", default=None,
                     help="diffusers-format Z-Image folder (or hub id); not needed with --tiny")
@@ -110,16 +137,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                          "control_image (with --controlnet)")
     ap.add_argument("--max-image-pixels", type=int, default=2**25,
                     help="most pixels of one uploaded image, read before it is decoded (default 2^25: 8192x4096)")
-    ap.add_argument("--controlnet", default=None, metavar="PATH",
-                    help="a Z-Image ControlNet (a diffusers-format folder or one .safetensors file): generations "
-                         "then take control_image, and edits with a mask take it too (a 33-channel one) (default: "
-                         "none; control_image is refused)")
-    ap.add_argument("--controlnet-config", default=None,
-                    help="for a .safetensors --controlnet: a folder with its config.json (default: the hub repo "
-                         "diffusers names for its layout)")
-    ap.add_argument("--control-scale", default="0.75",
-                    help="ControlNet conditioning scale: a number, or one per control place, comma-separated "
-                         "(noise-refiner places first, then layer places) (default: 0.75, diffusers')")
+    add_controlnet_arguments(ap, "generations then take control_image, and edits with a mask take it too (a "
+                                 "33-channel one) (default: none; control_image is refused)")
     ap.add_argument("--model-name", default="z-image-turbo",
                     help="the model id clients name in `model` and GET /v1/models lists")
     ap.add_argument("--url-max-images", type=int, default=64,

@@ -28,6 +28,7 @@ import torch
 from diffusers import ZImageControlNetModel
 
 from ..model.controlnet import check_fits, hint_count
+from ..model.weights import is_hub_id
 from ..pipeline import DenoisePlan, ZImageTRTPipeline
 from ..request import DEFAULT_SIDE, Request
 from ..runtime import image_input
@@ -54,7 +55,7 @@ def load_controlnet(controlnet, config=None, torch_dtype: torch.dtype | None = N
                 raise ValueError(f"controlnet file {path} is not a .safetensors file (pickled checkpoints are "
                                  f"never loaded)")
             return ZImageControlNetModel.from_single_file(str(path), config=config, torch_dtype=torch_dtype)
-        if path.is_dir() or (not path.exists() and str(controlnet).count("/") == 1):
+        if path.is_dir() or (not path.exists() and is_hub_id(os.fspath(controlnet))):
             return ZImageControlNetModel.from_pretrained(str(controlnet), torch_dtype=torch_dtype, use_safetensors=True)
     except OSError as error:
         raise ValueError(f"could not load the ControlNet {controlnet}: {error}; for one .safetensors file pass "
