@@ -38,8 +38,8 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import HTMLResponse, JSONResponse, Response
 
-from . import openai_api, uploads
-from .edits import read_edit
+from . import openai_api
+from .edits import decode_edit, open_control_image, read_edit
 from .family import TaskImages, no_controlnet
 from .image_store import ImageStore
 from .openai_api import error_response, service_error_response
@@ -159,7 +159,7 @@ def create_app(service: ImageService | Callable[[], ImageService], settings: App
         limits = service.limits
         plain = settings.max_body_bytes or limits.max_body_bytes
         with_images = path == EDITS or (path == GENERATIONS and service.takes_control_images)
-        return max(plain, limits.max_upload_bytes) if with_images else plain
+        return max(plain, limits.upload_body_bytes) if with_images else plain
 
     app.add_middleware(_RequestIdAndBodyLimit, body_limit=body_limit, allowed_hosts=settings.allowed_hosts)
     models: dict = {}
@@ -319,6 +319,9 @@ async def _generations(request: Request, service: ImageService, rid: str, progre
     req = parse_or_refuse(_request_model(models, service.limits, ImageGenerationRequest), body, rid)
     if isinstance(req, Response):
         return req
+    refusal = refused_early(req, rid, store, progress)
+    if refusal is not None:
+        return refusal
     images = None
     if req.control_image is not None:
         try:
@@ -333,11 +336,11 @@ async def control_images(service: ImageService, req: ImageGenerationRequest) -> 
     """A generation's base64 control image, decoded and at the request's size."""
     if not service.takes_control_images:
         raise no_controlnet()
-    family, limit, resolution = service.task_family(), service.limits.max_image_pixels, req.resolution
+    family, limits, resolution = service.task_family(), service.limits, req.resolution
 
     def decode() -> TaskImages:
-        image = uploads.open_image("control_image", uploads.decode_base64("control_image", req.control_image), limit)
-        return family.fit(TaskImages(control_image=uploads.as_rgb(image)), resolution.height, resolution.width)
+        control = open_control_image(req.control_image, limits)
+        return family.fit(TaskImages(control_image=control), resolution.height, resolution.width)
 
     return await asyncio.to_thread(decode)
 
@@ -345,10 +348,25 @@ async def control_images(service: ImageService, req: ImageGenerationRequest) -> 
 async def _edits(request: Request, service: ImageService, rid: str, progress: bool, models: dict,
                  settings: AppSettings, store: ImageStore, link) -> Response:
     try:
-        req, images = await read_edit(request, _request_model(models, service.limits, ImageEditRequest), service)
+        req, files = await read_edit(request, _request_model(models, service.limits, ImageEditRequest), service)
+        refusal = refused_early(req, rid, store, progress)
+        if refusal is not None:
+            return refusal
+        req, images = await decode_edit(req, files, service)
     except ServiceError as error:
         return service_error_response(error, rid)
     return await answer(service, req, rid, settings, store, link, progress, images)
+
+
+def refused_early(req: ImageRequest, rid: str, store: ImageStore, progress: bool) -> Response | None:
+    """The refusals that need no image: answered before an upload is decoded."""
+    if progress and req.stream:
+        return error_response(422, "invalid_value", "ask for one stream: 'stream': true in the body (OpenAI's "
+                              "events) or ?stream=true (progress events), not both", rid, param="stream")
+    if req.response_format == "url" and not store.enabled:
+        return error_response(422, "invalid_value", "this server keeps no images for links: use response_format "
+                              "'b64_json'", rid, param="response_format")
+    return None
 
 
 async def json_body(request: Request, rid: str):
@@ -374,13 +392,8 @@ def parse_or_refuse(model: type[ImageRequest], body, rid: str):
 async def answer(service: ImageService, req: ImageRequest, rid: str, settings: AppSettings,
                  store: ImageStore, link, progress: bool, images: TaskImages | None = None) -> Response:
     """Run `req` (with an edit's or a ControlNet request's `images`) and answer: OpenAI's images response,
-    OpenAI's stream (`stream: true` in the body), or our progress events (`?stream=true`, the dashboard's)."""
-    if progress and req.stream:
-        return error_response(422, "invalid_value", "ask for one stream: 'stream': true in the body (OpenAI's "
-                              "events) or ?stream=true (progress events), not both", rid, param="stream")
-    if req.response_format == "url" and not store.enabled:
-        return error_response(422, "invalid_value", "this server keeps no images for links: use response_format "
-                              "'b64_json'", rid, param="response_format")
+    OpenAI's stream (`stream: true` in the body), or our progress events (`?stream=true`, the dashboard's);
+    `refused_early` has passed it."""
     link = link if req.response_format == "url" else None
     if not (req.stream or progress):
         try:
@@ -393,7 +406,12 @@ async def answer(service: ImageService, req: ImageRequest, rid: str, settings: A
         first = await events.__anext__()  # queues the request: a refusal is still a plain HTTP error here
     except ServiceError as error:
         return service_error_response(error, rid)
-    convert = _progress_events if progress else _openai_events
+    events_of = _progress_events if progress else _openai_events
+
+    def convert(event, req: ImageRequest, rid: str, link) -> list[ServerSentEvent]:
+        if event.event == "error":
+            return [ServerSentEvent(data=json.dumps(openai_api.error_event(event.data, rid)), event="error")]
+        return events_of(event, req, link)
 
     async def send():
         try:
@@ -408,23 +426,19 @@ async def answer(service: ImageService, req: ImageRequest, rid: str, settings: A
     return EventSourceResponse(send(), ping=settings.sse_ping_s, headers={"Cache-Control": "no-store"})
 
 
-def _progress_events(event, req: ImageRequest, rid: str, link) -> list[ServerSentEvent]:
+def _progress_events(event, req: ImageRequest, link) -> list[ServerSentEvent]:
     if event.event == "done":
         return [ServerSentEvent(data=json.dumps(openai_api.images_body(event.data, req, link)), event="done")]
-    if event.event == "error":
-        return [ServerSentEvent(data=json.dumps(openai_api.error_event(event.data, rid)), event="error")]
     return [ServerSentEvent(data=json.dumps(event.data), event=event.event)]
 
 
-def _openai_events(event, req: ImageRequest, rid: str, link) -> list[ServerSentEvent]:
+def _openai_events(event, req: ImageRequest, link) -> list[ServerSentEvent]:
     """OpenAI's events only: previews, then one `image_generation.completed` per image (queue and step
     events are ours, for the progress stream)."""
     if event.event == "partial_image":
         return [openai_api.sse(openai_api.partial_image_event(req, event.data, int(time.time())))]
     if event.event == "done":
         return [openai_api.sse(payload) for payload in openai_api.completed_events(event.data, req)]
-    if event.event == "error":
-        return [ServerSentEvent(data=json.dumps(openai_api.error_event(event.data, rid)), event="error")]
     return []
 
 

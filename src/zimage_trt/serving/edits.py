@@ -87,8 +87,14 @@ async def read_form(request: Request, max_bytes: int) -> tuple[dict[str, str], d
         if "control_image" in files:
             raise ServiceError(422, "invalid_value", "control_image came as a file and as a field; send one",
                                param="control_image")
-        files["control_image"] = decode_base64("control_image", fields.pop("control_image"))
+        files["control_image"] = fields.pop("control_image")  # base64: decoded with the files, off the event loop
     return fields, files
+
+
+def open_control_image(data: bytes | str, limits: ServingLimits):
+    """A control image sent as a file (bytes) or in base64 (str), opened and checked (CPU work: in a thread)."""
+    raw = decode_base64("control_image", data) if isinstance(data, str) else data
+    return as_rgb(open_image("control_image", raw, limits.max_image_pixels))
 
 
 def auto_size(width: int, height: int, limits: ServingLimits) -> str:
@@ -120,27 +126,30 @@ def edit_images(req: ImageEditRequest, files: dict[str, bytes], limits: ServingL
         raise ServiceError(400, "invalid_value", f"mask is {mask.width}x{mask.height} but image is "
                            f"{image.width}x{image.height} (WIDTHxHEIGHT): send a mask of the image's size",
                            param="mask")
-    control = open_image("control_image", files["control_image"], limits.max_image_pixels) \
-        if "control_image" in files else None
+    control = open_control_image(files["control_image"], limits) if "control_image" in files else None
     if req.size == "auto":
         req = req.model_copy(update={"size": auto_size(image.width, image.height, limits)})
     if control is not None and req.strength is not None:
         raise ServiceError(422, "invalid_value", "strength is not taken with control_image: diffusers' ControlNet "
                            "inpainting starts from pure noise; leave strength out", param="strength")
-    images = TaskImages(as_rgb(image), repaint_mask(mask)[0] if mask is not None else None,
-                        as_rgb(control) if control is not None else None, req.strength)
+    images = TaskImages(as_rgb(image), repaint_mask(mask)[0] if mask is not None else None, control, req.strength)
     resolution = req.resolution
     return req, family.fit(images, resolution.height, resolution.width)
 
 
-async def read_edit(request: Request, model: type[ImageEditRequest], service) -> tuple[ImageEditRequest, TaskImages]:
-    """(the request, its TaskImages) of an edit, or a ServiceError saying what is wrong."""
-    limits = service.limits
-    fields, files = await read_form(request, max(limits.max_upload_bytes, limits.max_body_bytes))
+async def read_edit(request: Request, model: type[ImageEditRequest], service) -> tuple[ImageEditRequest, dict]:
+    """(the request, its uploaded files, undecoded) of an edit, or a ServiceError saying what is wrong;
+    `decode_edit` decodes them (after the refusals that need no image)."""
+    fields, files = await read_form(request, service.limits.upload_body_bytes)
     req = parsed(model, fields)
     if "image" not in files:
         raise ServiceError(422, "invalid_value", f"image is required: the image to edit, {ALLOWED}, as the "
                            f"multipart file 'image'", param="image")
     if "control_image" in files and not service.takes_control_images:
         raise no_controlnet()
-    return await asyncio.to_thread(edit_images, req, files, limits, service.task_family())
+    return req, files
+
+
+async def decode_edit(req: ImageEditRequest, files: dict, service) -> tuple[ImageEditRequest, TaskImages]:
+    """`edit_images` in a thread: (the request with its size resolved, its TaskImages)."""
+    return await asyncio.to_thread(edit_images, req, files, service.limits, service.task_family())

@@ -65,6 +65,11 @@ class ServingLimits:
     max_image_pixels: int = 2**25
     model_id: str = MODEL_ID
 
+    @property
+    def upload_body_bytes(self) -> int:
+        """The limit of a body that holds images (never below a plain JSON body's)."""
+        return max(self.max_upload_bytes, self.max_body_bytes)
+
     def __post_init__(self):
         for name in ("max_n", "max_steps", "max_prompt_chars", "max_body_bytes", "max_upload_bytes", "max_image_pixels"):
             value = getattr(self, name)
