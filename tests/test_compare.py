@@ -63,6 +63,23 @@ def test_a_lora_on_one_side_changes_its_images(tmp_path):
     assert all(r["psnr_db"] < 60 for r in table["prompts"])  # the adapter moved the pixels
 
 
+def test_fp8_keep_builds_engines_for_the_size_asked_width_first(tmp_path, monkeypatch):
+    """--size is WIDTHxHEIGHT; the FP8 engines of --b-fp8-keep are built for that size (128 wide, 112 tall),
+    not its transpose (the build itself is a GPU job: here it records what it was asked and stops)."""
+    from zimage_trt import compare
+
+    asked = []
+
+    def build(transformer, sizes, *args, **kwargs):
+        asked.extend(sizes)
+        raise RuntimeError("stop after the build's arguments")
+
+    monkeypatch.setattr(compare, "build_engines", build)
+    code, _ = run_compare(tmp_path, "--a-pipeline", "ours", "--a-precision", "fp32", "--b-pipeline", "ours",
+                          "--b-precision", "fp8", "--b-fp8-keep", "none")
+    assert code == 2 and asked == ["128x112"]
+
+
 @pytest.mark.parametrize("options, message", [
     (["--size", "1000x1000"], "multiples of 16"),
     (["--size", "1024"], "WIDTHxHEIGHT"),

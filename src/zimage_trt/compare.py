@@ -28,6 +28,7 @@ from .benchmark import quality
 from .compiler.build import build_engines
 from .files import atomic_path, atomic_write_text
 from .model.precision import PRECISIONS, default_precision, precision_dtype
+from .model.shapes import Resolution
 from .pipeline import ZImageTRTPipeline
 from .testing.tiny import make_tiny_components
 
@@ -114,7 +115,7 @@ def make_pipeline(args, setting: Setting, side: str, device: torch.device, size:
         engines = setting.engines
         if setting.fp8_keep:  # build FP8 engines with this keep list (the build converts the transformer)
             engines = str(Path(args.out) / f"engines-{side}")
-            build_engines(parts["transformer"], [f"{size[0]}x{size[1]}"], engines, backend="torch-compiled",
+            build_engines(parts["transformer"], [Resolution(*size).key], engines, backend="torch-compiled",
                           precision="fp8", fp8_keep=setting.fp8_keep, progress=not args.quiet, device=device)
         pipe = ZImageTRTPipeline.from_components(
             **{k: parts[k] for k in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")},
