@@ -7,6 +7,7 @@
 #   bash bench/h200_session.sh tests           # nvidia-smi, doctor, the gpu-marked tests (skip allow-list)
 #   bash bench/h200_session.sh speed3          # bench/speed3.py (issue 21), bounded
 #   bash bench/h200_session.sh tasks           # bench/image_tasks.py (issue 19), bounded
+#   bash bench/h200_session.sh extras          # bench/profile_step.py (fp8, fp16), bench/compare_sheet.py
 #   bash bench/h200_session.sh serving         # bench/shared_gpu.py, bench/serving_gpu.py, bench/stream_previews_gpu.py
 set -u
 phase=${1:?phase}
@@ -54,6 +55,16 @@ case "$phase" in
     timeout "${SERVING_S:-200}" python3 bench/serving_gpu.py --out "$res/serving_gpu" --images 8 > "$res/serving_gpu.stdout" 2>&1
     note "serving_gpu rc=$?"
     tail -15 "$res/serving_gpu.stdout" | tee -a "$log"
+    ;;
+  extras)  # where a step's time goes (the profile behind a missed step target), and the compare sheet for docs/
+    for precision in ${PROFILE_PRECISIONS:-fp8 fp16}; do
+      timeout "${PROFILE_S:-150}" python3 bench/profile_step.py --precision "$precision" > "$res/profile_step_$precision.txt" 2>&1
+      note "profile_step $precision rc=$?"
+      head -45 "$res/profile_step_$precision.txt" | tee -a "$log"
+    done
+    timeout "${SHEET_S:-200}" python3 bench/compare_sheet.py --out "$res/compare" --tile 192 --quiet > "$res/compare.log" 2>&1
+    note "compare_sheet rc=$?"
+    tail -12 "$res/compare.log" | tee -a "$log"
     ;;
   *) echo "unknown phase $phase" >&2; exit 2 ;;
 esac

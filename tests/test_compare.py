@@ -91,3 +91,25 @@ def test_bad_options_are_refused_before_rendering(tmp_path, capsys, options, mes
     code, out = run_compare(tmp_path, *options)
     assert code == 2 and message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_the_bench_sheet_renders_both_settings_from_the_same_weights(tmp_path):
+    """bench/compare_sheet.py hands compare its own components (the full-size random model on the H200; the
+    tiny one here): both settings get the same weights, so one precision on both sides compares equal."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("compare_sheet", Path(__file__).parents[1] / "bench" / "compare_sheet.py")
+    sheet = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sheet)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red fox in snow\n")
+    common = ["--tiny-weights", "--device", "cpu", "--size", "64x48", "--steps", "2", "--prompts", str(prompts),
+              "--quiet", "--tile", "32"]
+    assert sheet.main([*common, "--out", str(tmp_path / "same"), "--a-pipeline", "ours", "--a-precision", "fp32",
+                       "--b-precision", "fp32"]) == 0
+    assert json.loads((tmp_path / "same" / "table.json").read_text())["prompts"][0]["psnr_db"] == float("inf")
+    assert sheet.main([*common, "--out", str(tmp_path / "peer"), "--a-precision", "fp32", "--b-precision", "fp32"]) == 0
+    table = json.loads((tmp_path / "peer" / "table.json").read_text())
+    assert table["a"]["pipeline"] == "diffusers" and table["b"]["pipeline"] == "ours"
+    assert table["prompts"][0]["psnr_db"] > 40  # diffusers' own maths: within 8-bit rounding (often equal)

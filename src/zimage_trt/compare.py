@@ -102,10 +102,11 @@ def _components(args, dtype):
     return ZImagePipeline.from_pretrained(args.model, torch_dtype=dtype).components
 
 
-def make_pipeline(args, setting: Setting, side: str, device: torch.device, size: tuple[int, int]):
-    """The pipeline of one setting, LoRA loaded."""
+def make_pipeline(args, setting: Setting, side: str, device: torch.device, size: tuple[int, int], components=None):
+    """The pipeline of one setting, LoRA loaded; `components(dtype)`, when given, makes its parts (the same
+    weights for both settings: bench/compare_sheet.py's full-size random model) instead of --model/--tiny."""
     dtype = precision_dtype(setting.precision)
-    parts = _components(args, dtype)
+    parts = components(dtype) if components is not None else _components(args, dtype)
     if setting.pipeline == "diffusers":
         from diffusers import ZImagePipeline
 
@@ -127,8 +128,8 @@ def make_pipeline(args, setting: Setting, side: str, device: torch.device, size:
     return pipe
 
 
-def render(args, setting: Setting, side: str, prompts, device, size) -> list[np.ndarray]:
-    pipe = make_pipeline(args, setting, side, device, size)
+def render(args, setting: Setting, side: str, prompts, device, size, components=None) -> list[np.ndarray]:
+    pipe = make_pipeline(args, setting, side, device, size, components)
     images = []
     for i, prompt in enumerate(prompts):
         out = pipe(prompt, height=size[0], width=size[1], num_inference_steps=args.steps, guidance_scale=args.guidance,
@@ -164,16 +165,16 @@ def _db(value: float) -> str:
     return "inf" if math.isinf(value) else f"{value:.2f}"
 
 
-def run(args) -> int:
+def run(args, components=None) -> int:
     size = parse_size(args.size)
     prompts = read_prompts(args.prompts)
     device = torch.device(args.device or ("cpu" if args.tiny or not torch.cuda.is_available() else "cuda"))
-    if not args.tiny and not args.model:
+    if not args.tiny and not args.model and components is None:
         raise ValueError("zimage-trt compare needs --model (a diffusers-format Z-Image folder or hub id), or --tiny")
     if args.magnify <= 0:
         raise ValueError(f"--magnify must be positive, got {args.magnify}")
     settings = [setting_from(args, side, device) for side in SIDES]
-    images = [render(args, setting, side, prompts, device, size) for setting, side in zip(settings, SIDES)]
+    images = [render(args, setting, side, prompts, device, size, components) for setting, side in zip(settings, SIDES)]
     table = []
     for i, (prompt, a, b) in enumerate(zip(prompts, *images)):
         table.append({"prompt": prompt, "seed": args.seed + i, "psnr_db": quality.psnr(a, b), "ssim": quality.ssim(a, b)})
