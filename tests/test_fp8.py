@@ -46,6 +46,43 @@ def test_fp8_linear_takes_any_row_count(rows, monkeypatch):
     assert torch.allclose(out.float(), expected.float(), rtol=1e-2, atol=1e-2)  # (the same rows' products)
 
 
+def test_a_product_cublaslt_refuses_runs_dequantised_with_the_same_maths(monkeypatch):
+    """cuBLASLt's heuristic can refuse a row-wise scaled shape (CUBLAS_STATUS_NOT_SUPPORTED, seen on an H200
+    for 77 -> 80 padded rows, 9728 in, 64 out): the layer warns once, gives the product from the same e4m3
+    values in fp32, and does not ask cuBLASLt again for that shape; other errors are not swallowed."""
+    from zimage_trt.model import fp8
+
+    monkeypatch.setattr(fp8, "_REFUSED_SHAPES", set())
+    gen = torch.Generator().manual_seed(0)
+    layer = Fp8Linear(torch.nn.Linear(96, 48).to(torch.bfloat16))
+    x = torch.randn(77, 96, generator=gen).to(torch.bfloat16)
+    expected = layer(x)  # the real _scaled_mm (the CPU has every shape)
+    real, calls = torch._scaled_mm, []
+
+    def refusing(a, *args, **kw):
+        calls.append(a.shape[0])
+        if a.shape[0] == 80:
+            raise RuntimeError("CUDA error: CUBLAS_STATUS_NOT_SUPPORTED when calling `cublasLtMatmulAlgoGetHeuristic(...)`")
+        return real(a, *args, **kw)
+
+    monkeypatch.setattr(torch, "_scaled_mm", refusing)
+    with pytest.warns(UserWarning, match="no row-wise scaled FP8 kernel for 80 rows x 96 -> 48 with bias"):
+        first = layer(x)
+    second = layer(x)
+    assert calls == [80]  # asked once; the second call went straight to the dequantised product
+    for got in (first, second):
+        assert got.dtype == expected.dtype and got.shape == expected.shape
+        assert torch.allclose(got.float(), expected.float(), rtol=1e-2, atol=1e-2)
+    assert layer(x[:16]).shape == (16, 48) and calls[-1] == 16  # other shapes still go to _scaled_mm
+
+    def broken(*args, **kw):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(torch, "_scaled_mm", broken)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        layer(x[:32])
+
+
 def test_fp8_denoiser_tracks_fp32():
     tr = make_tiny_components(seed=6)["transformer"]
     gen = torch.Generator().manual_seed(1)

@@ -7,6 +7,7 @@ norms, modulation and the embedders stay 16-bit. Used by the engines (the static
 
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -32,6 +33,16 @@ def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # Row counts the FP8 product takes as they are: the engines' (tokens padded to 32) and a few rows; any other
 # count above it is padded up to a multiple (zero rows, scale 1) and the result sliced back.
 ROW_MULTIPLE = 16
+# (rows, in, out, bias) products cuBLASLt has refused (CUBLAS_STATUS_NOT_SUPPORTED from its heuristic: no
+# row-wise scaled kernel for that shape, seen on an H200): run dequantised from then on, without asking again.
+_REFUSED_SHAPES: set[tuple] = set()
+
+
+def _dequantised_product(quantised, row_scale, weight_fp8, weight_scale, bias, out_dtype) -> torch.Tensor:
+    """The row-wise scaled FP8 product in fp32 from the same e4m3 values and scales (the same maths as
+    `torch._scaled_mm`, bar accumulation order): for a shape cuBLASLt has no kernel for."""
+    out = (quantised.float() @ weight_fp8.float().t()) * row_scale * weight_scale
+    return (out if bias is None else out + bias.float()).to(out_dtype)
 
 
 class Fp8Linear(nn.Module):
@@ -87,8 +98,25 @@ class Fp8Linear(nn.Module):
         if pad:  # (cuBLASLt has no row-wise scaled kernel for such row counts: seen for 77 rows on an H200)
             quantised = torch.cat([quantised, quantised.new_zeros(pad, quantised.shape[1])])
             row_scale = torch.cat([row_scale, row_scale.new_ones(pad, 1)])
-        out = torch._scaled_mm(quantised, self.weight_fp8.t(), scale_a=row_scale, scale_b=self.weight_scale,
-                               bias=self.bias, out_dtype=self.out_dtype, use_fast_accum=True)
+        shape = (quantised.shape[0], self.in_features, self.out_features, self.bias is not None)
+        if shape in _REFUSED_SHAPES:
+            out = _dequantised_product(quantised, row_scale, self.weight_fp8, self.weight_scale, self.bias, self.out_dtype)
+        elif torch.compiler.is_compiling():  # (the engines' padded shapes; a compiled graph cannot catch below)
+            out = torch._scaled_mm(quantised, self.weight_fp8.t(), scale_a=row_scale, scale_b=self.weight_scale,
+                                   bias=self.bias, out_dtype=self.out_dtype, use_fast_accum=True)
+        else:
+            try:
+                out = torch._scaled_mm(quantised, self.weight_fp8.t(), scale_a=row_scale, scale_b=self.weight_scale,
+                                       bias=self.bias, out_dtype=self.out_dtype, use_fast_accum=True)
+            except RuntimeError as error:  # (refused before any kernel ran: nothing is half-done)
+                if "CUBLAS_STATUS_NOT_SUPPORTED" not in str(error):
+                    raise
+                _REFUSED_SHAPES.add(shape)
+                warnings.warn(f"cuBLASLt has no row-wise scaled FP8 kernel for {shape[0]} rows x {shape[1]} -> "
+                              f"{shape[2]}{' with bias' if shape[3] else ''}; that product runs dequantised in fp32 "
+                              f"(the same values, slower)", stacklevel=2)
+                out = _dequantised_product(quantised, row_scale, self.weight_fp8, self.weight_scale, self.bias,
+                                           self.out_dtype)
         return out[:rows].reshape(*lead_shape, self.out_features)
 
 
