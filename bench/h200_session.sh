@@ -57,12 +57,16 @@ case "$phase" in
     tail -15 "$res/serving_gpu.stdout" | tee -a "$log"
     ;;
   extras)  # where a step's time goes (the profile behind a missed step target), and the compare sheet for docs/
+    if [ -n "${SHAPES:-}" ]; then
+      timeout 120 python3 bench/scaled_mm_shapes.py --json "$res/scaled_mm_shapes.json" > "$res/scaled_mm_shapes.txt" 2>&1
+      note "scaled_mm_shapes rc=$?"; cat "$res/scaled_mm_shapes.txt" | tee -a "$log"
+    fi
     for precision in ${PROFILE_PRECISIONS:-fp8 fp16}; do
       timeout "${PROFILE_S:-150}" python3 bench/profile_step.py --precision "$precision" > "$res/profile_step_$precision.txt" 2>&1
       note "profile_step $precision rc=$?"
       head -45 "$res/profile_step_$precision.txt" | tee -a "$log"
     done
-    timeout "${SHEET_S:-200}" python3 bench/compare_sheet.py --out "$res/compare" --tile 192 --quiet > "$res/compare.log" 2>&1
+    [ -n "${NO_SHEET:-}" ] || timeout "${SHEET_S:-200}" python3 bench/compare_sheet.py --out "$res/compare" --tile 192 --quiet > "$res/compare.log" 2>&1
     note "compare_sheet rc=$?"
     tail -12 "$res/compare.log" | tee -a "$log"
     ;;
