@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from zimage_trt.benchmark import phased, quality
-from zimage_trt.benchmark.common import environment
+from zimage_trt.benchmark.common import Log, environment
 from zimage_trt.benchmark.peers import peer_job
 from zimage_trt.files import atomic_write_text
 
@@ -137,14 +137,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     deadline = started + args.budget_s
-    log = open(out / "speed3.log", "a")
-
-    def report(line: str) -> None:
-        stamp = f"[{time.perf_counter() - started:6.1f} s] "
-        print(stamp + line, flush=True)
-        log.write(stamp + line + "\n")
-        log.flush()
-
+    report = Log(out / "speed3.log", stamp=True, started=started, mode="a")
     results = {"env": environment(), "args": vars(args), "jobs": {}}
     report(f"speed3: {results['env']}")
     for number, wave in enumerate(waves(args, out), start=1):
@@ -168,7 +161,7 @@ def main() -> int:
         report(line)
     report(f"speed3: done in {results['wall_s']:.0f} s")
     atomic_write_text(out / "speed3.json", json.dumps(results, indent=1, default=str))
-    log.close()
+    report.close()
     return 0
 
 

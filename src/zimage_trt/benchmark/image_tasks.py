@@ -37,7 +37,7 @@ from ..pipeline import ZImageTRTPipeline
 from ..runtime.telemetry import summarize
 from ..tasks import ZImageTRTControlNetPipeline, ZImageTRTImg2ImgPipeline
 from ..testing.tiny import make_tiny_controlnet
-from .common import PROMPT_160, _materialise, cuda_time_ms, environment
+from .common import PROMPT_160, Log, _materialise, cuda_time_ms, environment
 from .pipeline_speed import components
 
 UNION_2_1 = dict(control_layers_places=list(range(0, 30, 2)), control_refiner_layers_places=[0, 1],
@@ -75,17 +75,6 @@ def full_size_controlnet(device, dtype, seed=3):
     from diffusers import ZImageControlNetModel
 
     return _materialise(lambda: ZImageControlNetModel(**UNION_2_1), device, dtype, seed)
-
-
-class Log:
-    """Print and keep every line for the log file."""
-
-    def __init__(self):
-        self.lines = []
-
-    def __call__(self, text: str) -> None:
-        print(text, flush=True)
-        self.lines.append(text)
 
 
 def timed_images(pipe, n: int, **call) -> tuple[list[float], object]:
@@ -141,7 +130,7 @@ def peer_step_ms(peer, device, side: int) -> dict:
 def run(args) -> int:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    log = Log()
+    log = Log(out_dir / "image_tasks.log")
     device = "cpu" if args.tiny else "cuda"
     dtype = torch.float32 if args.tiny else torch.bfloat16
     side = 256 if args.tiny else 1024
@@ -231,7 +220,7 @@ def run(args) -> int:
             log(f"  ours vs diffusers compiled ControlNet per image: {speedup:.2f}x (target >= 1.5x): "
                 f"{'OK' if speedup >= 1.5 else 'MISSED'}")
     atomic_write_text(out_dir / "image_tasks.json", json.dumps(results, indent=2, default=str))
-    atomic_write_text(out_dir / "image_tasks.log", "\n".join(log.lines) + "\n")
+    log.close()
     return 0
 
 
