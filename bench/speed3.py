@@ -31,14 +31,6 @@ BENCH = Path(__file__).resolve().parent
 QUALITY_SEED = 4321
 
 
-def load_image(path):
-    import numpy as np
-    from PIL import Image
-
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
-
-
 def waves(args, out: Path) -> list[list[phased.Job]]:
     side = 64 if args.tiny else 1024
     images = 2 if args.tiny else args.images
@@ -151,10 +143,10 @@ def main() -> int:
     eager = jobs.get("diffusers-eager", {}).get("quality_image")
     for outcome in jobs.values():
         if eager and outcome.get("quality_image"):
-            outcome["psnr_vs_eager_db"] = quality.psnr(load_image(outcome["quality_image"]), load_image(eager))
+            outcome["psnr_vs_eager_db"] = quality.psnr(quality.load_rgb(outcome["quality_image"]), quality.load_rgb(eager))
     for a, b in (("ours-fp8-switches", "ours-fp8"),):
         if jobs.get(a, {}).get("quality_image") and jobs.get(b, {}).get("quality_image"):
-            results[f"psnr_{a}_vs_{b}_db"] = quality.psnr(load_image(jobs[a]["quality_image"]), load_image(jobs[b]["quality_image"]))
+            results[f"psnr_{a}_vs_{b}_db"] = quality.psnr(quality.load_rgb(jobs[a]["quality_image"]), quality.load_rgb(jobs[b]["quality_image"]))
     results["ratios"] = ratios(jobs)
     results["wall_s"] = time.perf_counter() - started
     for line in summary_lines(results):

@@ -26,7 +26,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..compiler.build import build_engines
@@ -127,11 +126,11 @@ def run_peers(args, ours: dict, our_image: Path, image_dir: Path, results: dict)
         outcomes.update(phased.run_wave([job], Path(args.engine_dir) / "peer-logs", report=lambda line: None))
     eager_image = outcomes.get("diffusers-eager", {}).get("quality_image")
     if eager_image:
-        results["psnr_vs_diffusers_db"] = quality.psnr(load_image(our_image), load_image(eager_image))
+        results["psnr_vs_diffusers_db"] = quality.psnr(quality.load_rgb(our_image), quality.load_rgb(eager_image))
     for name in eager_first:
         outcome = outcomes[name]
         if outcome["status"] == "ok" and eager_image:
-            outcome["psnr_vs_eager_db"] = quality.psnr(load_image(outcome["quality_image"]), load_image(eager_image))
+            outcome["psnr_vs_eager_db"] = quality.psnr(quality.load_rgb(outcome["quality_image"]), quality.load_rgb(eager_image))
         results["peers"][name] = outcome
         if outcome["status"] != "ok":
             print(f"{name:<46} {phased.describe(outcome)}", flush=True)
@@ -144,13 +143,6 @@ def run_peers(args, ours: dict, our_image: Path, image_dir: Path, results: dict)
         results["diffusers_eager"] = results["peers"]["diffusers-eager"]["per_image_ms"]
     if "psnr_vs_diffusers_db" in results:
         print(f"image PSNR ours vs diffusers eager (seed {QUALITY_SEED}): {results['psnr_vs_diffusers_db']:.1f} dB", flush=True)
-
-
-def load_image(path) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
@@ -303,10 +295,9 @@ if torch.cuda.is_available():
                        **size).images
             image = pipe.decode_latents(lat, "np")[0]
         save_png(args.save_images, f"quality-seed{QUALITY_SEED}-ours-{args.precision}", image)
-        mse = float(np.mean((image - reference[1]) ** 2))
         results["fp8_vs_bf16"] = {
             "rel_l2_latents": float((lat.float() - reference[0].float()).norm() / reference[0].float().norm()),
-            "psnr_db": 10 * np.log10(1 / mse) if mse > 0 else float("inf"), "fp8_keep": results["engine"]["fp8_keep"]}
+            "psnr_db": quality.psnr(image, reference[1]), "fp8_keep": results["engine"]["fp8_keep"]}
         print(f"FP8 vs bf16 (same weights, seed): latents rel L2 {results['fp8_vs_bf16']['rel_l2_latents']:.4f}, "
               f"image PSNR {results['fp8_vs_bf16']['psnr_db']:.1f} dB, blocks kept bf16 {results['engine']['fp8_keep']}",
               flush=True)
