@@ -28,7 +28,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..compiler.build import build_engines
@@ -37,7 +36,7 @@ from ..model.fp8_gemm import FP8_EPILOGUES_ENV
 from ..model.precision import precision_dtype
 from ..pipeline import ZImageTRTPipeline
 from ..runtime.telemetry import summarize
-from . import phased
+from . import phased, quality
 from .common import PROMPT_160, bench_components, environment
 
 PEERS = ("diffusers-eager", "diffusers-compiled", "cache-dit", "torchao-fp8")
@@ -73,7 +72,7 @@ def save_png(path: Path, image) -> None:
     from PIL import Image
 
     if not isinstance(image, Image.Image):
-        image = Image.fromarray(np.round(np.clip(np.asarray(image), 0, 1) * 255).astype(np.uint8))
+        image = Image.fromarray(quality.to_8bit(image))
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG")
