@@ -172,6 +172,21 @@ def cuda_time_ms(fn, *, warmup: int = 3, iters: int = 10) -> list[float]:
     return times
 
 
+def timed_images(pipe, n: int, *, seed: int = 100, device=None, **call) -> tuple[list[float], object]:
+    """Wall-clock ms of each of `n` calls `pipe(PROMPT_160, generator=<seed + i>, **call)`, each ended by
+    a CUDA synchronise where CUDA is available; returns (the times, the last call's output). No warm-up
+    here: callers run it once untimed first. The generators are on `device` (default: the pipeline's)."""
+    device = pipe.device if device is None else device
+    times, out = [], None
+    for i in range(n):
+        start = time.perf_counter()
+        out = pipe(PROMPT_160, generator=torch.Generator(device).manual_seed(seed + i), **call)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    return times, out
+
+
 def format_row(name: str, stats: dict, baseline: float | None = None) -> str:
     ratio = f"{baseline / stats['mean']:6.2f}x" if baseline else "      "
     return (f"{name:<44} mean {stats['mean']:8.2f}  std {stats['std']:6.2f}  p50 {stats['p50']:8.2f}  "

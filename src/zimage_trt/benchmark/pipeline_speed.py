@@ -36,7 +36,7 @@ from ..model.shapes import Resolution
 from ..pipeline import ZImageTRTPipeline
 from ..runtime.telemetry import summarize
 from . import phased, quality
-from .common import PROMPT_160, bench_components, environment
+from .common import PROMPT_160, bench_components, environment, timed_images
 from .peers import DEFAULT_CACHE_DIT_MASK, PEERS, peer_job, save_png as save_png_file
 
 components = bench_components  # (the name the cold-start child imports)
@@ -53,17 +53,6 @@ while time.time() < end:
     torch.cuda.synchronize(); n += 8
 print('NEIGHBOUR_MATMULS', n)
 """
-
-
-def per_image_ms(pipe, n, **call):
-    times, last = [], None
-    for i in range(n):
-        start = time.perf_counter()
-        last = pipe(PROMPT_160, generator=torch.Generator(pipe.device).manual_seed(100 + i), **call)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
-    return times, last
 
 
 def save_png(folder, name: str, image) -> None:
@@ -275,9 +264,9 @@ if torch.cuda.is_available():
     pipe.set_progress_bar_config(disable=True)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    per_image_ms(pipe, 2, **size)  # warm-up: compile from the persisted artefacts, capture graphs
+    timed_images(pipe, 2, **size)  # warm-up: compile from the persisted artefacts, capture graphs
     pipe.telemetry.clear()
-    times, _ = per_image_ms(pipe, args.images, **size)
+    times, _ = timed_images(pipe, args.images, **size)
     ours = summarize(times)
     stats = pipe.stats()
     results["ours"] = {"per_image_ms": ours, "stages": {k: stats[k] for k in ("text_encode_ms", "denoise_ms", "vae_decode_ms", "step_ms")}}
@@ -304,16 +293,16 @@ if torch.cuda.is_available():
 
     if args.batch > 1:
         # Throughput: one call making `batch` images (torch-compiled engines take any batch).
-        per_image_ms(pipe, 1, num_images_per_prompt=args.batch, **size)
-        calls = summarize(per_image_ms(pipe, 5, num_images_per_prompt=args.batch, **size)[0])
+        timed_images(pipe, 1, num_images_per_prompt=args.batch, **size)
+        calls = summarize(timed_images(pipe, 5, num_images_per_prompt=args.batch, **size)[0])
         results[f"ours_batch{args.batch}"] = {"per_call_ms": calls, "images_per_s": args.batch * 1000 / calls["mean"]}
         print(row(f"ours {args.precision} batch {args.batch} (ms per call)", calls) +
               f"  -> {args.batch * 1000 / calls['mean']:.2f} images/s", flush=True)
 
     for res in extra:
         sides = Resolution.parse(res)
-        per_image_ms(pipe, 1, height=sides.height, width=sides.width)
-        r = summarize(per_image_ms(pipe, 5, height=sides.height, width=sides.width)[0])
+        timed_images(pipe, 1, height=sides.height, width=sides.width)
+        r = summarize(timed_images(pipe, 5, height=sides.height, width=sides.width)[0])
         results[f"ours_{res}"] = r
         print(row(f"ours {args.precision} {res}", r), flush=True)
 
@@ -323,10 +312,10 @@ if torch.cuda.is_available():
             pipe_p = ZImageTRTPipeline.from_components(**parts, engine_dir=args.engine_dir, device=device, torch_dtype=dtype,
                                                        stream_priority=priority, precision=args.precision)
             pipe_p.set_progress_bar_config(disable=True)
-            per_image_ms(pipe_p, 1, **size)
+            timed_images(pipe_p, 1, **size)
             neighbour = subprocess.Popen([sys.executable, "-c", NEIGHBOUR, "60"], stdout=subprocess.PIPE, text=True)
             time.sleep(4)
-            loaded = summarize(per_image_ms(pipe_p, 10, **size)[0])
+            loaded = summarize(timed_images(pipe_p, 10, **size)[0])
             neighbour.terminate()
             neighbour.wait()
             results[f"noisy_neighbour_priority_{priority}"] = loaded
