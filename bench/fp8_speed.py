@@ -13,13 +13,13 @@ import argparse
 import json
 import time
 
-import numpy as np
 import torch
 
 from zimage_trt import ZImageTRTPipeline, build_engines
-from zimage_trt.benchmark.common import PROMPT_160, environment
+from zimage_trt.benchmark import quality
+from zimage_trt.benchmark.common import PROMPT_160, environment, timed_images
 
-from zimage_trt.benchmark.pipeline_speed import components, per_image_ms, row
+from zimage_trt.benchmark.pipeline_speed import components, row
 from zimage_trt.runtime.telemetry import summarize
 
 
@@ -69,13 +69,12 @@ def main():
         lat = pipe(PROMPT_160, generator=torch.Generator(device).manual_seed(seed), output_type="latent", **size).images
         res["rel_l2_latents_vs_bf16"] = float((lat.float() - ref_latents.float()).norm() / ref_latents.float().norm())
         image = pipe.decode_latents(lat, "np")[0]
-        mse = float(np.mean((image - ref_image) ** 2))
-        res["psnr_vs_bf16_db"] = 10 * np.log10(1 / mse) if mse > 0 else float("inf")
+        res["psnr_vs_bf16_db"] = quality.psnr(image, ref_image)
         print(f"{label} vs bf16, same weights and seed: latents rel L2 {res['rel_l2_latents_vs_bf16']:.3e}, "
               f"image PSNR {res['psnr_vs_bf16_db']:.1f} dB", flush=True)
-        per_image_ms(pipe, 1, **size)
+        timed_images(pipe, 1, **size)
         pipe.telemetry.clear()
-        times, _ = per_image_ms(pipe, args.images, **size)
+        times, _ = timed_images(pipe, args.images, **size)
         res["per_image_ms"] = summarize(times)
         stats = pipe.stats()
         res["step_ms"] = stats["step_ms"]

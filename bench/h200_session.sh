@@ -7,8 +7,8 @@
 #   bash bench/h200_session.sh tests           # nvidia-smi, doctor, the gpu-marked tests (skip allow-list)
 #   bash bench/h200_session.sh speed3          # bench/speed3.py (issue 21), bounded
 #   bash bench/h200_session.sh tasks           # bench/image_tasks.py (issue 19), bounded
-#   bash bench/h200_session.sh extras          # bench/profile_step.py (fp8, fp16), bench/compare_sheet.py
-#   bash bench/h200_session.sh serving         # bench/shared_gpu.py, bench/serving_gpu.py, bench/stream_previews_gpu.py
+#   bash bench/h200_session.sh extras          # bench/scaled_mm_shapes.py (SHAPES=1), bench/profile_step.py (fp8, fp16), bench/compare_sheet.py
+#   bash bench/h200_session.sh serving         # bench/shared_gpu.py, then bench/serving_gpu.py
 set -u
 phase=${1:?phase}
 export PYTHONPATH=$PWD/src:/tmp/site HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false

@@ -33,11 +33,11 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from zimage_trt import ZImageTRTPipeline, build_engines
+from zimage_trt.benchmark import quality
 from zimage_trt.benchmark.common import PROMPT_160, environment
 from zimage_trt.benchmark.pipeline_speed import components
 from zimage_trt.files import atomic_write_text
@@ -65,11 +65,6 @@ def timed_images(pipe, n: int, size: dict, seed: int = 100):
         denoise.append(out.timings.denoise_ms)
     return {"per_image_ms": summarize(totals), "step_ms": summarize(steps) if steps else None,
             "denoise_ms": summarize(denoise)}, out
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return 10 * np.log10(1.0 / mse) if mse > 0 else float("inf")
 
 
 def make_pipe(parts, args, dtype, precision, **options):
@@ -166,7 +161,7 @@ def measure_parallel(args, parts, precision: str, graphs: bool, results: dict, r
             figures, last = timed_images(pipe, images_for(args, res), size)
             image = last.images[0]
             base = results[f"{precision}_{res}_one_gpu"]
-            entry = {**figures, "warmup_s": warm_s, "psnr_vs_one_gpu_db": psnr(image, references[(precision, res)]),
+            entry = {**figures, "warmup_s": warm_s, "psnr_vs_one_gpu_db": quality.psnr(image, references[(precision, res)]),
                      "e2e_ratio_vs_one_gpu": figures["per_image_ms"]["mean"] / base["per_image_ms"]["mean"]}
             if figures["step_ms"] and base["step_ms"]:
                 entry["step_ratio_vs_one_gpu"] = figures["step_ms"]["mean"] / base["step_ms"]["mean"]

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import uvicorn
 
-from zimage_trt.benchmark.common import PROMPT_160, full_size_pipeline
+from zimage_trt.benchmark.common import PROMPT_160, Log, full_size_pipeline
 from zimage_trt.engines.manifest import find_manifests
 from zimage_trt.files import atomic_write_text
 from zimage_trt.model.shapes import Resolution
@@ -51,18 +51,6 @@ def post(url: str, body: dict, stream: bool = False):
     request = urllib.request.Request(url + "/v1/images/generations" + ("?stream=true" if stream else ""),
                                      data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
     return urllib.request.urlopen(request, timeout=600)
-
-
-class Log:
-    """print() that also goes to a file."""
-
-    def __init__(self, path: Path):
-        self._file = open(path, "w", buffering=1)
-
-    def __call__(self, *parts) -> None:
-        line = " ".join(str(p) for p in parts)
-        print(line, flush=True)
-        self._file.write(line + "\n")
 
 
 def make_pipeline(args, log):

@@ -38,7 +38,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from zimage_trt.benchmark.common import PROMPT_160
+from zimage_trt.benchmark.common import PROMPT_160, Log
 from zimage_trt.files import atomic_write_text
 from zimage_trt.runtime.gpu_health import render_text
 from zimage_trt.runtime.telemetry import summarize
@@ -79,16 +79,6 @@ def run_server_role(args) -> int:
 
 
 # -- the driver ----------------------------------------------------------------------------------------
-class Log:
-    def __init__(self, path: Path):
-        self._file = open(path, "w", buffering=1)
-
-    def __call__(self, *parts) -> None:
-        line = " ".join(str(p) for p in parts)
-        print(line, flush=True)
-        self._file.write(line + "\n")
-
-
 def get(url: str, timeout: float = 10.0) -> tuple[int, bytes]:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:

@@ -23,20 +23,12 @@ import time
 from pathlib import Path
 
 from zimage_trt.benchmark import phased, quality
-from zimage_trt.benchmark.common import environment
+from zimage_trt.benchmark.common import Log, environment
 from zimage_trt.benchmark.peers import peer_job
 from zimage_trt.files import atomic_write_text
 
 BENCH = Path(__file__).resolve().parent
 QUALITY_SEED = 4321
-
-
-def load_image(path):
-    import numpy as np
-    from PIL import Image
-
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
 
 
 def waves(args, out: Path) -> list[list[phased.Job]]:
@@ -137,14 +129,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     deadline = started + args.budget_s
-    log = open(out / "speed3.log", "a")
-
-    def report(line: str) -> None:
-        stamp = f"[{time.perf_counter() - started:6.1f} s] "
-        print(stamp + line, flush=True)
-        log.write(stamp + line + "\n")
-        log.flush()
-
+    report = Log(out / "speed3.log", stamp=True, started=started, mode="a")
     results = {"env": environment(), "args": vars(args), "jobs": {}}
     report(f"speed3: {results['env']}")
     for number, wave in enumerate(waves(args, out), start=1):
@@ -158,17 +143,17 @@ def main() -> int:
     eager = jobs.get("diffusers-eager", {}).get("quality_image")
     for outcome in jobs.values():
         if eager and outcome.get("quality_image"):
-            outcome["psnr_vs_eager_db"] = quality.psnr(load_image(outcome["quality_image"]), load_image(eager))
+            outcome["psnr_vs_eager_db"] = quality.psnr(quality.load_rgb(outcome["quality_image"]), quality.load_rgb(eager))
     for a, b in (("ours-fp8-switches", "ours-fp8"),):
         if jobs.get(a, {}).get("quality_image") and jobs.get(b, {}).get("quality_image"):
-            results[f"psnr_{a}_vs_{b}_db"] = quality.psnr(load_image(jobs[a]["quality_image"]), load_image(jobs[b]["quality_image"]))
+            results[f"psnr_{a}_vs_{b}_db"] = quality.psnr(quality.load_rgb(jobs[a]["quality_image"]), quality.load_rgb(jobs[b]["quality_image"]))
     results["ratios"] = ratios(jobs)
     results["wall_s"] = time.perf_counter() - started
     for line in summary_lines(results):
         report(line)
     report(f"speed3: done in {results['wall_s']:.0f} s")
     atomic_write_text(out / "speed3.json", json.dumps(results, indent=1, default=str))
-    log.close()
+    report.close()
     return 0
 
 

@@ -131,6 +131,30 @@ def bench_components(tiny: bool, device, dtype) -> dict:
     return parts
 
 
+# -- logging -------------------------------------------------------------------------------------
+class Log:
+    """print() that also goes to a file, each line as it comes (flushed: a run killed by a timeout keeps
+    its log). `log(*parts)` joins the parts with spaces, as print does; with `stamp`, each line starts
+    with the seconds since `started` (default: when the log was opened), `[  12.3 s] `. `mode` "a"
+    appends to an earlier run's file."""
+
+    def __init__(self, path, *, stamp: bool = False, started: float | None = None, mode: str = "w"):
+        self.stamp = stamp
+        self.started = time.perf_counter() if started is None else started
+        self._file = open(path, mode, buffering=1)
+
+    def __call__(self, *parts) -> None:
+        line = " ".join(str(p) for p in parts)
+        if self.stamp:
+            line = f"[{time.perf_counter() - self.started:6.1f} s] " + line
+        print(line, flush=True)
+        self._file.write(line + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
 # -- timing --------------------------------------------------------------------------------------
 def cuda_time_ms(fn, *, warmup: int = 3, iters: int = 10) -> list[float]:
     """Per-call milliseconds with CUDA events (one sync per call, after it)."""
@@ -146,6 +170,21 @@ def cuda_time_ms(fn, *, warmup: int = 3, iters: int = 10) -> list[float]:
         end.synchronize()
         times.append(start.elapsed_time(end))
     return times
+
+
+def timed_images(pipe, n: int, *, seed: int = 100, device=None, **call) -> tuple[list[float], object]:
+    """Wall-clock ms of each of `n` calls `pipe(PROMPT_160, generator=<seed + i>, **call)`, each ended by
+    a CUDA synchronise where CUDA is available; returns (the times, the last call's output). No warm-up
+    here: callers run it once untimed first. The generators are on `device` (default: the pipeline's)."""
+    device = pipe.device if device is None else device
+    times, out = [], None
+    for i in range(n):
+        start = time.perf_counter()
+        out = pipe(PROMPT_160, generator=torch.Generator(device).manual_seed(seed + i), **call)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    return times, out
 
 
 def format_row(name: str, stats: dict, baseline: float | None = None) -> str:

@@ -37,7 +37,7 @@ from ..pipeline import ZImageTRTPipeline
 from ..runtime.telemetry import summarize
 from ..tasks import ZImageTRTControlNetPipeline, ZImageTRTImg2ImgPipeline
 from ..testing.tiny import make_tiny_controlnet
-from .common import PROMPT_160, _materialise, cuda_time_ms, environment
+from .common import PROMPT_160, Log, _materialise, cuda_time_ms, environment, timed_images
 from .pipeline_speed import components
 
 UNION_2_1 = dict(control_layers_places=list(range(0, 30, 2)), control_refiner_layers_places=[0, 1],
@@ -77,27 +77,9 @@ def full_size_controlnet(device, dtype, seed=3):
     return _materialise(lambda: ZImageControlNetModel(**UNION_2_1), device, dtype, seed)
 
 
-class Log:
-    """Print and keep every line for the log file."""
-
-    def __init__(self):
-        self.lines = []
-
-    def __call__(self, text: str) -> None:
-        print(text, flush=True)
-        self.lines.append(text)
-
-
-def timed_images(pipe, n: int, **call) -> tuple[list[float], object]:
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    times, out = [], None
-    for i in range(n):
-        start = time.perf_counter()
-        out = pipe(PROMPT_160, generator=torch.Generator(device).manual_seed(i), **call)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
-    return times, out
+def timed(pipe, n: int, **call) -> tuple[list[float], object]:
+    """common.timed_images with this benchmark's seeds (0, 1, ...), on a CUDA generator where CUDA is."""
+    return timed_images(pipe, n, seed=0, device="cuda" if torch.cuda.is_available() else "cpu", **call)
 
 
 def peak_gib(reset: bool = False) -> float:
@@ -110,10 +92,10 @@ def peak_gib(reset: bool = False) -> float:
 
 
 def ours_run(pipe, n: int, log: Log, name: str, **call) -> dict:
-    timed_images(pipe, 2, **call)  # warm-up: compile (from the artefacts), capture the graphs
+    timed(pipe, 2, **call)  # warm-up: compile (from the artefacts), capture the graphs
     pipe.telemetry.clear()
     peak_gib(reset=True)
-    times, out = timed_images(pipe, n, **call)
+    times, out = timed(pipe, n, **call)
     stats = pipe.stats()
     result = {"per_image_ms": summarize(times), "step_ms": stats["step_ms"], "denoise_ms": stats["denoise_ms"],
               "vae_encode_ms": stats["vae_encode_ms"], "steps": pipe.num_timesteps, "peak_gib": peak_gib()}
@@ -141,7 +123,7 @@ def peer_step_ms(peer, device, side: int) -> dict:
 def run(args) -> int:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    log = Log()
+    log = Log(out_dir / "image_tasks.log")
     device = "cpu" if args.tiny else "cuda"
     dtype = torch.float32 if args.tiny else torch.bfloat16
     side = 256 if args.tiny else 1024
@@ -211,12 +193,12 @@ def run(args) -> int:
                 peer.transformer.compile_repeated_blocks(fullgraph=True)
                 controlnet._repeated_blocks = ["ZImageControlTransformerBlock", "ZImageTransformerBlock"]
                 controlnet.compile_repeated_blocks(fullgraph=True)
-                timed_images(peer, 1, **peer_call)
+                timed(peer, 1, **peer_call)
                 results["peer_compile_s"] = time.perf_counter() - start
             else:
-                timed_images(peer, 1, **peer_call)
+                timed(peer, 1, **peer_call)
             peak_gib(reset=True)
-            times, _ = timed_images(peer, args.peer_images, **peer_call)
+            times, _ = timed(peer, args.peer_images, **peer_call)
             entry = {"per_image_ms": summarize(times), "peak_gib": peak_gib()}
             if device == "cuda":
                 entry["step_ms"] = peer_step_ms(peer, device, side)
@@ -231,7 +213,7 @@ def run(args) -> int:
             log(f"  ours vs diffusers compiled ControlNet per image: {speedup:.2f}x (target >= 1.5x): "
                 f"{'OK' if speedup >= 1.5 else 'MISSED'}")
     atomic_write_text(out_dir / "image_tasks.json", json.dumps(results, indent=2, default=str))
-    atomic_write_text(out_dir / "image_tasks.log", "\n".join(log.lines) + "\n")
+    log.close()
     return 0
 
 

@@ -28,7 +28,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..compiler.build import build_engines
@@ -37,8 +36,8 @@ from ..model.fp8_gemm import FP8_EPILOGUES_ENV
 from ..model.precision import precision_dtype
 from ..pipeline import ZImageTRTPipeline
 from ..runtime.telemetry import summarize
-from . import phased
-from .common import PROMPT_160, bench_components, environment
+from . import phased, quality
+from .common import PROMPT_160, bench_components, environment, timed_images
 
 PEERS = ("diffusers-eager", "diffusers-compiled", "cache-dit", "torchao-fp8")
 REQUIRES = {"diffusers-compiled": ("diffusers",), "diffusers-eager": ("diffusers",),
@@ -73,22 +72,15 @@ def save_png(path: Path, image) -> None:
     from PIL import Image
 
     if not isinstance(image, Image.Image):
-        image = Image.fromarray(np.round(np.clip(np.asarray(image), 0, 1) * 255).astype(np.uint8))
+        image = Image.fromarray(quality.to_8bit(image))
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG")
 
 
-def timed_images(pipe, n: int, side: int, device) -> list[float]:
-    times = []
-    for i in range(n):
-        start = time.perf_counter()
-        pipe(PROMPT_160, height=side, width=side, num_inference_steps=STEPS, guidance_scale=0.0,
-             generator=torch.Generator(device).manual_seed(SEED_BASE + i))
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
-    return times
+def image_call(side: int) -> dict:
+    """The arguments of every contender's call besides the prompt and the generator."""
+    return dict(height=side, width=side, num_inference_steps=STEPS, guidance_scale=0.0)
 
 
 def _diffusers_pipeline(parts):
@@ -168,7 +160,7 @@ def prepare(args) -> dict:
     pipe, details = (prepare_ours if args.peer == "ours" else prepare_diffusers)(args, device)
     details["setup_s"] = time.perf_counter() - start
     start = time.perf_counter()
-    timed_images(pipe, args.warmup, args.side, device)  # compilation happens here for torch.compile'd peers
+    timed_images(pipe, args.warmup, seed=SEED_BASE, device=device, **image_call(args.side))  # compilation happens here for torch.compile'd peers
     details["warmup_s"] = time.perf_counter() - start
     print(f"{args.label}: setup {details['setup_s']:.1f} s, {args.warmup} warm-up images {details['warmup_s']:.1f} s "
           f"{details}", flush=True)
@@ -181,7 +173,7 @@ def measure(state) -> dict:
     args, pipe, device = state["args"], state["pipe"], state["device"]
     if args.peer == "ours":
         pipe.telemetry.clear()
-    stats = summarize(timed_images(pipe, args.images, args.side, device))
+    stats = summarize(timed_images(pipe, args.images, seed=SEED_BASE, device=device, **image_call(args.side))[0])
     result = {"peer": args.peer, "per_image_ms": stats, **state["details"]}
     if args.peer == "ours":
         numbers = pipe.stats()
@@ -189,8 +181,8 @@ def measure(state) -> dict:
     if device == "cuda":
         result["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
         result["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
-    image = pipe(PROMPT_160, height=args.side, width=args.side, num_inference_steps=STEPS, guidance_scale=0.0,
-                 generator=torch.Generator(device).manual_seed(args.quality_seed)).images[0]
+    image = pipe(PROMPT_160, generator=torch.Generator(device).manual_seed(args.quality_seed),
+                 **image_call(args.side)).images[0]
     path = Path(args.image_dir) / f"seed{args.quality_seed}-{args.label}.png"
     save_png(path, image)
     result["quality_image"] = str(path)

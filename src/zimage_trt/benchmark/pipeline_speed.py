@@ -26,7 +26,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..compiler.build import build_engines
@@ -37,7 +36,7 @@ from ..model.shapes import Resolution
 from ..pipeline import ZImageTRTPipeline
 from ..runtime.telemetry import summarize
 from . import phased, quality
-from .common import PROMPT_160, bench_components, environment
+from .common import PROMPT_160, bench_components, environment, timed_images
 from .peers import DEFAULT_CACHE_DIT_MASK, PEERS, peer_job, save_png as save_png_file
 
 components = bench_components  # (the name the cold-start child imports)
@@ -54,17 +53,6 @@ while time.time() < end:
     torch.cuda.synchronize(); n += 8
 print('NEIGHBOUR_MATMULS', n)
 """
-
-
-def per_image_ms(pipe, n, **call):
-    times, last = [], None
-    for i in range(n):
-        start = time.perf_counter()
-        last = pipe(PROMPT_160, generator=torch.Generator(pipe.device).manual_seed(100 + i), **call)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
-    return times, last
 
 
 def save_png(folder, name: str, image) -> None:
@@ -127,11 +115,11 @@ def run_peers(args, ours: dict, our_image: Path, image_dir: Path, results: dict)
         outcomes.update(phased.run_wave([job], Path(args.engine_dir) / "peer-logs", report=lambda line: None))
     eager_image = outcomes.get("diffusers-eager", {}).get("quality_image")
     if eager_image:
-        results["psnr_vs_diffusers_db"] = quality.psnr(load_image(our_image), load_image(eager_image))
+        results["psnr_vs_diffusers_db"] = quality.psnr(quality.load_rgb(our_image), quality.load_rgb(eager_image))
     for name in eager_first:
         outcome = outcomes[name]
         if outcome["status"] == "ok" and eager_image:
-            outcome["psnr_vs_eager_db"] = quality.psnr(load_image(outcome["quality_image"]), load_image(eager_image))
+            outcome["psnr_vs_eager_db"] = quality.psnr(quality.load_rgb(outcome["quality_image"]), quality.load_rgb(eager_image))
         results["peers"][name] = outcome
         if outcome["status"] != "ok":
             print(f"{name:<46} {phased.describe(outcome)}", flush=True)
@@ -144,13 +132,6 @@ def run_peers(args, ours: dict, our_image: Path, image_dir: Path, results: dict)
         results["diffusers_eager"] = results["peers"]["diffusers-eager"]["per_image_ms"]
     if "psnr_vs_diffusers_db" in results:
         print(f"image PSNR ours vs diffusers eager (seed {QUALITY_SEED}): {results['psnr_vs_diffusers_db']:.1f} dB", flush=True)
-
-
-def load_image(path) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
@@ -283,9 +264,9 @@ if torch.cuda.is_available():
     pipe.set_progress_bar_config(disable=True)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    per_image_ms(pipe, 2, **size)  # warm-up: compile from the persisted artefacts, capture graphs
+    timed_images(pipe, 2, **size)  # warm-up: compile from the persisted artefacts, capture graphs
     pipe.telemetry.clear()
-    times, _ = per_image_ms(pipe, args.images, **size)
+    times, _ = timed_images(pipe, args.images, **size)
     ours = summarize(times)
     stats = pipe.stats()
     results["ours"] = {"per_image_ms": ours, "stages": {k: stats[k] for k in ("text_encode_ms", "denoise_ms", "vae_decode_ms", "step_ms")}}
@@ -303,26 +284,25 @@ if torch.cuda.is_available():
                        **size).images
             image = pipe.decode_latents(lat, "np")[0]
         save_png(args.save_images, f"quality-seed{QUALITY_SEED}-ours-{args.precision}", image)
-        mse = float(np.mean((image - reference[1]) ** 2))
         results["fp8_vs_bf16"] = {
             "rel_l2_latents": float((lat.float() - reference[0].float()).norm() / reference[0].float().norm()),
-            "psnr_db": 10 * np.log10(1 / mse) if mse > 0 else float("inf"), "fp8_keep": results["engine"]["fp8_keep"]}
+            "psnr_db": quality.psnr(image, reference[1]), "fp8_keep": results["engine"]["fp8_keep"]}
         print(f"FP8 vs bf16 (same weights, seed): latents rel L2 {results['fp8_vs_bf16']['rel_l2_latents']:.4f}, "
               f"image PSNR {results['fp8_vs_bf16']['psnr_db']:.1f} dB, blocks kept bf16 {results['engine']['fp8_keep']}",
               flush=True)
 
     if args.batch > 1:
         # Throughput: one call making `batch` images (torch-compiled engines take any batch).
-        per_image_ms(pipe, 1, num_images_per_prompt=args.batch, **size)
-        calls = summarize(per_image_ms(pipe, 5, num_images_per_prompt=args.batch, **size)[0])
+        timed_images(pipe, 1, num_images_per_prompt=args.batch, **size)
+        calls = summarize(timed_images(pipe, 5, num_images_per_prompt=args.batch, **size)[0])
         results[f"ours_batch{args.batch}"] = {"per_call_ms": calls, "images_per_s": args.batch * 1000 / calls["mean"]}
         print(row(f"ours {args.precision} batch {args.batch} (ms per call)", calls) +
               f"  -> {args.batch * 1000 / calls['mean']:.2f} images/s", flush=True)
 
     for res in extra:
         sides = Resolution.parse(res)
-        per_image_ms(pipe, 1, height=sides.height, width=sides.width)
-        r = summarize(per_image_ms(pipe, 5, height=sides.height, width=sides.width)[0])
+        timed_images(pipe, 1, height=sides.height, width=sides.width)
+        r = summarize(timed_images(pipe, 5, height=sides.height, width=sides.width)[0])
         results[f"ours_{res}"] = r
         print(row(f"ours {args.precision} {res}", r), flush=True)
 
@@ -332,10 +312,10 @@ if torch.cuda.is_available():
             pipe_p = ZImageTRTPipeline.from_components(**parts, engine_dir=args.engine_dir, device=device, torch_dtype=dtype,
                                                        stream_priority=priority, precision=args.precision)
             pipe_p.set_progress_bar_config(disable=True)
-            per_image_ms(pipe_p, 1, **size)
+            timed_images(pipe_p, 1, **size)
             neighbour = subprocess.Popen([sys.executable, "-c", NEIGHBOUR, "60"], stdout=subprocess.PIPE, text=True)
             time.sleep(4)
-            loaded = summarize(per_image_ms(pipe_p, 10, **size)[0])
+            loaded = summarize(timed_images(pipe_p, 10, **size)[0])
             neighbour.terminate()
             neighbour.wait()
             results[f"noisy_neighbour_priority_{priority}"] = loaded

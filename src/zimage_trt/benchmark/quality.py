@@ -99,3 +99,11 @@ def to_8bit(image) -> np.ndarray:
     if array.dtype == np.uint8:
         return array
     return np.round(np.clip(array, 0, 1) * 255).astype(np.uint8)
+
+
+def load_rgb(path) -> np.ndarray:
+    """uint8 [H, W, 3] of the image file at `path` (converted to RGB)."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
