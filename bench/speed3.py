@@ -75,6 +75,12 @@ def waves(args, out: Path) -> list[list[phased.Job]]:
     return [wave for wave in (first, second) if wave]
 
 
+def cached_steps(outcome: dict) -> str:
+    """cache-dit's own count of the steps it served from its cache (none means it ran as the compiled peer)."""
+    steps = outcome.get("cache_dit_cached_steps")
+    return "" if steps is None else f" cached steps {steps if steps else 'NONE'}"
+
+
 def summary_lines(results: dict) -> list[str]:
     jobs = results["jobs"]
     lines = ["", "== Speed III summary (ms an image, 1024², 8 steps; PSNR against diffusers eager at one seed) =="]
@@ -89,7 +95,7 @@ def summary_lines(results: dict) -> list[str]:
                 if stages else "")
             lines.append(f"{name:<22} mean {s['mean']:8.1f}  p50 {s['p50']:8.1f}  cv {100 * s['cv']:5.2f}%  n {s['count']:<3}"
                          f" PSNR {outcome.get('psnr_vs_eager_db', float('nan')):6.1f} dB  prepare {outcome['prepare_s']:.0f} s"
-                         + split)
+                         + split + cached_steps(outcome))
         else:
             lines.append(f"{name:<22} done (prepare {outcome['prepare_s']:.0f} s): see its log and JSON")
     for name, value in results.get("ratios", {}).items():
