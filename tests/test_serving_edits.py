@@ -97,7 +97,10 @@ def same_file_decoded(image: Image.Image, fmt: str = "PNG") -> Image.Image:
 
 
 def alone(task_pipe, seed: int, steps: int = STEPS, **kwargs) -> np.ndarray:
-    out = task_pipe(PROMPT, num_inference_steps=steps, generator=torch.Generator("cpu").manual_seed(seed), **kwargs)
+    """The Python class's image for `seed`, drawn as the service draws it: a generator on the pipeline's
+    device (on CUDA a CPU generator would draw other noise)."""
+    generator = torch.Generator(task_pipe.device).manual_seed(seed)
+    out = task_pipe(PROMPT, num_inference_steps=steps, generator=generator, **kwargs)
     return np.asarray(out.images[0])
 
 
@@ -507,7 +510,11 @@ def test_edits_and_the_controlnet_on_a_gpu_are_the_python_classes_images(control
         mask = transparent_window((384, 256), (100, 40, 300, 200))
         events = list(client.images.edit(image=upload(source), mask=upload(mask, "m.png"), prompt=PROMPT, stream=True,
                                          partial_images=2, extra_body={"seed": 2, "num_inference_steps": 6}))
-        assert [event.type for event in events] == ["image_edit.partial_image"] * 2 + ["image_edit.completed"]
+        # On CUDA the tiny model's steps are so quick that the previews' 5% time bound may drop one: OpenAI's
+        # rule too ("the final image may be sent before the full number of partial images").
+        kinds = [event.type for event in events]
+        assert kinds[-1] == "image_edit.completed" and 1 <= len(kinds) - 1 <= 2
+        assert set(kinds[:-1]) == {"image_edit.partial_image"}
         expected = alone(ZImageTRTInpaintPipeline.from_pipe(pipe), 2, steps=6, image=same_file_decoded(source),
                          mask_image=white_window((384, 256), (100, 40, 300, 200)), height=256, width=384)
         assert near(decoded(events[-1].b64_json), expected)
