@@ -7,7 +7,6 @@ norms, modulation and the embedders stay 16-bit. Used by the engines (the static
 
 from __future__ import annotations
 
-import warnings
 from typing import NamedTuple
 
 import torch
@@ -28,21 +27,6 @@ def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     weight = weight.detach().float()
     scale = weight.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / FP8_MAX  # [N, 1]
     return (weight / scale).to(torch.float8_e4m3fn), scale.t().contiguous()  # [1, N], as _scaled_mm wants
-
-
-# Row counts the FP8 product takes as they are: the engines' (tokens padded to 32) and a few rows; any other
-# count above it is padded up to a multiple (zero rows, scale 1) and the result sliced back.
-ROW_MULTIPLE = 16
-# (rows, in, out, bias) products cuBLASLt has refused (CUBLAS_STATUS_NOT_SUPPORTED from its heuristic: no
-# row-wise scaled kernel for that shape, seen on an H200): run dequantised from then on, without asking again.
-_REFUSED_SHAPES: set[tuple] = set()
-
-
-def _dequantised_product(quantised, row_scale, weight_fp8, weight_scale, bias, out_dtype) -> torch.Tensor:
-    """The row-wise scaled FP8 product in fp32 from the same e4m3 values and scales (the same maths as
-    `torch._scaled_mm`, bar accumulation order): for a shape cuBLASLt has no kernel for."""
-    out = (quantised.float() @ weight_fp8.float().t()) * row_scale * weight_scale
-    return (out if bias is None else out + bias.float()).to(out_dtype)
 
 
 class Fp8Linear(nn.Module):
@@ -93,31 +77,14 @@ class Fp8Linear(nn.Module):
         quantised [M, K] e4m3, row_scale [M, 1] fp32; the output takes the shape lead_shape + [N]."""
         # Fast accumulation (fewer partial-sum bits kept between promotions): faster, and no less exact
         # than the slow path on Z-Image's shapes (bench/fp8_gemm.py; figures in BENCHMARKS.md).
-        rows = quantised.shape[0]
-        pad = -rows % ROW_MULTIPLE if rows > ROW_MULTIPLE else 0
-        if pad:  # (cuBLASLt has no row-wise scaled kernel for such row counts: seen for 77 rows on an H200)
-            quantised = torch.cat([quantised, quantised.new_zeros(pad, quantised.shape[1])])
-            row_scale = torch.cat([row_scale, row_scale.new_ones(pad, 1)])
-        shape = (quantised.shape[0], self.in_features, self.out_features, self.bias is not None)
-        if shape in _REFUSED_SHAPES:
-            out = _dequantised_product(quantised, row_scale, self.weight_fp8, self.weight_scale, self.bias, self.out_dtype)
-        elif torch.compiler.is_compiling():  # (the engines' padded shapes; a compiled graph cannot catch below)
-            out = torch._scaled_mm(quantised, self.weight_fp8.t(), scale_a=row_scale, scale_b=self.weight_scale,
-                                   bias=self.bias, out_dtype=self.out_dtype, use_fast_accum=True)
-        else:
-            try:
-                out = torch._scaled_mm(quantised, self.weight_fp8.t(), scale_a=row_scale, scale_b=self.weight_scale,
-                                       bias=self.bias, out_dtype=self.out_dtype, use_fast_accum=True)
-            except RuntimeError as error:  # (refused before any kernel ran: nothing is half-done)
-                if "CUBLAS_STATUS_NOT_SUPPORTED" not in str(error):
-                    raise
-                _REFUSED_SHAPES.add(shape)
-                warnings.warn(f"cuBLASLt has no row-wise scaled FP8 kernel for {shape[0]} rows x {shape[1]} -> "
-                              f"{shape[2]}{' with bias' if shape[3] else ''}; that product runs dequantised in fp32 "
-                              f"(the same values, slower)", stacklevel=2)
-                out = _dequantised_product(quantised, row_scale, self.weight_fp8, self.weight_scale, self.bias,
-                                           self.out_dtype)
-        return out[:rows].reshape(*lead_shape, self.out_features)
+        # The bias is added after the product, not in cuBLASLt's epilogue: with a bias its heuristic refuses
+        # some row-wise scaled shapes (CUBLAS_STATUS_NOT_SUPPORTED; bench/scaled_mm_shapes.py lists them),
+        # without one it has run every shape tried. (Z-Image's projections and its text encoder's have none.)
+        out = torch._scaled_mm(quantised, self.weight_fp8.t(), scale_a=row_scale, scale_b=self.weight_scale,
+                               out_dtype=self.out_dtype, use_fast_accum=True)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*lead_shape, self.out_features)
 
 
 def set_input_quantizer(module: nn.Module, quantizer) -> int:
