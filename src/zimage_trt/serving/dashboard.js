@@ -154,13 +154,8 @@ function render(stats) {
   state.latencyPoints = s.recent.length;
   state.slowedPoints = slowed.length;
   lat.dataset.points = String(s.recent.length);
-  $("slowed").tBodies[0].replaceChildren(...slowed.slice(-SLOWED_ROWS).reverse().map((r) => {
-    const tr = document.createElement("tr");
-    [new Date(r.t * 1000).toLocaleTimeString(), r.task || "-", fmtMs(r.per_image_ms), r.slowed_by.join("; ")].forEach((c) => {
-      const td = document.createElement("td"); td.textContent = c; tr.appendChild(td);
-    });
-    return tr;
-  }));
+  fillTable($("slowed"), slowed.slice(-SLOWED_ROWS).reverse().map((r) =>
+    [new Date(r.t * 1000).toLocaleTimeString(), r.task || "-", fmtMs(r.per_image_ms), r.slowed_by.join("; ")]));
   const causes = [];
   s.sharing.forEach((c) => (c.causes || []).forEach((x) => { if (!causes.includes(x)) causes.push(x); }));
   $("shared").textContent = causes.join(" · ");
