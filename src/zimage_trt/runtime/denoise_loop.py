@@ -232,7 +232,12 @@ class DenoiseLoop:
         progress: bool = True,
         blend: InpaintBlend | None = None,
         control: ControlInput | None = None,
+        interrupted: Callable[[], bool] | None = None,
     ) -> torch.Tensor:
+        """The final latents. `interrupted` (diffusers' `pipe.interrupt`, which a step callback may set) is
+        read on the host before every step: once it is true no further step runs, and the latents so far
+        (after the last step's callback) are returned, as diffusers' loops `continue` past the remaining
+        steps and still decode. Checked between steps only, so a captured graph is never left half run."""
         # A callable guidance is read before every step (a step callback may change it, as in diffusers);
         # whether CFG runs at all is decided by its value at the start (the negative prompts exist or not).
         dynamic_guidance = callable(guidance_scale)
@@ -268,6 +273,8 @@ class DenoiseLoop:
             slot = None
             try:
                 for i in range(steps):
+                    if interrupted is not None and interrupted():
+                        break
                     embeds = prompt_embeds + negative_prompt_embeds if cfg_on[i] else prompt_embeds
                     lengths = [int(e.shape[0]) for e in embeds]
                     capacity, masked = self.engine.caption_layout(lengths, Resolution.of_latents(latents).key, len(embeds))
