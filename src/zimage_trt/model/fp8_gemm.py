@@ -20,9 +20,9 @@ model/fused_kernels.py gives. CUDA with Triton only (`AVAILABLE`); callers keep 
 
 from __future__ import annotations
 
-import os
-
 import torch
+
+from .switches import env_switch
 
 try:  # optional heavy dependency: the kernels exist only where Triton does
     import triton
@@ -32,14 +32,15 @@ except ImportError:  # CPU-only install, or a Triton without host-side tensor de
     triton = None
 
 AVAILABLE = triton is not None
-# "1" turns the epilogue GEMM on in every denoiser whose `set_fused_kernels` leaves fp8_epilogues None.
+# Switched on (1/on/true/yes: model/switches.py) turns the epilogue GEMM on in every denoiser whose
+# `set_fused_kernels` leaves fp8_epilogues None.
 FP8_EPILOGUES_ENV = "ZIMAGE_TRT_FP8_EPILOGUES"
 
 
 def epilogues_wanted(flag: bool | None) -> bool:
     if flag is not None and not isinstance(flag, bool):
         raise TypeError(f"fp8_epilogues must be True, False or None (${FP8_EPILOGUES_ENV}), got {flag!r}")
-    return os.environ.get(FP8_EPILOGUES_ENV, "0") == "1" if flag is None else flag
+    return env_switch(FP8_EPILOGUES_ENV, default=False) if flag is None else flag
 
 
 if triton is not None:
