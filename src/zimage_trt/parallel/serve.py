@@ -37,7 +37,7 @@ from .group import DEFAULT_TIMEOUT_S, ParallelGroup, SequenceParallelError, chec
 class LoopCall:
     """One denoising loop's inputs, as every rank runs it."""
 
-    resolution: str  # "HxW"
+    resolution: str  # Resolution.key: "WIDTHxHEIGHT"
     images: int
     cfg: bool
     latents: torch.Tensor
