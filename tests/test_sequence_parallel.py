@@ -380,3 +380,27 @@ def test_sequence_parallel_kernels_are_kept_whole_and_loaded_only_when_they_matc
     with pytest.warns(UserWarning, match="does not match its record's sha256"):
         assert artifacts.load(tmp_path, 2) == []
     assert artifacts.load(tmp_path / "missing", 2) == []
+
+
+def test_a_callbacks_error_is_the_one_raised_when_sending_stop_fails_too(caplog):
+    """Rank 0's step callback raises (a request aborted) and the stop flag cannot be sent either: the
+    callback's error reaches the caller, the flag's failure is logged."""
+    from types import SimpleNamespace
+
+    from zimage_trt.parallel.serve import _sending_latents
+
+    class Aborted(Exception):
+        pass
+
+    def step_flag(go=False):
+        raise RuntimeError("gloo: connection closed")
+
+    coordinator = SimpleNamespace(group=SimpleNamespace(device=torch.device("cpu")), step_flag=step_flag)
+
+    def callback(index, timestep, latents):
+        raise Aborted("the client went away")
+
+    on_step, _ = _sending_latents(callback, coordinator)
+    with caplog.at_level("WARNING", logger="zimage_trt.parallel.serve"), pytest.raises(Aborted):
+        on_step(0, torch.tensor(1000.0), torch.zeros(1))
+    assert "connection closed" in caplog.text

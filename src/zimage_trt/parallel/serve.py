@@ -21,6 +21,7 @@ Nothing is pickled.
 from __future__ import annotations
 
 import json
+import logging
 from datetime import timedelta
 from dataclasses import dataclass
 from typing import Callable
@@ -31,6 +32,8 @@ import torch.distributed as dist
 from . import artifacts
 from .denoiser import shard_engine
 from .group import DEFAULT_TIMEOUT_S, ParallelGroup, SequenceParallelError, check_degree, join
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -264,7 +267,11 @@ def _sending_latents(callback, coordinator: Coordinator, interrupted=None):
         try:
             replaced = callback(index, timestep, latents) if callback is not None else None
         except BaseException:
-            coordinator.step_flag(go=False)  # the other ranks leave this call too
+            try:
+                coordinator.step_flag(go=False)  # the other ranks leave this call too
+            except Exception as flag_error:  # (said, but the callback's error is the one the caller gets)
+                log.warning("rank 0's step callback raised at step %d; telling the other ranks to stop failed too: "
+                            "%s", index, flag_error)
             raise
         if interrupted is not None and interrupted():
             stop[0] = True  # no further step here, and none on the other ranks
