@@ -404,3 +404,12 @@ def test_a_callbacks_error_is_the_one_raised_when_sending_stop_fails_too(caplog)
     with caplog.at_level("WARNING", logger="zimage_trt.parallel.serve"), pytest.raises(Aborted):
         on_step(0, torch.tensor(1000.0), torch.zeros(1))
     assert "connection closed" in caplog.text
+
+
+def test_heads_per_rank_and_padded_heads_are_one_rule():
+    from zimage_trt.parallel import attention, group
+
+    assert attention.heads_per_rank is group.heads_per_rank  # one definition, the other derived from it
+    for heads in (6, 30):
+        for degree in range(2, heads + 1):
+            assert group.heads_per_rank(heads, degree) * degree == heads + padded_heads(degree, heads)
