@@ -308,6 +308,29 @@ def test_callback_cfg(pipe, reference):
     assert (plain - out).abs().max() > 1e-3
 
 
+def test_callback_interrupt(pipe, reference):
+    """diffusers' `pipe._interrupt`: set by the callback at step 0, no further step runs (nor callback) and
+    the latents so far are decoded, as diffusers' loop does (`continue` past the steps, then the VAE)."""
+    def interrupt_at_first_step(p, i, t, kwargs):
+        seen.append(i)
+        if i == 0:
+            p._interrupt = True
+        return kwargs
+
+    inputs = lambda: {**dummy_inputs(), "num_inference_steps": 3}  # noqa: E731  (a fresh generator each)
+    seen = []
+    out = quiet(pipe, **inputs(), callback_on_step_end=interrupt_at_first_step)
+    assert seen == [0] and len(out.timings.step_ms) == 1 and pipe.interrupt
+    seen = []
+    expected = reference(**inputs(), callback_on_step_end=interrupt_at_first_step)[0]
+    assert seen == [0]
+    torch.testing.assert_close(out.images, expected, atol=PARITY_ATOL, rtol=0)
+    # The next call starts afresh (the flag is reset) and runs every step.
+    seen = []
+    full = quiet(pipe, **inputs(), callback_on_step_end=lambda p, i, t, kwargs: seen.append(i) or kwargs)
+    assert seen == [0, 1, 2] and not pipe.interrupt and (full.images - out.images).abs().max() > 1e-3
+
+
 def test_to_device():
     components = dummy_components()
     pipe = ZImageTRTPipeline(**components, device="cpu")

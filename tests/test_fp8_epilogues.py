@@ -149,3 +149,23 @@ def test_fp8_text_encoder_with_the_kernel_gives_the_features_without_it():
         assert placement.use_text_encoder_fp8_kernel(te, True, torch.device("cuda")) is True
         fused = te(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-2]
     assert rel(fused, plain) < 2e-2  # same codes bar rounding ties, carried through two layers
+
+
+@pytest.mark.parametrize("value, on", [("1", True), ("on", True), ("TRUE", True), (" Yes ", True),
+                                       ("0", False), ("off", False), ("False", False), ("NO", False)])
+def test_both_switches_read_their_variable_the_same_way(monkeypatch, value, on):
+    """`=off` (or false, no) switches either off, and `=on` either on: one spelling for both variables."""
+    monkeypatch.setenv(fp8_gemm.FP8_EPILOGUES_ENV, value)
+    monkeypatch.setenv(placement.TEXT_FP8_KERNEL_ENV, value)
+    assert fp8_gemm.epilogues_wanted(None) is on and placement.text_fp8_kernel_wanted(None) is on
+
+
+def test_a_switch_value_that_is_neither_on_nor_off_names_its_variable(monkeypatch):
+    monkeypatch.setenv(fp8_gemm.FP8_EPILOGUES_ENV, "enabled")
+    with pytest.raises(ValueError, match=fp8_gemm.FP8_EPILOGUES_ENV):
+        fp8_gemm.epilogues_wanted(None)
+    monkeypatch.setenv(placement.TEXT_FP8_KERNEL_ENV, "2")
+    with pytest.raises(ValueError, match=placement.TEXT_FP8_KERNEL_ENV):
+        placement.text_fp8_kernel_wanted(None)
+    monkeypatch.setenv(placement.TEXT_FP8_KERNEL_ENV, "")  # empty is unset: the default
+    assert placement.text_fp8_kernel_wanted(None) is True

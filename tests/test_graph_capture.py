@@ -40,3 +40,57 @@ def test_a_generator_nothing_heals_is_said(monkeypatch):
     with pytest.warns(RuntimeWarning, match="pass generator=torch.Generator"):
         assert graph_capture.recover_after_failed_capture(torch.device("cuda", 0)) is None
     assert ran == names
+
+
+def drawing_checks(monkeypatch, generator, healer: int | None):
+    """Stand-ins on the CPU: `generator` plays the device's default generator, every check draws from it
+    (as the real check does), and the generator is unusable until remedy `healer` ran (None: always usable)."""
+    names = [name for name, _ in graph_capture.REMEDIES]
+    ran = []
+    monkeypatch.setattr(graph_capture, "REMEDIES",
+                        tuple((name, lambda graph, device, name=name: ran.append(name)) for name in names))
+    monkeypatch.setattr(graph_capture, "_default_generator", lambda device: generator)
+
+    def check(device):
+        torch.empty(1).uniform_(generator=generator)
+        return healer is None or names[healer] in ran
+
+    monkeypatch.setattr(graph_capture, "_random_op_works", check)
+    return ran
+
+
+@pytest.mark.parametrize("healer", [None, 2])
+def test_the_checks_leave_the_default_generators_seed_and_offset_as_they_were(monkeypatch, healer):
+    generator = torch.Generator().manual_seed(5)
+    torch.rand(3, generator=generator)  # an offset of its own
+    expected = torch.rand(4, generator=torch.Generator().set_state(generator.get_state()))
+    drawing_checks(monkeypatch, generator, healer)
+    graph_capture.recover_after_failed_capture("cuda:0")
+    assert torch.equal(torch.rand(4, generator=generator), expected), "noise drawn later is unchanged"
+
+
+def test_the_generator_is_put_back_when_the_recovery_itself_raises(monkeypatch):
+    generator = torch.Generator().manual_seed(5)
+    expected = torch.rand(4, generator=torch.Generator().manual_seed(5))
+    drawing_checks(monkeypatch, generator, healer=None)
+    original = graph_capture._random_op_works
+
+    def check_then_interrupted(device):
+        original(device)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(graph_capture, "_random_op_works", check_then_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        graph_capture.recover_after_failed_capture("cuda:0")
+    assert torch.equal(torch.rand(4, generator=generator), expected)
+
+
+def test_the_real_check_on_the_cpu_generator_is_undone():
+    """The pieces themselves: the real check draws from the default generator; inside `_generator_kept`
+    that draw is undone."""
+    torch.manual_seed(3)
+    expected = torch.rand(4)
+    torch.manual_seed(3)
+    with graph_capture._generator_kept(torch.device("cpu")):
+        assert graph_capture._random_op_works(torch.device("cpu"))
+    assert torch.equal(torch.rand(4), expected)

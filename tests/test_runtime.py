@@ -161,3 +161,75 @@ def test_denoise_loop_hands_its_graph_release_to_engines_that_take_one():
     loop._slots[("shape",)] = StepSlot(empty, empty, empty, empty, empty, empty, cfg=False, normalization=0.0, masked=False)
     engine.hooks[0]()
     assert loop._slots == {}
+
+
+class ControlStandInEngine:
+    """A CPU stand-in for a torch-compiled engine running a ControlNet: records what it is told to keep."""
+
+    kind = "stand-in"
+    supports_cuda_graph = False
+    runs_controlnet = True
+
+    def __init__(self):
+        from zimage_trt.engines.base import DenoiserEngine
+
+        self.device, self.dtype = torch.device("cpu"), torch.float32
+        self.caption_layout = lambda lengths, key, batch: DenoiserEngine.caption_layout(self, lengths, key, batch)
+        self.kept = []
+
+    def controlnet_runner(self, controlnet):
+        return controlnet
+
+    def run(self, latents, timestep, cap_feats, cap_lens, masked, control=None):
+        return torch.zeros_like(latents)
+
+    def controlnet_kernels_compiled(self, controlnet, latent_shape, model_batch):
+        self.kept.append((tuple(latent_shape), model_batch))
+
+
+STAND_IN_CONTROLNET = torch.nn.Identity()
+
+
+def control_call(loop, callback=None):
+    from zimage_trt.runtime.denoise_loop import ControlInput
+
+    latents = torch.zeros(1, 16, 4, 6)
+    control = ControlInput(STAND_IN_CONTROLNET, torch.zeros(1, 3, 4, 6), torch.ones(2))
+    timesteps, sigmas = torch.tensor([1000.0, 500.0]), torch.tensor([1.0, 0.5, 0.0])
+    return loop(latents, [torch.zeros(5, 8)], None, timesteps, sigmas, callback=callback, progress=False,
+                control=control)
+
+
+def test_controlnet_kernels_are_kept_after_a_later_call_when_the_first_was_cancelled(monkeypatch):
+    """A step callback that raises in the first ControlNet call at a shape (after its slot was made): the
+    next, successful call at that shape still keeps what was compiled; and the progress bar is closed."""
+    import zimage_trt.runtime.denoise_loop as denoise_loop
+
+    bars = []
+
+    class Bar:
+        def __init__(self, *args, **kwargs):
+            self.closed = False
+            bars.append(self)
+
+        def update(self):
+            pass
+
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setattr(denoise_loop, "tqdm", Bar)
+    engine = ControlStandInEngine()
+    loop = DenoiseLoop(engine, "cpu")
+
+    def cancel(i, t, latents):
+        raise KeyboardInterrupt("cancelled")
+
+    with pytest.raises(KeyboardInterrupt):
+        control_call(loop, cancel)
+    assert len(loop._slots) == 1 and engine.kept == []
+    assert bars[-1].closed, "the progress bar is closed on the way out of a failed loop"
+    control_call(loop)
+    assert engine.kept == [((1, 16, 4, 6), 1)]
+    control_call(loop)
+    assert engine.kept == [((1, 16, 4, 6), 1)], "kept once per slot"

@@ -228,6 +228,41 @@ def test_a_call_stopped_by_rank_0s_callback_stops_every_rank_and_the_group_goes_
     spawn(_stopped_call, 2, parts, expected)
 
 
+def interrupt_at_first_step(pipe, i, t, kw):
+    if i == 0:
+        pipe._interrupt = True  # diffusers' interrupt: no further step
+    return {}
+
+
+def interrupted_calls(pipe) -> list[torch.Tensor]:
+    """An interrupted call (3 steps, stopped after the first), then a plain call with a callback."""
+    pipe.set_progress_bar_config(disable=True)
+    return [pipe(generator=torch.Generator("cpu").manual_seed(11), output_type="latent",
+                 callback_on_step_end=callback, **{**CALLS[0], "num_inference_steps": steps}).images
+            for callback, steps in ((interrupt_at_first_step, 3), (lambda pipe, i, t, kw: {}, 2))]
+
+
+def _interrupted_call(rank, world, port, parts, expected):
+    pipe = rank_pipeline(rank, world, port, parts, timeout_s=20)
+    try:
+        if not pipe.is_main_process:
+            assert pipe.serve() == 2 and pipe._parallel.calls_stopped == 1  # told to stop after step 1
+            return
+        for got, want in zip(interrupted_calls(pipe), expected):
+            err = (got - want).abs().max().item()
+            assert err <= TOLERANCE * max(1.0, want.abs().max().item()), err
+    finally:
+        pipe.close()
+
+
+@pytest.mark.slow
+def test_an_interrupt_set_by_rank_0s_callback_stops_every_rank_and_the_group_goes_on(parts):
+    from zimage_trt.pipeline import ZImageTRTPipeline
+
+    expected = interrupted_calls(ZImageTRTPipeline.from_components(**parts, device="cpu", pad_prompts_to_max_length=False))
+    spawn(_interrupted_call, 2, parts, expected)
+
+
 def _one_rank_fails(rank, world, port, parts, who_dies, who_hangs, timeout_s):
     from zimage_trt.pipeline import ZImageTRTPipeline
 
@@ -345,3 +380,36 @@ def test_sequence_parallel_kernels_are_kept_whole_and_loaded_only_when_they_matc
     with pytest.warns(UserWarning, match="does not match its record's sha256"):
         assert artifacts.load(tmp_path, 2) == []
     assert artifacts.load(tmp_path / "missing", 2) == []
+
+
+def test_a_callbacks_error_is_the_one_raised_when_sending_stop_fails_too(caplog):
+    """Rank 0's step callback raises (a request aborted) and the stop flag cannot be sent either: the
+    callback's error reaches the caller, the flag's failure is logged."""
+    from types import SimpleNamespace
+
+    from zimage_trt.parallel.serve import _sending_latents
+
+    class Aborted(Exception):
+        pass
+
+    def step_flag(go=False):
+        raise RuntimeError("gloo: connection closed")
+
+    coordinator = SimpleNamespace(group=SimpleNamespace(device=torch.device("cpu")), step_flag=step_flag)
+
+    def callback(index, timestep, latents):
+        raise Aborted("the client went away")
+
+    on_step, _ = _sending_latents(callback, coordinator)
+    with caplog.at_level("WARNING", logger="zimage_trt.parallel.serve"), pytest.raises(Aborted):
+        on_step(0, torch.tensor(1000.0), torch.zeros(1))
+    assert "connection closed" in caplog.text
+
+
+def test_heads_per_rank_and_padded_heads_are_one_rule():
+    from zimage_trt.parallel import attention, group
+
+    assert attention.heads_per_rank is group.heads_per_rank  # one definition, the other derived from it
+    for heads in (6, 30):
+        for degree in range(2, heads + 1):
+            assert group.heads_per_rank(heads, degree) * degree == heads + padded_heads(degree, heads)

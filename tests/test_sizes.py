@@ -37,3 +37,18 @@ def test_errors_name_the_side_that_is_wrong():
         Resolution.parse("1024x1000")
     with pytest.raises(ValueError, match=r"width=8208 is 513 image tokens.*axes_lens\[2\]"):
         check_fits_rope(Resolution.parse("8208x256"), (1024, 512, 512))
+
+
+def test_a_controlnets_kept_kernels_are_filed_under_width_x_height():
+    """The torch-compiled engine's key for a ControlNet's kernels at a non-square shape: WIDTHxHEIGHT."""
+    from types import SimpleNamespace
+
+    from zimage_trt.engines.torch_compiled import CompiledDenoiserEngine
+
+    keys = []
+    engine = SimpleNamespace(keep_kernels=keys.append, _kept=set())
+    controlnet = SimpleNamespace(config={"control_layers_places": [0, 2]})
+    latent_shape = Resolution(height=768, width=1344).latent_shape(1)  # (1, 16, 96, 168): landscape
+    CompiledDenoiserEngine.controlnet_kernels_compiled(engine, controlnet, latent_shape, 2)
+    assert len(keys) == 1 and keys[0].endswith("-1344x768-b2"), keys
+    assert Resolution.of_latents(latent_shape) == Resolution(height=768, width=1344)  # a shape is read as a tensor

@@ -489,3 +489,23 @@ def test_controlnet_variant_is_checked_against_its_manifest(tmp_path, monkeypatc
     wrong = Manifest(**{**engine.manifest.__dict__, "controlnet_hint_shapes": other_dim})
     with pytest.raises(ProfileError, match="no profile"):
         check_engine_against_manifest(wrapper, wrong)
+
+
+def test_an_engine_that_fails_its_manifest_check_is_closed_when_we_opened_it(tmp_path, monkeypatch):
+    """Opened from its path and refused by the check: closed (its GPU memory and contexts given back);
+    an engine the caller handed in is the caller's to close."""
+    from zimage_trt.engines.tensorrt import denoiser as trt_denoiser
+
+    _, wrapper, _ = make(tmp_path, SHAPES, monkeypatch)
+    closed = []
+    monkeypatch.setattr(wrapper, "close", lambda: closed.append(True))
+    monkeypatch.setattr(trt_denoiser, "TensorRTEngine", lambda *args, **kwargs: wrapper)
+    wrong = Manifest(name="d", component="denoiser", backend="tensorrt-rtx", backend_version=RTX.__version__,
+                     precision="fp16", shapes=[EngineShape("512x512", 1, 32)], files=[], compute_capabilities=["8.9"],
+                     torch_version=torch.__version__, model={})
+    with pytest.raises(ProfileError, match="no profile"):
+        TensorRTDenoiserEngine(tmp_path / "e.plan", wrong, "cpu")
+    assert closed == [True]
+    with pytest.raises(ProfileError, match="no profile"):
+        TensorRTDenoiserEngine(tmp_path / "e.plan", wrong, "cpu", trt_engine=wrapper)
+    assert closed == [True], "not ours to close"

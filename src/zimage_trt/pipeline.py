@@ -176,6 +176,8 @@ class ZImageTRTPipeline(LoraPipelineMixin):
         # The current (or last) call's, as diffusers' pipelines expose them to step callbacks; a callback
         # may change `_guidance_scale` and the following steps use the new value, as in diffusers.
         self._guidance_scale, self._num_timesteps, self._joint_attention_kwargs = TURBO_GUIDANCE, 0, None
+        # diffusers' `pipe._interrupt`: a step callback sets it to skip the remaining steps (reset per call).
+        self._interrupt = False
 
     # -- construction --------------------------------------------------------------------------
     @classmethod
@@ -263,6 +265,7 @@ class ZImageTRTPipeline(LoraPipelineMixin):
     do_classifier_free_guidance = property(lambda self: self._guidance_scale > 0)
     num_timesteps = property(lambda self: self._num_timesteps)
     joint_attention_kwargs = property(lambda self: self._joint_attention_kwargs)
+    interrupt = property(lambda self: self._interrupt)
 
     def to(self, *args, **kwargs) -> "ZImageTRTPipeline":
         """diffusers' `pipe.to(device, dtype)`. The parts were placed when the pipeline was made (engines
@@ -425,6 +428,7 @@ class ZImageTRTPipeline(LoraPipelineMixin):
         joint = arguments["joint_attention_kwargs"]
         with self._lock, self._on_device():
             self._guidance_scale = request.guidance
+            self._interrupt = False
             self._joint_attention_kwargs = joint if joint is not None else arguments["attention_kwargs"]
             timings = Timings(num_images=request.images, task=task.name if task is not None else TEXT_TO_IMAGE)
             try:
@@ -478,6 +482,9 @@ class ZImageTRTPipeline(LoraPipelineMixin):
                 cfg_truncation=request.truncation,
                 callback=step_callback,
                 progress=self.show_progress,
+                # diffusers' interrupt: once a step callback sets `pipe._interrupt`, no further step runs and
+                # the latents so far are decoded.
+                interrupted=lambda: bool(self._interrupt),
                 **extras,
             )
         if self.device.type == "cuda":  # the loop timed each step with CUDA events

@@ -73,7 +73,8 @@ class CompiledDenoiserEngine(TorchDenoiserEngine):
     def controlnet_kernels_compiled(self, controlnet, latent_shape, model_batch: int) -> None:
         """After a ControlNet's first loop at a shape: keep what was compiled for it, once per shape."""
         config = json.dumps(dict(controlnet.config), sort_keys=True, default=str)
-        key = f"{hashlib.sha256(config.encode()).hexdigest()[:12]}-{latent_shape[-2] * 8}x{latent_shape[-1] * 8}-b{model_batch}"
+        # (the size WIDTHxHEIGHT, as every size key; artefacts load by their records, whatever their names)
+        key = f"{hashlib.sha256(config.encode()).hexdigest()[:12]}-{Resolution.of_latents(latent_shape).key}-b{model_batch}"
         if self.keep_kernels is not None and key not in self._kept:
             self._kept.add(key)
             self.keep_kernels(key)

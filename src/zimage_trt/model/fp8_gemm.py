@@ -20,9 +20,9 @@ model/fused_kernels.py gives. CUDA with Triton only (`AVAILABLE`); callers keep 
 
 from __future__ import annotations
 
-import os
-
 import torch
+
+from .switches import env_switch
 
 try:  # optional heavy dependency: the kernels exist only where Triton does
     import triton
@@ -32,14 +32,15 @@ except ImportError:  # CPU-only install, or a Triton without host-side tensor de
     triton = None
 
 AVAILABLE = triton is not None
-# "1" turns the epilogue GEMM on in every denoiser whose `set_fused_kernels` leaves fp8_epilogues None.
+# Switched on (1/on/true/yes: model/switches.py) turns the epilogue GEMM on in every denoiser whose
+# `set_fused_kernels` leaves fp8_epilogues None.
 FP8_EPILOGUES_ENV = "ZIMAGE_TRT_FP8_EPILOGUES"
 
 
 def epilogues_wanted(flag: bool | None) -> bool:
     if flag is not None and not isinstance(flag, bool):
         raise TypeError(f"fp8_epilogues must be True, False or None (${FP8_EPILOGUES_ENV}), got {flag!r}")
-    return os.environ.get(FP8_EPILOGUES_ENV, "0") == "1" if flag is None else flag
+    return env_switch(FP8_EPILOGUES_ENV, default=False) if flag is None else flag
 
 
 if triton is not None:
@@ -104,10 +105,11 @@ if triton is not None:
 
 
 # Tile for Z-Image's w1|w3 product (M ~4k tokens, N 10240, K 3840): 128 rows x 64 columns of g and of u
-# (a 128 x 128 tile of the joint w1|w3 output), K in steps of 128 e4m3 values, 8 warps, 4 stages.
-# Compiled for sm_90a (ptxas -v): 186 registers, no spills, 131 KB shared; 128 x 128 columns each (a
-# 128 x 256 joint tile) takes 255 registers and spills, so it is the one bench/speed2_probe.py times
-# beside it. A dict, so a probe can try another tile (read at every call).
+# (a 128 x 128 tile of the joint w1|w3 output), K in steps of 128 e4m3 values, 8 warps, 4 stages: the
+# widest tile that compiles for sm_90a without register spills (the next one, 128 x 128 columns each,
+# spills, so it is the one bench/speed2_probe.py times beside it; figures in BENCHMARKS.md, FP8 epilogue GEMM).
+# A dict, so a probe can try another tile: read each time the op launches its kernel, so a change reaches
+# later launches but not a CUDA graph captured before it, which replays the kernel it captured.
 TILE = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4)
 
 

@@ -61,8 +61,9 @@ class Resolution:
 
     @classmethod
     def of_latents(cls, latents) -> "Resolution":
-        """The image size a latent tensor (..., height/8, width/8) decodes to."""
-        return cls(int(latents.shape[-2]) * VAE_SCALE, int(latents.shape[-1]) * VAE_SCALE)
+        """The image size a latent tensor (..., height/8, width/8), or such a tensor's shape, decodes to."""
+        shape = getattr(latents, "shape", latents)
+        return cls(int(shape[-2]) * VAE_SCALE, int(shape[-1]) * VAE_SCALE)
 
     @property
     def latent_hw(self) -> tuple[int, int]:

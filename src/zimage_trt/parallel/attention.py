@@ -27,6 +27,8 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 
+from .group import heads_per_rank
+
 
 class UlyssesAttention:
     """An attention op (q, k, v, mask) -> out, all [B, S, H, D], spread over the ranks of `group`.
@@ -57,11 +59,6 @@ class UlyssesAttention:
         out = funcol.all_to_all_single(out, None, None, self.group)
         out = out.permute(1, 2, 0, 3, 4).reshape(batch, local, share * p, dim)
         return out if share * p == heads else out[:, :, :heads]
-
-
-def heads_per_rank(heads: int, degree: int) -> int:
-    """Heads each rank attends with: ceil(heads / degree); zero heads fill the last shares."""
-    return -(-heads // degree)
 
 
 # (torch 2.13 renamed all_gather_tensor; older releases have only the old name)

@@ -32,9 +32,15 @@ def valid_degrees(heads: int) -> list[int]:
     return list(range(2, heads + 1))
 
 
+def heads_per_rank(heads: int, degree: int) -> int:
+    """Heads each rank attends with: ceil(heads / degree); zero heads fill the last shares (the one
+    definition: `padded_heads` and parallel/attention.py derive from it)."""
+    return -(-heads // degree)
+
+
 def padded_heads(degree: int, heads: int) -> int:
     """The zero heads a degree adds (0 where it divides the heads): Z-Image's 30 at 4 or 8 GPUs: 2."""
-    return 0 if degree <= 1 else -(-heads // degree) * degree - heads
+    return 0 if degree <= 1 else heads_per_rank(heads, degree) * degree - heads
 
 
 def check_degree(degree, heads: int) -> int:

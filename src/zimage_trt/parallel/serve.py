@@ -21,6 +21,7 @@ Nothing is pickled.
 from __future__ import annotations
 
 import json
+import logging
 from datetime import timedelta
 from dataclasses import dataclass
 from typing import Callable
@@ -32,12 +33,14 @@ from . import artifacts
 from .denoiser import shard_engine
 from .group import DEFAULT_TIMEOUT_S, ParallelGroup, SequenceParallelError, check_degree, join
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class LoopCall:
     """One denoising loop's inputs, as every rank runs it."""
 
-    resolution: str  # "HxW"
+    resolution: str  # Resolution.key: "WIDTHxHEIGHT"
     images: int
     cfg: bool
     latents: torch.Tensor
@@ -227,7 +230,10 @@ class LeadingLoop:
         return self.loop.last_step_times_ms
 
     def __call__(self, latents, prompt_embeds, negative_prompt_embeds, timesteps, sigmas, guidance_scale=0.0,
-                 cfg_normalization=False, cfg_truncation=1.0, callback=None, progress=True):
+                 cfg_normalization=False, cfg_truncation=1.0, callback=None, progress=True, interrupted=None):
+        """`interrupted` (diffusers' `pipe.interrupt`) is honoured with a step callback (`step_sync`): read
+        once after each step's callback, it sends stop to the other ranks and ends rank 0's loop there too.
+        Without one the other ranks cannot be told mid-call, so every step runs."""
         group = self.coordinator.group
         latents = latents.to(group.device, torch.float32)
         # A callable guidance (the pipeline's, which a step callback may change) goes out as its value now:
@@ -237,32 +243,46 @@ class LeadingLoop:
             self.resolution, self.images, self.cfg, latents, list(prompt_embeds),
             None if negative_prompt_embeds is None else list(negative_prompt_embeds), timesteps.float(), sigmas.float(),
             guidance_now, cfg_normalization, cfg_truncation, self.step_sync))
+        stopped = None
         if self.step_sync:
-            callback = _sending_latents(callback, self.coordinator)
+            # The flag read once per step, so that what rank 0 does and what it told the others agree.
+            callback, stopped = _sending_latents(callback, self.coordinator, interrupted)
         with collective_errors(group, "a denoising step with the other ranks"):
             result = self.loop(latents, prompt_embeds, negative_prompt_embeds, timesteps, sigmas,
                                guidance_scale=guidance_scale, cfg_normalization=cfg_normalization,
-                               cfg_truncation=cfg_truncation, callback=callback, progress=progress)
+                               cfg_truncation=cfg_truncation, callback=callback, progress=progress,
+                               interrupted=stopped)
         batch = self.images * (2 if self.cfg else 1)
         self.coordinator.keep_compiled(self.loop.engine, f"{self.resolution}-b{batch}")
         return result
 
 
-def _sending_latents(callback, coordinator: Coordinator):
+def _sending_latents(callback, coordinator: Coordinator, interrupted=None):
+    """The loop's callback on rank 0 (sends go/stop and the latents after each step) and the loop's
+    `interrupted`: true once `interrupted()` was true after a step's callback and stop was sent."""
     group = coordinator.group
+    stop = [False]
 
     def on_step(index, timestep, latents):
         try:
             replaced = callback(index, timestep, latents) if callback is not None else None
         except BaseException:
-            coordinator.step_flag(go=False)  # the other ranks leave this call too
+            try:
+                coordinator.step_flag(go=False)  # the other ranks leave this call too
+            except Exception as flag_error:  # (said, but the callback's error is the one the caller gets)
+                log.warning("rank 0's step callback raised at step %d; telling the other ranks to stop failed too: "
+                            "%s", index, flag_error)
             raise
+        if interrupted is not None and interrupted():
+            stop[0] = True  # no further step here, and none on the other ranks
+            coordinator.step_flag(go=False)
+            return replaced
         coordinator.step_flag(go=True)
         current = (replaced if replaced is not None else latents).to(group.device, torch.float32).contiguous()
         dist.broadcast(current, 0, group=group.data)
         return replaced
 
-    return on_step
+    return on_step, lambda: stop[0]
 
 
 def _numel(shape) -> int:

@@ -71,6 +71,9 @@ class StepSlot:
     blend: BlendBuffers | None = None
     control: ControlStep | None = None  # its context [B_model, C, h, w] and scales are buffers too
     graph: torch.cuda.CUDAGraph | None = None
+    # The ControlNet's compiled kernels for this slot handed to the engine to keep (after a loop that
+    # finished: a first call cancelled midway leaves it False, and the next one that finishes keeps them).
+    kernels_kept: bool = False
 
 
 class DenoiseLoop:
@@ -229,7 +232,12 @@ class DenoiseLoop:
         progress: bool = True,
         blend: InpaintBlend | None = None,
         control: ControlInput | None = None,
+        interrupted: Callable[[], bool] | None = None,
     ) -> torch.Tensor:
+        """The final latents. `interrupted` (diffusers' `pipe.interrupt`, which a step callback may set) is
+        read on the host before every step: once it is true no further step runs, and the latents so far
+        (after the last step's callback) are returned, as diffusers' loops `continue` past the remaining
+        steps and still decode. Checked between steps only, so a captured graph is never left half run."""
         # A callable guidance is read before every step (a step callback may change it, as in diffusers);
         # whether CFG runs at all is decided by its value at the start (the negative prompts exist or not).
         dynamic_guidance = callable(guidance_scale)
@@ -260,41 +268,46 @@ class DenoiseLoop:
             blend_sigmas = torch.cat([sig[1:-1], sig.new_zeros(1)])[:steps] if blend is not None else None
             current = latents.to(dev, torch.float32)
             events = []
-            slots_before = set(self._slots)
+            used: dict[int, StepSlot] = {}  # the slots this call ran, by id
             bar = tqdm(total=steps, desc="denoising", disable=not progress, leave=False)
             slot = None
-            for i in range(steps):
-                embeds = prompt_embeds + negative_prompt_embeds if cfg_on[i] else prompt_embeds
-                lengths = [int(e.shape[0]) for e in embeds]
-                capacity, masked = self.engine.caption_layout(lengths, Resolution.of_latents(latents).key, len(embeds))
-                new_slot = self._slot(current, embeds[0].shape[-1], capacity, len(embeds), cfg_on[i], normalization,
-                                      masked, blend, control)
-                if new_slot is not slot:
-                    # Entering a slot: move the running latents and this step's captions into its buffers.
-                    new_slot.latents.copy_(current)
-                    _fill_captions(new_slot, embeds, lengths)
-                    self._fill_task_buffers(new_slot, blend, control)
-                if new_slot is not slot or dynamic_guidance:
-                    new_slot.guidance.fill_(float(guidance_now()))
-                slot = new_slot
-                slot.timestep.copy_(model_t[i].expand(len(embeds)))
-                slot.dt.copy_(dts[i])
-                if slot.blend is not None:
-                    slot.blend.sigma.copy_(blend_sigmas[i])
-                if self.on_cuda:
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record(self.stream)
-                self._run_step(slot)
-                if self.on_cuda:
-                    end.record(self.stream)
-                    events.append((start, end))
-                current = slot.latents
-                if callback is not None:
-                    replaced = callback(i, timesteps[i], slot.latents)
-                    if replaced is not None and replaced is not slot.latents:
-                        slot.latents.copy_(replaced)
-                bar.update()
-            bar.close()
+            try:
+                for i in range(steps):
+                    if interrupted is not None and interrupted():
+                        break
+                    embeds = prompt_embeds + negative_prompt_embeds if cfg_on[i] else prompt_embeds
+                    lengths = [int(e.shape[0]) for e in embeds]
+                    capacity, masked = self.engine.caption_layout(lengths, Resolution.of_latents(latents).key, len(embeds))
+                    new_slot = self._slot(current, embeds[0].shape[-1], capacity, len(embeds), cfg_on[i], normalization,
+                                          masked, blend, control)
+                    if new_slot is not slot:
+                        # Entering a slot: move the running latents and this step's captions into its buffers.
+                        new_slot.latents.copy_(current)
+                        _fill_captions(new_slot, embeds, lengths)
+                        self._fill_task_buffers(new_slot, blend, control)
+                    if new_slot is not slot or dynamic_guidance:
+                        new_slot.guidance.fill_(float(guidance_now()))
+                    slot = new_slot
+                    used[id(slot)] = slot
+                    slot.timestep.copy_(model_t[i].expand(len(embeds)))
+                    slot.dt.copy_(dts[i])
+                    if slot.blend is not None:
+                        slot.blend.sigma.copy_(blend_sigmas[i])
+                    if self.on_cuda:
+                        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                        start.record(self.stream)
+                    self._run_step(slot)
+                    if self.on_cuda:
+                        end.record(self.stream)
+                        events.append((start, end))
+                    current = slot.latents
+                    if callback is not None:
+                        replaced = callback(i, timesteps[i], slot.latents)
+                        if replaced is not None and replaced is not slot.latents:
+                            slot.latents.copy_(replaced)
+                    bar.update()
+            finally:
+                bar.close()
             result = current.clone()
         if self.on_cuda:
             self.stream.synchronize()  # the one host sync of the loop
@@ -303,8 +316,11 @@ class DenoiseLoop:
             self.last_step_times_ms = []
         kept = getattr(self.engine, "controlnet_kernels_compiled", None)
         if control is not None and kept is not None:
-            for key in set(self._slots) - slots_before:  # a ControlNet's first loop at this shape compiled it
-                kept(control.controlnet, key[0], key[3])
+            # A ControlNet's first finished loop at a slot's shape compiled its kernels: keep them, once per slot.
+            for used_slot in used.values():
+                if used_slot.control is not None and not used_slot.kernels_kept:
+                    kept(control.controlnet, tuple(used_slot.latents.shape), used_slot.cap_feats.shape[0])
+                    used_slot.kernels_kept = True
         return result
 
 

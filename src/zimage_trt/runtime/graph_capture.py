@@ -5,17 +5,47 @@ default CUDA generator of that device mid-capture: every later random op on it r
 outside graph capture encountered unexpectedly" (seen on an H200 with torch 2.11 after the text encoder's
 capture fell back to eager), so a caller's noise drawn without a generator would fail from then on.
 `recover_after_failed_capture` tries the remedies torch offers, cheapest first, and checks each with one
-random op; the generator keeps its seed and offset.
+random op; the generator keeps its seed and offset: its state is saved before the first check (which
+draws from it, even when nothing is wrong) and put back on every way out, so noise drawn later without a
+generator is what it would have been had no capture failed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 
 import torch
 
 log = logging.getLogger(__name__)
+
+
+def _default_generator(device: torch.device) -> torch.Generator:
+    if device.type != "cuda":
+        return torch.default_generator
+    return torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+
+
+@contextlib.contextmanager
+def _generator_kept(device: torch.device):
+    """The default generator of `device` with the seed and offset it had on entry, on every way out (the
+    checks and the empty capture draw from it)."""
+    try:
+        generator = _default_generator(device)
+        saved = generator.get_state()
+    except (RuntimeError, IndexError) as error:  # (no such generator, or a state torch cannot read)
+        log.debug("could not save the default generator's state before the capture checks: %s", error)
+        saved = None
+    try:
+        yield
+    finally:
+        if saved is not None:
+            try:
+                generator.set_state(saved)
+            except RuntimeError as error:
+                log.warning("could not restore the default generator's seed and offset after a failed CUDA graph "
+                            "capture: %s", error)
 
 
 def _random_op_works(device: torch.device) -> bool:
@@ -53,6 +83,11 @@ def recover_after_failed_capture(device, graph=None) -> str | None:
     device = torch.device(device)
     if device.type != "cuda":
         return None
+    with _generator_kept(device):
+        return _recover(device, graph)
+
+
+def _recover(device: torch.device, graph) -> str | None:
     if _random_op_works(device):
         return None
     for name, remedy in REMEDIES:
@@ -65,5 +100,5 @@ def recover_after_failed_capture(device, graph=None) -> str | None:
             log.info("after a failed CUDA graph capture, %s made the default CUDA generator usable again", name)
             return name
     warnings.warn("a failed CUDA graph capture left torch's default CUDA generator unusable in this process; "
-                  "pass generator=torch.Generator('cuda').manual_seed(...) to draw noise", RuntimeWarning, stacklevel=2)
+                  "pass generator=torch.Generator('cuda').manual_seed(...) to draw noise", RuntimeWarning, stacklevel=3)
     return None

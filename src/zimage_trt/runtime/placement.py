@@ -6,12 +6,11 @@ converted one at a time as they reach the GPU, so the 16-bit model never sits wh
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from ..model import fused_kernels
 from ..model.fp8 import Fp8Linear, quantize_block_fp8, quantize_text_encoder_fp8, set_input_quantizer
+from ..model.switches import env_switch
 
 # The fused per-token quantisation of the FP8 text encoder's inputs is on where `text_encoder_fp8_kernel`
 # is left None (measured faster with the same image: BENCHMARKS.md, Speed III); "0" here turns it off.
@@ -55,15 +54,15 @@ def wants_fp8_text_encoder(flag, precision: str | None, text_encoder, device: to
 
 def text_fp8_kernel_wanted(flag: bool | None) -> bool:
     """The `text_encoder_fp8_kernel` option: True / False, or None for $ZIMAGE_TRT_TEXT_FP8_KERNEL (on
-    unless it is "0")."""
+    unless it is 0/off/false/no: model/switches.py)."""
     if flag is not None and not isinstance(flag, bool):
         raise TypeError(f"text_encoder_fp8_kernel must be True, False or None (${TEXT_FP8_KERNEL_ENV}), got {flag!r}")
-    return os.environ.get(TEXT_FP8_KERNEL_ENV, "1") != "0" if flag is None else flag
+    return env_switch(TEXT_FP8_KERNEL_ENV, default=True) if flag is None else flag
 
 
 def use_text_encoder_fp8_kernel(text_encoder, flag: bool | None, device: torch.device) -> bool:
     """Switch the FP8 text encoder's input quantisation to the one-pass Triton kernel (True) or torch
-    ops (False); None follows $ZIMAGE_TRT_TEXT_FP8_KERNEL (on unless "0"). On only where the kernel can run
+    ops (False); None follows $ZIMAGE_TRT_TEXT_FP8_KERNEL (on unless switched off). On only where the kernel can run
     (CUDA with Triton); returns whether it is on. Switch before the encoder's CUDA graphs are captured
     (or clear them): a captured graph keeps the kernels it was captured with."""
     on = bool(text_fp8_kernel_wanted(flag) and text_encoder is not None and device.type == "cuda" and fused_kernels.AVAILABLE)

@@ -73,9 +73,18 @@ class TensorRTDenoiserEngine(DenoiserEngine):
 
     def __init__(self, path, manifest: Manifest, device, *, trt_engine: TensorRTEngine | None = None):
         path = Path(path)
-        if trt_engine is None:
+        opened_here = trt_engine is None
+        if opened_here:
             trt_engine = TensorRTEngine(path, flavor=manifest.backend, device=device,
                                         runtime_cache_path=runtime_cache_path(path, device))
+        try:
+            self._take(trt_engine, manifest)
+        except BaseException:
+            if opened_here:  # refused (or failed) before anyone else holds it: give its GPU memory back
+                trt_engine.close()
+            raise
+
+    def _take(self, trt_engine: TensorRTEngine, manifest: Manifest) -> None:
         check_engine_against_manifest(trt_engine, manifest)
         self.trt = trt_engine
         super().__init__(trt_engine.device, trt_engine.dtypes[contract.CAPTION_FEATURES])
