@@ -57,7 +57,7 @@ BAD = [
     ("img2img", dict(strength=1.5), ValueError, r"strength must be in \[0.0, 1.0\].*got 1.5"),
     ("img2img", dict(strength=-0.1), ValueError, r"strength must be in \[0.0, 1.0\]"),
     ("img2img", dict(strength="high"), TypeError, "strength must be a number"),
-    ("img2img", dict(strength=0.0), ValueError, r"strength=0.0 with 2 steps leaves 0 denoising steps"),
+    ("img2img", dict(strength=0.0), ValueError, r"strength=0.0 with 2 steps leaves 0 denoising steps: strength 0 keeps the image as it is"),
     ("img2img", dict(image="photo.png"), TypeError, "image must be a PIL image, a numpy array or a torch tensor, got str"),
     ("img2img", dict(image=None), ValueError, "image is required"),
     ("img2img", dict(image=[picture(), picture(), picture()], num_images_per_prompt=2), ValueError,

@@ -38,10 +38,19 @@ def first_step(steps: int, strength: float) -> int:
 
 
 def check_steps_left(request: Request, strength: float) -> None:
+    """diffusers' rule (`get_timesteps`, then "the number of pipeline steps is 0"): the steps left are
+    `steps - int(steps - steps * strength)`, at least 1 for every strength > 0 and any number of steps;
+    only strength 0 (keep the image as it is), or one so small that `steps - steps * strength` rounds to
+    `steps` in floating point, leaves none, and more steps do not help."""
     left = request.steps - first_step(request.steps, strength)
     if left < 1:
-        raise ValueError(f"strength={strength} with {request.steps} steps leaves {left} denoising steps; raise "
-                         f"strength to at least {1 / request.steps:.4g} or num_inference_steps")
+        if strength:
+            why = (f"steps * strength = {request.steps * strength:.3g} is lost in floating-point rounding; pass a "
+                   f"larger strength")
+        else:
+            why = "strength 0 keeps the image as it is; pass a strength > 0"
+        raise ValueError(f"strength={strength} with {request.steps} steps leaves {left} denoising steps: {why} "
+                         f"(every other strength > 0 leaves at least 1 step, with any num_inference_steps)")
 
 
 def strength_schedule(pipe, request: Request, strength: float):
