@@ -80,6 +80,13 @@ BAD = [
     ("controlnet", dict(controlnet_conditioning_scale=float("nan")), ValueError, "must be a finite number"),
     ("controlnet", dict(control_image=torch.zeros(1, 3, 128, 128)), ValueError,
      r"control_image is a tensor of 128x128 \(WIDTHxHEIGHT\), taken as it is; width x height is 256x256"),
+    # Sizes by text to image's rule, before any image is resized to them (200 never becomes 192).
+    ("controlnet", dict(height=200), ValueError, "height=200 is not a multiple of 16 pixels.*use 192 or 208"),
+    ("controlnet", dict(width=1024.9), TypeError, "width must be an int number of pixels, got float 1024.9"),
+    ("controlnet_inpaint", dict(height=200), ValueError, "height=200 is not a multiple of 16 pixels"),
+    ("img2img", dict(height=1024.9), TypeError, "height must be an int number of pixels, got float 1024.9"),
+    ("img2img", dict(width=200), ValueError, "width=200 is not a multiple of 16 pixels"),
+    ("inpaint", dict(width=256.0), TypeError, "width must be an int number of pixels, got float 256.0"),
     ("controlnet_inpaint", dict(mask_image=mask((128, 128))), ValueError, "mask_image is 128x128"),
     ("controlnet_inpaint", dict(image=None), ValueError, "image is required"),
 ]

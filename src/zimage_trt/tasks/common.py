@@ -7,6 +7,7 @@ import inspect
 import math
 import numbers
 
+from ..model.shapes import check_side
 from ..pipeline import ZImageTRTPipeline
 from ..request import Request
 
@@ -63,7 +64,16 @@ def strength_schedule(pipe, request: Request, strength: float):
     return timesteps[start:], sigmas[start:]
 
 
+def check_sizes(height, width) -> None:
+    """The caller's height/width (None: the task's default) by text to image's rule (`check_side`: an int,
+    a positive multiple of 16), before any image is resized to them."""
+    for name, value in (("height", height), ("width", width)):
+        if value is not None:
+            check_side(name, value)
+
+
 def resolved_size(pixels, height, width) -> tuple[int, int]:
-    """(height, width): the caller's, else the preprocessed image's (diffusers' default)."""
-    return (int(height) if height is not None else int(pixels.shape[-2]),
-            int(width) if width is not None else int(pixels.shape[-1]))
+    """(height, width): the caller's (checked), else the preprocessed image's (diffusers' default)."""
+    check_sizes(height, width)
+    return (height if height is not None else int(pixels.shape[-2]),
+            width if width is not None else int(pixels.shape[-1]))

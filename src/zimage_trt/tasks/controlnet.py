@@ -34,7 +34,7 @@ from ..request import DEFAULT_SIDE, Request
 from ..runtime import image_input
 from ..runtime.denoise_loop import ControlInput
 from ..runtime.placement import move
-from .common import with_call_signature
+from .common import check_sizes, with_call_signature
 
 DEFAULT_CONDITIONING_SCALE = 0.75  # diffusers' ZImageControlNetPipeline
 
@@ -84,6 +84,7 @@ class ControlImage:
     """The control image (or, for inpainting, the image): checked, at height x width."""
 
     def __init__(self, pipe, name: str, image, height, width):
+        check_sizes(height, width)  # as text to image: 200 is refused, never resized to 192
         image_input.check_image(name, image)
         self.name = name
         first = image[0] if isinstance(image, (list, tuple)) else image
