@@ -37,7 +37,7 @@ class ControlNetInpaint:
         self.control = ControlImage(pipe, "control_image", control_image, height, width)
         self.height, self.width = self.control.height, self.control.width
         self.start = ControlImage(pipe, "image", image, self.height, self.width)
-        self.mask = check_mask(mask_image, image, self.height, self.width, mask_processor(pipe))
+        self.mask = check_mask(mask_image, image_input.pixel_size(image), self.height, self.width, mask_processor(pipe))
         self.scales = conditioning_scales(pipe.controlnet.config, scale)
 
     def check(self, pipe, request: Request) -> None:

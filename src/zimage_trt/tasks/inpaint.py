@@ -35,10 +35,11 @@ def mask_processor(pipe) -> VaeImageProcessor:
                              do_binarize=True, do_convert_grayscale=True)
 
 
-def check_mask(mask_image, image, height: int, width: int, processor) -> torch.Tensor:
-    """The mask [m, 1, height, width] in {0, 1}, refused when it is not an image or not the image's size."""
+def check_mask(mask_image, image_size: tuple[int, int], height: int, width: int, processor) -> torch.Tensor:
+    """The mask [m, 1, height, width] in {0, 1}, refused when it is not an image or not of `image_size`
+    (the image's (height, width) in pixels)."""
     image_input.check_image("mask_image", mask_image)
-    mask_size, image_size = image_input.pixel_size(mask_image), image_input.pixel_size(image)
+    mask_size = image_input.pixel_size(mask_image)
     if mask_size != image_size:
         raise ValueError(f"mask_image is {mask_size[1]}x{mask_size[0]} (WIDTHxHEIGHT) but image is "
                          f"{image_size[1]}x{image_size[0]}; pass a mask of the image's size (white = repaint)")
@@ -69,7 +70,7 @@ class Inpaint:
     def __init__(self, pipe, image, mask_image, masked_image_latents, strength, height, width):
         self.strength = check_strength(strength)
         self.start = StartImage(pipe, image, height, width)
-        self.mask = check_mask(mask_image, image, self.start.height, self.start.width, mask_processor(pipe))
+        self.mask = check_mask(mask_image, self.start.size, self.start.height, self.start.width, mask_processor(pipe))
         self.masked_image_latents = masked_image_latents
 
     def check(self, pipe, request: Request) -> None:
