@@ -1,6 +1,8 @@
 """Bad input to the task classes: a clear error naming what was wrong and what is allowed, raised before
 any work, and the pipeline serves the next call as before."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -139,3 +141,17 @@ def test_a_controlnet_pipeline_without_a_controlnet_or_with_a_wrong_one(pipes, t
     (tmp_path / "net.ckpt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="is not a .safetensors file"):
         ZImageTRTControlNetPipeline.from_pipe(pipes["img2img"], controlnet=tmp_path / "net.ckpt")
+
+
+@pytest.mark.parametrize("task", ["controlnet", "controlnet_inpaint"])
+def test_an_engine_that_cannot_run_a_controlnet_is_refused_before_any_encoding(pipes, task, monkeypatch):
+    """What the loop asks of its engine (`runs_controlnet`), asked before the text and VAE encoders run."""
+    pipe = type(pipes[task]).from_pipe(pipes[task])
+    plain = SimpleNamespace(kind="tensorrt", runs_controlnet=False)
+    monkeypatch.setattr(pipe, "denoise_loop", lambda resolution, images, cfg: SimpleNamespace(engine=plain))
+    encoded = []
+    monkeypatch.setattr(pipe, "encode_prompt", lambda *args, **kwargs: encoded.append("text"))
+    monkeypatch.setattr(pipe.vae, "encode", lambda *args, **kwargs: encoded.append("image"))
+    with pytest.raises(ValueError, match="this tensorrt engine cannot run a ControlNet inside its step"):
+        pipe(prompt="a fox", num_inference_steps=2, output_type="latent", **GOOD[task])
+    assert encoded == []

@@ -147,6 +147,17 @@ class ControlNetPipelineParts(ZImageTRTPipeline):
         return {**super().components, "controlnet": self.controlnet}
 
 
+def check_engine_runs_controlnet(pipe, request: Request) -> None:
+    """The engine for this shape runs a ControlNet inside its step (`runs_controlnet`, what the loop asks
+    of it), checked before any text or VAE encoding: opens the engine (and its loop) as the call would."""
+    with pipe._lock, pipe._on_device():
+        engine = pipe.denoise_loop(request.resolution, request.images, request.cfg).engine
+    if not getattr(engine, "runs_controlnet", False):
+        raise ValueError(f"this {getattr(engine, 'kind', type(engine).__name__)} engine cannot run a ControlNet "
+                         f"inside its step; use the eager or torch-compiled engines (engine_dir=None, or a "
+                         f"torch-compiled build)")
+
+
 class ControlNet:
     name = "controlnet"
 
@@ -157,6 +168,7 @@ class ControlNet:
 
     def check(self, pipe, request: Request) -> None:
         self.control.check_batch(request)
+        check_engine_runs_controlnet(pipe, request)
 
     def context(self, pipe, request: Request) -> torch.Tensor:
         """The control latents, zeros in the channels of an inpaint-capable model (as diffusers)."""

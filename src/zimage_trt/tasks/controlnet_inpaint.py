@@ -21,7 +21,8 @@ from ..request import Request
 from ..runtime import image_input
 from ..runtime.denoise_loop import ControlInput
 from .common import with_call_signature
-from .controlnet import DEFAULT_CONDITIONING_SCALE, ControlImage, ControlNetPipelineParts, conditioning_scales
+from .controlnet import (DEFAULT_CONDITIONING_SCALE, ControlImage, ControlNetPipelineParts, check_engine_runs_controlnet,
+                         conditioning_scales)
 from .inpaint import check_mask, mask_processor
 
 
@@ -44,6 +45,7 @@ class ControlNetInpaint:
         self.control.check_batch(request)
         self.start.check_batch(request)
         image_input.check_count("mask_image", self.mask.shape[0], request.images, request.per_prompt, "interleave")
+        check_engine_runs_controlnet(pipe, request)
 
     def plan(self, pipe, request: Request, generator, latents) -> DenoisePlan:
         control = self.control.latents(pipe, request)
