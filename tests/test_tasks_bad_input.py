@@ -155,3 +155,19 @@ def test_an_engine_that_cannot_run_a_controlnet_is_refused_before_any_encoding(p
     with pytest.raises(ValueError, match="this tensorrt engine cannot run a ControlNet inside its step"):
         pipe(prompt="a fox", num_inference_steps=2, output_type="latent", **GOOD[task])
     assert encoded == []
+
+
+def test_positional_arguments_mean_what_they_mean_in_diffusers(pipes):
+    """(prompt, height, width, num_inference_steps, sigmas, guidance_scale, control_image, ...), as
+    diffusers' ZImageControlNetPipeline; an argument given twice or an unknown one is a TypeError."""
+    pipe = pipes["controlnet"]
+    control = picture(seed=4)
+    by_name = pipe(prompt="a fox", height=SIZE, width=SIZE, num_inference_steps=2, control_image=control,
+                   output_type="latent", generator=torch.Generator().manual_seed(0)).images
+    in_order = pipe("a fox", SIZE, SIZE, 2, None, 0.0, control, output_type="latent",
+                    generator=torch.Generator().manual_seed(0)).images
+    assert torch.equal(by_name, in_order)
+    with pytest.raises(TypeError, match="multiple values for argument 'height'"):
+        pipe("a fox", SIZE, height=SIZE, control_image=control)
+    with pytest.raises(TypeError, match=r"ZImageTRTControlNetPipeline.__call__: .*'strength'.*it takes \['prompt'"):
+        pipe("a fox", control_image=control, strength=0.5)

@@ -34,3 +34,26 @@ def test_only_strength_0_or_one_lost_in_rounding_leaves_no_step_and_more_steps_d
     assert diffusers_steps_left(steps, 1e-20) == 0
     with pytest.raises(ValueError, match="is lost in floating-point rounding; pass a larger strength"):
         check_steps_left(SimpleNamespace(steps=steps), 1e-20)
+
+
+PAIRS = [("ZImageTRTPipeline", "ZImagePipeline"), ("ZImageTRTImg2ImgPipeline", "ZImageImg2ImgPipeline"),
+         ("ZImageTRTInpaintPipeline", "ZImageInpaintPipeline"),
+         ("ZImageTRTControlNetPipeline", "ZImageControlNetPipeline"),
+         ("ZImageTRTControlNetInpaintPipeline", "ZImageControlNetInpaintPipeline")]
+
+
+@pytest.mark.parametrize("ours, theirs", PAIRS)
+def test_the_call_takes_diffusers_parameters_in_diffusers_order(ours, theirs):
+    """Positional calls mean what they mean in diffusers: the parameters both have in diffusers' order,
+    positional as there; ours-only extras keyword-only, after them."""
+    import diffusers
+
+    import zimage_trt
+
+    mine = list(inspect.signature(getattr(zimage_trt, ours).__call__).parameters.values())[1:]
+    their_names = [name for name in inspect.signature(getattr(diffusers, theirs).__call__).parameters][1:]
+    positional = [p.name for p in mine if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
+    assert positional == [name for name in their_names if name in {p.name for p in mine}]
+    assert [p.name for p in mine[:len(positional)]] == positional  # the extras come after
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in mine[len(positional):])
+    assert {p.name for p in mine[len(positional):]} == {p.name for p in mine} - set(their_names)

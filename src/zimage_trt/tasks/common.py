@@ -3,6 +3,7 @@ a task's inputs against the request."""
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import numbers
@@ -12,16 +13,42 @@ from ..pipeline import ZImageTRTPipeline
 from ..request import Request
 
 
-def with_call_signature(call):
-    """A task's `__call__(self, <its own parameters>, **kwargs)` shown (inspect, help) with its own
-    parameters and then every one of ZImageTRTPipeline's it passes on (keyword-only)."""
-    own = [p for p in inspect.signature(call).parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
-    names = {p.name for p in own}
-    base = inspect.signature(ZImageTRTPipeline.__call__)
-    rest = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for name, p in base.parameters.items()
-            if name not in names and name != "self"]
-    call.__signature__ = inspect.Signature(own + rest, return_annotation=base.return_annotation)
-    return call
+def task_call(*order: str):
+    """A task's `__call__` taking diffusers' parameters in `order` (the diffusers class's `__call__`, all
+    of them positional there and here), then ZImageTRTPipeline's own extras (keyword-only). `call` is the
+    implementation: `(self, <its own parameters>, **kwargs)`, called with keywords only; shown (inspect,
+    help) with the whole signature, its own parameters' defaults and ZImageTRTPipeline's for the rest."""
+    def wrap(call):
+        own = inspect.signature(call).parameters
+        base = inspect.signature(ZImageTRTPipeline.__call__)
+        positional = [(own[name] if name in own and own[name].kind is not inspect.Parameter.VAR_KEYWORD
+                       else base.parameters[name]).replace(kind=inspect.Parameter.POSITIONAL_OR_KEYWORD)
+                      for name in order]
+        extras = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for name, p in base.parameters.items()
+                  if name not in order and name != "self"]
+        signature = inspect.Signature([own["self"], *positional, *extras], return_annotation=base.return_annotation)
+
+        @functools.wraps(call)
+        def __call__(self, *args, **kwargs):
+            try:
+                bound = signature.bind(self, *args, **kwargs)
+            except TypeError as error:
+                raise TypeError(f"{type(self).__name__}.__call__: {error}; it takes "
+                                f"{list(signature.parameters)[1:]}") from None
+            arguments = dict(bound.arguments)
+            del arguments["self"]
+            return call(self, **arguments)
+
+        __call__.__signature__ = signature
+        return __call__
+    return wrap
+
+
+# diffusers 0.42's order of the parameters every Z-Image class shares, after the task's own.
+CALL_TAIL = ("cfg_normalization", "cfg_truncation", "negative_prompt", "num_images_per_prompt", "generator",
+             "latents", "prompt_embeds", "negative_prompt_embeds", "output_type", "return_dict",
+             "joint_attention_kwargs", "callback_on_step_end", "callback_on_step_end_tensor_inputs",
+             "max_sequence_length")
 
 
 def check_strength(strength) -> float:

@@ -34,7 +34,7 @@ from ..request import DEFAULT_SIDE, Request
 from ..runtime import image_input
 from ..runtime.denoise_loop import ControlInput
 from ..runtime.placement import move
-from .common import check_sizes, with_call_signature
+from .common import CALL_TAIL, check_sizes, task_call
 
 DEFAULT_CONDITIONING_SCALE = 0.75  # diffusers' ZImageControlNetPipeline
 
@@ -187,7 +187,8 @@ class ZImageTRTControlNetPipeline(ControlNetPipelineParts):
     """Control image + text -> image. Everything ZImageTRTPipeline takes, plus `control_image` and
     `controlnet_conditioning_scale`."""
 
-    @with_call_signature
+    @task_call("prompt", "height", "width", "num_inference_steps", "sigmas", "guidance_scale", "control_image",
+               "controlnet_conditioning_scale", *CALL_TAIL)
     @torch.no_grad()
     def __call__(self, prompt=None, control_image=None,
                  controlnet_conditioning_scale: float | list[float] = DEFAULT_CONDITIONING_SCALE,

@@ -20,7 +20,7 @@ from ..pipeline import DenoisePlan
 from ..request import Request
 from ..runtime import image_input
 from ..runtime.denoise_loop import ControlInput
-from .common import with_call_signature
+from .common import CALL_TAIL, task_call
 from .controlnet import (DEFAULT_CONDITIONING_SCALE, ControlImage, ControlNetPipelineParts, check_engine_runs_controlnet,
                          conditioning_scales)
 from .inpaint import check_mask, mask_processor
@@ -63,7 +63,8 @@ class ZImageTRTControlNetInpaintPipeline(ControlNetPipelineParts):
     """Image + mask + control image + text -> image. Everything ZImageTRTPipeline takes, plus `image`,
     `mask_image`, `control_image` and `controlnet_conditioning_scale`."""
 
-    @with_call_signature
+    @task_call("prompt", "height", "width", "num_inference_steps", "sigmas", "guidance_scale", "image", "mask_image",
+               "control_image", "controlnet_conditioning_scale", *CALL_TAIL)
     @torch.no_grad()
     def __call__(self, prompt=None, image=None, mask_image=None, control_image=None,
                  controlnet_conditioning_scale: float | list[float] = DEFAULT_CONDITIONING_SCALE,

@@ -22,8 +22,8 @@ from diffusers.utils.torch_utils import randn_tensor
 from ..pipeline import DenoisePlan, ZImageTRTPipeline
 from ..request import Request
 from ..runtime import image_input
-from .common import (check_sizes, check_steps_left, check_strength, resolved_size, strength_schedule,
-                     with_call_signature)
+from .common import (CALL_TAIL, check_sizes, check_steps_left, check_strength, resolved_size, strength_schedule,
+                     task_call)
 
 DEFAULT_STRENGTH = 0.6  # diffusers' ZImageImg2ImgPipeline
 
@@ -120,7 +120,8 @@ class ImageToImage:
 class ZImageTRTImg2ImgPipeline(ZImageTRTPipeline):
     """Image + text -> image. Everything ZImageTRTPipeline takes, plus `image` and `strength`."""
 
-    @with_call_signature
+    @task_call("prompt", "image", "strength", "height", "width", "num_inference_steps", "sigmas", "guidance_scale",
+               *CALL_TAIL)
     @torch.no_grad()
     def __call__(self, prompt=None, image=None, strength: float = DEFAULT_STRENGTH, height: int | None = None,
                  width: int | None = None, **kwargs):

@@ -23,7 +23,7 @@ from ..pipeline import DenoisePlan, ZImageTRTPipeline
 from ..request import Request
 from ..runtime import image_input
 from ..runtime.denoise_loop import InpaintBlend
-from .common import check_steps_left, check_strength, strength_schedule, with_call_signature
+from .common import CALL_TAIL, check_steps_left, check_strength, strength_schedule, task_call
 from .img2img import StartImage
 
 DEFAULT_STRENGTH = 1.0  # diffusers' ZImageInpaintPipeline
@@ -100,7 +100,8 @@ class ZImageTRTInpaintPipeline(ZImageTRTPipeline):
     """Image + mask + text -> image. Everything ZImageTRTPipeline takes, plus `image`, `mask_image`,
     `masked_image_latents` and `strength`."""
 
-    @with_call_signature
+    @task_call("prompt", "image", "mask_image", "masked_image_latents", "strength", "height", "width",
+               "num_inference_steps", "sigmas", "guidance_scale", *CALL_TAIL)
     @torch.no_grad()
     def __call__(self, prompt=None, image=None, mask_image=None, masked_image_latents=None,
                  strength: float = DEFAULT_STRENGTH, height: int | None = None, width: int | None = None, **kwargs):
