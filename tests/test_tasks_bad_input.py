@@ -1,6 +1,8 @@
 """Bad input to the task classes: a clear error naming what was wrong and what is allowed, raised before
 any work, and the pipeline serves the next call as before."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -57,13 +59,22 @@ BAD = [
     ("img2img", dict(strength=1.5), ValueError, r"strength must be in \[0.0, 1.0\].*got 1.5"),
     ("img2img", dict(strength=-0.1), ValueError, r"strength must be in \[0.0, 1.0\]"),
     ("img2img", dict(strength="high"), TypeError, "strength must be a number"),
-    ("img2img", dict(strength=0.0), ValueError, r"strength=0.0 with 2 steps leaves 0 denoising steps"),
+    ("img2img", dict(strength=0.0), ValueError, r"strength=0.0 with 2 steps leaves 0 denoising steps: strength 0 keeps the image as it is"),
     ("img2img", dict(image="photo.png"), TypeError, "image must be a PIL image, a numpy array or a torch tensor, got str"),
     ("img2img", dict(image=None), ValueError, "image is required"),
     ("img2img", dict(image=[picture(), picture(), picture()], num_images_per_prompt=2), ValueError,
      "image has 3 images for 2 images to make"),
     ("img2img", dict(image=np.full((SIZE, SIZE, 3), np.nan, dtype=np.float32)), ValueError, "image contains NaN"),
     ("img2img", dict(mask_image=mask()), TypeError, "unexpected keyword argument 'mask_image'"),
+    # Latents as image (diffusers takes them as they are): of the latent size of height x width, checked first.
+    ("img2img", dict(image=torch.zeros(1, 16, 16, 16), height=SIZE, width=SIZE), ValueError,
+     r"image is latents of shape \(1, 16, 16, 16\).*height x width 256x256 has latents of 32x32"),
+    ("img2img", dict(image=torch.zeros(1, 16, 33, 32)), ValueError,
+     r"image is latents of shape \(1, 16, 33, 32\).*height x width 264x256 has latents of 32x32"),
+    ("img2img", dict(image=[torch.zeros(16, 32, 32), torch.zeros(16, 16, 16)]), ValueError,
+     "image is a list of latent tensors of different shapes"),
+    ("inpaint", dict(image=torch.zeros(1, 16, 16, 16), height=SIZE, width=SIZE), ValueError,
+     r"image is latents of shape \(1, 16, 16, 16\)"),
     ("inpaint", dict(mask_image=mask((SIZE, 128))), ValueError,
      r"mask_image is 256x128 \(WIDTHxHEIGHT\) but image is 256x256"),
     ("inpaint", dict(mask_image=None), ValueError, "mask_image is required"),
@@ -80,6 +91,13 @@ BAD = [
     ("controlnet", dict(controlnet_conditioning_scale=float("nan")), ValueError, "must be a finite number"),
     ("controlnet", dict(control_image=torch.zeros(1, 3, 128, 128)), ValueError,
      r"control_image is a tensor of 128x128 \(WIDTHxHEIGHT\), taken as it is; width x height is 256x256"),
+    # Sizes by text to image's rule, before any image is resized to them (200 never becomes 192).
+    ("controlnet", dict(height=200), ValueError, "height=200 is not a multiple of 16 pixels.*use 192 or 208"),
+    ("controlnet", dict(width=1024.9), TypeError, "width must be an int number of pixels, got float 1024.9"),
+    ("controlnet_inpaint", dict(height=200), ValueError, "height=200 is not a multiple of 16 pixels"),
+    ("img2img", dict(height=1024.9), TypeError, "height must be an int number of pixels, got float 1024.9"),
+    ("img2img", dict(width=200), ValueError, "width=200 is not a multiple of 16 pixels"),
+    ("inpaint", dict(width=256.0), TypeError, "width must be an int number of pixels, got float 256.0"),
     ("controlnet_inpaint", dict(mask_image=mask((128, 128))), ValueError, "mask_image is 128x128"),
     ("controlnet_inpaint", dict(image=None), ValueError, "image is required"),
 ]
@@ -123,3 +141,33 @@ def test_a_controlnet_pipeline_without_a_controlnet_or_with_a_wrong_one(pipes, t
     (tmp_path / "net.ckpt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="is not a .safetensors file"):
         ZImageTRTControlNetPipeline.from_pipe(pipes["img2img"], controlnet=tmp_path / "net.ckpt")
+
+
+@pytest.mark.parametrize("task", ["controlnet", "controlnet_inpaint"])
+def test_an_engine_that_cannot_run_a_controlnet_is_refused_before_any_encoding(pipes, task, monkeypatch):
+    """What the loop asks of its engine (`runs_controlnet`), asked before the text and VAE encoders run."""
+    pipe = type(pipes[task]).from_pipe(pipes[task])
+    plain = SimpleNamespace(kind="tensorrt", runs_controlnet=False)
+    monkeypatch.setattr(pipe, "denoise_loop", lambda resolution, images, cfg: SimpleNamespace(engine=plain))
+    encoded = []
+    monkeypatch.setattr(pipe, "encode_prompt", lambda *args, **kwargs: encoded.append("text"))
+    monkeypatch.setattr(pipe.vae, "encode", lambda *args, **kwargs: encoded.append("image"))
+    with pytest.raises(ValueError, match="this tensorrt engine cannot run a ControlNet inside its step"):
+        pipe(prompt="a fox", num_inference_steps=2, output_type="latent", **GOOD[task])
+    assert encoded == []
+
+
+def test_positional_arguments_mean_what_they_mean_in_diffusers(pipes):
+    """(prompt, height, width, num_inference_steps, sigmas, guidance_scale, control_image, ...), as
+    diffusers' ZImageControlNetPipeline; an argument given twice or an unknown one is a TypeError."""
+    pipe = pipes["controlnet"]
+    control = picture(seed=4)
+    by_name = pipe(prompt="a fox", height=SIZE, width=SIZE, num_inference_steps=2, control_image=control,
+                   output_type="latent", generator=torch.Generator().manual_seed(0)).images
+    in_order = pipe("a fox", SIZE, SIZE, 2, None, 0.0, control, output_type="latent",
+                    generator=torch.Generator().manual_seed(0)).images
+    assert torch.equal(by_name, in_order)
+    with pytest.raises(TypeError, match="multiple values for argument 'height'"):
+        pipe("a fox", SIZE, height=SIZE, control_image=control)
+    with pytest.raises(TypeError, match=r"ZImageTRTControlNetPipeline.__call__: .*'strength'.*it takes \['prompt'"):
+        pipe("a fox", control_image=control, strength=0.5)

@@ -370,6 +370,7 @@ class ZImageTRTPipeline(LoraPipelineMixin):
         height: int | None = DEFAULT_SIDE,
         width: int | None = DEFAULT_SIDE,
         num_inference_steps: int = TURBO_STEPS,
+        sigmas: list[float] | None = None,
         guidance_scale: float = TURBO_GUIDANCE,
         cfg_normalization: float | bool = False,
         cfg_truncation: float | None = 1.0,
@@ -380,16 +381,16 @@ class ZImageTRTPipeline(LoraPipelineMixin):
         prompt_embeds: list[torch.Tensor] | torch.Tensor | None = None,
         negative_prompt_embeds: list[torch.Tensor] | torch.Tensor | None = None,
         output_type: str = "pil",
-        max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH,
-        callback_on_step_end: Callable[[Any, int, torch.Tensor, dict], dict] | None = None,
-        callback_on_step_end_tensor_inputs: list[str] = ("latents",),
-        sigmas: list[float] | None = None,
         return_dict: bool = True,
         joint_attention_kwargs: dict[str, Any] | None = None,
+        callback_on_step_end: Callable[[Any, int, torch.Tensor, dict], dict] | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+        max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH,
+        *,
         attention_kwargs: dict[str, Any] | None = None,
     ) -> ZImageTRTPipelineOutput | tuple:
-        """Generate images. Same arguments as diffusers' `ZImagePipeline.__call__`, with Turbo's defaults
-        (8 steps, guidance 0); the output also carries `.timings` (ms per stage and per step).
+        """Generate images. Same arguments as diffusers' `ZImagePipeline.__call__`, in its order, with Turbo's
+        defaults (8 steps, guidance 0); the output also carries `.timings` (ms per stage and per step).
         `return_dict=False` returns `(images,)`. `joint_attention_kwargs` (or its other name,
         `attention_kwargs`) may only be None or `{"scale": 1.0}`: set a LoRA's scale with `set_adapters`.
 

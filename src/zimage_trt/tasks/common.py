@@ -3,24 +3,52 @@ a task's inputs against the request."""
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import numbers
 
+from ..model.shapes import check_side
 from ..pipeline import ZImageTRTPipeline
 from ..request import Request
 
 
-def with_call_signature(call):
-    """A task's `__call__(self, <its own parameters>, **kwargs)` shown (inspect, help) with its own
-    parameters and then every one of ZImageTRTPipeline's it passes on (keyword-only)."""
-    own = [p for p in inspect.signature(call).parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
-    names = {p.name for p in own}
-    base = inspect.signature(ZImageTRTPipeline.__call__)
-    rest = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for name, p in base.parameters.items()
-            if name not in names and name != "self"]
-    call.__signature__ = inspect.Signature(own + rest, return_annotation=base.return_annotation)
-    return call
+def task_call(*order: str):
+    """A task's `__call__` taking diffusers' parameters in `order` (the diffusers class's `__call__`, all
+    of them positional there and here), then ZImageTRTPipeline's own extras (keyword-only). `call` is the
+    implementation: `(self, <its own parameters>, **kwargs)`, called with keywords only; shown (inspect,
+    help) with the whole signature, its own parameters' defaults and ZImageTRTPipeline's for the rest."""
+    def wrap(call):
+        own = inspect.signature(call).parameters
+        base = inspect.signature(ZImageTRTPipeline.__call__)
+        positional = [(own[name] if name in own and own[name].kind is not inspect.Parameter.VAR_KEYWORD
+                       else base.parameters[name]).replace(kind=inspect.Parameter.POSITIONAL_OR_KEYWORD)
+                      for name in order]
+        extras = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for name, p in base.parameters.items()
+                  if name not in order and name != "self"]
+        signature = inspect.Signature([own["self"], *positional, *extras], return_annotation=base.return_annotation)
+
+        @functools.wraps(call)
+        def __call__(self, *args, **kwargs):
+            try:
+                bound = signature.bind(self, *args, **kwargs)
+            except TypeError as error:
+                raise TypeError(f"{type(self).__name__}.__call__: {error}; it takes "
+                                f"{list(signature.parameters)[1:]}") from None
+            arguments = dict(bound.arguments)
+            del arguments["self"]
+            return call(self, **arguments)
+
+        __call__.__signature__ = signature
+        return __call__
+    return wrap
+
+
+# diffusers 0.42's order of the parameters every Z-Image class shares, after the task's own.
+CALL_TAIL = ("cfg_normalization", "cfg_truncation", "negative_prompt", "num_images_per_prompt", "generator",
+             "latents", "prompt_embeds", "negative_prompt_embeds", "output_type", "return_dict",
+             "joint_attention_kwargs", "callback_on_step_end", "callback_on_step_end_tensor_inputs",
+             "max_sequence_length")
 
 
 def check_strength(strength) -> float:
@@ -38,10 +66,19 @@ def first_step(steps: int, strength: float) -> int:
 
 
 def check_steps_left(request: Request, strength: float) -> None:
+    """diffusers' rule (`get_timesteps`, then "the number of pipeline steps is 0"): the steps left are
+    `steps - int(steps - steps * strength)`, at least 1 for every strength > 0 and any number of steps;
+    only strength 0 (keep the image as it is), or one so small that `steps - steps * strength` rounds to
+    `steps` in floating point, leaves none, and more steps do not help."""
     left = request.steps - first_step(request.steps, strength)
     if left < 1:
-        raise ValueError(f"strength={strength} with {request.steps} steps leaves {left} denoising steps; raise "
-                         f"strength to at least {1 / request.steps:.4g} or num_inference_steps")
+        if strength:
+            why = (f"steps * strength = {request.steps * strength:.3g} is lost in floating-point rounding; pass a "
+                   f"larger strength")
+        else:
+            why = "strength 0 keeps the image as it is; pass a strength > 0"
+        raise ValueError(f"strength={strength} with {request.steps} steps leaves {left} denoising steps: {why} "
+                         f"(every other strength > 0 leaves at least 1 step, with any num_inference_steps)")
 
 
 def strength_schedule(pipe, request: Request, strength: float):
@@ -54,7 +91,16 @@ def strength_schedule(pipe, request: Request, strength: float):
     return timesteps[start:], sigmas[start:]
 
 
+def check_sizes(height, width) -> None:
+    """The caller's height/width (None: the task's default) by text to image's rule (`check_side`: an int,
+    a positive multiple of 16), before any image is resized to them."""
+    for name, value in (("height", height), ("width", width)):
+        if value is not None:
+            check_side(name, value)
+
+
 def resolved_size(pixels, height, width) -> tuple[int, int]:
-    """(height, width): the caller's, else the preprocessed image's (diffusers' default)."""
-    return (int(height) if height is not None else int(pixels.shape[-2]),
-            int(width) if width is not None else int(pixels.shape[-1]))
+    """(height, width): the caller's (checked), else the preprocessed image's (diffusers' default)."""
+    check_sizes(height, width)
+    return (height if height is not None else int(pixels.shape[-2]),
+            width if width is not None else int(pixels.shape[-1]))

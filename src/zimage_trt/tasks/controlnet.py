@@ -34,7 +34,7 @@ from ..request import DEFAULT_SIDE, Request
 from ..runtime import image_input
 from ..runtime.denoise_loop import ControlInput
 from ..runtime.placement import move
-from .common import with_call_signature
+from .common import CALL_TAIL, check_sizes, task_call
 
 DEFAULT_CONDITIONING_SCALE = 0.75  # diffusers' ZImageControlNetPipeline
 
@@ -84,6 +84,7 @@ class ControlImage:
     """The control image (or, for inpainting, the image): checked, at height x width."""
 
     def __init__(self, pipe, name: str, image, height, width):
+        check_sizes(height, width)  # as text to image: 200 is refused, never resized to 192
         image_input.check_image(name, image)
         self.name = name
         first = image[0] if isinstance(image, (list, tuple)) else image
@@ -146,6 +147,17 @@ class ControlNetPipelineParts(ZImageTRTPipeline):
         return {**super().components, "controlnet": self.controlnet}
 
 
+def check_engine_runs_controlnet(pipe, request: Request) -> None:
+    """The engine for this shape runs a ControlNet inside its step (`runs_controlnet`, what the loop asks
+    of it), checked before any text or VAE encoding: opens the engine (and its loop) as the call would."""
+    with pipe._lock, pipe._on_device():
+        engine = pipe.denoise_loop(request.resolution, request.images, request.cfg).engine
+    if not getattr(engine, "runs_controlnet", False):
+        raise ValueError(f"this {getattr(engine, 'kind', type(engine).__name__)} engine cannot run a ControlNet "
+                         f"inside its step; use the eager or torch-compiled engines (engine_dir=None, or a "
+                         f"torch-compiled build)")
+
+
 class ControlNet:
     name = "controlnet"
 
@@ -156,6 +168,7 @@ class ControlNet:
 
     def check(self, pipe, request: Request) -> None:
         self.control.check_batch(request)
+        check_engine_runs_controlnet(pipe, request)
 
     def context(self, pipe, request: Request) -> torch.Tensor:
         """The control latents, zeros in the channels of an inpaint-capable model (as diffusers)."""
@@ -174,7 +187,8 @@ class ZImageTRTControlNetPipeline(ControlNetPipelineParts):
     """Control image + text -> image. Everything ZImageTRTPipeline takes, plus `control_image` and
     `controlnet_conditioning_scale`."""
 
-    @with_call_signature
+    @task_call("prompt", "height", "width", "num_inference_steps", "sigmas", "guidance_scale", "control_image",
+               "controlnet_conditioning_scale", *CALL_TAIL)
     @torch.no_grad()
     def __call__(self, prompt=None, control_image=None,
                  controlnet_conditioning_scale: float | list[float] = DEFAULT_CONDITIONING_SCALE,

@@ -20,8 +20,9 @@ from ..pipeline import DenoisePlan
 from ..request import Request
 from ..runtime import image_input
 from ..runtime.denoise_loop import ControlInput
-from .common import with_call_signature
-from .controlnet import DEFAULT_CONDITIONING_SCALE, ControlImage, ControlNetPipelineParts, conditioning_scales
+from .common import CALL_TAIL, task_call
+from .controlnet import (DEFAULT_CONDITIONING_SCALE, ControlImage, ControlNetPipelineParts, check_engine_runs_controlnet,
+                         conditioning_scales)
 from .inpaint import check_mask, mask_processor
 
 
@@ -37,13 +38,14 @@ class ControlNetInpaint:
         self.control = ControlImage(pipe, "control_image", control_image, height, width)
         self.height, self.width = self.control.height, self.control.width
         self.start = ControlImage(pipe, "image", image, self.height, self.width)
-        self.mask = check_mask(mask_image, image, self.height, self.width, mask_processor(pipe))
+        self.mask = check_mask(mask_image, image_input.pixel_size(image), self.height, self.width, mask_processor(pipe))
         self.scales = conditioning_scales(pipe.controlnet.config, scale)
 
     def check(self, pipe, request: Request) -> None:
         self.control.check_batch(request)
         self.start.check_batch(request)
         image_input.check_count("mask_image", self.mask.shape[0], request.images, request.per_prompt, "interleave")
+        check_engine_runs_controlnet(pipe, request)
 
     def plan(self, pipe, request: Request, generator, latents) -> DenoisePlan:
         control = self.control.latents(pipe, request)
@@ -61,7 +63,8 @@ class ZImageTRTControlNetInpaintPipeline(ControlNetPipelineParts):
     """Image + mask + control image + text -> image. Everything ZImageTRTPipeline takes, plus `image`,
     `mask_image`, `control_image` and `controlnet_conditioning_scale`."""
 
-    @with_call_signature
+    @task_call("prompt", "height", "width", "num_inference_steps", "sigmas", "guidance_scale", "image", "mask_image",
+               "control_image", "controlnet_conditioning_scale", *CALL_TAIL)
     @torch.no_grad()
     def __call__(self, prompt=None, image=None, mask_image=None, control_image=None,
                  controlnet_conditioning_scale: float | list[float] = DEFAULT_CONDITIONING_SCALE,

@@ -8,7 +8,10 @@ generator), `strength` keeps the last `int(steps * strength)`-ish steps of the s
 `get_timesteps`), and the image latents are noised to the first of them by the scheduler's own
 `scale_noise`; then the same loop as text to image runs, and its time follows the steps it runs. One
 difference: an image whose size is not height x width is resized to it by diffusers' image processor
-(diffusers 0.42 fails inside the model on it).
+(diffusers 0.42 fails inside the model on it). A tensor with the transformer's latent channels is the
+image's latents, taken as they are (as diffusers' `prepare_latents`), of the latent size of height x
+width (which default to its size, 8 pixels a latent row); inpainting takes them too (its mask then of
+height x width pixels), where diffusers 0.42's inpaint fails on them.
 """
 
 from __future__ import annotations
@@ -19,30 +22,74 @@ from diffusers.utils.torch_utils import randn_tensor
 from ..pipeline import DenoisePlan, ZImageTRTPipeline
 from ..request import Request
 from ..runtime import image_input
-from .common import check_steps_left, check_strength, resolved_size, strength_schedule, with_call_signature
+from .common import (CALL_TAIL, check_sizes, check_steps_left, check_strength, resolved_size, strength_schedule,
+                     task_call)
 
 DEFAULT_STRENGTH = 0.6  # diffusers' ZImageImg2ImgPipeline
 
 
+def given_latents(pipe, image) -> torch.Tensor | None:
+    """`image` as latents [B, C, h, w] when it is a tensor (or a list of them) with the transformer's latent
+    channels, which diffusers takes as they are; None for an image. Told apart before diffusers' image
+    processor sees it (built for 4-channel latents, it would resize and normalise 16-channel ones)."""
+    items = list(image) if isinstance(image, (list, tuple)) else [image]
+    first = items[0]
+    if not isinstance(first, torch.Tensor) or first.ndim not in (3, 4) or first.shape[-3] != pipe.latent_channels:
+        return None
+    try:
+        return torch.cat([t if t.ndim == 4 else t[None] for t in items]).to(torch.float32)
+    except RuntimeError:
+        raise ValueError(f"image is a list of latent tensors of different shapes {[tuple(t.shape) for t in items]}; "
+                         f"pass latents of one shape") from None
+
+
 class StartImage:
-    """The starting image of image to image and inpainting: checked, preprocessed at the output size."""
+    """The starting image of image to image and inpainting: checked, preprocessed at the output size, or
+    latents (`given`) taken as they are (diffusers), of the latent size of height x width."""
 
     def __init__(self, pipe, image, height, width):
+        check_sizes(height, width)
         image_input.check_image("image", image)
+        self.image = image
+        self.given = given_latents(pipe, image)
+        if self.given is not None:
+            self.pixels = None
+            self.height, self.width = self._latent_size(pipe, height, width)
+            self.size = (self.height, self.width)  # the mask's size (inpainting)
+            return
+        self.size = image_input.pixel_size(image)
         pixels = image_input.preprocess(pipe.image_processor, "image", image)
         self.height, self.width = resolved_size(pixels, height, width)
         if tuple(pixels.shape[-2:]) != (self.height, self.width):
             pixels = image_input.preprocess(pipe.image_processor, "image", image, self.height, self.width)
-        self.image = image
         self.pixels = pixels
 
+    def _latent_size(self, pipe, height, width) -> tuple[int, int]:
+        """height/width: the caller's, else the latents' (8 pixels a latent row / column); the latents
+        must be the latent size of height x width (diffusers' 2 * (side // 16))."""
+        scale = int(pipe.image_processor.config.vae_scale_factor)  # pixels per token: 16
+        rows, cols = (int(s) for s in self.given.shape[-2:])
+        height = height if height is not None else rows * scale // 2
+        width = width if width is not None else cols * scale // 2
+        wanted = (2 * (height // scale), 2 * (width // scale))
+        if (rows, cols) != wanted:
+            raise ValueError(f"image is latents of shape {tuple(self.given.shape)} (taken as they are, as diffusers "
+                             f"does), but height x width {height}x{width} has latents of {wanted[0]}x{wanted[1]}; "
+                             f"pass latents of that size (an even number of rows and columns, {scale // 2} pixels "
+                             f"each) or the height/width they are")
+        return height, width
+
+    @property
+    def count(self) -> int:
+        return (self.given if self.given is not None else self.pixels).shape[0]
+
     def check_batch(self, request: Request) -> None:
-        image_input.check_count("image", self.pixels.shape[0], request.images, request.per_prompt, "tile")
+        image_input.check_count("image", self.count, request.images, request.per_prompt, "tile")
 
     def latents(self, pipe, request: Request, generator) -> torch.Tensor:
         """The image's latents, one per image to make ([a, b, a, b] for two images, as diffusers)."""
-        if self.pixels.shape[1] == pipe.latent_channels:  # already latents (diffusers takes those as they are)
-            encoded = self.pixels.to(pipe.device)
+        if self.given is not None:  # already latents (diffusers takes those as they are)
+            encoded = self.given.to(pipe.device)
         else:
             encoded = image_input.encode(pipe.vae, self.pixels, generator, sample=True).to(pipe.device)
         return image_input.batch_of("image", encoded, request.images, request.per_prompt, "tile")
@@ -73,7 +120,8 @@ class ImageToImage:
 class ZImageTRTImg2ImgPipeline(ZImageTRTPipeline):
     """Image + text -> image. Everything ZImageTRTPipeline takes, plus `image` and `strength`."""
 
-    @with_call_signature
+    @task_call("prompt", "image", "strength", "height", "width", "num_inference_steps", "sigmas", "guidance_scale",
+               *CALL_TAIL)
     @torch.no_grad()
     def __call__(self, prompt=None, image=None, strength: float = DEFAULT_STRENGTH, height: int | None = None,
                  width: int | None = None, **kwargs):

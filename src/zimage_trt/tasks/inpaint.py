@@ -23,7 +23,7 @@ from ..pipeline import DenoisePlan, ZImageTRTPipeline
 from ..request import Request
 from ..runtime import image_input
 from ..runtime.denoise_loop import InpaintBlend
-from .common import check_steps_left, check_strength, strength_schedule, with_call_signature
+from .common import CALL_TAIL, check_steps_left, check_strength, strength_schedule, task_call
 from .img2img import StartImage
 
 DEFAULT_STRENGTH = 1.0  # diffusers' ZImageInpaintPipeline
@@ -35,10 +35,11 @@ def mask_processor(pipe) -> VaeImageProcessor:
                              do_binarize=True, do_convert_grayscale=True)
 
 
-def check_mask(mask_image, image, height: int, width: int, processor) -> torch.Tensor:
-    """The mask [m, 1, height, width] in {0, 1}, refused when it is not an image or not the image's size."""
+def check_mask(mask_image, image_size: tuple[int, int], height: int, width: int, processor) -> torch.Tensor:
+    """The mask [m, 1, height, width] in {0, 1}, refused when it is not an image or not of `image_size`
+    (the image's (height, width) in pixels)."""
     image_input.check_image("mask_image", mask_image)
-    mask_size, image_size = image_input.pixel_size(mask_image), image_input.pixel_size(image)
+    mask_size = image_input.pixel_size(mask_image)
     if mask_size != image_size:
         raise ValueError(f"mask_image is {mask_size[1]}x{mask_size[0]} (WIDTHxHEIGHT) but image is "
                          f"{image_size[1]}x{image_size[0]}; pass a mask of the image's size (white = repaint)")
@@ -69,7 +70,7 @@ class Inpaint:
     def __init__(self, pipe, image, mask_image, masked_image_latents, strength, height, width):
         self.strength = check_strength(strength)
         self.start = StartImage(pipe, image, height, width)
-        self.mask = check_mask(mask_image, image, self.start.height, self.start.width, mask_processor(pipe))
+        self.mask = check_mask(mask_image, self.start.size, self.start.height, self.start.width, mask_processor(pipe))
         self.masked_image_latents = masked_image_latents
 
     def check(self, pipe, request: Request) -> None:
@@ -99,7 +100,8 @@ class ZImageTRTInpaintPipeline(ZImageTRTPipeline):
     """Image + mask + text -> image. Everything ZImageTRTPipeline takes, plus `image`, `mask_image`,
     `masked_image_latents` and `strength`."""
 
-    @with_call_signature
+    @task_call("prompt", "image", "mask_image", "masked_image_latents", "strength", "height", "width",
+               "num_inference_steps", "sigmas", "guidance_scale", *CALL_TAIL)
     @torch.no_grad()
     def __call__(self, prompt=None, image=None, mask_image=None, masked_image_latents=None,
                  strength: float = DEFAULT_STRENGTH, height: int | None = None, width: int | None = None, **kwargs):
