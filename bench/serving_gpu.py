@@ -158,7 +158,10 @@ def main() -> int:
         done = next(t for name, t in arrivals if name == "done")
         result["stream"] = {"events": [name for name, _ in arrivals], "first_step_s": steps[0], "last_step_s": steps[-1],
                             "done_s": done}
-        result["checks"]["stream_steps_arrive_while_running"] = len(steps) == args.steps and steps[0] < 0.7 * steps[-1]
+        # Not held back until the image is done (a buffered stream would deliver every event at `done`): the
+        # first step's event well before the last event. (Against the last step's event, as before, two quick
+        # tiny steps 8 ms apart after a 20 ms first one failed it on a CPU without any buffering.)
+        result["checks"]["stream_steps_arrive_while_running"] = len(steps) == args.steps and steps[0] < 0.7 * done
         log(f"stream: {len(steps)} step events, first at {steps[0]:.3f}s, last {steps[-1]:.3f}s, done {done:.3f}s")
 
         with urllib.request.urlopen(url + "/metrics", timeout=30) as response:
