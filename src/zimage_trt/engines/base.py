@@ -11,6 +11,15 @@ from ..model.denoiser import StaticZImageDenoiser
 from ..model.shapes import padded_caption_length
 
 
+def check_runs_controlnet(engine) -> None:
+    """Refuse an engine that cannot run a ControlNet inside its step (`runs_controlnet`), naming those that
+    can: the loop asks it when it makes a ControlNet slot, the ControlNet tasks before any encoding."""
+    if not getattr(engine, "runs_controlnet", False):
+        raise ValueError(f"this {getattr(engine, 'kind', type(engine).__name__)} engine cannot run a ControlNet "
+                         f"inside its step; use the eager or torch-compiled engines (engine_dir=None, or a "
+                         f"torch-compiled build)")
+
+
 class DenoiserEngine(ABC):
     """Runs the static denoiser maths for one call: tensors in, float32 model output out.
 
@@ -51,8 +60,9 @@ class DenoiserEngine(ABC):
     runs_controlnet = False
 
     def controlnet_runner(self, controlnet):
-        """The form of a ControlNet this engine runs inside its step (`runs_controlnet` engines)."""
-        raise ValueError(f"this {self.kind} engine cannot run a ControlNet inside its step")
+        """The form of a ControlNet this engine runs inside its step (`runs_controlnet` engines override it)."""
+        check_runs_controlnet(self)
+        raise TypeError(f"{type(self).__name__} sets runs_controlnet but does not override controlnet_runner")
 
     @abstractmethod
     def run(self, latents, timestep, cap_feats, cap_lens, masked: bool, controlnet_hints=None) -> torch.Tensor:

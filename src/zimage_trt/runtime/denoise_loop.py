@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..engines import contract
-from ..engines.base import DenoiserEngine
+from ..engines.base import DenoiserEngine, check_runs_controlnet  # noqa: F401 (check_runs_controlnet: for tasks/)
 from ..model.controlnet import ControlStep
 from ..model.shapes import Resolution, padded_caption_length
 from .graph_capture import recover_after_failed_capture
@@ -123,18 +123,12 @@ class DenoiseLoop:
                                             for t in (blend.mask, blend.image_latents, blend.noise)),
                                           sigma=torch.empty((), dtype=torch.float32, device=dev))
             if control is not None:
-                runner = self._controlnet_runner(control.controlnet)
+                runner = self.engine.controlnet_runner(control.controlnet)
                 slot.control = ControlStep(
                     runner, torch.empty(model_batch, *control.context.shape[1:], dtype=self.engine.dtype, device=dev),
                     torch.empty(control.scales.shape, dtype=torch.float32, device=dev))
             self._slots[key] = slot
         return slot
-
-    def _controlnet_runner(self, controlnet):
-        if not getattr(self.engine, "runs_controlnet", False):
-            raise ValueError(f"this {self.engine.kind} engine cannot run a ControlNet inside its step; use the "
-                             f"eager or torch-compiled engines (engine_dir=None, or a torch-compiled build)")
-        return self.engine.controlnet_runner(controlnet)
 
     def _fill_task_buffers(self, slot: StepSlot, blend, control) -> None:
         """Entering a slot: the call's mask, image latents, noise and ControlNet context into its buffers."""

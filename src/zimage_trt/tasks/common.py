@@ -100,7 +100,7 @@ def check_sizes(height, width) -> None:
 
 
 def resolved_size(pixels, height, width) -> tuple[int, int]:
-    """(height, width): the caller's (checked), else the preprocessed image's (diffusers' default)."""
-    check_sizes(height, width)
+    """(height, width): the caller's (`check_sizes` checked them), else the preprocessed image's (diffusers'
+    default)."""
     return (height if height is not None else int(pixels.shape[-2]),
             width if width is not None else int(pixels.shape[-1]))

@@ -32,7 +32,7 @@ from ..model.weights import is_hub_id
 from ..pipeline import DenoisePlan, ZImageTRTPipeline
 from ..request import DEFAULT_SIDE, Request
 from ..runtime import image_input
-from ..runtime.denoise_loop import ControlInput
+from ..runtime.denoise_loop import ControlInput, check_runs_controlnet
 from ..runtime.placement import move
 from .common import CALL_TAIL, check_sizes, task_call
 
@@ -152,10 +152,7 @@ def check_engine_runs_controlnet(pipe, request: Request) -> None:
     of it), checked before any text or VAE encoding: opens the engine (and its loop) as the call would."""
     with pipe._lock, pipe._on_device():
         engine = pipe.denoise_loop(request.resolution, request.images, request.cfg).engine
-    if not getattr(engine, "runs_controlnet", False):
-        raise ValueError(f"this {getattr(engine, 'kind', type(engine).__name__)} engine cannot run a ControlNet "
-                         f"inside its step; use the eager or torch-compiled engines (engine_dir=None, or a "
-                         f"torch-compiled build)")
+    check_runs_controlnet(engine)
 
 
 class ControlNet:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
+from ..model.shapes import PATCH_SIZE, PIXELS_PER_TOKEN, VAE_SCALE
 from ..pipeline import DenoisePlan, ZImageTRTPipeline
 from ..request import Request
 from ..runtime import image_input
@@ -67,15 +68,14 @@ class StartImage:
     def _latent_size(self, pipe, height, width) -> tuple[int, int]:
         """height/width: the caller's, else the latents' (8 pixels a latent row / column); the latents
         must be the latent size of height x width (diffusers' 2 * (side // 16))."""
-        scale = int(pipe.image_processor.config.vae_scale_factor)  # pixels per token: 16
         rows, cols = (int(s) for s in self.given.shape[-2:])
-        height = height if height is not None else rows * scale // 2
-        width = width if width is not None else cols * scale // 2
-        wanted = (2 * (height // scale), 2 * (width // scale))
+        height = height if height is not None else rows * VAE_SCALE
+        width = width if width is not None else cols * VAE_SCALE
+        wanted = (height // PIXELS_PER_TOKEN * PATCH_SIZE, width // PIXELS_PER_TOKEN * PATCH_SIZE)
         if (rows, cols) != wanted:
             raise ValueError(f"image is latents of shape {tuple(self.given.shape)} (taken as they are, as diffusers "
                              f"does), but height x width {height}x{width} has latents of {wanted[0]}x{wanted[1]}; "
-                             f"pass latents of that size (an even number of rows and columns, {scale // 2} pixels "
+                             f"pass latents of that size (an even number of rows and columns, {VAE_SCALE} pixels "
                              f"each) or the height/width they are")
         return height, width
 
