@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from .switches import env_switch
+from .switches import option_or_env
 
 try:  # optional heavy dependency: the kernels exist only where Triton does
     import triton
@@ -38,9 +38,7 @@ FP8_EPILOGUES_ENV = "ZIMAGE_TRT_FP8_EPILOGUES"
 
 
 def epilogues_wanted(flag: bool | None) -> bool:
-    if flag is not None and not isinstance(flag, bool):
-        raise TypeError(f"fp8_epilogues must be True, False or None (${FP8_EPILOGUES_ENV}), got {flag!r}")
-    return env_switch(FP8_EPILOGUES_ENV, default=False) if flag is None else flag
+    return option_or_env("fp8_epilogues", flag, FP8_EPILOGUES_ENV, default=False)
 
 
 if triton is not None:

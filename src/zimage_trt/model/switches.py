@@ -24,3 +24,10 @@ def env_switch(name: str, default: bool) -> bool:
         return False
     raise ValueError(f"${name}={raw!r} is not a switch: use one of {'/'.join(ON)} (on) or {'/'.join(OFF)} (off), "
                      f"any case, or leave it unset (default: {'on' if default else 'off'})")
+
+
+def option_or_env(option: str, flag: bool | None, name: str, default: bool) -> bool:
+    """An on/off option that None leaves to the environment switch `name` (`env_switch`)."""
+    if flag is not None and not isinstance(flag, bool):
+        raise TypeError(f"{option} must be True, False or None (${name}), got {flag!r}")
+    return env_switch(name, default) if flag is None else flag

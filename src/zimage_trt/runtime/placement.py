@@ -10,7 +10,7 @@ import torch
 
 from ..model import fused_kernels
 from ..model.fp8 import Fp8Linear, quantize_block_fp8, quantize_text_encoder_fp8, set_input_quantizer
-from ..model.switches import env_switch
+from ..model.switches import option_or_env
 
 # The fused per-token quantisation of the FP8 text encoder's inputs is on where `text_encoder_fp8_kernel`
 # is left None (measured faster with the same image: BENCHMARKS.md, Speed III); "0" here turns it off.
@@ -55,9 +55,7 @@ def wants_fp8_text_encoder(flag, precision: str | None, text_encoder, device: to
 def text_fp8_kernel_wanted(flag: bool | None) -> bool:
     """The `text_encoder_fp8_kernel` option: True / False, or None for $ZIMAGE_TRT_TEXT_FP8_KERNEL (on
     unless it is 0/off/false/no: model/switches.py)."""
-    if flag is not None and not isinstance(flag, bool):
-        raise TypeError(f"text_encoder_fp8_kernel must be True, False or None (${TEXT_FP8_KERNEL_ENV}), got {flag!r}")
-    return env_switch(TEXT_FP8_KERNEL_ENV, default=True) if flag is None else flag
+    return option_or_env("text_encoder_fp8_kernel", flag, TEXT_FP8_KERNEL_ENV, default=True)
 
 
 def use_text_encoder_fp8_kernel(text_encoder, flag: bool | None, device: torch.device) -> bool:
